@@ -1,0 +1,84 @@
+/* ferrum_marlin.h -- the C API of ferrum's CUDA W4A16 library.
+ *
+ * Every function returns a FERRUM_* status code and never aborts. On failure,
+ * ferrum_get_last_error() gives a message (thread-local) and, for CUDA failures,
+ * ferrum_get_last_cuda_status() the cudaError_t value. Shapes are checked by the Python
+ * front API before anything reaches here; the checks below are a second, cheap guard that
+ * returns FERRUM_ERR_INVALID instead of launching a kernel on a bad problem.
+ *
+ * Layouts (see ferrum/format.py, which owns them):
+ *   GPTQ qweight  int32 [K/8, N]      bits 4i..4i+3 of [r, n] hold row 8r+i
+ *   Marlin        int32 [K/16, 2N]    16x64 chunks of 128 words, in mma.m16n8k16 fragment order
+ *   scales        fp16  [groups, N]   permuted like vLLM's marlin_permute_scales
+ *   stacked       Marlin [E, K/16, 2n], scales [E, groups, n]
+ * All pointers are device pointers; "stream" is a cudaStream_t (NULL = legacy default).
+ */
+#ifndef FERRUM_MARLIN_H
+#define FERRUM_MARLIN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum ferrum_status {
+    FERRUM_OK = 0,
+    FERRUM_ERR_INVALID = 1,     /* bad argument: shape, alignment, unsupported option */
+    FERRUM_ERR_CUDA = 2,        /* a CUDA call failed; the message carries CUDA's text */
+    FERRUM_ERR_WORKSPACE = 3    /* workspace too small: the sizes needed are written back */
+};
+
+/* Tile choice for ferrum_mm. Zero fields are chosen by the heuristic (ferrum_mm_plan). */
+typedef struct ferrum_mm_config {
+    int tile;        /* 0 auto; 1: k=128 x n=128 block tile; 2: k=64 x n=256 */
+    int m_blocks;    /* 0 auto; 1..4: rows of 16 per block (a "slice" of M) */
+    int splits;      /* 0 auto; >= 1: split-K factor (partials reduced in FP32, in order) */
+} ferrum_mm_config;
+
+/* What ferrum_mm will do for a problem: the resolved config and the workspace it needs. */
+typedef struct ferrum_mm_plan_info {
+    ferrum_mm_config config;
+    int m_slices;            /* slices of M processed by one launch, 16*m_blocks rows each */
+    int grid;                /* thread blocks launched */
+    size_t counter_bytes;    /* zero-initialised lock/counter buffer (ferrum leaves it zero) */
+    size_t data_bytes;       /* FP32 split-K partials + the act-order permuted copy of A */
+} ferrum_mm_plan_info;
+
+const char *ferrum_get_last_error(void);
+int ferrum_get_last_cuda_status(void);
+const char *ferrum_version(void);
+
+/* GPTQ int32 [K/8, N] -> Marlin int32 [K/16, 2N]; perm (int32 [K]) may be NULL. */
+int ferrum_repack(const int32_t *gptq, const int32_t *perm, int32_t *marlin,
+                  int size_k, int size_n, void *stream);
+
+/* out[m, k] = a[m, perm[k]] for fp16 a [M, K] (the act-order gather). */
+int ferrum_permute_cols(const void *a, const int32_t *perm, void *out,
+                        int size_m, int size_k, void *stream);
+
+/* Resolve the config and workspace sizes for ferrum_mm on the current device. */
+int ferrum_mm_plan(int size_m, int size_k, int size_n, int num_experts, int act_order,
+                   const ferrum_mm_config *requested, ferrum_mm_plan_info *plan);
+
+/* C[:, e*n:(e+1)*n] = A @ W_e for e in [expert0, expert0 + num_experts), fp16 in and out.
+ *   a        fp16 [M, K] row-major (columns are permuted by perm first when perm != NULL)
+ *   b        Marlin int32 of expert 0 of the stack, [E_total, K/16, 2n]
+ *   scales   fp16 [E_total, groups, n]
+ *   c        fp16 [M, ldc]; expert expert0+i writes columns i*n .. (i+1)*n
+ *   group_size  rows per scale group; == size_k (or num_groups == 1) means channelwise
+ * counters/data: the workspace (sizes from ferrum_mm_plan). If too small, returns
+ * FERRUM_ERR_WORKSPACE and writes the sizes needed into *plan_out (when not NULL). */
+int ferrum_mm(const void *a, const void *b, const void *scales, void *c, const int32_t *perm,
+              int size_m, int size_k, int size_n, int expert0, int num_experts,
+              int num_groups, int group_size, int ldc,
+              const ferrum_mm_config *requested,
+              void *counters, size_t counter_bytes, void *data, size_t data_bytes,
+              ferrum_mm_plan_info *plan_out, void *stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FERRUM_MARLIN_H */

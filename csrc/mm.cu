@@ -1,0 +1,591 @@
+// mm.cu -- the W4A16 matrix product: fp16 A [M, K] x uint4b8 Marlin B [K/16, 2N] -> fp16 C.
+//
+// Design (after Frantar et al., "MARLIN: Mixed-Precision Auto-Regressive Parallel Inference on
+// Large Language Models", 2024; the code here is ferrum's own):
+//   * a thread block owns a C tile of 16*MB rows x TN columns and a range of K (split-K);
+//   * A, B (and the group scales) stream through a kStages-deep cp.async pipeline in shared
+//     memory; B is read once per call, so its copies carry an L2 evict-first policy;
+//   * each warp owns one 64-column chunk of the tile and a subset of the 16-row k-tiles of every
+//     stage; the packed words come straight out of shared memory into registers and are
+//     dequantized into mma.m16n8k16 B fragments with lop3 and the fp16 0x6400 exponent trick;
+//   * at the end the warps that shared a chunk add their accumulators in shared memory (block
+//     reduce), and blocks that shared a C tile add their FP32 partials in a fixed order: every
+//     block writes its partial to the workspace and bumps a per-tile counter; the block that
+//     finds itself last sums the partials split 0, 1, 2, ... and writes C (global reduce). The
+//     sum is deterministic and no block ever waits for another.
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+
+#include "common.cuh"
+#include "ptx.cuh"
+
+namespace ferrum {
+
+struct MmParams {
+    const half *a;          // [M, K] row-major, this launch's rows
+    const int4 *b;          // Marlin words of expert 0 of the stack
+    const half *scales;     // [E, groups, N] of expert 0
+    half *c;                // [M, ldc], this launch's rows
+    float *partials;        // [splits, tiles, 16*MB*TN] FP32, when splits > 1
+    int *counters;          // [tiles], zero between calls
+    int M, K, N, ldc;
+    int expert0;            // first expert of the launch; C column block i is expert expert0+i
+    int tiles_per_expert;   // column tiles of one expert (ceil(N / TN))
+    int n_tiles_total;      // tiles_per_expert * experts in this launch
+    int m_slices;           // row slices of 16*MB
+    int splits;             // split-K factor
+    int k_tiles;            // K / TK
+    int group_shift;        // log2(group size) for grouped scales
+    long long b_expert_int4;    // Marlin int4 per expert: (K/16) * 2N / 4
+    long long s_expert_halves;  // scale entries per expert: groups * N
+};
+
+// Compile-time geometry of one kernel instance. Every constant that shapes shared memory or
+// the warp layout lives here.
+template <int MB, int TK_BLOCKS, int TN_BLOCKS, bool GROUPED>
+struct Tile {
+    static constexpr int kThreads = 256;
+    static constexpr int kWarps = kThreads / 32;
+    static constexpr int kStages = 4;
+    static constexpr int TK = 16 * TK_BLOCKS;
+    static constexpr int TN = 16 * TN_BLOCKS;
+    static constexpr int kChunks = TN / 64;                 // 64-column chunks = warp columns
+    static constexpr int kKGroups = kWarps / kChunks;       // warps that share one chunk
+    static constexpr int kKTilesPerWarp = TK_BLOCKS / kKGroups;
+    static_assert(kWarps % kChunks == 0 && TK_BLOCKS % kKGroups == 0, "warp layout");
+
+    // A stage: 16*MB rows of TK halves, rows split in 16-byte vectors.
+    static constexpr int kARowVecs = TK / 8;
+    static constexpr int kAStageVecs = 16 * MB * kARowVecs;
+    // B stage: TK/16 k-tiles x kChunks chunks x 128 words (32 int4), the global order.
+    static constexpr int kBStageVecs = TK_BLOCKS * kChunks * 32;
+    // Scale stage: up to TK/32 group rows (group size >= 32) of TN halves.
+    static constexpr int kSRows = GROUPED ? TK / 32 : 0;
+    static constexpr int kSStageVecs = kSRows * TN / 8;
+    static constexpr int kPipeBytes = kStages * (kAStageVecs + kBStageVecs + kSStageVecs) * 16;
+
+    // Block reduce: one k-group's accumulators, laid out [register][warp column][lane] so
+    // that a warp's 32 lanes touch 32 consecutive floats (no bank conflicts).
+    static constexpr int kAccPerThread = MB * 8 * 4;       // MB m-tiles x 8 n8 tiles x 4
+    static constexpr int kRedBytes = kAccPerThread * kChunks * 32 * 4;
+    // C tile in FP32, rows padded by 8 floats so that the float2 writes of one half-warp
+    // (rows g = 0..3, columns 2i) fall in 16 different bank pairs.
+    static constexpr int kCStride = TN + 8;
+    static constexpr int kCTileBytes = 16 * MB * kCStride * 4;
+
+    static constexpr int kSmemBytes =
+        kPipeBytes > kRedBytes ? (kPipeBytes > kCTileBytes ? kPipeBytes : kCTileBytes)
+                               : (kRedBytes > kCTileBytes ? kRedBytes : kCTileBytes);
+    static constexpr int kMinBlocksPerSm = MB <= 2 ? 2 : 1;
+};
+
+// Where the scale of original column n sits in a channelwise (one group) permuted row: within
+// each 32 columns, permuted 8i + jj holds 2i + [0, 1, 8, 9, 16, 17, 24, 25][jj] (format.py).
+__device__ __forceinline__ int channel_scale_index(int n) {
+    const int x = n & 31;
+    return (n & ~31) + 8 * ((x & 7) >> 1) + 2 * (x >> 3) + (x & 1);
+}
+
+template <int MB, int TK_BLOCKS, int TN_BLOCKS, bool GROUPED>
+__global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
+    marlin_mm_kernel(const MmParams p) {
+    using T = Tile<MB, TK_BLOCKS, TN_BLOCKS, GROUPED>;
+    constexpr int TK = T::TK, TN = T::TN, kStages = T::kStages;
+    extern __shared__ int4 smem[];
+    int4 *const a_sh = smem;
+    int4 *const b_sh = a_sh + kStages * T::kAStageVecs;
+    int4 *const s_sh = b_sh + kStages * T::kBStageVecs;
+    __shared__ int s_is_last;
+
+    // ---- which C tile and which K range this block owns -----------------------------------
+    // Block order: m slice fastest, so the blocks that read the same B tile run together and
+    // share it through L2; then column tile; split-K slowest.
+    int bid = blockIdx.x;
+    const int m_slice = bid % p.m_slices;
+    bid /= p.m_slices;
+    const int ntile = bid % p.n_tiles_total;
+    const int split = bid / p.n_tiles_total;
+    const int e_local = ntile / p.tiles_per_expert;
+    const int n0 = (ntile % p.tiles_per_expert) * TN;       // first column inside the expert
+    const int m0 = m_slice * 16 * MB;
+    const int4 *const B = p.b + (long long)(p.expert0 + e_local) * p.b_expert_int4;
+    const half *const S = p.scales + (long long)(p.expert0 + e_local) * p.s_expert_halves;
+    const int kt_begin = (int)((long long)split * p.k_tiles / p.splits);
+    const int kt_end = (int)((long long)(split + 1) * p.k_tiles / p.splits);
+    const int iters = kt_end - kt_begin;
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int chunk = warp % T::kChunks;      // this warp's 64 columns of the tile
+    const int kgroup = warp / T::kChunks;     // and its share of each stage's k-tiles
+    const bool chunk_live = n0 + 64 * chunk < p.N;   // the last tile may be narrower than TN
+    const uint64_t evict_first = evict_first_policy();
+    const long long b_row_vecs = p.N / 2;             // a Marlin row: 2N words = N/2 int4
+
+    // ---- stage 1: fetch a K tile of A, B and scales into shared memory (asynchronous) ------
+    auto fetch_stage = [&](int stage, int kt) {
+        const int k0 = kt * TK;
+        int4 *a_dst = a_sh + stage * T::kAStageVecs;
+#pragma unroll
+        for (int i = tid; i < T::kAStageVecs; i += T::kThreads) {
+            const int r = i / T::kARowVecs, v = i % T::kARowVecs;
+            const bool valid = m0 + r < p.M;   // rows past M are zero-filled, never read
+            const half *src = p.a + (long long)(valid ? m0 + r : 0) * p.K + k0 + 8 * v;
+            // XOR swizzle: vector v of row r goes to slot v ^ (r % 8), so the 8 rows that one
+            // ldmatrix phase reads at the same k land in 8 different 16-byte bank groups.
+            cp_async16_zfill(a_dst + r * T::kARowVecs + (v ^ (r & 7)), src, valid);
+        }
+        int4 *b_dst = b_sh + stage * T::kBStageVecs;
+#pragma unroll
+        for (int i = tid; i < T::kBStageVecs; i += T::kThreads) {
+            const int kt16 = i / (T::kChunks * 32);
+            const int c = (i / 32) % T::kChunks, w = i % 32;
+            if (n0 + 64 * c < p.N) {
+                const int4 *src = B + (long long)(kt * TK_BLOCKS + kt16) * b_row_vecs +
+                                  (n0 + 64 * c) / 2 + w;
+                cp_async16_hint(b_dst + i, src, evict_first);
+            }
+        }
+        if constexpr (GROUPED) {
+            const int g0 = k0 >> p.group_shift;
+            const int rows = (1 << p.group_shift) >= TK ? 1 : (TK >> p.group_shift);
+            int4 *s_dst = s_sh + stage * T::kSStageVecs;
+            for (int i = tid; i < rows * (TN / 8); i += T::kThreads) {
+                const int r = i / (TN / 8), col = n0 + 8 * (i % (TN / 8));
+                if (col < p.N) cp_async16_zfill(s_dst + i, S + (long long)(g0 + r) * p.N + col, true);
+            }
+        }
+    };
+
+    float acc[MB][8][4];
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int v = 0; v < 4; ++v) acc[mb][j][v] = 0.f;
+
+    // ---- stage 2: shared -> registers -> tensor cores for one pipeline stage ---------------
+    auto compute_stage = [&](int stage, int kt) {
+        if (!chunk_live) return;   // warp-uniform
+        const int4 *a_src = a_sh + stage * T::kAStageVecs;
+        const int4 *b_src = b_sh + stage * T::kBStageVecs;
+#pragma unroll
+        for (int kk = 0; kk < T::kKTilesPerWarp; ++kk) {
+            const int kt16 = kgroup + T::kKGroups * kk;   // 16-row k-tile inside the stage
+            uint32_t a_frag[MB][4];
+#pragma unroll
+            for (int mb = 0; mb < MB; ++mb) {
+                // ldmatrix.x4 lane l addresses row l%16 and k-half l/16 of the 16x16 A tile,
+                // which yields exactly the a0..a3 registers of mma.m16n8k16.
+                const int r = 16 * mb + (lane % 16);
+                const int v = 2 * kt16 + lane / 16;
+                ldmatrix_x4(a_frag[mb], a_src + r * T::kARowVecs + (v ^ (r & 7)));
+            }
+            // Lane t's 16 bytes: words 4t..4t+3 of the chunk, one per 16-column n-tile.
+            const int4 q = b_src[(kt16 * T::kChunks + chunk) * 32 + lane];
+            const uint32_t words[4] = {(uint32_t)q.x, (uint32_t)q.y, (uint32_t)q.z, (uint32_t)q.w};
+            half2 scale2[8];
+            if constexpr (GROUPED) {
+                const int k = kt * TK + 16 * kt16;
+                const int g_row = (k >> p.group_shift) - ((kt * TK) >> p.group_shift);
+                // Grouped permuted scales: within 64 columns, permuted 8c..8c+7 hold columns
+                // c, c+8, ..., c+56 -- the eight n8 columns lane c*4.. needs, in one vector.
+                const int4 sv = s_sh[stage * T::kSStageVecs + g_row * (TN / 8) + chunk * 8 + lane / 4];
+                const half *sh = reinterpret_cast<const half *>(&sv);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) scale2[j] = __half2half2(sh[j]);
+            }
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                uint32_t b_lo[2], b_hi[2];       // n8 columns 16j + c and 16j + 8 + c
+                dequant_u4b8(words[j], b_lo);
+                dequant_u4b8(words[j] >> 8, b_hi);
+                if constexpr (GROUPED) {
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        b_lo[h] = as_u32(__hmul2(as_half2(b_lo[h]), scale2[2 * j]));
+                        b_hi[h] = as_u32(__hmul2(as_half2(b_hi[h]), scale2[2 * j + 1]));
+                    }
+                }
+#pragma unroll
+                for (int mb = 0; mb < MB; ++mb) {
+                    mma_m16n8k16(a_frag[mb], b_lo, acc[mb][2 * j]);
+                    mma_m16n8k16(a_frag[mb], b_hi, acc[mb][2 * j + 1]);
+                }
+            }
+        }
+    };
+
+    // ---- the pipeline: kStages-1 stages in flight while one is computed --------------------
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+        if (s < iters) fetch_stage(s, kt_begin + s);
+        cp_async_commit();
+    }
+    for (int it = 0; it < iters; ++it) {
+        cp_async_wait<kStages - 2>();   // stage `it` has landed
+        __syncthreads();                // ... for every thread; and stage it-1 is consumed
+        const int next = it + kStages - 1;
+        if (next < iters) fetch_stage(next % kStages, kt_begin + next);
+        cp_async_commit();
+        compute_stage(it % kStages, kt_begin + it);
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+    // ---- stage 3: block reduce -- k-groups 1.. add into k-group 0 through shared memory ---
+    float *red = reinterpret_cast<float *>(smem);
+#pragma unroll
+    for (int g = T::kKGroups - 1; g >= 1; --g) {
+        if (kgroup == g) {
+#pragma unroll
+            for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+                for (int j = 0; j < 8; ++j)
+#pragma unroll
+                    for (int v = 0; v < 4; ++v)
+                        red[((mb * 8 + j) * 4 + v) * (T::kChunks * 32) + chunk * 32 + lane] = acc[mb][j][v];
+        }
+        __syncthreads();
+        if (kgroup == 0) {
+#pragma unroll
+            for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+                for (int j = 0; j < 8; ++j)
+#pragma unroll
+                    for (int v = 0; v < 4; ++v)
+                        acc[mb][j][v] += red[((mb * 8 + j) * 4 + v) * (T::kChunks * 32) + chunk * 32 + lane];
+        }
+        __syncthreads();
+    }
+
+    // The block's partial C tile, FP32, in shared memory (row-major, padded rows).
+    float *ctile = reinterpret_cast<float *>(smem);
+    if (kgroup == 0) {
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int row = 16 * mb + lane / 4 + 8 * h;
+                    const int col = 64 * chunk + 8 * j + 2 * (lane % 4);
+                    *reinterpret_cast<float2 *>(&ctile[row * T::kCStride + col]) =
+                        make_float2(acc[mb][j][2 * h], acc[mb][j][2 * h + 1]);
+                }
+    }
+    __syncthreads();
+
+    // ---- stage 4: write C, through the ordered global reduce when K is split ---------------
+    const int rows = min(16 * MB, p.M - m0);
+    const int cols = min(TN, p.N - n0);
+    half *const C = p.c + (long long)m0 * p.ldc + (long long)e_local * p.N + n0;
+    constexpr int kVecsPerRow = TN / 8;   // 8 outputs (one 16-byte store) per vector
+
+    auto store_out = [&](int r, int c8, float (&v)[8]) {
+        if constexpr (!GROUPED) {   // channelwise scales multiply the FP32 sums
+#pragma unroll
+            for (int x = 0; x < 8; ++x)
+                v[x] *= __half2float(S[channel_scale_index(n0 + c8 + x)]);
+        }
+        half2 h[4];
+#pragma unroll
+        for (int x = 0; x < 4; ++x) h[x] = __floats2half2_rn(v[2 * x], v[2 * x + 1]);
+        *reinterpret_cast<int4 *>(C + (long long)r * p.ldc + c8) = *reinterpret_cast<int4 *>(h);
+    };
+
+    if (p.splits == 1) {
+        for (int i = tid; i < rows * kVecsPerRow; i += T::kThreads) {
+            const int r = i / kVecsPerRow, c8 = 8 * (i % kVecsPerRow);
+            if (c8 >= cols) continue;
+            float v[8];
+            const float4 lo = *reinterpret_cast<const float4 *>(&ctile[r * T::kCStride + c8]);
+            const float4 hi = *reinterpret_cast<const float4 *>(&ctile[r * T::kCStride + c8 + 4]);
+            v[0] = lo.x; v[1] = lo.y; v[2] = lo.z; v[3] = lo.w;
+            v[4] = hi.x; v[5] = hi.y; v[6] = hi.z; v[7] = hi.w;
+            store_out(r, c8, v);
+        }
+        return;
+    }
+
+    const int tile_id = m_slice + p.m_slices * ntile;
+    const long long tile_floats = 16 * MB * TN;
+    const long long num_tiles = (long long)p.m_slices * p.n_tiles_total;
+    float *const mine = p.partials + ((long long)split * num_tiles + tile_id) * tile_floats;
+    for (int i = tid; i < rows * kVecsPerRow; i += T::kThreads) {
+        const int r = i / kVecsPerRow, c8 = 8 * (i % kVecsPerRow);
+        if (c8 >= cols) continue;
+        float4 *dst = reinterpret_cast<float4 *>(mine + r * TN + c8);
+        __stcg(dst, *reinterpret_cast<const float4 *>(&ctile[r * T::kCStride + c8]));
+        __stcg(dst + 1, *reinterpret_cast<const float4 *>(&ctile[r * T::kCStride + c8 + 4]));
+    }
+    __threadfence();   // our partial is visible device-wide before the counter says so
+    __syncthreads();
+    if (tid == 0) s_is_last = atomicAdd(&p.counters[tile_id], 1) == p.splits - 1;
+    __syncthreads();
+    if (!s_is_last) return;
+    __threadfence();
+    for (int i = tid; i < rows * kVecsPerRow; i += T::kThreads) {
+        const int r = i / kVecsPerRow, c8 = 8 * (i % kVecsPerRow);
+        if (c8 >= cols) continue;
+        float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        for (int s = 0; s < p.splits; ++s) {   // fixed order: the sum is deterministic
+            const float4 *src = reinterpret_cast<const float4 *>(
+                p.partials + ((long long)s * num_tiles + tile_id) * tile_floats + r * TN + c8);
+            const float4 lo = __ldcg(src), hi = __ldcg(src + 1);
+            v[0] += lo.x; v[1] += lo.y; v[2] += lo.z; v[3] += lo.w;
+            v[4] += hi.x; v[5] += hi.y; v[6] += hi.z; v[7] += hi.w;
+        }
+        store_out(r, c8, v);
+    }
+    if (tid == 0) p.counters[tile_id] = 0;   // ready for the next call on this workspace
+}
+
+// ---- host side: one entry per kernel instance ----------------------------------------------
+
+struct KernelEntry {
+    const void *fn;
+    int smem_bytes;
+    int (*launch)(const MmParams &, int grid, cudaStream_t stream);
+};
+
+template <int MB, int TK_BLOCKS, int TN_BLOCKS, bool GROUPED>
+struct Instance {
+    using T = Tile<MB, TK_BLOCKS, TN_BLOCKS, GROUPED>;
+    static int launch(const MmParams &p, int grid, cudaStream_t stream) {
+        marlin_mm_kernel<MB, TK_BLOCKS, TN_BLOCKS, GROUPED>
+            <<<grid, T::kThreads, T::kSmemBytes, stream>>>(p);
+        FERRUM_CUDA_CHECK(cudaGetLastError());
+        return FERRUM_OK;
+    }
+    static KernelEntry entry() {
+        return {reinterpret_cast<const void *>(&marlin_mm_kernel<MB, TK_BLOCKS, TN_BLOCKS, GROUPED>),
+                T::kSmemBytes, &launch};
+    }
+};
+
+// tile 1: k=128 x n=128 (few rows: more blocks over N, deep K per stage);
+// tile 2: k=64 x n=256 (more rows: wider N reuses each A fragment over more columns).
+template <int TK_BLOCKS, int TN_BLOCKS, bool GROUPED>
+static KernelEntry entry_for_mb(int mb) {
+    switch (mb) {
+        case 1: return Instance<1, TK_BLOCKS, TN_BLOCKS, GROUPED>::entry();
+        case 2: return Instance<2, TK_BLOCKS, TN_BLOCKS, GROUPED>::entry();
+        case 3: return Instance<3, TK_BLOCKS, TN_BLOCKS, GROUPED>::entry();
+        default: return Instance<4, TK_BLOCKS, TN_BLOCKS, GROUPED>::entry();
+    }
+}
+
+static KernelEntry select_kernel(int tile, int mb, bool grouped) {
+    if (tile == 1) return grouped ? entry_for_mb<8, 8, true>(mb) : entry_for_mb<8, 8, false>(mb);
+    return grouped ? entry_for_mb<4, 16, true>(mb) : entry_for_mb<4, 16, false>(mb);
+}
+
+static int tile_k(int tile) { return tile == 1 ? 128 : 64; }
+static int tile_n(int tile) { return tile == 1 ? 128 : 256; }
+
+// Per device and kernel instance: the dynamic shared memory limit is raised once, and the
+// number of blocks an SM holds is measured once (the heuristic needs it).
+constexpr int kMaxDevices = 64;
+static std::atomic<int> g_occupancy[kMaxDevices][2][4][2];   // 0 = not yet known
+
+static int prepare_kernel(const DeviceProps &dev, int tile, int mb, bool grouped, int *blocks_per_sm) {
+    std::atomic<int> *slot = nullptr;
+    if (dev.device >= 0 && dev.device < kMaxDevices) {
+        slot = &g_occupancy[dev.device][tile - 1][mb - 1][grouped ? 1 : 0];
+        const int known = slot->load(std::memory_order_relaxed);
+        if (known > 0) {
+            *blocks_per_sm = known;
+            return FERRUM_OK;
+        }
+    }
+    const KernelEntry k = select_kernel(tile, mb, grouped);
+    FERRUM_REQUIRE(k.smem_bytes <= dev.max_smem_optin,
+                   "ferrum_mm: the tile needs %d bytes of shared memory, the device allows %d",
+                   k.smem_bytes, dev.max_smem_optin);
+    FERRUM_CUDA_CHECK(cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           k.smem_bytes));
+    int occ = 0;
+    FERRUM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, k.fn, 256, k.smem_bytes));
+    if (occ < 1) occ = 1;
+    if (slot) slot->store(occ, std::memory_order_relaxed);
+    *blocks_per_sm = occ;
+    return FERRUM_OK;
+}
+
+static size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+// Rows handled by one launch: bounds the act-order copy of A and the partial sums.
+constexpr int kMaxRowsPerLaunch = 8192;
+// Partial sums above this many bytes are not worth it: fall back to fewer splits.
+constexpr size_t kMaxPartialBytes = size_t(256) << 20;
+
+// The heuristic, readable as a table:
+//   rows M      block tile (k x n)   rows per block
+//   1..16       128 x 128            16
+//   17..64      64 x 256             16*ceil(M/16)
+//   > 64        64 x 256             64, M in slices of 64
+// then split-K: the smallest number of waves x (k-tiles per block + fixed cost), over the
+// splits s that keep the partials small. Any field of `requested` overrides its row.
+static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, int num_experts,
+                    int act_order, const ferrum_mm_config *req, bool grouped,
+                    ferrum_mm_plan_info *plan) {
+    ferrum_mm_config cfg = req ? *req : ferrum_mm_config{0, 0, 0};
+    if (cfg.tile == 0) cfg.tile = size_m <= 16 ? 1 : 2;
+    FERRUM_REQUIRE(cfg.tile == 1 || cfg.tile == 2, "ferrum_mm: tile=%d (use 0, 1 or 2)", cfg.tile);
+    if (cfg.m_blocks == 0) cfg.m_blocks = std::min(4, (size_m + 15) / 16);
+    FERRUM_REQUIRE(cfg.m_blocks >= 1 && cfg.m_blocks <= 4, "ferrum_mm: m_blocks=%d (use 0..4)", cfg.m_blocks);
+    const int tk = tile_k(cfg.tile), tn = tile_n(cfg.tile);
+    FERRUM_REQUIRE(size_k % tk == 0, "ferrum_mm: size_k=%d is not a multiple of %d", size_k, tk);
+    const int m_slices = (size_m + 16 * cfg.m_blocks - 1) / (16 * cfg.m_blocks);
+    const long long tiles = (long long)m_slices * num_experts * ((size_n + tn - 1) / tn);
+    const int k_tiles = size_k / tk;
+    const size_t tile_bytes = size_t(16) * cfg.m_blocks * tn * sizeof(float);
+
+    int occ = 1;
+    int status = prepare_kernel(dev, cfg.tile, cfg.m_blocks, grouped, &occ);
+    if (status != FERRUM_OK) return status;
+    if (cfg.splits == 0) {
+        const long long slots = (long long)dev.sm_count * occ;
+        const double kFixedCost = 2.0;   // prologue + epilogue of a block, in k-tiles
+        double best_cost = 1e300;
+        cfg.splits = 1;
+        for (int s = 1; s <= std::min(k_tiles, 32); ++s) {
+            if (s > 1 && tiles * s * tile_bytes > kMaxPartialBytes) break;
+            const long long waves = (tiles * s + slots - 1) / slots;
+            const double cost = waves * ((k_tiles + s - 1) / s + kFixedCost);
+            if (cost < best_cost * 0.97) {
+                best_cost = cost;
+                cfg.splits = s;
+            }
+        }
+    }
+    cfg.splits = std::max(1, std::min(cfg.splits, k_tiles));
+    FERRUM_REQUIRE(tiles * cfg.splits < INT_MAX, "ferrum_mm: grid too large");
+    plan->config = cfg;
+    plan->m_slices = m_slices;
+    plan->grid = static_cast<int>(tiles * cfg.splits);
+    plan->counter_bytes = cfg.splits > 1 ? align_up(tiles * sizeof(int), 256) : 0;
+    const size_t partial_bytes = cfg.splits > 1 ? align_up(tiles * cfg.splits * tile_bytes, 256) : 0;
+    const size_t a_bytes = act_order ? align_up(size_t(size_m) * size_k * 2, 256) : 0;
+    plan->data_bytes = partial_bytes + a_bytes;
+    return FERRUM_OK;
+}
+
+static bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+static int check_problem(int size_m, int size_k, int size_n, int num_experts, int num_groups,
+                         int group_size) {
+    FERRUM_REQUIRE(size_m >= 0, "ferrum_mm: size_m=%d", size_m);
+    FERRUM_REQUIRE(size_k > 0 && size_k % 128 == 0, "ferrum_mm: size_k=%d is not a positive multiple of 128", size_k);
+    FERRUM_REQUIRE(size_n > 0 && size_n % 64 == 0, "ferrum_mm: size_n=%d is not a positive multiple of 64", size_n);
+    FERRUM_REQUIRE(num_experts >= 1, "ferrum_mm: num_experts=%d", num_experts);
+    if (num_groups > 1) {
+        FERRUM_REQUIRE(group_size == 32 || group_size == 64 || group_size == 128,
+                       "ferrum_mm: group_size=%d (grouped scales need 32, 64 or 128)", group_size);
+        FERRUM_REQUIRE((long long)num_groups * group_size == size_k,
+                       "ferrum_mm: %d groups of %d rows do not cover size_k=%d", num_groups, group_size, size_k);
+    }
+    return FERRUM_OK;
+}
+
+static int group_shift_of(int group_size) {
+    int s = 0;
+    while ((1 << s) < group_size) ++s;
+    return s;
+}
+
+}  // namespace ferrum
+
+extern "C" int ferrum_mm_plan(int size_m, int size_k, int size_n, int num_experts, int act_order,
+                              const ferrum_mm_config *requested, ferrum_mm_plan_info *plan) {
+    using namespace ferrum;
+    FERRUM_REQUIRE(plan, "ferrum_mm_plan: null plan");
+    int status = check_problem(size_m, size_k, size_n, num_experts, 1, size_k);
+    if (status) return status;
+    DeviceProps dev;
+    if ((status = current_device_props(&dev))) return status;
+    const int rows = std::max(1, std::min(size_m, kMaxRowsPerLaunch));
+    return plan_one(dev, rows, size_k, size_n, num_experts, act_order, requested, true, plan);
+}
+
+extern "C" int ferrum_mm(const void *a, const void *b, const void *scales, void *c,
+                         const int32_t *perm, int size_m, int size_k, int size_n, int expert0,
+                         int num_experts, int num_groups, int group_size, int ldc,
+                         const ferrum_mm_config *requested, void *counters, size_t counter_bytes,
+                         void *data, size_t data_bytes, ferrum_mm_plan_info *plan_out,
+                         void *stream_handle) {
+    using namespace ferrum;
+    int status = check_problem(size_m, size_k, size_n, num_experts, num_groups, group_size);
+    if (status) return status;
+    if (size_m == 0) return FERRUM_OK;
+    FERRUM_REQUIRE(a && b && scales && c, "ferrum_mm: null pointer");
+    FERRUM_REQUIRE(aligned16(a) && aligned16(b) && aligned16(scales) && aligned16(c),
+                   "ferrum_mm: a, b, scales and c must be 16-byte aligned");
+    FERRUM_REQUIRE(ldc >= num_experts * size_n && ldc % 8 == 0,
+                   "ferrum_mm: ldc=%d (needs >= %d and a multiple of 8)", ldc, num_experts * size_n);
+    const bool grouped = num_groups > 1;
+    cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
+    DeviceProps dev;
+    if ((status = current_device_props(&dev))) return status;
+
+    // Plans for a full launch of rows and for the last, shorter one; the workspace must hold
+    // the larger of each.
+    const int full_rows = std::min(size_m, kMaxRowsPerLaunch);
+    const int last_rows = size_m % kMaxRowsPerLaunch == 0 ? full_rows : size_m % kMaxRowsPerLaunch;
+    ferrum_mm_plan_info full, last;
+    if ((status = plan_one(dev, full_rows, size_k, size_n, num_experts, perm != nullptr, requested, grouped, &full)))
+        return status;
+    if ((status = plan_one(dev, last_rows, size_k, size_n, num_experts, perm != nullptr, requested, grouped, &last)))
+        return status;
+    ferrum_mm_plan_info need = full;
+    need.counter_bytes = std::max(full.counter_bytes, last.counter_bytes);
+    need.data_bytes = std::max(full.data_bytes, last.data_bytes);
+    if (plan_out) *plan_out = need;
+    if (counter_bytes < need.counter_bytes || data_bytes < need.data_bytes ||
+        (need.counter_bytes && !counters) || (need.data_bytes && !data))
+        return set_error(FERRUM_ERR_WORKSPACE, "ferrum_mm: workspace too small (%zu + %zu bytes needed)",
+                         need.counter_bytes, need.data_bytes);
+
+    const int tn = tile_n(full.config.tile);
+    (void)tn;
+    for (int row0 = 0; row0 < size_m; row0 += kMaxRowsPerLaunch) {
+        const int rows = std::min(kMaxRowsPerLaunch, size_m - row0);
+        const ferrum_mm_plan_info &plan = rows == full_rows ? full : last;
+        const int tile = plan.config.tile, mb = plan.config.m_blocks;
+        const half *a_rows = static_cast<const half *>(a) + (long long)row0 * size_k;
+        const size_t partial_bytes = plan.config.splits > 1
+            ? align_up((size_t)plan.grid * 16 * mb * tile_n(tile) * sizeof(float), 256) : 0;
+        if (perm) {
+            void *a_perm = static_cast<char *>(data) + partial_bytes;
+            if ((status = ferrum_permute_cols(a_rows, perm, a_perm, rows, size_k, stream))) return status;
+            a_rows = static_cast<const half *>(a_perm);
+        }
+        MmParams p;
+        p.a = a_rows;
+        p.b = static_cast<const int4 *>(b);
+        p.scales = static_cast<const half *>(scales);
+        p.c = static_cast<half *>(c) + (long long)row0 * ldc;
+        p.partials = static_cast<float *>(data);
+        p.counters = static_cast<int *>(counters);
+        p.M = rows;
+        p.K = size_k;
+        p.N = size_n;
+        p.ldc = ldc;
+        p.expert0 = expert0;
+        p.tiles_per_expert = (size_n + tile_n(tile) - 1) / tile_n(tile);
+        p.n_tiles_total = p.tiles_per_expert * num_experts;
+        p.m_slices = plan.m_slices;
+        p.splits = plan.config.splits;
+        p.k_tiles = size_k / tile_k(tile);
+        p.group_shift = grouped ? group_shift_of(group_size) : 0;
+        p.b_expert_int4 = (long long)(size_k / 16) * 2 * size_n / 4;
+        p.s_expert_halves = (long long)(grouped ? num_groups : 1) * size_n;
+        const KernelEntry k = select_kernel(tile, mb, grouped);
+        if ((status = k.launch(p, plan.grid, stream))) return status;
+    }
+    return FERRUM_OK;
+}
