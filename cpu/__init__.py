@@ -1,0 +1,147 @@
+"""The CPU backend (Numba): the reference every other backend is checked against, and a fallback.
+
+mm picks one of two paths by M (see ``FUSED_MAX_M``): a fused kernel that reads the packed
+Marlin tiles directly, for small M where the work is streaming the weight once; and blocked
+dequantize + BLAS for large M, where the dense product dominates and BLAS is the fastest way
+to do it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+
+from .. import format as F
+from .._registry import Backend, BackendInfo
+
+#: Largest M served by the fused kernel; above it, dequantize + BLAS. Measured by
+#: `python -m ferrum bench --backend cpu` (which prints both paths) on a 2-core x86 machine.
+FUSED_MAX_M = 4
+#: Rows of weight dequantized per BLAS call on the large-M path (bounds the float32 scratch).
+DEQUANT_BLOCK_K = 512
+
+_ROWS = np.ascontiguousarray(F.CHUNK_ROW)
+_COLS = np.ascontiguousarray(F.CHUNK_COL)
+
+
+def _kernels():
+    # Imported on first use so `import ferrum` stays cheap; numba caches compiled code on disk.
+    from . import kernels
+    return kernels
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+
+    def __init__(self):
+        self._inverse_cache: dict[tuple[int, int], np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def info(self) -> BackendInfo:
+        try:
+            import numba
+        except ImportError as exc:
+            return BackendInfo("cpu", False, f"numba is not installed ({exc})")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        import platform
+        return BackendInfo("cpu", True, "", f"{platform.machine()} CPU, {cores} cores, "
+                           f"{numba.get_num_threads()} numba threads",
+                           f"numba {numba.__version__}, numpy {np.__version__}")
+
+    # --- memory: host arrays are resident here --------------------------------------------------
+    def from_host(self, array):
+        return np.array(array, copy=True, order="C")
+
+    def to_host(self, resident):
+        return np.array(resident, copy=True)
+
+    def owns(self, array):
+        return isinstance(array, np.ndarray)
+
+    # --- kernels ----------------------------------------------------------------------------------
+    def repack(self, qweight, perm, size_k, size_n):
+        qweight = np.ascontiguousarray(qweight).view(np.uint32)
+        order = np.arange(size_k, dtype=np.int32) if perm is None else np.ascontiguousarray(
+            perm, dtype=np.int32)
+        out = np.empty((size_k // F.TILE, 2 * size_n), dtype=np.uint32)
+        _kernels().repack(qweight, order, _ROWS, _COLS, out)
+        return out.view(np.int32)
+
+    def _scale_inverse(self, size_n, groups):
+        key = (size_n, 1 if groups > 1 else 0)
+        with self._lock:
+            if key not in self._inverse_cache:
+                self._inverse_cache[key] = F.scale_column_inverse(size_n, groups)
+            return self._inverse_cache[key]
+
+    def _expert_arrays(self, weight, e):
+        # Numba has no float16 arithmetic: keep a float32 copy of the (small) scales.
+        scales32 = weight._aux.get("cpu_scales32")
+        if scales32 is None:
+            scales32 = weight._aux["cpu_scales32"] = weight.scales.astype(np.float32)
+        if weight.stacked:
+            return weight.qweight[e].view(np.uint32), scales32[e]
+        return weight.qweight.view(np.uint32), scales32
+
+    def dequantize_marlin_order(self, weight, e, kt_begin=0, kt_end=None, out=None):
+        """float32 [16*(kt_end-kt_begin), n] of expert e, rows in Marlin (perm) order."""
+        kt_end = weight.size_k // F.TILE if kt_end is None else kt_end
+        marlin, scales = self._expert_arrays(weight, e)
+        if out is None:
+            out = np.empty(((kt_end - kt_begin) * F.TILE, weight.size_n), dtype=np.float32)
+        inv = self._scale_inverse(weight.size_n, weight.num_groups)
+        rows = F.effective_group_size(weight.size_k, weight.group_size)
+        _kernels().dequantize(marlin, scales, inv, rows, _ROWS, _COLS, kt_begin, kt_end, out)
+        return out
+
+    def dequantize(self, weight, e):
+        dense = self.dequantize_marlin_order(weight, e)
+        if weight.perm is None:
+            return dense
+        original = np.empty_like(dense)
+        original[weight.perm] = dense
+        return original
+
+    def mm(self, a, weight, expert, out, path=None):
+        a32 = np.asarray(a, dtype=np.float32)
+        if weight.perm is not None:
+            a32 = a32[:, weight.perm]
+        a32 = np.ascontiguousarray(a32)
+        M = a32.shape[0]
+        n = weight.size_n
+        experts = range(weight.num_experts) if expert is None else (expert,)
+        out32 = np.empty((M, n * len(experts)), dtype=np.float32)
+        path = path or ("fused" if M <= FUSED_MAX_M else "blas")
+        for slot, e in enumerate(experts):
+            if path == "fused":
+                marlin, scales = self._expert_arrays(weight, e)
+                inv = self._scale_inverse(n, weight.num_groups)
+                rows = F.effective_group_size(weight.size_k, weight.group_size)
+                _kernels().mm_fused(a32, marlin, scales, inv, rows, out32, slot * n)
+            else:
+                self._mm_blas(a32, weight, e, out32[:, slot * n:(slot + 1) * n])
+        if out is None:
+            return out32.astype(np.float16)
+        out[...] = out32
+        return out
+
+    def _mm_blas(self, a32, weight, e, out32):
+        k_tiles = weight.size_k // F.TILE
+        step = DEQUANT_BLOCK_K // F.TILE
+        scratch = np.empty((min(step, k_tiles) * F.TILE, weight.size_n), dtype=np.float32)
+        out32[...] = 0.0
+        for kt in range(0, k_tiles, step):
+            end = min(kt + step, k_tiles)
+            block = scratch[:(end - kt) * F.TILE]
+            self.dequantize_marlin_order(weight, e, kt, end, block)
+            out32 += a32[:, kt * F.TILE:end * F.TILE] @ block
+
+
+BACKEND = CpuBackend()
+
+
+def bench(options):
+    from .bench import run
+    return run(options)

@@ -159,9 +159,12 @@ def act_order_perm(g_idx: np.ndarray) -> np.ndarray:
     return np.argsort(g_idx, kind="stable").astype(np.int32)
 
 
-def dequantize_reference(q: np.ndarray, scales: np.ndarray, size_k: int,
-                         group_size: int) -> np.ndarray:
-    """uint [K, N] values and unpermuted scales [groups, N] -> float64 [K, N] (GPTQ row order)."""
+def dequantize_reference(q: np.ndarray, scales: np.ndarray, size_k: int, group_size: int,
+                         g_idx: np.ndarray | None = None) -> np.ndarray:
+    """uint [K, N] values and unpermuted scales [groups, N] -> float64 [K, N] (GPTQ row order).
+
+    Row k belongs to group g_idx[k] when given (act-order), else to k // group_size.
+    """
     g = effective_group_size(size_k, group_size)
-    groups = np.arange(size_k) // g
+    groups = np.arange(size_k) // g if g_idx is None else np.asarray(g_idx)
     return (q.astype(np.float64) - 8.0) * np.asarray(scales, np.float64)[groups]

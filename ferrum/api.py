@@ -1,0 +1,447 @@
+"""The public API. Every argument is checked here, once, before any backend does any work."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import _registry
+from . import format as F
+
+# ------------------------------------------------------------------------------------------------
+# Argument checks: each names the argument, the value and the rule.
+
+
+def _fail(argument: str, value: Any, rule: str, kind=ValueError):
+    raise kind(f"{argument}={_short(value)}: {rule}")
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, (int, float, str, bool, type(None), tuple)):
+        return repr(value)
+    shape = getattr(value, "shape", None)
+    dtype = getattr(value, "dtype", None)
+    if shape is not None:
+        return f"<{type(value).__name__} shape={tuple(shape)} dtype={dtype}>"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _int(argument: str, value: Any) -> int:
+    if isinstance(value, (bool, np.bool_)):
+        _fail(argument, value, "must be an integer, not a bool", TypeError)
+    try:
+        return operator.index(value)
+    except TypeError:
+        _fail(argument, value, "must be an integer", TypeError)
+
+
+def _is_device_array(x: Any) -> bool:
+    if isinstance(x, np.ndarray):
+        return False
+    if hasattr(x, "__cuda_array_interface__"):
+        return True
+    dev = getattr(x, "__dlpack_device__", None)
+    if dev is not None:
+        try:
+            return dev()[0] not in (1, 3)   # kDLCPU, kDLCUDAHost
+        except Exception:
+            return False
+    return False
+
+
+def _meta(argument: str, x: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of a numpy array, a __cuda_array_interface__ array or a DLPack array."""
+    if isinstance(x, np.ndarray):
+        return x.shape, x.dtype
+    cai = getattr(x, "__cuda_array_interface__", None) if not isinstance(x, (list, tuple)) else None
+    if cai is not None:
+        return tuple(int(s) for s in cai["shape"]), np.dtype(cai["typestr"])
+    if _is_device_array(x) and hasattr(x, "shape") and hasattr(x, "dtype"):
+        name = str(x.dtype).rsplit(".", 1)[-1]
+        try:
+            return tuple(int(s) for s in x.shape), np.dtype(name)
+        except TypeError:
+            _fail(argument, x, f"has dtype {x.dtype}, which ferrum does not support", TypeError)
+    if x is None or isinstance(x, (str, bytes, dict)):
+        _fail(argument, x, "must be an array", TypeError)
+    arr = np.asarray(x)
+    return arr.shape, arr.dtype
+
+
+def _host(argument: str, x: Any) -> np.ndarray:
+    if _is_device_array(x):
+        _fail(argument, x, "is a GPU array; this operation takes host (numpy) arrays here", TypeError)
+    return np.asarray(x)
+
+
+def _check_array(argument: str, x: Any, dtypes: Sequence[Any], shape: tuple | None = None,
+                 ndim: int | None = None) -> tuple[tuple[int, ...], np.dtype]:
+    shp, dt = _meta(argument, x)
+    allowed = [np.dtype(d) for d in dtypes]
+    if dt not in allowed:
+        _fail(argument, x, f"dtype must be {' or '.join(str(d) for d in allowed)}, got {dt}",
+              TypeError)
+    want_ndim = len(shape) if shape is not None else ndim
+    if want_ndim is not None and len(shp) != want_ndim:
+        _fail(argument, x, f"must be {want_ndim}-D{' ' + _shape_text(shape) if shape else ''}, "
+              f"got {len(shp)}-D shape {shp}")
+    if shape is not None and any(w is not None and w != s for w, s in zip(shape, shp)):
+        _fail(argument, x, f"shape must be {_shape_text(shape)}, got {shp}")
+    return shp, dt
+
+
+def _shape_text(shape: tuple) -> str:
+    return "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+
+
+def _check_num_bits(argument: str, num_bits: Any) -> int:
+    bits = _int(argument, num_bits)
+    if bits == 8:
+        _fail(argument, num_bits, "8-bit weights are not supported yet; ferrum runs num_bits=4")
+    if bits != F.NUM_BITS:
+        _fail(argument, num_bits, "must be 4 (uint4b8 GPTQ weights)")
+    return bits
+
+
+def _check_sizes(size_k: Any, size_n: Any, k_name="size_k", n_name="size_n") -> tuple[int, int]:
+    k = _int(k_name, size_k)
+    n = _int(n_name, size_n)
+    if k <= 0 or k % F.MIN_K_MULTIPLE:
+        _fail(k_name, size_k, f"must be a positive multiple of {F.MIN_K_MULTIPLE}")
+    if n <= 0 or n % F.MIN_N_MULTIPLE:
+        _fail(n_name, size_n, f"must be a positive multiple of {F.MIN_N_MULTIPLE}")
+    return k, n
+
+
+def _check_group_size(group_size: Any, size_k: int) -> int:
+    g = _int("group_size", group_size)
+    if g not in F.GROUP_SIZES and g != size_k:
+        _fail("group_size", group_size,
+              f"must be one of {', '.join(map(str, F.GROUP_SIZES))} or size_k ({size_k})")
+    if g > 0 and size_k % g:
+        _fail("group_size", group_size, f"must divide size_k ({size_k})")
+    return g
+
+
+def _check_perm(argument: str, perm: Any, size_k: int) -> np.ndarray:
+    p = _host(argument, perm)
+    if p.dtype.kind not in "iu":
+        _fail(argument, perm, f"must be an integer array, got dtype {p.dtype}", TypeError)
+    if p.shape != (size_k,):
+        _fail(argument, perm, f"must have shape [{size_k}] (size_k), got {p.shape}")
+    if size_k and (p.min() < 0 or p.max() >= size_k or
+                   np.bincount(p.astype(np.int64), minlength=size_k).max() != 1):
+        _fail(argument, perm, f"must be a permutation of 0..{size_k - 1}")
+    return p.astype(np.int32)
+
+
+def _check_backend_name(backend: Any) -> str:
+    return _registry.check_name(backend)
+
+
+def _default_backend(backend: Any, *arrays: Any) -> str:
+    if backend is not None:
+        return _check_backend_name(backend)
+    return "cuda" if any(_is_device_array(x) for x in arrays) else "cpu"
+
+
+# ------------------------------------------------------------------------------------------------
+# Format-level operations
+
+
+def repack(qweight, size_k, size_n, *, num_bits=4, perm=None, backend=None):
+    """GPTQ int32 [K/8, N] -> Marlin int32 [K/16, 2N] (vLLM's gptq_marlin_repack).
+
+    With ``perm`` (int [K]) Marlin row k is GPTQ row perm[k], as for act-order checkpoints.
+    Runs on ``backend`` (default: cpu for host arrays, cuda for GPU arrays); host input gives a
+    numpy result, GPU input a GPU result.
+    """
+    _check_num_bits("num_bits", num_bits)
+    k, n = _check_sizes(size_k, size_n)
+    name = _default_backend(backend, qweight)
+    _check_array("qweight", qweight, [np.int32, np.uint32], shape=(k // F.PACK, n))
+    p = None if perm is None else _check_perm("perm", perm, k)
+    be = _registry.get(name)
+    on_device = _is_device_array(qweight)
+    if on_device and not be.owns(qweight):
+        _fail("qweight", qweight, f"is a GPU array; backend={name!r} takes host arrays", TypeError)
+    if not on_device:
+        qweight = np.ascontiguousarray(qweight).view(np.int32)
+    result = be.repack(qweight, p, k, n)
+    return result if on_device else np.asarray(be.to_host(result)).view(np.int32)
+
+
+def permute_scales(scales, size_k, size_n, group_size):
+    """GPTQ scales [groups, N] -> Marlin-permuted float16 [groups, N] (vLLM's marlin_permute_scales)."""
+    k, n = _check_sizes(size_k, size_n)
+    g = _check_group_size(group_size, k)
+    groups = F.num_groups(k, g)
+    _check_array("scales", scales, [np.float16, np.float32], shape=(groups, n))
+    s = _host("scales", scales)
+    _check_finite("scales", s)
+    return F.permute_scales_reference(s, k, n, g)
+
+
+def _check_finite(argument: str, x: np.ndarray):
+    if not np.isfinite(x).all():
+        _fail(argument, x, "must be finite (contains NaN or inf)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Weights
+
+
+class MarlinWeight:
+    """A repacked layer, or a stack of experts of one shape, resident on one backend.
+
+    qweight   int32 [K/16, 2n], or [E, K/16, 2n] when ``stacked``
+    scales    float16 [groups, n], or [E, groups, n]; permuted as marlin_permute_scales does
+    perm      int32 [K] act-order row order (Marlin row k = GPTQ row perm[k]), or None
+    size_k, size_n (per expert), group_size, num_bits, num_experts, stacked, backend
+    """
+
+    def __init__(self, qweight, scales, *, size_k, size_n, group_size, perm=None,
+                 num_bits=4, backend=None, stacked=None):
+        self.num_bits = _check_num_bits("num_bits", num_bits)
+        k, n = _check_sizes(size_k, size_n)
+        g = _check_group_size(group_size, k)
+        name = _default_backend(backend, qweight, scales)
+        q_shape, _ = _meta("qweight", qweight)
+        if stacked is None:
+            stacked = len(q_shape) == 3
+        groups = F.num_groups(k, g)
+        if stacked:
+            _check_array("qweight", qweight, [np.int32, np.uint32], ndim=3)
+            experts = q_shape[0]
+            if experts < 1:
+                _fail("qweight", qweight, "a stack needs at least one expert")
+            _check_array("qweight", qweight, [np.int32, np.uint32],
+                         shape=(experts, k // F.TILE, 2 * n))
+            _check_array("scales", scales, [np.float16], shape=(experts, groups, n))
+        else:
+            experts = 1
+            _check_array("qweight", qweight, [np.int32, np.uint32], shape=(k // F.TILE, 2 * n))
+            _check_array("scales", scales, [np.float16], shape=(groups, n))
+        self.perm = None if perm is None else _check_perm("perm", perm, k)
+        if self.perm is not None and stacked:
+            _fail("perm", perm, "act-order is supported for single layers, not stacked experts")
+        if self.perm is not None and np.array_equal(self.perm, np.arange(k)):
+            self.perm = None            # the identity order needs no activation permute
+        self.size_k, self.size_n, self.group_size = k, n, g
+        self.num_experts, self.stacked = experts, bool(stacked)
+        self.backend = name
+        be = _registry.get(name)
+        self.qweight = self._resident(be, "qweight", qweight, np.int32)
+        self.scales = self._resident(be, "scales", scales, np.float16)
+        self._aux: dict[str, Any] = {}
+
+    @staticmethod
+    def _resident(be, argument, x, dtype):
+        if be.owns(x):
+            return x
+        if _is_device_array(x):
+            _fail(argument, x, f"is a GPU array; backend={be.name!r} takes host arrays", TypeError)
+        return be.from_host(np.ascontiguousarray(np.asarray(x)).view(dtype))
+
+    @property
+    def num_groups(self) -> int:
+        return F.num_groups(self.size_k, self.group_size)
+
+    @classmethod
+    def from_gptq(cls, qweight, scales, *, group_size, g_idx=None, backend=None, num_bits=4):
+        """From GPTQ on-disk tensors: qweight int32 [K/8, N], scales [groups, N], optional g_idx."""
+        _check_num_bits("num_bits", num_bits)
+        q_shape, _ = _check_array("qweight", qweight, [np.int32, np.uint32], ndim=2)
+        k, n = _check_sizes(q_shape[0] * F.PACK, q_shape[1], "qweight.shape[0]*8", "qweight.shape[1]")
+        g = _check_group_size(group_size, k)
+        groups = F.num_groups(k, g)
+        _check_array("scales", scales, [np.float16, np.float32], shape=(groups, n))
+        name = _default_backend(backend, qweight)
+        perm = None if g_idx is None else _perm_from_g_idx(g_idx, k, g)
+        scales_host = _host("scales", scales)
+        _check_finite("scales", scales_host)
+        marlin = repack(qweight, k, n, perm=perm, backend=name)
+        return cls(marlin, F.permute_scales_reference(scales_host, k, n, g), size_k=k, size_n=n,
+                   group_size=g, perm=perm, backend=name, stacked=False)
+
+    def to(self, backend) -> "MarlinWeight":
+        """This weight on another backend (a copy); itself when already there."""
+        name = _check_backend_name(backend)
+        if name == self.backend:
+            return self
+        src, dst = _registry.get(self.backend), _registry.get(name)
+        moved = object.__new__(MarlinWeight)
+        moved.__dict__.update(self.__dict__)
+        moved.backend = name
+        moved.qweight = dst.from_host(src.to_host(self.qweight))
+        moved.scales = dst.from_host(src.to_host(self.scales))
+        moved._aux = {}
+        return moved
+
+    def __repr__(self) -> str:
+        stack = f", num_experts={self.num_experts}" if self.stacked else ""
+        order = ", act_order" if self.perm is not None else ""
+        return (f"MarlinWeight(size_k={self.size_k}, size_n={self.size_n}, group_size="
+                f"{self.group_size}, num_bits={self.num_bits}{stack}{order}, backend={self.backend!r})")
+
+
+def _perm_from_g_idx(g_idx, size_k: int, group_size: int) -> np.ndarray:
+    g = _host("g_idx", g_idx)
+    if g.dtype.kind not in "iu":
+        _fail("g_idx", g_idx, f"must be an integer array, got dtype {g.dtype}", TypeError)
+    if g.shape != (size_k,):
+        _fail("g_idx", g_idx, f"must have shape [{size_k}] (size_k), got {g.shape}")
+    groups = F.num_groups(size_k, group_size)
+    rows = F.effective_group_size(size_k, group_size)
+    if g.min() < 0 or g.max() >= groups:
+        _fail("g_idx", g_idx, f"values must lie in 0..{groups - 1} (the scale groups)")
+    counts = np.bincount(g.astype(np.int64), minlength=groups)
+    if (counts != rows).any():
+        bad = int(np.flatnonzero(counts != rows)[0])
+        _fail("g_idx", g_idx, f"must assign exactly group_size={rows} rows to every group; "
+              f"group {bad} has {int(counts[bad])}")
+    return F.act_order_perm(g)
+
+
+def load_stacked(qweights, scales, *, group_size, bits=4, backend=None) -> MarlinWeight:
+    """E experts of one shape -> a stacked MarlinWeight (expert-major Marlin tiles and scales).
+
+    qweights: a list of E GPTQ int32 [K/8, n] arrays or one [E, K/8, n] array; scales likewise,
+    [E, groups, n] float16 or float32.
+    """
+    _check_num_bits("bits", bits)
+    q_list = _expert_list("qweights", qweights)
+    s_list = _expert_list("scales", scales)
+    if len(q_list) != len(s_list):
+        _fail("scales", scales, f"must hold one entry per expert: {len(q_list)} qweights, "
+              f"{len(s_list)} scales")
+    name = _default_backend(backend)
+    q0_shape, _ = _check_array("qweights[0]", q_list[0], [np.int32, np.uint32], ndim=2)
+    k, n = _check_sizes(q0_shape[0] * F.PACK, q0_shape[1], "qweights[0].shape[0]*8",
+                        "qweights[0].shape[1]")
+    g = _check_group_size(group_size, k)
+    groups = F.num_groups(k, g)
+    for e, (q, s) in enumerate(zip(q_list, s_list)):
+        _check_array(f"qweights[{e}]", q, [np.int32, np.uint32], shape=(k // F.PACK, n))
+        _check_array(f"scales[{e}]", s, [np.float16, np.float32], shape=(groups, n))
+    cpu = _registry.get("cpu")
+    marlin = np.stack([cpu.repack(np.ascontiguousarray(_host(f"qweights[{e}]", q)).view(np.int32),
+                                  None, k, n) for e, q in enumerate(q_list)])
+    permuted = []
+    for e, s in enumerate(s_list):
+        s_host = _host(f"scales[{e}]", s)
+        _check_finite(f"scales[{e}]", s_host)
+        permuted.append(F.permute_scales_reference(s_host, k, n, g))
+    return MarlinWeight(marlin, np.stack(permuted), size_k=k, size_n=n, group_size=g,
+                        backend=name, stacked=True)
+
+
+def _expert_list(argument: str, x: Any) -> list:
+    if isinstance(x, (list, tuple)):
+        if not x:
+            _fail(argument, x, "must hold at least one expert")
+        return list(x)
+    shape, _ = _meta(argument, x)
+    if len(shape) != 3:
+        _fail(argument, x, f"must be a list of 2-D arrays or one 3-D [E, ...] array, got shape {shape}")
+    if shape[0] < 1:
+        _fail(argument, x, "must hold at least one expert")
+    return [x[e] for e in range(shape[0])]
+
+
+# ------------------------------------------------------------------------------------------------
+# Compute
+
+
+def mm(a, weight, *, expert=None, out=None, backend=None, stream=None):
+    """C = A @ W: float16 a [M, K] times a MarlinWeight -> float16 [M, n].
+
+    On stacked weights, ``expert=e`` multiplies by expert e and ``expert=None`` by all experts
+    side by side ([M, E*n]). ``out`` receives the result in place. ``stream`` (cuda only) is a
+    stream handle or an object carrying one.
+    """
+    if not isinstance(weight, MarlinWeight):
+        _fail("weight", weight, "must be a ferrum.MarlinWeight (see MarlinWeight.from_gptq)",
+              TypeError)
+    if backend is not None:
+        name = _check_backend_name(backend)
+        if name != weight.backend:
+            _fail("backend", backend, f"the weight lives on {weight.backend!r}; move it first "
+                  f"with weight.to({name!r}) and call mm with the moved weight")
+    be = _registry.get(weight.backend)
+    a_shape, _ = _check_array("a", a, [np.float16], ndim=2)
+    if a_shape[1] != weight.size_k:
+        _fail("a", a, f"must have size_k={weight.size_k} columns, got {a_shape[1]}")
+    if a_shape[0] < 1:
+        _fail("a", a, "must have at least one row (M >= 1)")
+    if not be.owns(a):
+        if _is_device_array(a):
+            _fail("a", a, f"is a GPU array but the weight lives on {weight.backend!r}", TypeError)
+        a = np.asarray(a)
+    if expert is not None:
+        e = _int("expert", expert)
+        if not 0 <= e < weight.num_experts:
+            _fail("expert", expert, f"must be in 0..{weight.num_experts - 1} "
+                  f"(the weight has {weight.num_experts} expert(s))")
+        expert = e
+    elif not weight.stacked:
+        expert = 0
+    cols = weight.size_n * (weight.num_experts if expert is None else 1)
+    if out is not None:
+        o_shape, _ = _check_array("out", out, [np.float16], shape=(a_shape[0], cols))
+        if _is_device_array(out) and not be.owns(out):
+            _fail("out", out, f"is a GPU array but the weight lives on {weight.backend!r}", TypeError)
+        if isinstance(out, np.ndarray) and not out.flags.writeable:
+            _fail("out", out, "must be writable")
+        if isinstance(out, np.ndarray) and isinstance(a, np.ndarray) and np.shares_memory(out, a):
+            _fail("out", out, "must not overlap a")
+    options = {}
+    if stream is not None:
+        if weight.backend != "cuda":
+            _fail("stream", stream, f"streams apply to the cuda backend, not {weight.backend!r}")
+        options["stream"] = stream
+    return be.mm(a, weight, expert, out, **options)
+
+
+def dequantize(weight, *, expert=None) -> np.ndarray:
+    """The dense float32 [K, N] matrix mm multiplies by, rows in the original (GPTQ) order.
+
+    On stacked weights ``expert=e`` gives expert e; ``expert=None`` all experts side by side.
+    """
+    if not isinstance(weight, MarlinWeight):
+        _fail("weight", weight, "must be a ferrum.MarlinWeight", TypeError)
+    if expert is not None:
+        e = _int("expert", expert)
+        if not 0 <= e < weight.num_experts:
+            _fail("expert", expert, f"must be in 0..{weight.num_experts - 1}")
+        experts = [e]
+    else:
+        experts = list(range(weight.num_experts))
+    host = weight if weight.backend == "cpu" else weight.to("cpu")
+    cpu = _registry.get("cpu")
+    parts = [cpu.dequantize(host, e) for e in experts]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
+def quantize(w, *, group_size=128):
+    """Symmetric round-to-nearest uint4b8: float [K, N] -> GPTQ (qweight int32 [K/8, N], scales float16).
+
+    scale = max|w| / 7.5 per group and column (GPTQ's symmetric grid), q = clip(round(w/s) + 8, 0, 15).
+    """
+    _check_array("w", w, [np.float16, np.float32, np.float64], ndim=2)
+    arr = _host("w", w)
+    k, n = _check_sizes(arr.shape[0], arr.shape[1], "w.shape[0]", "w.shape[1]")
+    g = _check_group_size(group_size, k)
+    _check_finite("w", arr)
+    rows = F.effective_group_size(k, g)
+    blocks = arr.astype(np.float64).reshape(k // rows, rows, n)
+    absmax = np.abs(blocks).max(axis=1)
+    scales = (absmax / 7.5).astype(np.float16)
+    if not np.isfinite(scales).all():
+        _fail("w", w, "has values too large for float16 scales (max |w| / 7.5 > 65504)")
+    safe = np.where(scales == 0, 1.0, scales.astype(np.float64))
+    q = np.clip(np.rint(blocks / safe[:, None, :]) + 8, 0, 15).astype(np.uint32)
+    return F.pack_gptq(q.reshape(k, n)), scales
