@@ -2,17 +2,115 @@
 
 cpu/ and metal/ sit at the repository root, beside ferrum/, and install as ferrum.cpu and
 ferrum.metal. FERRUM_NO_CUDA=1 skips the CUDA extension.
+
+The CUDA extension (ferrum._cuda): csrc/*.cu compiled by nvcc for FERRUM_CUDA_ARCHS (default
+"80;86;89;90", plus PTX of the newest for later GPUs), the Cython layer ferrum/_cuda.pyx
+compiled by the host compiler, linked with the static CUDA runtime so that an installed ferrum
+needs only the NVIDIA driver. Without nvcc (or Cython) the install still succeeds, pure Python;
+ferrum.backends()["cuda"] then says why.
 """
 
+import glob
 import os
+import shutil
+import subprocess
+import sys
 
-from setuptools import setup
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "80;86;89;90"
+
+
+def _log(message):
+    print(f"ferrum setup: {message}", file=sys.stderr)
+
+
+def _find_nvcc():
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidates = [os.path.join(home, "bin", "nvcc")] if home else []
+    candidates += [shutil.which("nvcc") or "", "/usr/local/cuda/bin/nvcc"]
+    for path in candidates:
+        if path and os.path.exists(path):
+            return os.path.realpath(path) if not path.startswith("/usr/local/bin") else path
+    return None
+
+
+def _cuda_home(nvcc):
+    # nvcc may be a wrapper script (e.g. /usr/local/bin/nvcc); ask it where the toolkit is.
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home:
+        return home
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True).stderr
+        for line in out.splitlines():
+            if "TOP=" in line:
+                return os.path.normpath(line.split("TOP=", 1)[1].strip())
+    except OSError:
+        pass
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
+def _gencode_flags():
+    archs = [a.strip().replace("sm_", "").replace(".", "")
+             for a in os.environ.get("FERRUM_CUDA_ARCHS", DEFAULT_ARCHS).replace(",", ";").split(";")
+             if a.strip()]
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    newest = max(archs, key=int)
+    flags.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")   # PTX for later GPUs
+    return flags
+
+
+class BuildCuda(build_ext):
+    """Compile csrc/*.cu with nvcc, then build the Cython extension against the objects."""
+
+    def build_extension(self, ext):
+        nvcc = _find_nvcc()
+        objects = []
+        build_dir = os.path.join(self.build_temp, "csrc")
+        os.makedirs(build_dir, exist_ok=True)
+        flags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-lineinfo",
+                 "--expt-relaxed-constexpr", f"-I{os.path.join(ROOT, 'csrc')}"] + _gencode_flags()
+        for source in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cu"))):
+            obj = os.path.join(build_dir, os.path.basename(source) + ".o")
+            cmd = [nvcc, *flags, "-c", source, "-o", obj]
+            _log(" ".join(cmd))
+            subprocess.check_call(cmd)
+            objects.append(obj)
+        ext.extra_objects = objects + list(ext.extra_objects or [])
+        super().build_extension(ext)
 
 
 def cuda_extensions():
     if os.environ.get("FERRUM_NO_CUDA", "") not in ("", "0"):
+        _log("FERRUM_NO_CUDA is set: building without the CUDA extension")
         return [], {}
-    return [], {}
+    nvcc = _find_nvcc()
+    if nvcc is None:
+        _log("nvcc not found (set CUDA_HOME): building without the CUDA extension")
+        return [], {}
+    try:
+        from Cython.Build import cythonize
+    except ImportError:
+        _log("Cython not found: building without the CUDA extension")
+        return [], {}
+    home = _cuda_home(nvcc)
+    lib_dirs = [d for d in (os.path.join(home, "lib64"), os.path.join(home, "lib"),
+                            os.path.join(home, "targets", "x86_64-linux", "lib"),
+                            os.path.join(home, "targets", "sbsa-linux", "lib"))
+                if os.path.isdir(d)]
+    ext = Extension(
+        "ferrum._cuda",
+        sources=["ferrum/_cuda.pyx"],
+        include_dirs=[os.path.join(home, "include"), os.path.join(ROOT, "csrc")],
+        library_dirs=lib_dirs,
+        libraries=["cudart_static", "rt", "pthread", "dl"],
+        language="c++",
+        extra_compile_args=["-O2", "-std=c++17"],
+    )
+    return cythonize([ext], language_level=3, quiet=True), {"build_ext": BuildCuda}
 
 
 ext_modules, cmdclass = cuda_extensions()

@@ -1,0 +1,158 @@
+"""`python -m ferrum bench --backend cuda`: ferrum mm vs cuBLAS FP16 and the HBM floor.
+
+Method: for each layer shape, enough weight copies to exceed 4x L2 (so every call streams its
+weight from HBM) are created on the GPU; a burst of calls rotating through them is captured in
+a CUDA graph and replayed; CUDA events time each replay; the median over several bursts divided
+by the burst length is the time per call. cuBLAS (torch.matmul on float16 [K, N] copies) is
+timed the same way in the same run; the HBM floor is the bytes one call must move over the
+device-to-device copy bandwidth measured here. Needs PyTorch for graphs, events and cuBLAS.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import numpy as np
+
+SHAPES = [  # (K, N, name)
+    (4096, 6144, "8B qkv"), (4096, 4096, "8B o"), (4096, 28672, "8B gate_up"),
+    (14336, 4096, "8B down"), (8192, 10240, "70B qkv"), (8192, 8192, "70B o"),
+    (8192, 57344, "70B gate_up"), (28672, 8192, "70B down"),
+]
+M_VALUES = (1, 16, 64, 256, 1024)
+GROUP = 128
+L2_FACTOR_BYTES = 4 * 50 * 2 ** 20   # copies of the weights together exceed 4x the 50 MB L2
+
+
+def _time_graph(torch, fn, burst: int, bursts: int) -> float:
+    """Median µs per call of `fn(i)` for i in 0..burst-1, captured once and replayed."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(burst):   # warm-up: workspaces, kernel attributes, cuBLAS handles
+            fn(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for i in range(burst):
+            fn(i)
+    torch.cuda.synchronize()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(bursts):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000.0 / burst)
+    del graph
+    return statistics.median(times)
+
+
+def copy_bandwidth(torch) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    us = _time_graph(torch, lambda i: dst.copy_(src), 4, 5)
+    return 2 * src.numel() / (us * 1e-6)
+
+
+def host_overhead(torch, ferrum) -> dict:
+    """µs per ferrum.mm call on device arrays: host time to issue, plain loop, graph replay."""
+    k, n = 4096, 4096
+    w = _weights(torch, ferrum, k, n, 1)[0]
+    a = torch.randn(1, k, device="cuda", dtype=torch.float16)
+    out = torch.empty(1, n, device="cuda", dtype=torch.float16)
+    stream = torch.cuda.current_stream().cuda_stream
+    for _ in range(20):
+        ferrum.mm(a, w, out=out, stream=stream)
+    torch.cuda.synchronize()
+    calls = 200
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        ferrum.mm(a, w, out=out, stream=stream)
+    issue = (time.perf_counter() - t0) / calls * 1e6
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        ferrum.mm(a, w, out=out, stream=stream)
+    torch.cuda.synchronize()
+    plain = (time.perf_counter() - t0) / calls * 1e6
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        ferrum.mm(a, w, stream=stream)   # result allocated by torch each call
+    alloc_issue = (time.perf_counter() - t0) / calls * 1e6
+    torch.cuda.synchronize()
+    backend = ferrum.cuda.BACKEND
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        backend.mm(a, w, 0, out, stream=stream)   # the backend alone, without the front API checks
+    backend_issue = (time.perf_counter() - t0) / calls * 1e6
+    torch.cuda.synchronize()
+    graph = _time_graph(torch, lambda i: ferrum.mm(a, w, out=out, stream=torch.cuda.current_stream().cuda_stream), 50, 5)
+    return {"issue_us": issue, "issue_alloc_us": alloc_issue, "plain_us": plain, "graph_us": graph,
+            "backend_issue_us": backend_issue}
+
+
+def _weights(torch, ferrum, k, n, copies):
+    """`copies` random Marlin weights of K x N (random words are valid uint4b8 weights)."""
+    groups = k // GROUP
+    out = []
+    for _ in range(copies):
+        q = torch.randint(-2 ** 31, 2 ** 31 - 1, (k // 16, 2 * n), dtype=torch.int32, device="cuda")
+        s = (torch.rand(groups, n, device="cuda") * 0.02 + 0.005).to(torch.float16)
+        out.append(ferrum.MarlinWeight(q, s, size_k=k, size_n=n, group_size=GROUP, backend="cuda"))
+    return out
+
+
+def run(options: dict) -> None:
+    try:
+        import torch
+    except ImportError:
+        print("ferrum bench --backend cuda needs PyTorch (CUDA graphs, events, cuBLAS)")
+        return
+    import ferrum
+    quick = bool(options.get("quick"))
+    shapes = SHAPES[:3] if quick else SHAPES
+    m_values = (1, 16, 256) if quick else M_VALUES
+    bursts = 5 if quick else 9
+    bw = copy_bandwidth(torch)
+    print(f"device-to-device copy: {bw / 1e12:.2f} TB/s (read + write); G={GROUP}; "
+          f"µs per call, median of {bursts} graph-replayed bursts")
+    ho = host_overhead(torch, ferrum)
+    print(f"host overhead, 4096x4096 M=1, torch arrays, out= given: issue {ho['issue_us']:.1f} µs/call "
+          f"(with torch-allocated result {ho['issue_alloc_us']:.1f}), plain loop "
+          f"{ho['plain_us']:.1f} µs/call, graph replay {ho['graph_us']:.1f} µs/call; backend.mm "
+          f"alone (no front-API checks) issues in {ho['backend_issue_us']:.1f} µs/call")
+    header = (f"{'layer':12s} {'K':>6s} {'N':>6s} {'M':>5s} {'ferrum':>9s} {'cuBLAS':>9s} "
+              f"{'ratio':>6s} {'floor':>8s} {'%floor':>7s}  config")
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for k, n, name in shapes:
+        wbytes = k * n // 2 + (k // GROUP) * n * 2
+        copies = max(2, math.ceil(L2_FACTOR_BYTES / wbytes))
+        weights = _weights(torch, ferrum, k, n, copies)
+        dense_copies = max(1, math.ceil(L2_FACTOR_BYTES / (k * n * 2)))
+        dense = [torch.randn(k, n, device="cuda", dtype=torch.float16) for _ in range(dense_copies)]
+        for m in m_values:
+            a = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            out = torch.empty(m, n, device="cuda", dtype=torch.float16)
+            out_d = torch.empty(m, n, device="cuda", dtype=torch.float16)
+            burst = max(copies, 8 if m >= 256 else 16)
+            t_f = _time_graph(torch, lambda i: ferrum.mm(
+                a, weights[i % copies], out=out, stream=torch.cuda.current_stream().cuda_stream), burst, bursts)
+            t_c = _time_graph(torch, lambda i: torch.matmul(a, dense[i % dense_copies], out=out_d),
+                              max(dense_copies, 4), bursts)
+            floor = (wbytes + m * k * 2 + m * n * 2) / bw * 1e6
+            plan = ferrum._cuda.mm_plan(m, k, n)
+            cfg = f"tile{plan['tile']} mb{plan['m_blocks']} splits{plan['splits']} grid{plan['grid']}"
+            rows.append((name, k, n, m, t_f, t_c))
+            print(f"{name:12s} {k:6d} {n:6d} {m:5d} {t_f:9.1f} {t_c:9.1f} {t_c / t_f:6.2f} "
+                  f"{floor:8.1f} {100 * floor / t_f:6.0f}%  {cfg}", flush=True)
+        del weights, dense
+        torch.cuda.empty_cache()

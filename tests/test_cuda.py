@@ -1,0 +1,221 @@
+"""The CUDA backend against the format rules (bit-exact repack) and a float64 reference (mm).
+
+Every test is marked cuda and skips, with the reason, when the backend is not available.
+Outputs are poisoned with NaN before each run so an element the kernel never wrote fails.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import ferrum
+from ferrum import format as F
+from ferrum.check import random_problem
+
+_INFO = ferrum.backends()["cuda"]
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not _INFO.available, reason=f"cuda backend: {_INFO.reason}")]
+
+TOL = 1e-3
+GOLDEN = os.environ.get("FERRUM_GOLDEN") or os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "golden", "marlin_golden.npz")
+
+
+def _torch():
+    return pytest.importorskip("torch")
+
+
+def _rel_err(got, ref):
+    got = np.asarray(got, dtype=np.float64)
+    assert np.isfinite(got).all(), "unwritten (NaN) or non-finite outputs"
+    return np.linalg.norm(got - ref) / np.linalg.norm(ref)
+
+
+def _weight(problem, stacked=False):
+    if stacked:
+        return ferrum.load_stacked(problem.qweights, problem.scales,
+                                   group_size=problem.group_size, backend="cuda")
+    return ferrum.MarlinWeight.from_gptq(problem.qweights[0], problem.scales[0],
+                                         group_size=problem.group_size, g_idx=problem.g_idx,
+                                         backend="cuda")
+
+
+def _activations(rng, m, k):
+    return rng.standard_normal((m, k)).astype(np.float16)
+
+
+# --- repack ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k,n,with_perm", [(128, 64, False), (256, 192, True), (1024, 320, False),
+                                           (4096, 1024, True), (384, 128, True)])
+def test_repack_is_bit_exact(k, n, with_perm, rng):
+    q = F.pack_gptq(rng.integers(0, 16, (k, n), dtype=np.uint32))
+    perm = rng.permutation(k).astype(np.int32) if with_perm else None
+    got = ferrum.repack(q, k, n, perm=perm, backend="cuda")
+    assert isinstance(got, np.ndarray) and got.dtype == np.int32
+    np.testing.assert_array_equal(got, F.repack_reference(q, k, n, perm))
+
+
+def test_repack_golden_vectors():
+    if not os.path.exists(GOLDEN):
+        pytest.skip(f"golden vectors not found at {GOLDEN}")
+    data = np.load(GOLDEN)
+    for i in range(6):
+        k, n, _ = (int(v) for v in data[f"c{i}_meta"])
+        perm = data[f"c{i}_perm"]
+        got = ferrum.repack(data[f"c{i}_qweight"], k, n, perm=perm if perm.size else None,
+                            backend="cuda")
+        np.testing.assert_array_equal(got, data[f"c{i}_marlin"], err_msg=f"case c{i}")
+
+
+def test_repack_device_input_stays_on_device(rng):
+    torch = _torch()
+    k, n = 512, 256
+    q = F.pack_gptq(rng.integers(0, 16, (k, n), dtype=np.uint32))
+    got = ferrum.repack(torch.from_numpy(q).cuda(), k, n, backend="cuda")
+    assert hasattr(got, "__cuda_array_interface__")
+    np.testing.assert_array_equal(ferrum.cuda.BACKEND.to_host(got), F.repack_reference(q, k, n))
+
+
+# --- mm against float64 ------------------------------------------------------------------------
+
+SHAPES = [  # (K, N, group_size, act_order)
+    (128, 64, -1, False), (256, 192, 32, False), (512, 320, 64, False), (1024, 256, 128, False),
+    (256, 128, 256, False), (512, 256, 128, True), (1024, 128, 64, True), (384, 192, 32, True),
+    (4096, 512, 128, False), (2048, 576, -1, True),
+]
+
+
+@pytest.mark.parametrize("k,n,g,act", SHAPES)
+def test_mm_matches_float64(k, n, g, act, rng):
+    torch = _torch()
+    problem = random_problem(rng, k, n, g, act_order=act)
+    weight = _weight(problem)
+    for m in (1, 5, 16, 33, 64, 100, 300):
+        a = _activations(rng, m, k)
+        out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+        got = ferrum.mm(torch.from_numpy(a).cuda(), weight, out=out)
+        assert got is out
+        ref = a.astype(np.float64) @ problem.dense[0]
+        err = _rel_err(out.cpu().numpy(), ref)
+        assert err <= TOL, f"M={m}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("m", [1, 17, 64, 65, 1024, 4096])
+def test_mm_many_rows(m, rng):
+    problem = random_problem(rng, 1024, 384, 128)
+    weight = _weight(problem)
+    a = _activations(rng, m, 1024)
+    got = ferrum.mm(a, weight)   # numpy in, numpy out
+    assert isinstance(got, np.ndarray) and got.shape == (m, 384)
+    assert _rel_err(got, a.astype(np.float64) @ problem.dense[0]) <= TOL
+
+
+@pytest.mark.parametrize("tile,m_blocks,splits", [(1, 1, 1), (1, 2, 3), (2, 1, 7), (2, 4, 2),
+                                                  (1, 4, 16), (2, 3, 5)])
+def test_mm_tile_overrides(tile, m_blocks, splits, rng):
+    problem = random_problem(rng, 2048, 320, 64)   # 320: the last 256-wide tile is partial
+    weight = _weight(problem)
+    a = _activations(rng, 70, 2048)
+    got = ferrum.cuda.BACKEND.mm(a, weight, 0, None, tile=tile, m_blocks=m_blocks, splits=splits)
+    assert _rel_err(got, a.astype(np.float64) @ problem.dense[0]) <= TOL
+
+
+def test_mm_split_k_is_deterministic(rng):
+    problem = random_problem(rng, 4096, 256, 128)
+    weight = _weight(problem)
+    a = _activations(rng, 3, 4096)
+    runs = [ferrum.cuda.BACKEND.mm(a, weight, 0, None, splits=8) for _ in range(3)]
+    for r in runs[1:]:
+        np.testing.assert_array_equal(r, runs[0])
+
+
+@pytest.mark.parametrize("g", [-1, 128])
+def test_mm_stacked_experts(g, rng):
+    torch = _torch()
+    problem = random_problem(rng, 512, 192, g, experts=3)
+    weight = _weight(problem, stacked=True)
+    for m in (1, 40, 200):
+        a = _activations(rng, m, 512)
+        ad = torch.from_numpy(a).cuda()
+        ref_all = np.concatenate([a.astype(np.float64) @ d for d in problem.dense], axis=1)
+        out = torch.full((m, 3 * 192), float("nan"), dtype=torch.float16, device="cuda")
+        ferrum.mm(ad, weight, out=out)
+        assert _rel_err(out.cpu().numpy(), ref_all) <= TOL
+        for e in range(3):
+            got = ferrum.mm(ad, weight, expert=e)
+            assert _rel_err(got.cpu().numpy(), a.astype(np.float64) @ problem.dense[e]) <= TOL
+
+
+# --- interop, streams, errors ------------------------------------------------------------------
+
+def test_interop_torch_stream_and_result_kind(rng):
+    torch = _torch()
+    problem = random_problem(rng, 1024, 256, 128)
+    weight = _weight(problem)
+    a = _activations(rng, 9, 1024)
+    ref = a.astype(np.float64) @ problem.dense[0]
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        ad = torch.from_numpy(a).to("cuda", non_blocking=False)
+        got = ferrum.mm(ad, weight, stream=side)
+        assert isinstance(got, torch.Tensor) and got.is_cuda and got.dtype == torch.float16
+    side.synchronize()
+    assert _rel_err(got.cpu().numpy(), ref) <= TOL
+    # A non-contiguous activation view is made contiguous first.
+    wide = torch.from_numpy(np.concatenate([a, a], axis=1)).cuda()
+    view = wide[:, :1024]
+    assert not view.is_contiguous()
+    got2 = ferrum.mm(view, weight)
+    assert _rel_err(got2.cpu().numpy(), ref) <= TOL
+
+
+def test_interop_cupy_and_dlpack(rng):
+    cupy = pytest.importorskip("cupy")
+    torch = _torch()
+    problem = random_problem(rng, 512, 128, 64)
+    weight = _weight(problem)
+    a = _activations(rng, 4, 512)
+    ref = a.astype(np.float64) @ problem.dense[0]
+    ac = cupy.asarray(a)
+    got = ferrum.mm(ac, weight, stream=cupy.cuda.Stream(non_blocking=True))
+    assert isinstance(got, cupy.ndarray)
+    cupy.cuda.Device().synchronize()
+    assert _rel_err(cupy.asnumpy(got), ref) <= TOL
+    # ferrum's own DeviceArray: CAI v3 and DLPack exports
+    da = ferrum.cuda.BACKEND.from_host(a)
+    res = ferrum.mm(da, weight)
+    assert type(res) is ferrum.cuda.DeviceArray
+    assert _rel_err(torch.from_dlpack(res).cpu().numpy(), ref) <= TOL
+    assert _rel_err(cupy.asnumpy(cupy.asarray(res)), ref) <= TOL
+
+
+def test_numpy_out_written_in_place(rng):
+    problem = random_problem(rng, 256, 128, 128)
+    weight = _weight(problem)
+    a = _activations(rng, 3, 256)
+    out = np.full((3, 128), np.nan, dtype=np.float16)
+    assert ferrum.mm(a, weight, out=out) is out
+    assert _rel_err(out, a.astype(np.float64) @ problem.dense[0]) <= TOL
+
+
+def test_cuda_failure_raises_cuda_error(rng):
+    from ferrum import _cuda
+    with pytest.raises(ferrum.CudaError, match="cudaErrorMemoryAllocation|out of memory"):
+        _cuda.empty((1 << 50,), np.uint8)
+    # the context is still usable afterwards
+    problem = random_problem(rng, 128, 64, -1)
+    a = _activations(rng, 2, 128)
+    assert _rel_err(ferrum.mm(a, _weight(problem)), a.astype(np.float64) @ problem.dense[0]) <= TOL
+
+
+def test_weight_to_cuda_owns_device_memory(rng):
+    problem = random_problem(rng, 256, 128, 64)
+    host = ferrum.MarlinWeight.from_gptq(problem.qweights[0], problem.scales[0], group_size=64)
+    dev = host.to("cuda")
+    assert type(dev.qweight) is ferrum.cuda.DeviceArray
+    a = _activations(rng, 2, 256)
+    assert _rel_err(ferrum.mm(a, dev), a.astype(np.float64) @ problem.dense[0]) <= TOL

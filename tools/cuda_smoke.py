@@ -1,0 +1,55 @@
+"""A small representative run of the CUDA backend for compute-sanitizer (memcheck, racecheck).
+
+numpy only (no torch import under the sanitizer): repack with and without perm, mm for every
+group-size kind, act-order, stacked experts, split-K forced on, partial column tiles, several M.
+Exits non-zero if any result is off.
+"""
+import sys
+
+import numpy as np
+
+import ferrum
+from ferrum import format as F
+from ferrum.check import random_problem
+
+rng = np.random.default_rng(1)
+failures = 0
+
+
+def check(name, got, ref):
+    global failures
+    got = np.asarray(got, np.float64)
+    err = np.linalg.norm(got - ref) / np.linalg.norm(ref) if np.isfinite(got).all() else np.inf
+    ok = err <= 1e-3
+    failures += not ok
+    print(f"{'ok ' if ok else 'BAD'} {name}: rel err {err:.2e}", flush=True)
+
+
+k, n = 512, 320
+q = F.pack_gptq(rng.integers(0, 16, (k, n), dtype=np.uint32))
+perm = rng.permutation(k).astype(np.int32)
+for p in (None, perm):
+    same = np.array_equal(ferrum.repack(q, k, n, perm=p, backend="cuda"), F.repack_reference(q, k, n, p))
+    failures += not same
+    print(f"{'ok ' if same else 'BAD'} repack perm={p is not None}", flush=True)
+
+cases = [(512, 320, -1, False), (512, 320, 32, False), (256, 192, 64, True), (1024, 256, 128, False),
+         (256, 128, 256, False)]
+for k, n, g, act in cases:
+    pr = random_problem(rng, k, n, g, act_order=act)
+    w = ferrum.MarlinWeight.from_gptq(pr.qweights[0], pr.scales[0], group_size=g, g_idx=pr.g_idx,
+                                      backend="cuda")
+    for m in (1, 20, 70):
+        a = rng.standard_normal((m, k)).astype(np.float16)
+        ref = a.astype(np.float64) @ pr.dense[0]
+        check(f"K{k} N{n} G{g} act={act} M{m}", ferrum.mm(a, w), ref)
+        check(f"K{k} N{n} G{g} act={act} M{m} split", ferrum.cuda.BACKEND.mm(a, w, 0, None, splits=3), ref)
+        check(f"K{k} N{n} G{g} act={act} M{m} tile1", ferrum.cuda.BACKEND.mm(a, w, 0, None, tile=1, splits=2), ref)
+
+pr = random_problem(rng, 256, 128, 128, experts=3)
+w = ferrum.load_stacked(pr.qweights, pr.scales, group_size=128, backend="cuda")
+a = rng.standard_normal((5, 256)).astype(np.float16)
+check("stacked all", ferrum.mm(a, w), np.concatenate([a.astype(np.float64) @ d for d in pr.dense], 1))
+check("stacked e=2", ferrum.mm(a, w, expert=2), a.astype(np.float64) @ pr.dense[2])
+print("FAILURES", failures)
+sys.exit(1 if failures else 0)
