@@ -124,6 +124,7 @@ class CpuBackend(Backend):
         for slot, e in enumerate(experts):
             if path == "fused":
                 marlin, scales = self._expert_arrays(weight, e)
+                marlin = marlin.view(np.int32)      # arithmetic shifts are fine under "& 15"
                 inv = self._scale_inverse(n, weight.num_groups)
                 rows = F.effective_group_size(weight.size_k, weight.group_size)
                 _kernels().mm_fused(a32, marlin, scales, inv, rows, out32, slot * n)

@@ -62,48 +62,54 @@ def dequantize(marlin, scales, scale_inv, group_rows, kt_begin, kt_end, out):
                 out[r + 9, n + 8] = (np.float32(word >> np.uint32(28)) - np.float32(8.0)) * s8
 
 
+#: Chunks (64 columns, 128 words) per parallel task of mm_fused.
+SLICE_CHUNKS = 4
+
+
 @njit(parallel=True, fastmath=True, **_opts)
 def mm_fused(a, marlin, scales, scale_inv, group_rows, out, col0):
     """out[:, col0:col0+N] = a @ W for small M, reading the packed tiles directly.
 
-    a float32 [M, K] (already in Marlin row order); out float32 [M, >= col0 + N].
-    One task per 64-column chunk. Word w = 4t + j of a chunk row feeds rows {r, r+1, r+8, r+9}
-    (r = 2*(t % 4)) and columns {c, c+8} (c = t // 4) of n-tile j, so each word is decoded once
-    and used for every row of a. Words are visited with t % 4 outermost so that consecutive
-    updates go to different columns (no store-to-load chain). The uint4b8 offset is taken out
-    per group through the sum of a's rows: sum a*(q-8)*s = s*(sum a*q - 8*sum a).
+    a float32 [M, K] (already in Marlin row order); marlin int32 [K/16, 2N]; out float32
+    [M, >= col0 + N]. Word w = 4t + j of a chunk row feeds rows {r, r+1, r+8, r+9} of the k-tile
+    (r = 2*(t % 4)) and columns {c, c+8} (c = t // 4) of n-tile j (see ferrum.format). For a fixed
+    t % 4 the four rows of a are scalars, and the words with that t % 4 come in runs of four, so
+    the inner loop is a plain vector loop: each word's two column sums are accumulated in place
+    (acc0, acc8 per word). At the end of each scale group the four words of a column are summed,
+    the uint4b8 offset removed (sum a*(q-8) = sum a*q - 8*sum a) and the group's scale applied.
     """
     M, K = a.shape
     chunks = marlin.shape[1] // 128
     k_tiles = K // 16
     tiles_per_group = group_rows // 16
-    for c in prange(chunks):
-        acc = np.zeros((M, 64), dtype=np.float32)
-        part = np.zeros((M, 64), dtype=np.float32)
+    n_slices = (chunks + SLICE_CHUNKS - 1) // SLICE_CHUNKS
+    for sl in prange(n_slices):
+        c_begin = sl * SLICE_CHUNKS
+        c_end = min(chunks, c_begin + SLICE_CHUNKS)
+        n_words = (c_end - c_begin) * 128
+        acc0 = np.zeros((M, n_words), dtype=np.float32)
+        acc8 = np.zeros((M, n_words), dtype=np.float32)
+        result = np.zeros((M, n_words // 2), dtype=np.float32)
         for kt in range(k_tiles):
             k0 = kt * 16
-            row = marlin[kt, c * 128:(c + 1) * 128]
-            for v in range(4):
-                r = k0 + 2 * v
-                for c4 in range(8):
-                    for j in range(4):
-                        word = row[16 * c4 + 4 * v + j]
-                        col = c4 + 16 * j
-                        q0 = np.float32(word & np.uint32(15))
-                        q1 = np.float32((word >> np.uint32(4)) & np.uint32(15))
-                        q2 = np.float32((word >> np.uint32(8)) & np.uint32(15))
-                        q3 = np.float32((word >> np.uint32(12)) & np.uint32(15))
-                        q4 = np.float32((word >> np.uint32(16)) & np.uint32(15))
-                        q5 = np.float32((word >> np.uint32(20)) & np.uint32(15))
-                        q6 = np.float32((word >> np.uint32(24)) & np.uint32(15))
-                        q7 = np.float32(word >> np.uint32(28))
-                        for m in range(M):
-                            a0 = a[m, r]
-                            a1 = a[m, r + 1]
-                            a8 = a[m, r + 8]
-                            a9 = a[m, r + 9]
-                            part[m, col] += a0 * q0 + a8 * q1 + a1 * q4 + a9 * q5
-                            part[m, col + 8] += a0 * q2 + a8 * q3 + a1 * q6 + a9 * q7
+            words = marlin[kt, c_begin * 128:c_end * 128]
+            for m in range(M):
+                for v in range(4):
+                    x0 = a[m, k0 + 2 * v]
+                    x1 = a[m, k0 + 2 * v + 1]
+                    x8 = a[m, k0 + 2 * v + 8]
+                    x9 = a[m, k0 + 2 * v + 9]
+                    for b in range(n_words // 16):
+                        for j in range(4):
+                            i = 16 * b + 4 * v + j
+                            w = words[i]
+                            acc0[m, i] += (x0 * np.float32(w & 15) + x8 * np.float32((w >> 4) & 15)
+                                           + x1 * np.float32((w >> 16) & 15)
+                                           + x9 * np.float32((w >> 20) & 15))
+                            acc8[m, i] += (x0 * np.float32((w >> 8) & 15)
+                                           + x8 * np.float32((w >> 12) & 15)
+                                           + x1 * np.float32((w >> 24) & 15)
+                                           + x9 * np.float32((w >> 28) & 15))
             if (kt + 1) % tiles_per_group == 0:
                 g = (kt * 16) // group_rows
                 k_first = (kt + 1 - tiles_per_group) * 16
@@ -112,10 +118,21 @@ def mm_fused(a, marlin, scales, scale_inv, group_rows, out, col0):
                     for k in range(k_first, k0 + 16):
                         offset += a[m, k]
                     offset *= np.float32(8.0)
-                    for jj in range(64):
-                        s = scales[g, scale_inv[c * 64 + jj]]
-                        acc[m, jj] += (part[m, jj] - offset) * s
-                        part[m, jj] = 0.0
+                    for c in range(c_end - c_begin):
+                        for c4 in range(8):
+                            for j in range(4):
+                                s0 = np.float32(0.0)
+                                s8 = np.float32(0.0)
+                                for v in range(4):
+                                    i = c * 128 + 16 * c4 + 4 * v + j
+                                    s0 += acc0[m, i]
+                                    s8 += acc8[m, i]
+                                    acc0[m, i] = 0.0
+                                    acc8[m, i] = 0.0
+                                n = c * 64 + c4 + 16 * j
+                                base = c_begin * 64
+                                result[m, n] += (s0 - offset) * scales[g, scale_inv[base + n]]
+                                result[m, n + 8] += (s8 - offset) * scales[g, scale_inv[base + n + 8]]
         for m in range(M):
-            for jj in range(64):
-                out[m, col0 + c * 64 + jj] = acc[m, jj]
+            for n in range(n_words // 2):
+                out[m, col0 + c_begin * 64 + n] = result[m, n]
