@@ -49,7 +49,9 @@ template <int MB, int TK_BLOCKS, int TN_BLOCKS, bool GROUPED>
 struct Tile {
     static constexpr int kThreads = 256;
     static constexpr int kWarps = kThreads / 32;
-    static constexpr int kStages = 4;
+    // Deeper pipelines for few rows: the weight stream is the whole cost there, and more
+    // stages keep more bytes in flight per SM; with many rows shared memory is the limit.
+    static constexpr int kStages = MB <= 2 ? 6 : 4;
     static constexpr int TK = 16 * TK_BLOCKS;
     static constexpr int TN = 16 * TN_BLOCKS;
     static constexpr int kChunks = TN / 64;                 // 64-column chunks = warp columns
@@ -168,54 +170,65 @@ __global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
             for (int v = 0; v < 4; ++v) acc[mb][j][v] = 0.f;
 
     // ---- stage 2: shared -> registers -> tensor cores for one pipeline stage ---------------
-    auto compute_stage = [&](int stage, int kt) {
-        if (!chunk_live) return;   // warp-uniform
+    // Fragments are double-buffered in registers: the loads of k-tile kk+1 are issued before
+    // the mma of k-tile kk, so shared-memory latency hides behind tensor-core work (the asm
+    // statements are volatile, so the compiler keeps them in this order).
+    struct Frags {
+        uint32_t a[MB][4];
+        int4 q;       // lane t's 16 bytes: words 4t..4t+3 of the chunk, one per n-tile
+        int4 s;       // grouped scales of the lane's 8 n8 columns
+    };
+    auto load_frags = [&](Frags &f, int stage, int kt, int kk) {
+        const int kt16 = kgroup + T::kKGroups * kk;   // 16-row k-tile inside the stage
         const int4 *a_src = a_sh + stage * T::kAStageVecs;
-        const int4 *b_src = b_sh + stage * T::kBStageVecs;
 #pragma unroll
-        for (int kk = 0; kk < T::kKTilesPerWarp; ++kk) {
-            const int kt16 = kgroup + T::kKGroups * kk;   // 16-row k-tile inside the stage
-            uint32_t a_frag[MB][4];
+        for (int mb = 0; mb < MB; ++mb) {
+            // ldmatrix.x4 lane l addresses row l%16 and k-half l/16 of the 16x16 A tile,
+            // which yields exactly the a0..a3 registers of mma.m16n8k16.
+            const int r = 16 * mb + (lane % 16);
+            const int v = 2 * kt16 + lane / 16;
+            ldmatrix_x4(f.a[mb], a_src + r * T::kARowVecs + (v ^ (r & 7)));
+        }
+        f.q = b_sh[stage * T::kBStageVecs + (kt16 * T::kChunks + chunk) * 32 + lane];
+        if constexpr (GROUPED) {
+            const int k = kt * TK + 16 * kt16;
+            const int g_row = (k >> p.group_shift) - ((kt * TK) >> p.group_shift);
+            // Grouped permuted scales: within 64 columns, permuted 8c..8c+7 hold columns
+            // c, c+8, ..., c+56 -- the eight n8 columns lane 4c.. needs, in one vector.
+            f.s = s_sh[stage * T::kSStageVecs + g_row * (TN / 8) + chunk * 8 + lane / 4];
+        }
+    };
+    auto mma_frags = [&](const Frags &f) {
+        const uint32_t words[4] = {(uint32_t)f.q.x, (uint32_t)f.q.y, (uint32_t)f.q.z, (uint32_t)f.q.w};
+        const half *sh = reinterpret_cast<const half *>(&f.s);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            uint32_t b_lo[2], b_hi[2];       // n8 columns 16j + c and 16j + 8 + c
+            dequant_u4b8(words[j], b_lo);
+            dequant_u4b8(words[j] >> 8, b_hi);
+            if constexpr (GROUPED) {
+                const half2 s_lo = __half2half2(sh[2 * j]), s_hi = __half2half2(sh[2 * j + 1]);
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    b_lo[h] = as_u32(__hmul2(as_half2(b_lo[h]), s_lo));
+                    b_hi[h] = as_u32(__hmul2(as_half2(b_hi[h]), s_hi));
+                }
+            }
 #pragma unroll
             for (int mb = 0; mb < MB; ++mb) {
-                // ldmatrix.x4 lane l addresses row l%16 and k-half l/16 of the 16x16 A tile,
-                // which yields exactly the a0..a3 registers of mma.m16n8k16.
-                const int r = 16 * mb + (lane % 16);
-                const int v = 2 * kt16 + lane / 16;
-                ldmatrix_x4(a_frag[mb], a_src + r * T::kARowVecs + (v ^ (r & 7)));
+                mma_m16n8k16(f.a[mb], b_lo, acc[mb][2 * j]);
+                mma_m16n8k16(f.a[mb], b_hi, acc[mb][2 * j + 1]);
             }
-            // Lane t's 16 bytes: words 4t..4t+3 of the chunk, one per 16-column n-tile.
-            const int4 q = b_src[(kt16 * T::kChunks + chunk) * 32 + lane];
-            const uint32_t words[4] = {(uint32_t)q.x, (uint32_t)q.y, (uint32_t)q.z, (uint32_t)q.w};
-            half2 scale2[8];
-            if constexpr (GROUPED) {
-                const int k = kt * TK + 16 * kt16;
-                const int g_row = (k >> p.group_shift) - ((kt * TK) >> p.group_shift);
-                // Grouped permuted scales: within 64 columns, permuted 8c..8c+7 hold columns
-                // c, c+8, ..., c+56 -- the eight n8 columns lane c*4.. needs, in one vector.
-                const int4 sv = s_sh[stage * T::kSStageVecs + g_row * (TN / 8) + chunk * 8 + lane / 4];
-                const half *sh = reinterpret_cast<const half *>(&sv);
+        }
+    };
+    auto compute_stage = [&](int stage, int kt) {
+        if (!chunk_live) return;   // warp-uniform
+        Frags f[2];
+        load_frags(f[0], stage, kt, 0);
 #pragma unroll
-                for (int j = 0; j < 8; ++j) scale2[j] = __half2half2(sh[j]);
-            }
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                uint32_t b_lo[2], b_hi[2];       // n8 columns 16j + c and 16j + 8 + c
-                dequant_u4b8(words[j], b_lo);
-                dequant_u4b8(words[j] >> 8, b_hi);
-                if constexpr (GROUPED) {
-#pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        b_lo[h] = as_u32(__hmul2(as_half2(b_lo[h]), scale2[2 * j]));
-                        b_hi[h] = as_u32(__hmul2(as_half2(b_hi[h]), scale2[2 * j + 1]));
-                    }
-                }
-#pragma unroll
-                for (int mb = 0; mb < MB; ++mb) {
-                    mma_m16n8k16(a_frag[mb], b_lo, acc[mb][2 * j]);
-                    mma_m16n8k16(a_frag[mb], b_hi, acc[mb][2 * j + 1]);
-                }
-            }
+        for (int kk = 0; kk < T::kKTilesPerWarp; ++kk) {
+            if (kk + 1 < T::kKTilesPerWarp) load_frags(f[(kk + 1) & 1], stage, kt, kk + 1);
+            mma_frags(f[kk & 1]);
         }
     };
 

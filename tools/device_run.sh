@@ -11,15 +11,17 @@ for step in $STEPS; do
   echo "=== $step $(date +%T)"
   case $step in
     build)
-      FERRUM_CUDA_ARCHS=${FERRUM_CUDA_ARCHS:-90} pip install --no-build-isolation --no-deps -v . > $OUT/build.log 2>&1 \
+      FERRUM_CUDA_ARCHS=${FERRUM_CUDA_ARCHS:-90} python3 -m pip install --no-build-isolation --no-deps -v . > $OUT/build.log 2>&1 \
         || { grep -E "error|Error" $OUT/build.log | head -40; tail -20 $OUT/build.log; exit 1; }
-      grep -E "registers|spill" $OUT/build.log | head -0
+      grep "ferrum setup" $OUT/build.log | head -3
       (cd /tmp && python3 -c "import ferrum; print(ferrum.backends()['cuda'])") ;;
     smoke) (cd /tmp && timeout 300 python3 $ROOT/tools/cuda_smoke.py 2>&1 | tee $OUT/smoke.log | tail -8) ;;
-    test) (cd /tmp && timeout 500 python3 -m pytest -q -x -p no:cacheprovider $ROOT/tests/test_cuda.py 2>&1 | tee $OUT/test.log | tail -30) ;;
+    test) (cd /tmp && timeout 240 python3 -m pytest -q -x -p no:cacheprovider $ROOT/tests/test_cuda.py 2>&1 | tee $OUT/test.log | tail -30) ;;
     sanitize)
-      (cd /tmp && timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 python3 $ROOT/tools/cuda_smoke.py > $OUT/memcheck.log 2>&1; echo "memcheck rc=$?"; tail -4 $OUT/memcheck.log)
-      (cd /tmp && timeout 400 compute-sanitizer --tool racecheck --error-exitcode 9 python3 $ROOT/tools/cuda_smoke.py > $OUT/racecheck.log 2>&1; echo "racecheck rc=$?"; tail -4 $OUT/racecheck.log) ;;
-    bench) (cd /tmp && timeout 500 python3 -m ferrum bench --backend cuda ${BENCH_ARGS} 2>&1 | tee $OUT/bench.log) ;;
+      (cd /tmp && timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 python3 $ROOT/tools/cuda_smoke.py > $OUT/memcheck.log 2>&1; echo "memcheck rc=$?"; tail -4 $OUT/memcheck.log)
+      (cd /tmp && timeout 200 compute-sanitizer --tool racecheck --error-exitcode 9 python3 $ROOT/tools/cuda_smoke.py > $OUT/racecheck.log 2>&1; echo "racecheck rc=$?"; tail -4 $OUT/racecheck.log) ;;
+    tune) (cd /tmp && timeout ${TUNE_TIMEOUT:-200} python3 $ROOT/tools/tune.py ${TUNE_SHAPES} 2>&1 | tee $OUT/tune.log) ;;
+    ncu) for shape in ${NCU_SHAPES}; do (cd /tmp && timeout 120 ncu --kernel-name regex:marlin_mm --launch-skip 3 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats --section Occupancy python3 $ROOT/tools/ncu_target.py $shape > $OUT/ncu_${shape//,/_}.log 2>&1; echo "ncu $shape rc=$?"; grep -E "Duration|DRAM Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|Grid Size|Stall" $OUT/ncu_${shape//,/_}.log | head -20); done ;;
+    bench) (cd /tmp && timeout ${BENCH_TIMEOUT:-300} python3 -m ferrum bench --backend cuda ${BENCH_ARGS} 2>&1 | tee $OUT/bench.log) ;;
   esac
 done

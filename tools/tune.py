@@ -1,0 +1,41 @@
+"""Time mm variants (tile, m_blocks, splits) on chosen shapes: graph-replayed bursts over
+weight copies that together exceed 4x L2. usage: python tune.py "K,N,M" ... [--all]"""
+import itertools
+import math
+import sys
+
+import torch
+
+import ferrum
+from ferrum import _cuda_bench as B
+
+backend = ferrum.cuda.BACKEND
+
+
+def time_variant(weights, a, out, **opt):
+    copies = len(weights)
+    return B._time_graph(torch, lambda i: backend.mm(a, weights[i % copies], 0, out,
+                         stream=torch.cuda.current_stream().cuda_stream, **opt),
+                         max(copies, 8), 5)
+
+
+for spec in [s for s in sys.argv[1:] if not s.startswith("--")]:
+    k, n, m = (int(v) for v in spec.split(","))
+    wbytes = k * n // 2
+    copies = max(2, math.ceil(B.L2_FACTOR_BYTES / wbytes))
+    weights = B._weights(torch, ferrum, k, n, copies)
+    a = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    out = torch.empty(m, n, device="cuda", dtype=torch.float16)
+    auto = ferrum._cuda.mm_plan(m, k, n)
+    t = time_variant(weights, a, out)
+    print(f"K{k} N{n} M{m}: auto {auto['tile']}/{auto['m_blocks']}/{auto['splits']} -> {t:.1f} us "
+          f"(floor {wbytes / 3.0e12 * 1e6:.1f} us at 3.0 TB/s)", flush=True)
+    mbs = [min(4, (m + 15) // 16)]
+    results = []
+    for tile, splits in itertools.product((1, 2), (1, 2, 3, 4, 6, 8, 12, 16)):
+        tt = time_variant(weights, a, out, tile=tile, m_blocks=mbs[0], splits=splits)
+        results.append((tt, tile, splits))
+    results.sort()
+    print("   best: " + ", ".join(f"t{ti}/s{s}={tt:.1f}" for tt, ti, s in results[:6]), flush=True)
+    del weights
+    torch.cuda.empty_cache()
