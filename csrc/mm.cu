@@ -51,7 +51,7 @@ struct Tile {
     static constexpr int kWarps = kThreads / 32;
     // Deeper pipelines for few rows: the weight stream is the whole cost there, and more
     // stages keep more bytes in flight per SM; with many rows shared memory is the limit.
-    static constexpr int kStages = MB <= 2 ? 6 : 4;
+    static constexpr int kStages = (MB <= 2 && TN_BLOCKS * TK_BLOCKS <= 64) ? 6 : 4;
     static constexpr int TK = 16 * TK_BLOCKS;
     static constexpr int TN = 16 * TN_BLOCKS;
     static constexpr int kChunks = TN / 64;                 // 64-column chunks = warp columns
@@ -81,7 +81,9 @@ struct Tile {
     static constexpr int kSmemBytes =
         kPipeBytes > kRedBytes ? (kPipeBytes > kCTileBytes ? kPipeBytes : kCTileBytes)
                                : (kRedBytes > kCTileBytes ? kRedBytes : kCTileBytes);
-    static constexpr int kMinBlocksPerSm = MB <= 2 ? 2 : 1;
+    // One row block: small accumulators, so cap registers for 3 blocks (24 warps) per SM,
+    // which hides the latency of the dequantize -> mma chains; more rows need the registers.
+    static constexpr int kMinBlocksPerSm = MB == 1 ? 3 : (MB == 2 ? 2 : 1);
 };
 
 // Where the scale of original column n sits in a channelwise (one group) permuted row: within
@@ -92,7 +94,7 @@ __device__ __forceinline__ int channel_scale_index(int n) {
 }
 
 template <int MB, int TK_BLOCKS, int TN_BLOCKS, bool GROUPED>
-__global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
+__global__ void __launch_bounds__(256, (MB == 1 ? 3 : (MB == 2 ? 2 : 1)))
     marlin_mm_kernel(const MmParams p) {
     using T = Tile<MB, TK_BLOCKS, TN_BLOCKS, GROUPED>;
     constexpr int TK = T::TK, TN = T::TN, kStages = T::kStages;
@@ -125,19 +127,20 @@ __global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
     const bool chunk_live = n0 + 64 * chunk < p.N;   // the last tile may be narrower than TN
     const uint64_t evict_first = evict_first_policy();
     const long long b_row_vecs = p.N / 2;             // a Marlin row: 2N words = N/2 int4
+    const int a_live_vecs = min(16 * MB, p.M - m0) * T::kARowVecs;
 
     // ---- stage 1: fetch a K tile of A, B and scales into shared memory (asynchronous) ------
     auto fetch_stage = [&](int stage, int kt) {
         const int k0 = kt * TK;
         int4 *a_dst = a_sh + stage * T::kAStageVecs;
-#pragma unroll
-        for (int i = tid; i < T::kAStageVecs; i += T::kThreads) {
+        // Rows past M are not loaded: whatever their shared memory holds only reaches
+        // accumulator rows that are never written out (row m of C depends on row m of A).
+        for (int i = tid; i < a_live_vecs; i += T::kThreads) {
             const int r = i / T::kARowVecs, v = i % T::kARowVecs;
-            const bool valid = m0 + r < p.M;   // rows past M are zero-filled, never read
-            const half *src = p.a + (long long)(valid ? m0 + r : 0) * p.K + k0 + 8 * v;
+            const half *src = p.a + (long long)(m0 + r) * p.K + k0 + 8 * v;
             // XOR swizzle: vector v of row r goes to slot v ^ (r % 8), so the 8 rows that one
             // ldmatrix phase reads at the same k land in 8 different 16-byte bank groups.
-            cp_async16_zfill(a_dst + r * T::kARowVecs + (v ^ (r & 7)), src, valid);
+            cp_async16_zfill(a_dst + r * T::kARowVecs + (v ^ (r & 7)), src, true);
         }
         int4 *b_dst = b_sh + stage * T::kBStageVecs;
 #pragma unroll
@@ -380,8 +383,9 @@ struct Instance {
     }
 };
 
-// tile 1: k=128 x n=128 (few rows: more blocks over N, deep K per stage);
-// tile 2: k=64 x n=256 (more rows: wider N reuses each A fragment over more columns).
+// tile 1: k=128 x n=128 (few rows: more blocks over N);
+// tile 2: k=128 x n=256 (more rows: each A fragment feeds more columns, 4 k-tiles per warp
+//         between barriers); tile 3: k=64 x n=256 (half the shared memory of tile 2).
 template <int TK_BLOCKS, int TN_BLOCKS, bool GROUPED>
 static KernelEntry entry_for_mb(int mb) {
     switch (mb) {
@@ -394,16 +398,17 @@ static KernelEntry entry_for_mb(int mb) {
 
 static KernelEntry select_kernel(int tile, int mb, bool grouped) {
     if (tile == 1) return grouped ? entry_for_mb<8, 8, true>(mb) : entry_for_mb<8, 8, false>(mb);
+    if (tile == 2) return grouped ? entry_for_mb<8, 16, true>(mb) : entry_for_mb<8, 16, false>(mb);
     return grouped ? entry_for_mb<4, 16, true>(mb) : entry_for_mb<4, 16, false>(mb);
 }
 
-static int tile_k(int tile) { return tile == 1 ? 128 : 64; }
+static int tile_k(int tile) { return tile == 3 ? 64 : 128; }
 static int tile_n(int tile) { return tile == 1 ? 128 : 256; }
 
 // Per device and kernel instance: the dynamic shared memory limit is raised once, and the
 // number of blocks an SM holds is measured once (the heuristic needs it).
 constexpr int kMaxDevices = 64;
-static std::atomic<int> g_occupancy[kMaxDevices][2][4][2];   // 0 = not yet known
+static std::atomic<int> g_occupancy[kMaxDevices][3][4][2];   // 0 = not yet known
 
 static int prepare_kernel(const DeviceProps &dev, int tile, int mb, bool grouped, int *blocks_per_sm) {
     std::atomic<int> *slot = nullptr;
@@ -448,7 +453,7 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
                     ferrum_mm_plan_info *plan) {
     ferrum_mm_config cfg = req ? *req : ferrum_mm_config{0, 0, 0};
     if (cfg.tile == 0) cfg.tile = size_m <= 16 ? 1 : 2;
-    FERRUM_REQUIRE(cfg.tile == 1 || cfg.tile == 2, "ferrum_mm: tile=%d (use 0, 1 or 2)", cfg.tile);
+    FERRUM_REQUIRE(cfg.tile >= 1 && cfg.tile <= 3, "ferrum_mm: tile=%d (use 0, 1, 2 or 3)", cfg.tile);
     if (cfg.m_blocks == 0) cfg.m_blocks = std::min(4, (size_m + 15) / 16);
     FERRUM_REQUIRE(cfg.m_blocks >= 1 && cfg.m_blocks <= 4, "ferrum_mm: m_blocks=%d (use 0..4)", cfg.m_blocks);
     const int tk = tile_k(cfg.tile), tn = tile_n(cfg.tile);

@@ -116,6 +116,7 @@ def run(options: dict) -> None:
         print("ferrum bench --backend cuda needs PyTorch (CUDA graphs, events, cuBLAS)")
         return
     import ferrum
+    import ferrum.cuda
     quick = bool(options.get("quick"))
     shapes = SHAPES[:3] if quick else SHAPES
     m_values = (1, 16, 256) if quick else M_VALUES

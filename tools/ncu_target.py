@@ -4,6 +4,7 @@ import sys
 import torch
 
 import ferrum
+import ferrum.cuda
 from ferrum import _cuda_bench as B
 
 for spec in sys.argv[1:]:

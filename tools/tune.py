@@ -7,6 +7,7 @@ import sys
 import torch
 
 import ferrum
+import ferrum.cuda
 from ferrum import _cuda_bench as B
 
 backend = ferrum.cuda.BACKEND
@@ -32,7 +33,7 @@ for spec in [s for s in sys.argv[1:] if not s.startswith("--")]:
           f"(floor {wbytes / 3.0e12 * 1e6:.1f} us at 3.0 TB/s)", flush=True)
     mbs = [min(4, (m + 15) // 16)]
     results = []
-    for tile, splits in itertools.product((1, 2), (1, 2, 3, 4, 6, 8, 12, 16)):
+    for tile, splits in itertools.product((1, 2, 3), (1, 2, 4, 6, 8, 12)):
         tt = time_variant(weights, a, out, tile=tile, m_blocks=mbs[0], splits=splits)
         results.append((tt, tile, splits))
     results.sort()
