@@ -49,11 +49,16 @@ template <int MB, int TK_BLOCKS, int TN_BLOCKS, bool GROUPED>
 struct Tile {
     static constexpr int kThreads = 256;
     static constexpr int kWarps = kThreads / 32;
-    // Deeper pipelines for few rows: the weight stream is the whole cost there, and more
-    // stages keep more bytes in flight per SM; with many rows shared memory is the limit.
-    static constexpr int kStages = (MB <= 2 && TN_BLOCKS * TK_BLOCKS <= 64) ? 6 : 4;
     static constexpr int TK = 16 * TK_BLOCKS;
     static constexpr int TN = 16 * TN_BLOCKS;
+    // Bytes of A, B and scales per pipeline stage.
+    static constexpr int kStageBytes = 16 * MB * TK * 2 + TK * TN / 2 + (GROUPED ? (TK / 32) * TN * 2 : 0);
+    // As many stages as fit the shared memory of the blocks an SM holds (2 for few rows,
+    // where the weight stream is the whole cost and bytes in flight set the speed; 1 for
+    // many rows), between 3 and 8.
+    static constexpr int kStageBudget = (MB <= 2 ? 108 : 200) * 1024;
+    static constexpr int kStages = kStageBudget / kStageBytes < 3 ? 3
+                                 : (kStageBudget / kStageBytes > 8 ? 8 : kStageBudget / kStageBytes);
     static constexpr int kChunks = TN / 64;                 // 64-column chunks = warp columns
     static constexpr int kKGroups = kWarps / kChunks;       // warps that share one chunk
     static constexpr int kKTilesPerWarp = TK_BLOCKS / kKGroups;
@@ -81,9 +86,8 @@ struct Tile {
     static constexpr int kSmemBytes =
         kPipeBytes > kRedBytes ? (kPipeBytes > kCTileBytes ? kPipeBytes : kCTileBytes)
                                : (kRedBytes > kCTileBytes ? kRedBytes : kCTileBytes);
-    // One row block: small accumulators, so cap registers for 3 blocks (24 warps) per SM,
-    // which hides the latency of the dequantize -> mma chains; more rows need the registers.
-    static constexpr int kMinBlocksPerSm = MB == 1 ? 3 : (MB == 2 ? 2 : 1);
+    // Few rows: 2 blocks (16 warps) per SM; more rows need the registers for accumulators.
+    static constexpr int kMinBlocksPerSm = MB <= 2 ? 2 : 1;
 };
 
 // Where the scale of original column n sits in a channelwise (one group) permuted row: within
@@ -94,7 +98,7 @@ __device__ __forceinline__ int channel_scale_index(int n) {
 }
 
 template <int MB, int TK_BLOCKS, int TN_BLOCKS, bool GROUPED>
-__global__ void __launch_bounds__(256, (MB == 1 ? 3 : (MB == 2 ? 2 : 1)))
+__global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
     marlin_mm_kernel(const MmParams p) {
     using T = Tile<MB, TK_BLOCKS, TN_BLOCKS, GROUPED>;
     constexpr int TK = T::TK, TN = T::TN, kStages = T::kStages;
