@@ -131,40 +131,55 @@ __global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
     const bool chunk_live = n0 + 64 * chunk < p.N;   // the last tile may be narrower than TN
     const uint64_t evict_first = evict_first_policy();
     const long long b_row_vecs = p.N / 2;             // a Marlin row: 2N words = N/2 int4
-    const int a_live_vecs = min(16 * MB, p.M - m0) * T::kARowVecs;
 
     // ---- stage 1: fetch a K tile of A, B and scales into shared memory (asynchronous) ------
+    // Each thread's sources and destinations are fixed up to a per-stage offset, so they are
+    // computed once here: thread t copies vectors t, t+256, t+512, ... of each stage.
+    static_assert(T::kBStageVecs % T::kThreads == 0 && T::kThreads % (T::kChunks * 32) == 0, "B copy");
+    static_assert(T::kThreads % T::kARowVecs == 0 && (T::kThreads / T::kARowVecs) % 8 == 0, "A copy");
+    // B: vector t of a stage is word group t%32 of chunk (t/32)%kChunks of k-tile t/(32*kChunks).
+    constexpr int kBVecsPerThread = T::kBStageVecs / T::kThreads;
+    constexpr int kBRowsPerPass = T::kThreads / (T::kChunks * 32);   // k-tiles per 256 vectors
+    const int b_chunk = (tid / 32) % T::kChunks;
+    const bool b_live = n0 + 64 * b_chunk < p.N;
+    const int4 *const b_src0 = B + (long long)(tid / (T::kChunks * 32)) * b_row_vecs +
+                               (n0 + 64 * b_chunk) / 2 + tid % 32;
+    // A: vector t is 8 halves at column 8*(t % kARowVecs) of row t / kARowVecs; a pass of 256
+    // vectors moves 256/kARowVecs rows (a multiple of 8, so the swizzle r % 8 stays the same).
+    constexpr int kARowsPerPass = T::kThreads / T::kARowVecs;
+    const int a_row0 = tid / T::kARowVecs, a_vec = tid % T::kARowVecs;
+    const int a_rows_live = min(16 * MB, p.M - m0);
+    const half *const a_src0 = p.a + (long long)(m0 + a_row0) * p.K + 8 * a_vec;
+    // XOR swizzle: vector v of row r goes to slot v ^ (r % 8), so the 8 rows that one ldmatrix
+    // phase reads at the same k land in 8 different 16-byte bank groups.
+    const int a_dst0 = a_row0 * T::kARowVecs + (a_vec ^ (a_row0 & 7));
+    // Scales: group rows g0 .. g0+rows-1 of the stage, TN/8 vectors each.
+    const int s_rows = GROUPED ? ((1 << p.group_shift) >= TK ? 1 : (TK >> p.group_shift)) : 0;
+    const int s_col = n0 + 8 * (tid % (TN / 8));
+    const bool s_live = GROUPED && tid < s_rows * (TN / 8) && s_col < p.N;
+    const half *const s_src0 = S + (long long)(tid / (TN / 8)) * p.N + s_col;
+
     auto fetch_stage = [&](int stage, int kt) {
-        const int k0 = kt * TK;
-        int4 *a_dst = a_sh + stage * T::kAStageVecs;
         // Rows past M are not loaded: whatever their shared memory holds only reaches
         // accumulator rows that are never written out (row m of C depends on row m of A).
-        for (int i = tid; i < a_live_vecs; i += T::kThreads) {
-            const int r = i / T::kARowVecs, v = i % T::kARowVecs;
-            const half *src = p.a + (long long)(m0 + r) * p.K + k0 + 8 * v;
-            // XOR swizzle: vector v of row r goes to slot v ^ (r % 8), so the 8 rows that one
-            // ldmatrix phase reads at the same k land in 8 different 16-byte bank groups.
-            cp_async16_zfill(a_dst + r * T::kARowVecs + (v ^ (r & 7)), src, true);
-        }
-        int4 *b_dst = b_sh + stage * T::kBStageVecs;
+        int4 *a_dst = a_sh + stage * T::kAStageVecs + a_dst0;
+        const half *a_src = a_src0 + kt * TK;
 #pragma unroll
-        for (int i = tid; i < T::kBStageVecs; i += T::kThreads) {
-            const int kt16 = i / (T::kChunks * 32);
-            const int c = (i / 32) % T::kChunks, w = i % 32;
-            if (n0 + 64 * c < p.N) {
-                const int4 *src = B + (long long)(kt * TK_BLOCKS + kt16) * b_row_vecs +
-                                  (n0 + 64 * c) / 2 + w;
-                cp_async16_hint(b_dst + i, src, evict_first);
-            }
+        for (int j = 0; j < (T::kAStageVecs + T::kThreads - 1) / T::kThreads; ++j) {
+            if (a_row0 + j * kARowsPerPass < a_rows_live)
+                cp_async16_zfill(a_dst + j * T::kThreads, a_src + (long long)j * kARowsPerPass * p.K, true);
+        }
+        if (b_live) {
+            int4 *b_dst = b_sh + stage * T::kBStageVecs + tid;
+            const int4 *b_src = b_src0 + (long long)kt * TK_BLOCKS * b_row_vecs;
+#pragma unroll
+            for (int j = 0; j < kBVecsPerThread; ++j)
+                cp_async16_hint(b_dst + j * T::kThreads, b_src + j * kBRowsPerPass * b_row_vecs, evict_first);
         }
         if constexpr (GROUPED) {
-            const int g0 = k0 >> p.group_shift;
-            const int rows = (1 << p.group_shift) >= TK ? 1 : (TK >> p.group_shift);
-            int4 *s_dst = s_sh + stage * T::kSStageVecs;
-            for (int i = tid; i < rows * (TN / 8); i += T::kThreads) {
-                const int r = i / (TN / 8), col = n0 + 8 * (i % (TN / 8));
-                if (col < p.N) cp_async16_zfill(s_dst + i, S + (long long)(g0 + r) * p.N + col, true);
-            }
+            if (s_live)
+                cp_async16_zfill(s_sh + stage * T::kSStageVecs + tid,
+                                 s_src0 + (long long)((kt * TK) >> p.group_shift) * p.N, true);
         }
     };
 
@@ -245,13 +260,15 @@ __global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
         if (s < iters) fetch_stage(s, kt_begin + s);
         cp_async_commit();
     }
+    int read_stage = 0, write_stage = kStages - 1;
     for (int it = 0; it < iters; ++it) {
         cp_async_wait<kStages - 2>();   // stage `it` has landed
         __syncthreads();                // ... for every thread; and stage it-1 is consumed
-        const int next = it + kStages - 1;
-        if (next < iters) fetch_stage(next % kStages, kt_begin + next);
+        if (it + kStages - 1 < iters) fetch_stage(write_stage, kt_begin + it + kStages - 1);
         cp_async_commit();
-        compute_stage(it % kStages, kt_begin + it);
+        compute_stage(read_stage, kt_begin + it);
+        read_stage = read_stage == kStages - 1 ? 0 : read_stage + 1;
+        write_stage = write_stage == kStages - 1 ? 0 : write_stage + 1;
     }
     cp_async_wait<0>();
     __syncthreads();
@@ -445,18 +462,18 @@ constexpr int kMaxRowsPerLaunch = 8192;
 // Partial sums above this many bytes are not worth it: fall back to fewer splits.
 constexpr size_t kMaxPartialBytes = size_t(256) << 20;
 
-// The heuristic, readable as a table:
-//   rows M      block tile (k x n)   rows per block
-//   1..16       128 x 128            16
-//   17..64      64 x 256             16*ceil(M/16)
-//   > 64        64 x 256             64, M in slices of 64
-// then split-K: the smallest number of waves x (k-tiles per block + fixed cost), over the
-// splits s that keep the partials small. Any field of `requested` overrides its row.
+// The heuristic, readable as a table (measured on an H100, tools/tune.py):
+//   rows M      block tile (k x n)   rows per block (m_blocks)
+//   1..64       128 x 256            16*ceil(M/16)
+//   > 64        128 x 256            64, M in slices of 64
+// then split-K: the fewest waves x (k-tiles per block + fixed cost), over the splits s that
+// keep the partials small. Any field of `requested` overrides its row (tile 1: 128 x 128 and
+// tile 3: 64 x 256 are there for tuning).
 static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, int num_experts,
                     int act_order, const ferrum_mm_config *req, bool grouped,
                     ferrum_mm_plan_info *plan) {
     ferrum_mm_config cfg = req ? *req : ferrum_mm_config{0, 0, 0};
-    if (cfg.tile == 0) cfg.tile = size_m <= 16 ? 1 : 2;
+    if (cfg.tile == 0) cfg.tile = 2;
     FERRUM_REQUIRE(cfg.tile >= 1 && cfg.tile <= 3, "ferrum_mm: tile=%d (use 0, 1, 2 or 3)", cfg.tile);
     if (cfg.m_blocks == 0) cfg.m_blocks = std::min(4, (size_m + 15) / 16);
     FERRUM_REQUIRE(cfg.m_blocks >= 1 && cfg.m_blocks <= 4, "ferrum_mm: m_blocks=%d (use 0..4)", cfg.m_blocks);
