@@ -222,33 +222,36 @@ class CudaBackend(Backend):
             return r
 
     def mm(self, a, weight, expert, out, stream=None, tile=0, m_blocks=0, splits=0):
-        """C = A @ W. Options: stream; tile (1: 128x128, 2: 64x256), m_blocks (1..4) and
-        splits (split-K) override the heuristic for tuning."""
-        s = _stream_handle(stream)
-        r = self._resident(weight)
-        host_in = isinstance(a, np.ndarray)
+        """C = A @ W. Options: stream; tile (1: k128 x n128, 2: k128 x n256, 3: k64 x n256),
+        m_blocks (1..4) and splits (split-K) override the heuristic for tuning.
+
+        The hot path (device arrays, out= given) is kept to a few attribute reads: this is
+        what bounds the host overhead of one call (measured by `ferrum bench`)."""
+        s = 0 if stream is None else _stream_handle(stream)
+        r = weight._aux.get("cuda")
+        if r is None:
+            r = self._resident(weight)
+        host_in = type(a) is np.ndarray
         if host_in:
             a_dev = _cuda.from_host(np.ascontiguousarray(a, dtype=np.float16), s)
-            a_ptr, (size_m, _) = a_dev.ptr, a_dev.shape
+            a_ptr, size_m, a_keep = a_dev.ptr, a_dev.shape[0], a_dev
         else:
-            a_ptr, a_shape, _, a_keep = _device_view(a, s)
-            size_m = a_shape[0]
+            a_ptr, size_m, a_keep = _fast_view(a, s)
         if expert is None:
             expert0, experts = 0, r.num_experts
         else:
             expert0, experts = expert, 1
         cols = r.size_n * experts
-        result = None
-        host_out = None
+        result = host_out = None
         if out is None:
             result = _cuda.empty((size_m, cols), _F16) if host_in else _empty_like_lib(a, (size_m, cols))
             c_target = result
-        elif isinstance(out, np.ndarray):
+        elif type(out) is np.ndarray:
             host_out = out
             c_target = _cuda.empty((size_m, cols), _F16)
         else:
             result = c_target = out
-        c_ptr, _, _, c_keep = _device_view(c_target, s)
+        c_ptr, _, c_keep = _fast_view(c_target, s, writable=True)
         _cuda.mm(a_ptr, r.b, r.s, c_ptr, r.perm, size_m, r.size_k, r.size_n, expert0, experts,
                  r.groups, r.group_size, cols, s, tile, m_blocks, splits)
         if type(c_target) is DeviceArray:
@@ -259,6 +262,30 @@ class CudaBackend(Backend):
         if host_in:
             return result.copy_to_host()
         return result
+
+
+def _fast_view(x: Any, stream: int, writable: bool = False) -> tuple[int, int, Any]:
+    """(pointer, rows, keepalive): the few-attribute path for torch, cupy and ferrum arrays."""
+    t = type(x)
+    if t is DeviceArray:
+        return x.ptr, x.shape[0], x
+    if t in _TORCH_TYPES or (t.__module__.startswith("torch") and _TORCH_TYPES.add(t) is None):
+        if x.is_cuda:
+            if x.is_contiguous():
+                return x.data_ptr(), x.shape[0], x
+            if writable:
+                raise ValueError("out: a non-contiguous tensor cannot receive the result; "
+                                 "pass a contiguous one")
+    if writable:
+        ptr, shape, _, keep = _device_view(x, stream)
+        if keep is not x and not (isinstance(keep, tuple) and keep[0] is x):
+            raise ValueError("out: a non-contiguous array cannot receive the result")
+        return ptr, shape[0], keep
+    ptr, shape, _, keep = _device_view(x, stream)
+    return ptr, shape[0], keep
+
+
+_TORCH_TYPES: set = set()
 
 
 BACKEND = CudaBackend()
