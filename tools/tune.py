@@ -31,12 +31,12 @@ for spec in [s for s in sys.argv[1:] if not s.startswith("--")]:
     t = time_variant(weights, a, out)
     print(f"K{k} N{n} M{m}: auto {auto['tile']}/{auto['m_blocks']}/{auto['splits']} -> {t:.1f} us "
           f"(floor {wbytes / 3.0e12 * 1e6:.1f} us at 3.0 TB/s)", flush=True)
-    mbs = [min(4, (m + 15) // 16)]
+    mbs = [min(4, (m + 15) // 16)] if m <= 64 else [2, 3, 4]
     results = []
-    for tile, splits in itertools.product((1, 2, 3), (1, 2, 4, 6, 8, 12)):
-        tt = time_variant(weights, a, out, tile=tile, m_blocks=mbs[0], splits=splits)
-        results.append((tt, tile, splits))
+    for tile, mb, splits in itertools.product((1, 2, 3), mbs, (1, 2, 4, 8) if m > 64 else (1, 2, 4, 6, 8, 12)):
+        tt = time_variant(weights, a, out, tile=tile, m_blocks=mb, splits=splits)
+        results.append((tt, tile, mb, splits))
     results.sort()
-    print("   best: " + ", ".join(f"t{ti}/s{s}={tt:.1f}" for tt, ti, s in results[:6]), flush=True)
+    print("   best: " + ", ".join(f"t{ti}/mb{mb}/s{s}={tt:.1f}" for tt, ti, mb, s in results[:6]), flush=True)
     del weights
     torch.cuda.empty_cache()
