@@ -490,12 +490,17 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
     if (cfg.splits == 0) {
         const long long slots = (long long)dev.sm_count * occ;
         const double kFixedCost = 2.0;   // prologue + epilogue of a block, in k-tiles
+        const double live_rows = std::min(size_m, 16 * cfg.m_blocks);
         double best_cost = 1e300;
         cfg.splits = 1;
         for (int s = 1; s <= std::min(k_tiles, 32); ++s) {
             if (s > 1 && tiles * s * tile_bytes > kMaxPartialBytes) break;
             const long long waves = (tiles * s + slots - 1) / slots;
-            const double cost = waves * ((k_tiles + s - 1) / s + kFixedCost);
+            // A split also writes and re-reads its FP32 partial (live rows only), counted in
+            // k-tiles of A and B traffic.
+            const double partial_cost = s == 1 ? 0.0
+                : 2.0 * live_rows * tn * 4 / (tk * tn / 2 + live_rows * tk * 2);
+            const double cost = waves * ((k_tiles + s - 1) / s + kFixedCost + partial_cost);
             if (cost < best_cost * 0.97) {
                 best_cost = cost;
                 cfg.splits = s;

@@ -26,6 +26,7 @@ for step in $STEPS; do
       cuobjdump -sass $so > $OUT/sass_all.txt 2>&1
       for fn in ILi1ELi8ELi16ELb1E ILi4ELi8ELi16ELb1E; do
         awk -v f="$fn" '/Function :/{p = index($0, f) > 0} p' $OUT/sass_all.txt | grep -oE '^\s+/\*[0-9a-f]+\*/\s+(@!?U?P[0-9T] )?[A-Z0-9_.]+' | awk '{print $NF}' | sed 's/\..*//' | sort | uniq -c | sort -rn | head -25 | tr '\n' ' '; echo " <- $fn"; done ;;
+    ncusrc) for shape in ${NCU_SHAPES}; do f=$OUT/ncusrc_${shape//,/_}.log; (cd /tmp && timeout 200 ncu --kernel-name regex:marlin_mm --launch-skip 3 --launch-count 1 --section SourceCounters --section WarpStateStats --print-details all python3 $ROOT/tools/ncu_target.py $shape > $f 2>&1; echo "ncusrc $shape rc=$?"; grep -iE -A14 "stall|sampl" $f | head -80); done ;;
     bench) (cd /tmp && timeout ${BENCH_TIMEOUT:-300} python3 -m ferrum bench --backend cuda ${BENCH_ARGS} 2>&1 | tee $OUT/bench.log) ;;
   esac
 done
