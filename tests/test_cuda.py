@@ -219,3 +219,36 @@ def test_weight_to_cuda_owns_device_memory(rng):
     assert type(dev.qweight) is ferrum.cuda.DeviceArray
     a = _activations(rng, 2, 256)
     assert _rel_err(ferrum.mm(a, dev), a.astype(np.float64) @ problem.dense[0]) <= TOL
+
+
+def test_concurrent_threads_and_streams(rng):
+    torch = _torch()
+    import threading
+    problem = random_problem(rng, 2048, 512, 128)
+    weight = _weight(problem)
+    inputs = [_activations(rng, m, 2048) for m in (1, 3, 16, 40)]
+    refs = [a.astype(np.float64) @ problem.dense[0] for a in inputs]
+    errors = []
+
+    def worker(i):
+        try:
+            stream = torch.cuda.Stream()
+            a = torch.from_numpy(inputs[i]).cuda()
+            torch.cuda.synchronize()
+            for _ in range(20):
+                out = torch.full((a.shape[0], 512), float("nan"), dtype=torch.float16, device="cuda")
+                with torch.cuda.stream(stream):
+                    ferrum.cuda.BACKEND.mm(a, weight, 0, out, stream=stream, splits=4)
+                stream.synchronize()
+                err = _rel_err(out.cpu().numpy(), refs[i])
+                if err > TOL:
+                    errors.append((i, err))
+        except Exception as exc:   # reported below
+            errors.append((i, repr(exc)))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
