@@ -369,6 +369,7 @@ __global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
         const int r = i / kVecsPerRow, c8 = 8 * (i % kVecsPerRow);
         if (c8 >= cols) continue;
         float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll 4
         for (int s = 0; s < p.splits; ++s) {   // fixed order: the sum is deterministic
             const float4 *src = reinterpret_cast<const float4 *>(
                 p.partials + ((long long)s * num_tiles + tile_id) * tile_floats + r * TN + c8);
@@ -466,8 +467,8 @@ constexpr size_t kMaxPartialBytes = size_t(256) << 20;
 //   rows M      block tile (k x n)   rows per block (m_blocks)
 //   1..64       128 x 256            16*ceil(M/16)
 //   > 64        128 x 256            64, M in slices of 64
-// then split-K: the fewest waves x (k-tiles per block + fixed cost), over the splits s that
-// keep the partials small. Any field of `requested` overrides its row (tile 1: 128 x 128 and
+// then split-K: the fewest waves (of one block per SM) x (k-tiles per block + fixed cost +
+// partial-sum traffic), over the splits s that keep the partials small. Any field of `requested` overrides its row (tile 1: 128 x 128 and
 // tile 3: 64 x 256 are there for tuning).
 static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, int num_experts,
                     int act_order, const ferrum_mm_config *req, bool grouped,
@@ -488,7 +489,9 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
     int status = prepare_kernel(dev, cfg.tile, cfg.m_blocks, grouped, &occ);
     if (status != FERRUM_OK) return status;
     if (cfg.splits == 0) {
-        const long long slots = (long long)dev.sm_count * occ;
+        // One block per SM: with few rows two co-resident blocks share the SM's share of the
+        // memory bandwidth, and with many rows only one fits (measured, tools/tune.py).
+        const long long slots = dev.sm_count;
         const double kFixedCost = 2.0;   // prologue + epilogue of a block, in k-tiles
         const double live_rows = std::min(size_m, 16 * cfg.m_blocks);
         double best_cost = 1e300;

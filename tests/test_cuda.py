@@ -252,3 +252,28 @@ def test_concurrent_threads_and_streams(rng):
     for t in threads:
         t.join()
     assert not errors
+
+
+class _DLPackOnly:
+    """A device array that offers only DLPack (like JAX): no __cuda_array_interface__."""
+
+    def __init__(self, tensor):
+        self._t = tensor
+        self.shape = tuple(tensor.shape)
+        self.dtype = str(tensor.dtype).rsplit(".", 1)[-1]
+
+    def __dlpack__(self, stream=None, **kwargs):
+        return self._t.__dlpack__(stream=stream)
+
+    def __dlpack_device__(self):
+        return self._t.__dlpack_device__()
+
+
+def test_interop_dlpack_only_producer(rng):
+    torch = _torch()
+    problem = random_problem(rng, 512, 192, 64)
+    weight = _weight(problem)
+    a = _activations(rng, 6, 512)
+    got = ferrum.mm(_DLPackOnly(torch.from_numpy(a).cuda()), weight)
+    assert type(got) is ferrum.cuda.DeviceArray
+    assert _rel_err(got.copy_to_host(), a.astype(np.float64) @ problem.dense[0]) <= TOL

@@ -14,7 +14,8 @@ for step in $STEPS; do
       FERRUM_CUDA_ARCHS=${FERRUM_CUDA_ARCHS:-90} python3 -m pip install --no-build-isolation --no-deps -v . > $OUT/build.log 2>&1 \
         || { grep -E "error|Error" $OUT/build.log | head -40; tail -20 $OUT/build.log; exit 1; }
       grep "ferrum setup" $OUT/build.log | head -3
-      (cd /tmp && python3 -c "import ferrum; print(ferrum.backends()['cuda'])") ;;
+      (cd /tmp && python3 -c "import ferrum; print(ferrum.backends()['cuda'])")
+      so=$(cd /tmp && python3 -c "import ferrum._cuda as c; print(c.__file__)"); echo "$so: $(ldd $so | grep -c cudart) libcudart.so dependencies (static runtime)"; ldd $so | sed 's/^/    /' ;;
     smoke) (cd /tmp && timeout 300 python3 $ROOT/tools/cuda_smoke.py 2>&1 | tee $OUT/smoke.log | tail -8) ;;
     test) (cd /tmp && timeout 240 python3 -m pytest -q -x -p no:cacheprovider $ROOT/tests/test_cuda.py 2>&1 | tee $OUT/test.log | tail -30) ;;
     sanitize)
