@@ -467,8 +467,8 @@ constexpr size_t kMaxPartialBytes = size_t(256) << 20;
 //   rows M      block tile (k x n)   rows per block (m_blocks)
 //   1..64       128 x 256            16*ceil(M/16)
 //   > 64        128 x 256            64, M in slices of 64
-// then split-K: the fewest waves (of one block per SM) x (k-tiles per block + fixed cost +
-// partial-sum traffic), over the splits s that keep the partials small. Any field of `requested` overrides its row (tile 1: 128 x 128 and
+// then split-K: the fewest waves x (k-tiles per block + fixed cost + partial-sum traffic) +
+// a reduction tail per split, over the splits s that keep the partials small. Any field of `requested` overrides its row (tile 1: 128 x 128 and
 // tile 3: 64 x 256 are there for tuning).
 static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, int num_experts,
                     int act_order, const ferrum_mm_config *req, bool grouped,
@@ -489,10 +489,9 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
     int status = prepare_kernel(dev, cfg.tile, cfg.m_blocks, grouped, &occ);
     if (status != FERRUM_OK) return status;
     if (cfg.splits == 0) {
-        // One block per SM: with few rows two co-resident blocks share the SM's share of the
-        // memory bandwidth, and with many rows only one fits (measured, tools/tune.py).
-        const long long slots = dev.sm_count;
+        const long long slots = (long long)dev.sm_count * occ;
         const double kFixedCost = 2.0;   // prologue + epilogue of a block, in k-tiles
+        const double kReduceTailPerSplit = 0.25;   // fitted to tools/tune.py runs on an H100
         const double live_rows = std::min(size_m, 16 * cfg.m_blocks);
         double best_cost = 1e300;
         cfg.splits = 1;
@@ -503,7 +502,9 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
             // k-tiles of A and B traffic.
             const double partial_cost = s == 1 ? 0.0
                 : 2.0 * live_rows * tn * 4 / (tk * tn / 2 + live_rows * tk * 2);
-            const double cost = waves * ((k_tiles + s - 1) / s + kFixedCost + partial_cost);
+            // The last block of a tile sums the s partials serially: a tail per split.
+            const double reduce_tail = s == 1 ? 0.0 : kReduceTailPerSplit * s;
+            const double cost = waves * ((k_tiles + s - 1) / s + kFixedCost + partial_cost) + reduce_tail;
             if (cost < best_cost * 0.97) {
                 best_cost = cost;
                 cfg.splits = s;
