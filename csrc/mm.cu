@@ -587,7 +587,9 @@ extern "C" int ferrum_mm(const void *a, const void *b, const void *scales, void 
     ferrum_mm_plan_info full, last;
     if ((status = plan_one(dev, full_rows, size_k, size_n, num_experts, perm != nullptr, requested, grouped, &full)))
         return status;
-    if ((status = plan_one(dev, last_rows, size_k, size_n, num_experts, perm != nullptr, requested, grouped, &last)))
+    if (last_rows == full_rows)
+        last = full;
+    else if ((status = plan_one(dev, last_rows, size_k, size_n, num_experts, perm != nullptr, requested, grouped, &last)))
         return status;
     ferrum_mm_plan_info need = full;
     need.counter_bytes = std::max(full.counter_bytes, last.counter_bytes);
@@ -598,8 +600,6 @@ extern "C" int ferrum_mm(const void *a, const void *b, const void *scales, void 
         return set_error(FERRUM_ERR_WORKSPACE, "ferrum_mm: workspace too small (%zu + %zu bytes needed)",
                          need.counter_bytes, need.data_bytes);
 
-    const int tn = tile_n(full.config.tile);
-    (void)tn;
     for (int row0 = 0; row0 < size_m; row0 += kMaxRowsPerLaunch) {
         const int rows = std::min(kMaxRowsPerLaunch, size_m - row0);
         const ferrum_mm_plan_info &plan = rows == full_rows ? full : last;

@@ -104,7 +104,7 @@ def test_mm_matches_float64(k, n, g, act, rng):
         assert err <= TOL, f"M={m}: relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("m", [1, 17, 64, 65, 1024, 4096])
+@pytest.mark.parametrize("m", [1, 17, 64, 65, 1024, 4096, 8300])
 def test_mm_many_rows(m, rng):
     problem = random_problem(rng, 1024, 384, 128)
     weight = _weight(problem)
