@@ -448,7 +448,7 @@ fn main(@builtin(local_invocation_index) li: u32) {
 
     def _plan(self, weight, m: int, expert) -> _Plan:
         cache = weight._aux.setdefault("metal_plans", {})
-        key = (m, expert, self.binding_limit)
+        key = (m, expert, self.binding_limit, self.subgroups)
         plan = cache.get(key)
         if plan is None or plan.generation != self._generation:
             plan = self._make_plan(weight, m, expert)
@@ -461,6 +461,14 @@ fn main(@builtin(local_invocation_index) li: u32) {
     def _kernel_for(self, m_block: int) -> str:
         """The shape-class table: vector kernel for small M, tiled for the rest."""
         return "gemv.wgsl" if m_block <= VECTOR_MAX_M else "tiled.wgsl"
+
+    @staticmethod
+    def _m_tile(kernel: str, m_block: int) -> int:
+        """Rows of A per workgroup: gemv keeps M_TILE x 8 accumulators a lane (a power of two up
+        to VECTOR_M_TILE), tiled works on 64-row tiles."""
+        if kernel == "gemv.wgsl":
+            return min(VECTOR_M_TILE, 1 << (m_block - 1).bit_length())
+        return TILE_M
 
     def _make_plan(self, weight, m: int, expert) -> _Plan:
         K, n = weight.size_k, weight.size_n
@@ -480,14 +488,13 @@ fn main(@builtin(local_invocation_index) li: u32) {
         pieces = []
         if kt_rows * row_bytes <= limit and groups * srow_bytes <= limit:
             per = max(1, min(limit // (kt_rows * row_bytes), limit // (groups * srow_bytes)))
-            run = experts if expert is None else experts
-            for i in range(0, len(run), per):
-                pieces.append((run[i], min(per, len(run) - i), 0, kt_rows, 0))
+            for i in range(0, len(experts), per):
+                pieces.append((experts[i], min(per, len(experts) - i), 0, kt_rows, 0))
             k_pieces = 1
         else:
             kt_block = (limit // row_bytes) // 8 * 8
-            while kt_block >= 8 and (kt_block * F.TILE // (group_tiles * F.TILE) + 2) * srow_bytes > limit:
-                kt_block -= 8
+            while kt_block >= 8 and (kt_block // group_tiles + 2) * srow_bytes > limit:
+                kt_block -= 8                    # the piece's scale rows must fit a binding too
             if kt_block < 8:
                 raise ValueError("weight rows do not fit the binding limit")
             k_pieces = math.ceil(kt_rows / kt_block)
@@ -498,26 +505,29 @@ fn main(@builtin(local_invocation_index) li: u32) {
             kt_rows_piece = kt_block
         kt_piece = kt_rows if k_pieces == 1 else kt_rows_piece
 
-        # m-blocks: A, C and the scratch of one block must each fit a binding.
-        kernel = self._kernel_for(m)
+        # m-blocks: A, C and the scratch of one block (at least one slot per k-piece) must each
+        # fit a binding; then as many k-splits as the workgroup target asks and the scratch allows.
+        m_block = m
+        while m_block > 2 and (m_block * K * 2 > limit or m_block * n_total * 2 > limit
+                                or k_pieces * m_block * n_total * 4 > limit):
+            m_block = _round_up(m_block // 2, 2)
+        if k_pieces * m_block * n_total * 4 > limit:
+            raise ValueError("output too wide for the binding limit")
+        kernel = self._kernel_for(m_block)
         chunks = n // F.CHUNK_N
-        m_tile = min(VECTOR_M_TILE, 1 << (m - 1).bit_length()) if kernel == "gemv.wgsl" else TILE_M
-        base_wgs = chunks * len(experts) * math.ceil(m / m_tile)
+        m_tile = self._m_tile(kernel, m_block)
+        base_wgs = chunks * len(experts) * math.ceil(m_block / m_tile)
+        scratch_splits = max(1, limit // (k_pieces * m_block * n_total * 4))
         if kernel == "gemv.wgsl":
-            splits = max(1, min(math.ceil(TARGET_WORKGROUPS / base_wgs), kt_piece // 16))
+            splits = max(1, min(math.ceil(TARGET_WORKGROUPS / base_wgs), kt_piece // 16,
+                                scratch_splits))
             kt_per_split = math.ceil(kt_piece / splits)
         else:
-            splits = max(1, min(math.ceil(TARGET_WORKGROUPS / 4 / base_wgs), kt_piece // 8))
+            splits = max(1, min(math.ceil(TARGET_WORKGROUPS / 4 / base_wgs), kt_piece // 8,
+                                scratch_splits))
             kt_per_split = _round_up(math.ceil(kt_piece / splits), 2)
         splits = math.ceil(kt_piece / kt_per_split)
         slots = k_pieces * splits
-        m_block = m
-        while m_block > 2 and (slots * m_block * n_total * 4 > limit or m_block * K * 2 > limit
-                                or m_block * n_total * 2 > limit):
-            m_block = _round_up(m_block // 2, 2)
-        if slots * m_block * n_total * 4 > limit:
-            raise ValueError("output too wide for the binding limit")
-        kernel = self._kernel_for(m_block)      # the class of the blocks actually dispatched
 
         a_buf = self._workspace("a", m * K * 2)
         c_buf = self._workspace("c", m * n_total * 2)
@@ -532,13 +542,12 @@ fn main(@builtin(local_invocation_index) li: u32) {
         for mb0 in range(0, m, m_block):
             mb = min(m_block, m - mb0)
             kernel = self._kernel_for(mb)
+            m_tile = self._m_tile(kernel, mb)
             if kernel == "gemv.wgsl":
-                m_tile = min(VECTOR_M_TILE, 1 << (mb - 1).bit_length())
                 pipe = self._pipeline(kernel, TABLES=TABLES[table], M_TILE=m_tile,
                                       ACC_LEN=8 * m_tile, SUBGROUPS=str(self.subgroups).lower(),
                                       CHANNELWISE=str(groups == 1).lower())
             else:
-                m_tile = TILE_M
                 pipe = self._pipeline(kernel, TABLES=TABLES[table])
             a_entry, a_base = self._range(a_buf, mb0 * K * 2, mb * K * 2, 4)
             s_entry, out_base = self._range(s_buf, 0, slots * mb * n_total * 4, 4)
