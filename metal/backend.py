@@ -581,3 +581,71 @@ fn main(@builtin(local_invocation_index) li: u32) {
             dispatches.append(_Dispatch(reduce_pipe, bg,
                                         (math.ceil(n_total / 2 / 256), mb, 1)))
         return _Plan(self._generation, dispatches, m * n_total * 2, m * K * 2)
+
+    # --- measurement (bench) ----------------------------------------------------------------------
+    def kernel_seconds(self, a: np.ndarray, weight, expert, min_seconds: float = 0.5) -> float:
+        """Seconds per mm's dispatches alone (no upload, no read-back), submitted back to back."""
+        self._ready()
+        if weight.perm is not None:
+            a = a[:, weight.perm]
+        a = np.ascontiguousarray(a, dtype=np.float16)
+        with self._lock:
+            plan = self._plan(weight, a.shape[0], expert)
+            self.device.queue.write_buffer(self._work["a"], 0, a)
+
+            def submit(reps):
+                enc = self.device.create_command_encoder()
+                for _ in range(reps):
+                    cp = enc.begin_compute_pass()
+                    for d in plan.dispatches:
+                        cp.set_pipeline(d.pipeline)
+                        cp.set_bind_group(0, d.bind_group)
+                        cp.dispatch_workgroups(*d.grid)
+                    cp.end()
+                self._submit_and_wait(enc)
+
+            return self._time_batches(submit, min_seconds)
+
+    def copy_bandwidth(self, nbytes: int, min_seconds: float = 0.3) -> float:
+        """Bytes per second moved (read + write) by copy_buffer_to_buffer on this adapter."""
+        self._ready()
+        nbytes = min(_round_up(nbytes, 256), self.max_buffer_size // 2 // 256 * 256)
+        with self._lock:
+            src, dst = self._buffer(nbytes), self._buffer(nbytes)
+
+            def submit(reps):
+                enc = self.device.create_command_encoder()
+                for _ in range(reps):
+                    enc.copy_buffer_to_buffer(src, 0, dst, 0, nbytes)
+                self._submit_and_wait(enc)
+
+            seconds = self._time_batches(submit, min_seconds)
+            src.destroy()
+            dst.destroy()
+        return 2 * nbytes / seconds
+
+    def _submit_and_wait(self, enc):
+        """Submit and block until the GPU is done: map a 16-byte read-back of the last work (the
+        queue's on_submitted_work_done is not dependable across wgpu-native versions)."""
+        fence = self._workspace("fence", 256,
+                                usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+        source = self._workspace("a", 256)
+        enc.copy_buffer_to_buffer(source, 0, fence, 0, 16)
+        self.device.queue.submit([enc.finish()])
+        fence.map_sync(wgpu.MapMode.READ, 0, 16)
+        fence.unmap()
+
+    @staticmethod
+    def _time_batches(submit, min_seconds: float) -> float:
+        """Seconds per unit of submit(reps): warm up, then grow the batch until it lasts long
+        enough that submission and wake-up costs are small beside it."""
+        import time
+        submit(1)
+        reps = 1
+        while True:
+            start = time.perf_counter()
+            submit(reps)
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_seconds or reps >= 4096:
+                return elapsed / reps
+            reps = min(4096, max(2 * reps, int(reps * min_seconds / max(elapsed, 1e-6) * 1.2)))
