@@ -46,6 +46,9 @@ VECTOR_MAX_M = 16
 VECTOR_M_TILE = 8
 #: Workgroups a dispatch aims for when choosing the k-split (enough to fill a large GPU).
 TARGET_WORKGROUPS = 1024
+#: gemv scales the dequantized pairs once (shared by the rows) above this M_TILE, and the column
+#: sums of each row at or below it (fewer multiplies for M = 1, 2).
+PRESCALE_FROM_M_TILE = 2
 TILE_M = 64
 
 # ------------------------------------------------------------------------------------------------
@@ -60,7 +63,7 @@ PARAM_FIELDS = (
     "kt_count",     # kt rows in this piece
     "kt_per_split",
     "splits",       # k-splits of this dispatch (reduce: slots to add)
-    "group_tiles",  # kt rows per scale group
+    "group_shift",  # log2(kt rows per scale group) (grouped weights: 2, 4 or 8 kt rows)
     "g_begin",      # first scale group held by the scale binding
     "w_base",       # u32 offset of the piece in the weight binding
     "w_expert",     # u32 words between experts
@@ -126,6 +129,42 @@ def _layout_tables() -> dict[str, str]:
 TABLES = _layout_tables()
 #: repack.wgsl's table: CHUNK_ROW | CHUNK_COL << 8 for word w, nibble s at [8w + s].
 CHUNK_CODES = (F.CHUNK_ROW.astype(np.uint32) | (F.CHUNK_COL.astype(np.uint32) << 8)).reshape(-1)
+
+
+def _gemv_blocks(m_tile: int) -> dict[str, str]:
+    """The unrolled per-row statements of gemv.wgsl for M_TILE = m_tile."""
+    decl, acc, red = [], [], []
+    for m in range(m_tile):
+        decl.append(f"    var acc{m}a = vec4<f32>(0.0);\n    var acc{m}b = vec4<f32>(0.0);\n"
+                    f"    let arow{m} = min(m0 + {m}u, P.M - 1u) * a_row;")
+        acc.append(
+            f"        {{\n"
+            f"            let al = unpack2x16float(A[a_k + arow{m}]);\n"
+            f"            let ah = unpack2x16float(A[a_k + arow{m} + 4u]);\n"
+            f"            acc{m}a += sa * vec4<f32>(dot(w0, al) + dot(v0, ah), dot(w1, al) + dot(v1, ah),\n"
+            f"                                      dot(w2, al) + dot(v2, ah), dot(w3, al) + dot(v3, ah));\n"
+            f"            acc{m}b += sb * vec4<f32>(dot(w4, al) + dot(v4, ah), dot(w5, al) + dot(v5, ah),\n"
+            f"                                      dot(w6, al) + dot(v6, ah), dot(w7, al) + dot(v7, ah));\n"
+            f"        }}")
+        red.append(
+            f"    {{\n"
+            f"        var ra = acc{m}a;\n"
+            f"        var rb = acc{m}b;\n"
+            f"        if (SUBGROUPS) {{\n"
+            f"            ra += subgroupShuffleXor(ra, 1u);\n"
+            f"            ra += subgroupShuffleXor(ra, 2u);\n"
+            f"            rb += subgroupShuffleXor(rb, 1u);\n"
+            f"            rb += subgroupShuffleXor(rb, 2u);\n"
+            f"        }}\n"
+            f"        workgroupBarrier();\n"
+            f"        red[(slot * 32u + lane) * 2u] = ra;\n"
+            f"        red[(slot * 32u + lane) * 2u + 1u] = rb;\n"
+            f"        workgroupBarrier();\n"
+            f"        if (li < 64u && m0 + {m}u < P.M) {{\n"
+            f"            OUT[slot_at + (m0 + {m}u) * P.n_total + col_out + li] = column_sum(li) * scale;\n"
+            f"        }}\n"
+            f"    }}")
+    return {"ACC_DECL": "\n".join(decl), "ACCUMULATE": "\n".join(acc), "REDUCE": "\n".join(red)}
 
 
 def _shader_source(name: str, **subs) -> str:
@@ -478,6 +517,10 @@ fn main(@builtin(local_invocation_index) li: u32) {
         kt_rows = K // F.TILE
         groups = weight.num_groups
         group_tiles = F.effective_group_size(K, weight.group_size) // F.TILE
+        # kernels find a row's scale group as kt >> group_shift (G in 32, 64, 128: 2, 4, 8 kt
+        # rows); one group: shift everything away
+        group_shift = 31 if groups == 1 else group_tiles.bit_length() - 1
+        assert groups == 1 or group_tiles == 1 << group_shift
         row_bytes = 2 * n * 4                    # one kt row of one expert's packed weight
         srow_bytes = 2 * n                       # one scale row
         limit = self.binding_limit - self.offset_alignment
@@ -545,8 +588,10 @@ fn main(@builtin(local_invocation_index) li: u32) {
             m_tile = self._m_tile(kernel, mb)
             if kernel == "gemv.wgsl":
                 pipe = self._pipeline(kernel, TABLES=TABLES[table], M_TILE=m_tile,
-                                      ACC_LEN=8 * m_tile, SUBGROUPS=str(self.subgroups).lower(),
-                                      CHANNELWISE=str(groups == 1).lower())
+                                      SUBGROUPS=str(self.subgroups).lower(),
+                                      CHANNELWISE=str(groups == 1).lower(),
+                                      PRESCALE=str(m_tile > PRESCALE_FROM_M_TILE).lower(),
+                                      **_gemv_blocks(m_tile))
             else:
                 pipe = self._pipeline(kernel, TABLES=TABLES[table])
             a_entry, a_base = self._range(a_buf, mb0 * K * 2, mb * K * 2, 4)
@@ -563,7 +608,7 @@ fn main(@builtin(local_invocation_index) li: u32) {
                 col_base = (e0 - experts[0]) * n
                 params = _pack_params(
                     M=mb, K=K, n=n, n_total=n_total, kt_begin=kt0, kt_count=ktc,
-                    kt_per_split=kt_per_split, splits=splits, group_tiles=group_tiles,
+                    kt_per_split=kt_per_split, splits=splits, group_shift=group_shift,
                     g_begin=g0, w_base=w_base, w_expert=kt_rows * 2 * n, s_base=sc_base,
                     s_expert=scale_rows_per_expert * n, a_base=a_base, col_base=col_base,
                     slot_base=kp * splits, slot_stride=mb * n_total, out_base=out_base, c_base=0)

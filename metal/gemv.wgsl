@@ -27,7 +27,10 @@
 const M_TILE: u32 = {{M_TILE}}u;
 const SUBGROUPS: bool = {{SUBGROUPS}};
 const CHANNELWISE: bool = {{CHANNELWISE}};
+const PRESCALE: bool = {{PRESCALE}};
 const K_SLOTS: u32 = 8u;
+// lanes t%4 = 0..3 to add in workgroup memory (1 when subgroup shuffles added them already)
+const LANE_TERMS: u32 = select(4u, 1u, SUBGROUPS);
 
 @group(0) @binding(0) var<uniform> P: Params;
 @group(0) @binding(1) var<storage, read> W: array<vec4<u32>>;
@@ -35,10 +38,13 @@ const K_SLOTS: u32 = 8u;
 @group(0) @binding(3) var<storage, read> A: array<u32>;
 @group(0) @binding(4) var<storage, read_write> OUT: array<f32>;
 
-var<workgroup> red: array<f32, 2048>;   // [k-slot 8][lane 32][column 8]
+var<workgroup> red: array<vec4<f32>, 512>;   // [k-slot 8][lane 32][columns q/4][q%4]
 
 fn dequant_pair(x: u32, p: u32) -> vec2<f32> {
-    return unpack2x16float(((x >> (4u * p)) & 0x000F000Fu) | 0x64006400u) - vec2<f32>(1032.0);
+    // Nibbles p and p + 4, OR'd into the mantissa of 2^23: the float 2^23 + q, exact.
+    let lo = bitcast<f32>(((x >> (4u * p)) & 0xFu) | 0x4B000000u);
+    let hi = bitcast<f32>(((x >> (4u * p + 16u)) & 0xFu) | 0x4B000000u);
+    return vec2<f32>(lo, hi) - vec2<f32>(8388616.0);     // 2^23 + 8: uint4b8's q - 8
 }
 
 fn scale_half(pos: u32) -> f32 {   // pos: half index into the scale binding
@@ -65,75 +71,88 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let s_at = (P.s_base + e_local * P.s_expert) / 8u + chunk * 8u + c;
     let a_row = P.K / 2u;
 
-    var acc: array<f32, {{ACC_LEN}}>;                         // [m][2j + h]
-    for (var i = 0u; i < {{ACC_LEN}}u; i++) { acc[i] = 0.0; }
+    // Per row m of the tile: acc{m}a = columns q 0..3, acc{m}b = q 4..7, q = 2j + h; arow{m} =
+    // the row's offset in A (rows past M re-read row M - 1 and are never written). Generated,
+    // unrolled, so every accumulator is a register on every compiler.
+{{ACC_DECL}}
 
-    for (var kt = kt_lo + slot; kt < kt_hi; kt += K_SLOTS) {
-        let x = W[w_at + kt * w_row];
+    // Software pipelined: the next quad is in flight while this one is dequantized.
+    var kt = kt_lo + slot;
+    var x_next = vec4<u32>(0u);
+    if (kt < kt_hi) { x_next = W[w_at + kt * w_row]; }
+    loop {
+        if (kt >= kt_hi) { break; }
+        let x = x_next;
+        let kt_next = kt + K_SLOTS;
+        if (kt_next < kt_hi) { x_next = W[w_at + kt_next * w_row]; }
         let ktg = P.kt_begin + kt;                            // kt within the expert
         var sc = vec4<u32>(0x3C003C00u);                      // 1.0 halves (channelwise)
         if (!CHANNELWISE) {
-            sc = S[s_at + (ktg / P.group_tiles - P.g_begin) * s_row];
+            sc = S[s_at + ((ktg >> P.group_shift) - P.g_begin) * s_row];
         }
-        // w[2j + h] = dequantized pairs for column (j, h): lo rows (r0, r0+1), hi (r0+8, r0+9)
-        var wlo: array<vec2<f32>, 8>;
-        var whi: array<vec2<f32>, 8>;
-        for (var j = 0u; j < 4u; j++) {
-            let s2 = unpack2x16float(sc[j]);
-            wlo[2u * j] = dequant_pair(x[j], NIB_PAIR_LO_H0) * s2.x;
-            whi[2u * j] = dequant_pair(x[j], NIB_PAIR_HI_H0) * s2.x;
-            wlo[2u * j + 1u] = dequant_pair(x[j], NIB_PAIR_LO_H1) * s2.y;
-            whi[2u * j + 1u] = dequant_pair(x[j], NIB_PAIR_HI_H1) * s2.y;
+        // Column q = 2j + h: w{q} = pair for k rows (r0, r0+1), v{q} for (r0+8, r0+9); scale
+        // sq{j} = (column 2j, column 2j+1). With PRESCALE (several rows of A share each pair) the
+        // pairs are scaled here, else the few column sums are scaled per row below (fewer ops).
+        let s0 = unpack2x16float(sc.x);
+        let s1 = unpack2x16float(sc.y);
+        let s2 = unpack2x16float(sc.z);
+        let s3 = unpack2x16float(sc.w);
+        var f0 = vec2<f32>(1.0);
+        var f1 = vec2<f32>(1.0);
+        var f2 = vec2<f32>(1.0);
+        var f3 = vec2<f32>(1.0);
+        if (PRESCALE) {
+            f0 = s0;
+            f1 = s1;
+            f2 = s2;
+            f3 = s3;
+        }
+        let w0 = dequant_pair(x.x, NIB_PAIR_LO_H0) * f0.x;
+        let v0 = dequant_pair(x.x, NIB_PAIR_HI_H0) * f0.x;
+        let w1 = dequant_pair(x.x, NIB_PAIR_LO_H1) * f0.y;
+        let v1 = dequant_pair(x.x, NIB_PAIR_HI_H1) * f0.y;
+        let w2 = dequant_pair(x.y, NIB_PAIR_LO_H0) * f1.x;
+        let v2 = dequant_pair(x.y, NIB_PAIR_HI_H0) * f1.x;
+        let w3 = dequant_pair(x.y, NIB_PAIR_LO_H1) * f1.y;
+        let v3 = dequant_pair(x.y, NIB_PAIR_HI_H1) * f1.y;
+        let w4 = dequant_pair(x.z, NIB_PAIR_LO_H0) * f2.x;
+        let v4 = dequant_pair(x.z, NIB_PAIR_HI_H0) * f2.x;
+        let w5 = dequant_pair(x.z, NIB_PAIR_LO_H1) * f2.y;
+        let v5 = dequant_pair(x.z, NIB_PAIR_HI_H1) * f2.y;
+        let w6 = dequant_pair(x.w, NIB_PAIR_LO_H0) * f3.x;
+        let v6 = dequant_pair(x.w, NIB_PAIR_HI_H0) * f3.x;
+        let w7 = dequant_pair(x.w, NIB_PAIR_LO_H1) * f3.y;
+        let v7 = dequant_pair(x.w, NIB_PAIR_HI_H1) * f3.y;
+        var sa = vec4<f32>(1.0);
+        var sb = vec4<f32>(1.0);
+        if (!PRESCALE) {
+            sa = vec4<f32>(s0, s1);
+            sb = vec4<f32>(s2, s3);
         }
         let a_k = P.a_base + ktg * 8u + t4;                   // u32 of halves (16kt + r0, +1)
-        for (var m = 0u; m < M_TILE; m++) {
-            let row = min(m0 + m, P.M - 1u);
-            let a_lo = unpack2x16float(A[a_k + row * a_row]);
-            let a_hi = unpack2x16float(A[a_k + row * a_row + 4u]);
-            for (var q = 0u; q < 8u; q++) {
-                acc[m * 8u + q] += dot(wlo[q], a_lo) + dot(whi[q], a_hi);
-            }
-        }
+{{ACCUMULATE}}
+        kt = kt_next;
     }
 
+    // Reduce and write, row by row of the tile.
     let col_out = P.col_base + e_local * P.n + chunk * 64u;
     let slot_at = P.out_base + (P.slot_base + split) * P.slot_stride;
-    for (var m = 0u; m < M_TILE; m++) {
-        var v: array<f32, 8>;
-        for (var q = 0u; q < 8u; q++) {
-            var x = acc[m * 8u + q];
-            if (SUBGROUPS) {
-                x += subgroupShuffleXor(x, 1u);
-                x += subgroupShuffleXor(x, 2u);
-            }
-            v[q] = x;
-        }
-        workgroupBarrier();
-        for (var q = 0u; q < 8u; q++) { red[(slot * 32u + lane) * 8u + q] = v[q]; }
-        workgroupBarrier();
-        if (li < 64u) {
-            // column col of the chunk = 16j + c' + 8h
-            let col = li;
-            let j = col / 16u;
-            let h = (col % 16u) / 8u;
-            let cc = col % 8u;
-            var sum = 0.0;
-            for (var s = 0u; s < K_SLOTS; s++) {
-                if (SUBGROUPS) {
-                    sum += red[(s * 32u + cc * 4u) * 8u + 2u * j + h];
-                } else {
-                    for (var r = 0u; r < 4u; r++) {
-                        sum += red[(s * 32u + cc * 4u + r) * 8u + 2u * j + h];
-                    }
-                }
-            }
-            if (CHANNELWISE) {
-                sum *= scale_half(P.s_base + e_local * P.s_expert + chunk * 64u + SCALE_POS[col]);
-            }
-            let row = m0 + m;
-            if (row < P.M) {
-                OUT[slot_at + row * P.n_total + col_out + col] = sum;
-            }
+    var scale = 1.0;
+    if (CHANNELWISE && li < 64u) {
+        scale = scale_half(P.s_base + e_local * P.s_expert + chunk * 64u + SCALE_POS[li]);
+    }
+{{REDUCE}}
+}
+
+// Sum of column col (16j + c + 8h) of the chunk over k-slots and lanes, from red.
+fn column_sum(col: u32) -> f32 {
+    let q = 2u * (col / 16u) + (col % 16u) / 8u;
+    let c = col % 8u;
+    var sum = 0.0;
+    for (var s = 0u; s < K_SLOTS; s++) {
+        for (var r = 0u; r < LANE_TERMS; r++) {
+            sum += red[(s * 32u + 4u * c + r) * 2u + q / 4u][q % 4u];
         }
     }
+    return sum;
 }

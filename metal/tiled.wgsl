@@ -76,7 +76,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         // Stage 2: fetch + dequantize B.
         let kt_b = kt + b_kt;
         let x = W[w_at + kt_b * 2u * P.n];
-        let g_row = ((P.kt_begin + kt_b) / P.group_tiles - P.g_begin) * P.n;   // half units
+        let g_row = (((P.kt_begin + kt_b) >> P.group_shift) - P.g_begin) * P.n;   // halves
         for (var p = 0u; p < 4u; p++) {
             let col = 16u * j + c + NIB_DC[p];
             let r = 16u * b_kt + r0 + NIB_DR[p];

@@ -123,10 +123,11 @@ def test_repack_larger_than_one_binding(act_order):
 # ------------------------------------------------------------------------------------------------
 # mm
 
-@pytest.mark.parametrize("group_size", [-1, 32, 64, 128, 512])
-def test_mm_every_group_size(group_size):
-    size_k, size_n = 512, 192
-    rng = np.random.default_rng(100 + group_size)
+@pytest.mark.parametrize("size_k,group_size", [(512, -1), (384, -1), (512, 32), (512, 64),
+                                               (384, 128), (512, 128), (384, 384)])
+def test_mm_every_group_size(size_k, group_size):
+    size_n = 192
+    rng = np.random.default_rng(size_k + group_size)
     p = random_problem(rng, size_k, size_n, group_size)
     w = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=group_size,
                                       backend="metal")
