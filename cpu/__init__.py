@@ -11,16 +11,22 @@ from __future__ import annotations
 import os
 import threading
 
-import numpy as np
+# Numba's OpenMP workers spin after each parallel region by default; on the large-M path the
+# dequantize kernel and BLAS alternate, and spinning workers then steal the cores BLAS needs
+# (measured: 3.4x slower on 2 cores). Passive waiting costs nothing measurable on the fused path.
+# Set before numba loads its OpenMP pool; a user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .. import format as F
-from .._registry import Backend, BackendInfo
+import numpy as np  # noqa: E402
+
+from .. import format as F  # noqa: E402
+from .._registry import Backend, BackendInfo  # noqa: E402
 
 #: Largest M served by the fused kernel; above it, dequantize + BLAS. Measured by
 #: `python -m ferrum bench --backend cpu` (which prints both paths) on a 2-core x86 machine.
 FUSED_MAX_M = 4
 #: Rows of weight dequantized per BLAS call on the large-M path (bounds the float32 scratch).
-DEQUANT_BLOCK_K = 512
+DEQUANT_BLOCK_K = 1024
 
 _ROWS = np.ascontiguousarray(F.CHUNK_ROW)
 _COLS = np.ascontiguousarray(F.CHUNK_COL)
@@ -38,6 +44,7 @@ class CpuBackend(Backend):
     def __init__(self):
         self._inverse_cache: dict[tuple[int, int], np.ndarray] = {}
         self._lock = threading.Lock()
+        self._local = threading.local()     # per-thread dequantize scratch, reused across calls
 
     def info(self) -> BackendInfo:
         try:
@@ -93,7 +100,7 @@ class CpuBackend(Backend):
             out = np.empty(((kt_end - kt_begin) * F.TILE, weight.size_n), dtype=np.float32)
         inv = self._scale_inverse(weight.size_n, weight.num_groups)
         rows = F.effective_group_size(weight.size_k, weight.group_size)
-        _kernels().dequantize(marlin, scales, inv, rows, _ROWS, _COLS, kt_begin, kt_end, out)
+        _kernels().dequantize(marlin, scales, inv, rows, kt_begin, kt_end, out)
         return out
 
     def dequantize(self, weight, e):
@@ -117,6 +124,7 @@ class CpuBackend(Backend):
         for slot, e in enumerate(experts):
             if path == "fused":
                 marlin, scales = self._expert_arrays(weight, e)
+                marlin = marlin.view(np.int32)      # arithmetic shifts are fine under "& 15"
                 inv = self._scale_inverse(n, weight.num_groups)
                 rows = F.effective_group_size(weight.size_k, weight.group_size)
                 _kernels().mm_fused(a32, marlin, scales, inv, rows, out32, slot * n)
@@ -127,16 +135,43 @@ class CpuBackend(Backend):
         out[...] = out32
         return out
 
+    def _word_order(self, weight):
+        """(columns [N], scales [E or 1, groups, N] float32) for dequantize_word_order."""
+        cached = weight._aux.get("cpu_word_order")
+        if cached is None:
+            n = weight.size_n
+            p = np.arange(n)
+            b, j, h = p // 8, (p // 2) % 4, p % 2
+            # word 16b + 4v + j of the row is word 16*(b % 8) + 4v + j of chunk b // 8: lane
+            # t = 4*(b % 8) + v, so its columns are c = b % 8 and c + 8 of n-tile j.
+            columns = (b // 8) * 64 + (b % 8) + 16 * j + 8 * h
+            inv = self._scale_inverse(n, weight.num_groups)
+            scales32 = weight.scales.astype(np.float32)
+            cached = weight._aux["cpu_word_order"] = (
+                columns, np.ascontiguousarray(scales32[..., inv[columns]]))
+        return cached
+
     def _mm_blas(self, a32, weight, e, out32):
+        columns, scales_p = self._word_order(weight)
+        scales_p = scales_p[e] if weight.stacked else scales_p
+        marlin = (weight.qweight[e] if weight.stacked else weight.qweight).view(np.int32)
+        rows = F.effective_group_size(weight.size_k, weight.group_size)
         k_tiles = weight.size_k // F.TILE
         step = DEQUANT_BLOCK_K // F.TILE
-        scratch = np.empty((min(step, k_tiles) * F.TILE, weight.size_n), dtype=np.float32)
-        out32[...] = 0.0
+        size = min(step, k_tiles) * F.TILE * weight.size_n
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None or scratch.size < size:
+            scratch = self._local.scratch = np.empty(size, dtype=np.float32)
         for kt in range(0, k_tiles, step):
             end = min(kt + step, k_tiles)
-            block = scratch[:(end - kt) * F.TILE]
-            self.dequantize_marlin_order(weight, e, kt, end, block)
-            out32 += a32[:, kt * F.TILE:end * F.TILE] @ block
+            block = scratch[:(end - kt) * F.TILE * weight.size_n].reshape(-1, weight.size_n)
+            _kernels().dequantize_word_order(marlin, scales_p, rows, kt, end, block)
+            product = a32[:, kt * F.TILE:end * F.TILE] @ block
+            if kt == 0:
+                acc = product
+            else:
+                acc += product
+        out32[:, columns] = acc
 
 
 BACKEND = CpuBackend()

@@ -29,71 +29,140 @@ def repack(qweight, perm, rows, cols, out):
 
 
 @njit(parallel=True, **_opts)
-def dequantize(marlin, scales, scale_inv, group_rows, rows, cols, kt_begin, kt_end, out):
+def dequantize(marlin, scales, scale_inv, group_rows, kt_begin, kt_end, out):
     """Marlin k-tiles [kt_begin, kt_end) -> float32 out [16*(kt_end-kt_begin), N], Marlin row order.
 
-    scales are the permuted [groups, N] (float32 here); scale_inv[n] is where column n's scale sits.
+    scales are the permuted [groups, N] (float32 here); scale_inv[n] is where column n's scale
+    sits. A word of chunk row kt holds rows {r0, r0+1, r0+8, r0+9} x columns {c, c+8} of n-tile j
+    (see ferrum.format), in the nibble order (r0,c) (r0+8,c) (r0,c+8) (r0+8,c+8), then one row down.
     """
     chunks = marlin.shape[1] // 128
     for kt in prange(kt_begin, kt_end):
         g = (kt * 16) // group_rows
         base = (kt - kt_begin) * 16
+        srow = np.empty(64, dtype=np.float32)
         for c in range(chunks):
+            for j in range(64):
+                srow[j] = scales[g, scale_inv[c * 64 + j]]
             for w in range(128):
                 word = marlin[kt, c * 128 + w]
-                for s in range(8):
-                    n = c * 64 + cols[w, s]
-                    q = np.float32((word >> np.uint32(4 * s)) & np.uint32(15)) - np.float32(8.0)
-                    out[base + rows[w, s], n] = q * scales[g, scale_inv[n]]
+                t = w >> 2
+                r = base + 2 * (t & 3)
+                col = (t >> 2) + 16 * (w & 3)
+                n = c * 64 + col
+                s0 = srow[col]
+                s8 = srow[col + 8]
+                out[r, n] = (np.float32(word & np.uint32(15)) - np.float32(8.0)) * s0
+                out[r + 8, n] = (np.float32((word >> np.uint32(4)) & np.uint32(15)) - np.float32(8.0)) * s0
+                out[r, n + 8] = (np.float32((word >> np.uint32(8)) & np.uint32(15)) - np.float32(8.0)) * s8
+                out[r + 8, n + 8] = (np.float32((word >> np.uint32(12)) & np.uint32(15)) - np.float32(8.0)) * s8
+                out[r + 1, n] = (np.float32((word >> np.uint32(16)) & np.uint32(15)) - np.float32(8.0)) * s0
+                out[r + 9, n] = (np.float32((word >> np.uint32(20)) & np.uint32(15)) - np.float32(8.0)) * s0
+                out[r + 1, n + 8] = (np.float32((word >> np.uint32(24)) & np.uint32(15)) - np.float32(8.0)) * s8
+                out[r + 9, n + 8] = (np.float32(word >> np.uint32(28)) - np.float32(8.0)) * s8
+
+
+#: Chunks (64 columns, 128 words) per parallel task of mm_fused.
+SLICE_CHUNKS = 4
 
 
 @njit(parallel=True, fastmath=True, **_opts)
 def mm_fused(a, marlin, scales, scale_inv, group_rows, out, col0):
     """out[:, col0:col0+N] = a @ W for small M, reading the packed tiles directly.
 
-    a float32 [M, K] (already in Marlin row order); out float32 [M, >= col0 + N].
-    One task per 64-column chunk: a word of chunk row kt feeds rows {r0, r0+1, r0+8, r0+9} of
-    the k-tile and columns {c, c+8} of n-tile j, so each word is decoded once and used for
-    every row of a. Partial sums are kept per scale group and scaled once per group.
+    a float32 [M, K] (already in Marlin row order); marlin int32 [K/16, 2N]; out float32
+    [M, >= col0 + N]. Word w = 4t + j of a chunk row feeds rows {r, r+1, r+8, r+9} of the k-tile
+    (r = 2*(t % 4)) and columns {c, c+8} (c = t // 4) of n-tile j (see ferrum.format). For a fixed
+    t % 4 the four rows of a are scalars, and the words with that t % 4 come in runs of four, so
+    the inner loop is a plain vector loop: each word's two column sums are accumulated in place
+    (acc0, acc8 per word). At the end of each scale group the four words of a column are summed,
+    the uint4b8 offset removed (sum a*(q-8) = sum a*q - 8*sum a) and the group's scale applied.
     """
     M, K = a.shape
     chunks = marlin.shape[1] // 128
     k_tiles = K // 16
     tiles_per_group = group_rows // 16
-    for c in prange(chunks):
-        acc = np.zeros((M, 64), dtype=np.float32)
-        part = np.zeros((M, 64), dtype=np.float32)
+    n_slices = (chunks + SLICE_CHUNKS - 1) // SLICE_CHUNKS
+    for sl in prange(n_slices):
+        c_begin = sl * SLICE_CHUNKS
+        c_end = min(chunks, c_begin + SLICE_CHUNKS)
+        n_words = (c_end - c_begin) * 128
+        acc0 = np.zeros((M, n_words), dtype=np.float32)
+        acc8 = np.zeros((M, n_words), dtype=np.float32)
+        result = np.zeros((M, n_words // 2), dtype=np.float32)
         for kt in range(k_tiles):
             k0 = kt * 16
-            for w in range(128):
-                word = marlin[kt, c * 128 + w]
-                t = w >> 2
-                r = k0 + 2 * (t & 3)
-                col = (t >> 2) + 16 * (w & 3)
-                # Nibble order of a word (see ferrum.format): (r, col), (r+8, col), (r, col+8),
-                # (r+8, col+8), then the same one row down.
-                q0 = np.float32(word & np.uint32(15)) - np.float32(8.0)
-                q1 = np.float32((word >> np.uint32(4)) & np.uint32(15)) - np.float32(8.0)
-                q2 = np.float32((word >> np.uint32(8)) & np.uint32(15)) - np.float32(8.0)
-                q3 = np.float32((word >> np.uint32(12)) & np.uint32(15)) - np.float32(8.0)
-                q4 = np.float32((word >> np.uint32(16)) & np.uint32(15)) - np.float32(8.0)
-                q5 = np.float32((word >> np.uint32(20)) & np.uint32(15)) - np.float32(8.0)
-                q6 = np.float32((word >> np.uint32(24)) & np.uint32(15)) - np.float32(8.0)
-                q7 = np.float32(word >> np.uint32(28)) - np.float32(8.0)
-                for m in range(M):
-                    a0 = a[m, r]
-                    a1 = a[m, r + 1]
-                    a8 = a[m, r + 8]
-                    a9 = a[m, r + 9]
-                    part[m, col] += a0 * q0 + a8 * q1 + a1 * q4 + a9 * q5
-                    part[m, col + 8] += a0 * q2 + a8 * q3 + a1 * q6 + a9 * q7
+            words = marlin[kt, c_begin * 128:c_end * 128]
+            for m in range(M):
+                for v in range(4):
+                    x0 = a[m, k0 + 2 * v]
+                    x1 = a[m, k0 + 2 * v + 1]
+                    x8 = a[m, k0 + 2 * v + 8]
+                    x9 = a[m, k0 + 2 * v + 9]
+                    for b in range(n_words // 16):
+                        for j in range(4):
+                            i = 16 * b + 4 * v + j
+                            w = words[i]
+                            acc0[m, i] += (x0 * np.float32(w & 15) + x8 * np.float32((w >> 4) & 15)
+                                           + x1 * np.float32((w >> 16) & 15)
+                                           + x9 * np.float32((w >> 20) & 15))
+                            acc8[m, i] += (x0 * np.float32((w >> 8) & 15)
+                                           + x8 * np.float32((w >> 12) & 15)
+                                           + x1 * np.float32((w >> 24) & 15)
+                                           + x9 * np.float32((w >> 28) & 15))
             if (kt + 1) % tiles_per_group == 0:
                 g = (kt * 16) // group_rows
-                for j in range(64):
-                    s = scales[g, scale_inv[c * 64 + j]]
-                    for m in range(M):
-                        acc[m, j] += part[m, j] * s
-                        part[m, j] = 0.0
+                k_first = (kt + 1 - tiles_per_group) * 16
+                for m in range(M):
+                    offset = np.float32(0.0)
+                    for k in range(k_first, k0 + 16):
+                        offset += a[m, k]
+                    offset *= np.float32(8.0)
+                    for c in range(c_end - c_begin):
+                        for c4 in range(8):
+                            for j in range(4):
+                                s0 = np.float32(0.0)
+                                s8 = np.float32(0.0)
+                                for v in range(4):
+                                    i = c * 128 + 16 * c4 + 4 * v + j
+                                    s0 += acc0[m, i]
+                                    s8 += acc8[m, i]
+                                    acc0[m, i] = 0.0
+                                    acc8[m, i] = 0.0
+                                n = c * 64 + c4 + 16 * j
+                                base = c_begin * 64
+                                result[m, n] += (s0 - offset) * scales[g, scale_inv[base + n]]
+                                result[m, n + 8] += (s8 - offset) * scales[g, scale_inv[base + n + 8]]
         for m in range(M):
-            for j in range(64):
-                out[m, col0 + c * 64 + j] = acc[m, j]
+            for n in range(n_words // 2):
+                out[m, col0 + c_begin * 64 + n] = result[m, n]
+
+
+@njit(parallel=True, fastmath=True, **_opts)
+def dequantize_word_order(marlin, scales_p, group_rows, kt_begin, kt_end, out):
+    """Marlin k-tiles [kt_begin, kt_end) -> float32 out [16*(kt_end-kt_begin), N] with columns in
+    *word order*: column p = 8b + 2j + h holds half h (column c, or c+8) of word 16b + 4v + j.
+
+    In this order each output row is written contiguously (a plain vector loop), where the
+    natural order would scatter every word over two columns 8 apart. The large-M path multiplies
+    in word order and gathers the product's columns back once (``word_order_columns``);
+    scales_p are the scales in the same column order.
+    """
+    n_blocks = marlin.shape[1] // 16
+    for kt in prange(kt_begin, kt_end):
+        g = (kt * 16) // group_rows
+        base = (kt - kt_begin) * 16
+        words = marlin[kt]
+        for v in range(4):
+            for dr in range(4):
+                # Rows r, r+8, r+1, r+9 (r = 2v) sit in nibbles (0, 2), (1, 3), (4, 6), (5, 7).
+                row = base + 2 * v + (0, 8, 1, 9)[dr]
+                sh0 = (0, 4, 16, 20)[dr]
+                sh1 = sh0 + 8
+                dst = out[row]
+                for b in range(n_blocks):
+                    for j in range(4):
+                        w = words[16 * b + 4 * v + j]
+                        p = 8 * b + 2 * j
+                        dst[p] = (np.float32((w >> sh0) & 15) - np.float32(8.0)) * scales_p[g, p]
+                        dst[p + 1] = (np.float32((w >> sh1) & 15) - np.float32(8.0)) * scales_p[g, p + 1]

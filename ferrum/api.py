@@ -439,9 +439,9 @@ def quantize(w, *, group_size=128):
     rows = F.effective_group_size(k, g)
     blocks = arr.astype(np.float64).reshape(k // rows, rows, n)
     absmax = np.abs(blocks).max(axis=1)
-    scales = (absmax / 7.5).astype(np.float16)
-    if not np.isfinite(scales).all():
+    if (absmax / 7.5 > np.finfo(np.float16).max).any():
         _fail("w", w, "has values too large for float16 scales (max |w| / 7.5 > 65504)")
+    scales = (absmax / 7.5).astype(np.float16)
     safe = np.where(scales == 0, 1.0, scales.astype(np.float64))
     q = np.clip(np.rint(blocks / safe[:, None, :]) + 8, 0, 15).astype(np.uint32)
     return F.pack_gptq(q.reshape(k, n)), scales

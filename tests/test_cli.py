@@ -1,0 +1,44 @@
+"""The command line: info lists every backend; check validates and exits non-zero on failure."""
+
+import subprocess
+import sys
+
+import ferrum
+from ferrum.check import Result, format_table
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "ferrum", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_info_lists_every_backend():
+    done = run("info")
+    assert done.returncode == 0, done.stderr
+    for name in ("cpu", "cuda", "metal"):
+        assert f"  {name} " in done.stdout
+
+
+def test_check_on_cpu_passes_and_prints_a_table():
+    done = run("check", "--backend", "cpu", "--quick")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "K512 N256 G128 act" in done.stdout and "exact" in done.stdout
+    assert " 0 failed" in done.stdout
+
+
+def test_crosscheck_from_python_returns_results():
+    results = ferrum.crosscheck(["cpu"], quick=True, m_values=(1, 17))
+    assert results and all(r.passed for r in results)
+    assert {r.op for r in results} >= {"repack", "mm M=1", "mm M=17"}
+
+
+def test_a_failing_result_is_reported():
+    bad = Result("cpu", "K128 N64 G-1", "mm M=1", 0.5, 0.5, False)
+    assert "FAIL mm M=1" in format_table([bad])
+
+
+def test_bench_refuses_an_unavailable_backend():
+    for name, info in ferrum.backends().items():
+        if not info.available:
+            done = run("bench", "--backend", name)
+            assert done.returncode == 2 and "not available" in done.stdout

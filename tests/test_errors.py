@@ -1,0 +1,252 @@
+"""Bad input: a clear ValueError or TypeError naming the argument, before any work."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import ferrum
+from ferrum import format as F
+from ferrum.check import random_problem
+
+K, N = 256, 128
+
+
+@pytest.fixture(scope="module")
+def layer():
+    rng = np.random.default_rng(1)
+    prob = random_problem(rng, K, N, 64)
+    return prob, ferrum.MarlinWeight.from_gptq(prob.qweights[0], prob.scales[0], group_size=64)
+
+
+@pytest.fixture(scope="module")
+def stack():
+    rng = np.random.default_rng(2)
+    prob = random_problem(rng, K, N, 128, experts=3)
+    return prob, ferrum.load_stacked(prob.qweights, prob.scales, group_size=128)
+
+
+def raises(exc, argument):
+    return pytest.raises(exc, match=rf"^{argument}=")
+
+
+# --- sizes, bits, group sizes -------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(-1024, 4096), st.integers(-512, 2048))
+def test_repack_sizes_are_checked(size_k, size_n):
+    qweight = np.zeros((max(size_k, 8) // 8, max(size_n, 1)), np.int32)
+    valid = size_k > 0 and size_k % 128 == 0 and size_n > 0 and size_n % 64 == 0
+    if valid:
+        assert ferrum.repack(qweight, size_k, size_n).shape == (size_k // 16, 2 * size_n)
+    else:
+        with pytest.raises(ValueError, match=r"^size_[kn]="):
+            ferrum.repack(qweight, size_k, size_n)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(-300, 300))
+def test_group_size_is_checked(group_size):
+    scales = np.ones((max(1, K // group_size) if group_size > 0 else 1, N), np.float16)
+    if group_size in (-1, 32, 64, 128, K):
+        ferrum.permute_scales(scales, K, N, group_size)
+    else:
+        with raises(ValueError, "group_size"):
+            ferrum.permute_scales(scales, K, N, group_size)
+
+
+def test_num_bits(layer):
+    prob, _ = layer
+    with raises(ValueError, "num_bits") as err:
+        ferrum.repack(prob.qweights[0], K, N, num_bits=8)
+    assert "not supported yet" in str(err.value)
+    with raises(ValueError, "num_bits"):
+        ferrum.repack(prob.qweights[0], K, N, num_bits=3)
+    with raises(ValueError, "bits"):
+        ferrum.load_stacked(prob.qweights, prob.scales, group_size=64, bits=8)
+    with raises(TypeError, "num_bits"):
+        ferrum.repack(prob.qweights[0], K, N, num_bits=4.0)
+    with raises(TypeError, "size_k"):
+        ferrum.repack(prob.qweights[0], True, N)
+
+
+# --- dtypes and shapes ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int64, np.int16, np.uint8, np.float16])
+def test_qweight_dtype(layer, dtype):
+    prob, _ = layer
+    qweight = np.zeros(prob.qweights[0].shape, dtype)
+    with raises(TypeError, "qweight"):
+        ferrum.repack(qweight, K, N)
+    with raises(TypeError, "qweight"):
+        ferrum.MarlinWeight.from_gptq(qweight, prob.scales[0], group_size=64)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 70), min_size=1, max_size=3))
+def test_qweight_shape(shape):
+    qweight = np.zeros(shape, np.int32)
+    if tuple(shape) == (K // 8, N):
+        return
+    with raises(ValueError, "qweight"):
+        ferrum.repack(qweight, K, N)
+
+
+def test_scales_checks(layer):
+    prob, _ = layer
+    with raises(TypeError, "scales"):
+        ferrum.MarlinWeight.from_gptq(prob.qweights[0], prob.scales[0].astype(np.int32), group_size=64)
+    with raises(ValueError, "scales"):
+        ferrum.MarlinWeight.from_gptq(prob.qweights[0], prob.scales[0][:-1], group_size=64)
+    with raises(ValueError, "scales"):
+        ferrum.MarlinWeight.from_gptq(prob.qweights[0], prob.scales[0], group_size=128)
+    bad = prob.scales[0].copy()
+    bad[1, 2] = np.nan
+    with raises(ValueError, "scales"):
+        ferrum.MarlinWeight.from_gptq(prob.qweights[0], bad, group_size=64)
+    with raises(ValueError, "scales"):
+        ferrum.permute_scales(np.ones((4, N, 1), np.float16), K, N, 64)
+
+
+# --- permutations and act-order groupings ------------------------------------------------------
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(-5, K + 5), min_size=K - 2, max_size=K + 2))
+def test_perm_must_be_a_permutation(values):
+    qweight = np.zeros((K // 8, N), np.int32)
+    perm = np.array(values, np.int32)
+    if sorted(values) == list(range(K)):
+        ferrum.repack(qweight, K, N, perm=perm)
+    else:
+        with raises(ValueError, "perm"):
+            ferrum.repack(qweight, K, N, perm=perm)
+
+
+def test_perm_dtype(layer):
+    prob, _ = layer
+    with raises(TypeError, "perm"):
+        ferrum.repack(prob.qweights[0], K, N, perm=np.arange(K, dtype=np.float32))
+
+
+def test_g_idx_must_be_a_valid_grouping(layer):
+    prob, _ = layer
+    good = np.random.default_rng(0).permutation(K) // 64
+    ferrum.MarlinWeight.from_gptq(prob.qweights[0], prob.scales[0], group_size=64, g_idx=good)
+    bad_range = good.copy()
+    bad_range[0] = 4
+    uneven = good.copy()
+    uneven[np.flatnonzero(good == 0)[0]] = 1      # group 0 one short, group 1 one over
+    for bad in (bad_range, uneven, good[:-1], -good):
+        with raises(ValueError, "g_idx"):
+            ferrum.MarlinWeight.from_gptq(prob.qweights[0], prob.scales[0], group_size=64, g_idx=bad)
+    with raises(TypeError, "g_idx"):
+        ferrum.MarlinWeight.from_gptq(prob.qweights[0], prob.scales[0], group_size=64,
+                                      g_idx=good.astype(np.float64))
+
+
+# --- mm -------------------------------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 5), st.integers(0, 600),
+       st.sampled_from([np.float16, np.float32, np.float64, np.int16]), st.integers(1, 3))
+def test_mm_activation_checks(m, k, dtype, ndim):
+    rng = np.random.default_rng(3)
+    prob = random_problem(rng, K, N, 64)
+    weight = ferrum.MarlinWeight.from_gptq(prob.qweights[0], prob.scales[0], group_size=64)
+    shape = {1: (k,), 2: (m, k), 3: (1, m, k)}[ndim]
+    a = np.ones(shape, dtype)
+    valid = ndim == 2 and dtype == np.float16 and k == K and m >= 1
+    if valid:
+        assert ferrum.mm(a, weight).shape == (m, N)
+    else:
+        with pytest.raises((ValueError, TypeError), match=r"^a="):
+            ferrum.mm(a, weight)
+
+
+def test_mm_expert_checks(stack, layer):
+    prob, weight = stack
+    a = np.ones((2, K), np.float16)
+    for bad in (-1, 3, 10):
+        with raises(ValueError, "expert"):
+            ferrum.mm(a, weight, expert=bad)
+    with raises(TypeError, "expert"):
+        ferrum.mm(a, weight, expert=1.5)
+    with raises(ValueError, "expert"):
+        ferrum.mm(a, layer[1], expert=1)
+    with raises(ValueError, "expert"):
+        ferrum.dequantize(weight, expert=3)
+
+
+def test_mm_out_checks(layer, stack):
+    _, weight = layer
+    a = np.ones((3, K), np.float16)
+    with raises(ValueError, "out"):
+        ferrum.mm(a, weight, out=np.empty((3, N + 64), np.float16))
+    with raises(TypeError, "out"):
+        ferrum.mm(a, weight, out=np.empty((3, N), np.float32))
+    ro = np.empty((3, N), np.float16)
+    ro.flags.writeable = False
+    with raises(ValueError, "out"):
+        ferrum.mm(a, weight, out=ro)
+    _, stacked = stack
+    with raises(ValueError, "out"):
+        ferrum.mm(a, stacked, out=np.empty((3, N), np.float16))     # all experts: [M, 3N]
+    ferrum.mm(a, stacked, out=np.empty((3, 3 * N), np.float16))
+
+
+def test_mm_weight_and_backend_checks(layer):
+    _, weight = layer
+    a = np.ones((1, K), np.float16)
+    with raises(TypeError, "weight"):
+        ferrum.mm(a, np.zeros((K // 16, 2 * N), np.int32))
+    with raises(ValueError, "backend"):
+        ferrum.mm(a, weight, backend="tpu")
+    with raises(ValueError, "backend") as err:
+        ferrum.mm(a, weight, backend="cuda")
+    assert "weight.to('cuda')" in str(err.value)
+    with raises(ValueError, "stream"):
+        ferrum.mm(a, weight, stream=0)
+    with raises(ValueError, "backend"):
+        ferrum.repack(np.zeros((K // 8, N), np.int32), K, N, backend="gpu")
+
+
+def test_unavailable_backend_says_why():
+    for name, info in ferrum.backends().items():
+        if not info.available:
+            assert info.reason
+            with pytest.raises(ValueError, match=name):
+                ferrum.repack(np.zeros((K // 8, N), np.int32), K, N, backend=name)
+
+
+def test_load_stacked_checks(stack):
+    prob, _ = stack
+    with raises(ValueError, "scales"):
+        ferrum.load_stacked(prob.qweights, prob.scales[:2], group_size=128)
+    with raises(ValueError, "qweights"):
+        ferrum.load_stacked([], [], group_size=128)
+    with raises(ValueError, r"qweights\[1\]"):
+        ferrum.load_stacked([prob.qweights[0], prob.qweights[1][:, :64]], prob.scales[:2],
+                            group_size=128)
+    with raises(ValueError, "qweights"):
+        ferrum.load_stacked(np.zeros((K // 8, N), np.int32), prob.scales, group_size=128)
+
+
+def test_quantize_checks():
+    with raises(ValueError, r"w\.shape\[0\]"):
+        ferrum.quantize(np.ones((100, 64), np.float32))
+    with raises(ValueError, "w"):
+        ferrum.quantize(np.full((128, 64), np.inf, np.float32))
+    with raises(ValueError, "w"):
+        ferrum.quantize(np.full((128, 64), 1e6, np.float32))
+    with raises(TypeError, "w"):
+        ferrum.quantize(np.ones((128, 64), np.int32))
+    with raises(ValueError, "group_size"):
+        ferrum.quantize(np.ones((128, 64), np.float32), group_size=48)
+
+
+def test_failed_calls_leave_inputs_unmodified(layer):
+    prob, weight = layer
+    a = np.ones((2, K), np.float16)
+    out = np.full((2, N + 64), 7, np.float16)
+    with pytest.raises(ValueError):
+        ferrum.mm(a, weight, out=out)
+    assert (out == 7).all() and (a == 1).all()

@@ -1,0 +1,157 @@
+"""mm, dequantize and quantize on the cpu backend, against float64 references."""
+
+import numpy as np
+import pytest
+
+import ferrum
+from ferrum import format as F
+from ferrum.check import random_problem, rel_error
+from ferrum.cpu import BACKEND as CPU
+
+TOL = 1e-3
+
+
+def poisoned(shape):
+    return np.full(shape, np.nan, dtype=np.float16)
+
+
+def make_weight(prob, backend="cpu"):
+    if prob.num_experts > 1:
+        return ferrum.load_stacked(prob.qweights, prob.scales, group_size=prob.group_size,
+                                   backend=backend)
+    return ferrum.MarlinWeight.from_gptq(prob.qweights[0], prob.scales[0],
+                                         group_size=prob.group_size, g_idx=prob.g_idx,
+                                         backend=backend)
+
+
+@pytest.mark.parametrize("k,n", [(128, 64), (256, 192), (512, 128), (1152, 320)])
+@pytest.mark.parametrize("group_size", [-1, 32, 64, 128, "K"])
+@pytest.mark.parametrize("path", ["fused", "blas"])
+def test_mm_matches_float64_reference(rng, k, n, group_size, path):
+    g = k if group_size == "K" else group_size
+    prob = random_problem(rng, k, n, g)
+    weight = make_weight(prob)
+    for m in (1, 3, 16, 67):
+        a = rng.standard_normal((m, k)).astype(np.float16)
+        ref = a.astype(np.float64) @ prob.dense[0]
+        out = poisoned((m, n))
+        got = CPU.mm(a, weight, 0, out, path=path)
+        assert got is out
+        assert np.isfinite(out).all(), "an output element was not written"
+        assert rel_error(out, ref) <= TOL
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 33, 300])
+def test_public_mm_any_m(rng, m):
+    prob = random_problem(rng, 384, 128, 128)
+    weight = make_weight(prob)
+    a = rng.standard_normal((m, 384)).astype(np.float16)
+    c = ferrum.mm(a, weight)
+    assert c.dtype == np.float16 and c.shape == (m, 128)
+    assert rel_error(c, a.astype(np.float64) @ prob.dense[0]) <= TOL
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+def test_act_order_equals_plain_path_on_permuted_problem(rng, group_size):
+    k, n = 512, 192
+    prob = random_problem(rng, k, n, group_size, act_order=True)
+    weight = make_weight(prob)
+    assert group_size == -1 or weight.perm is not None
+    perm = F.act_order_perm(prob.g_idx)
+    # The same layer with rows physically sorted by group is an ordinary grouped layer.
+    q = F.unpack_gptq(prob.qweights[0], k)[perm]
+    plain = ferrum.MarlinWeight.from_gptq(F.pack_gptq(q), prob.scales[0], group_size=group_size)
+    for m in (1, 9, 40):
+        a = rng.standard_normal((m, k)).astype(np.float16)
+        c_act = ferrum.mm(a, weight)
+        c_plain = ferrum.mm(np.ascontiguousarray(a[:, perm]), plain)
+        assert np.array_equal(c_act, c_plain)
+        assert rel_error(c_act, a.astype(np.float64) @ prob.dense[0]) <= TOL
+
+
+def test_stacked_equals_per_expert(rng):
+    prob = random_problem(rng, 256, 128, 64, experts=4)
+    stacked = make_weight(prob)
+    assert stacked.num_experts == 4 and stacked.qweight.shape == (4, 16, 256)
+    for m in (1, 20):
+        a = rng.standard_normal((m, 256)).astype(np.float16)
+        whole = ferrum.mm(a, stacked)
+        assert whole.shape == (m, 4 * 128)
+        for e in range(4):
+            single = ferrum.MarlinWeight.from_gptq(prob.qweights[e], prob.scales[e], group_size=64)
+            one = ferrum.mm(a, single)
+            assert np.array_equal(ferrum.mm(a, stacked, expert=e), one)
+            assert np.array_equal(whole[:, e * 128:(e + 1) * 128], one)
+            assert rel_error(one, a.astype(np.float64) @ prob.dense[e]) <= TOL
+
+
+def test_load_stacked_accepts_lists_and_3d_arrays(rng):
+    prob = random_problem(rng, 128, 64, 32, experts=3)
+    from_lists = ferrum.load_stacked(prob.qweights, prob.scales, group_size=32)
+    from_arrays = ferrum.load_stacked(np.stack(prob.qweights),
+                                      np.stack(prob.scales).astype(np.float32), group_size=32)
+    assert np.array_equal(from_lists.qweight, from_arrays.qweight)
+    assert np.array_equal(from_lists.scales, from_arrays.scales)
+    assert from_arrays.scales.dtype == np.float16
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_dequantize_gives_the_gptq_weight_in_original_order(rng, act_order):
+    prob = random_problem(rng, 256, 128, 32, act_order=act_order)
+    weight = make_weight(prob)
+    dense = ferrum.dequantize(weight)
+    assert dense.dtype == np.float32 and dense.shape == (256, 128)
+    assert np.array_equal(dense, prob.dense[0].astype(np.float32))
+
+
+def test_dequantize_stacked(rng):
+    prob = random_problem(rng, 128, 64, 128, experts=2)
+    weight = make_weight(prob)
+    assert np.array_equal(ferrum.dequantize(weight, expert=1), prob.dense[1].astype(np.float32))
+    assert ferrum.dequantize(weight).shape == (128, 128)
+
+
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+def test_quantize_then_mm_is_within_quantization_error(rng, group_size):
+    k, n = 512, 256
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    qweight, scales = ferrum.quantize(w, group_size=group_size)
+    assert qweight.dtype == np.int32 and qweight.shape == (k // 8, n)
+    weight = ferrum.MarlinWeight.from_gptq(qweight, scales, group_size=group_size)
+    deq = ferrum.dequantize(weight)
+    rows = k if group_size == -1 else group_size
+    step = np.repeat(scales.astype(np.float64), rows, axis=0)
+    # Round to nearest: every weight within half a step (a full step at the clipped top).
+    assert (np.abs(deq - w) <= step * 1.0 + 1e-6).all()
+    assert np.mean(np.abs(deq - w) <= step * 0.5 + 1e-6) > 0.99
+    a = rng.standard_normal((8, k)).astype(np.float16)
+    c = ferrum.mm(a, weight).astype(np.float64)
+    exact = a.astype(np.float64) @ w
+    assert rel_error(c, a.astype(np.float64) @ deq) <= TOL
+    assert rel_error(c, exact) < 0.15       # 4-bit RTN on Gaussian weights: ~10% error
+
+
+def test_mm_leaves_inputs_unmodified(rng):
+    prob = random_problem(rng, 256, 64, 64, act_order=True)
+    weight = make_weight(prob)
+    q0, s0 = weight.qweight.copy(), weight.scales.copy()
+    a = rng.standard_normal((5, 256)).astype(np.float16)
+    a0 = a.copy()
+    ferrum.mm(a, weight)
+    assert np.array_equal(a, a0)
+    assert np.array_equal(weight.qweight, q0) and np.array_equal(weight.scales, s0)
+
+
+def test_non_contiguous_activations(rng):
+    prob = random_problem(rng, 256, 64, 128)
+    weight = make_weight(prob)
+    big = rng.standard_normal((6, 512)).astype(np.float16)
+    a = big[::2, ::2]
+    assert rel_error(ferrum.mm(a, weight), a.astype(np.float64) @ prob.dense[0]) <= TOL
+
+
+def test_weight_moves_and_keeps_its_values(rng):
+    prob = random_problem(rng, 128, 64, 32)
+    weight = make_weight(prob)
+    assert weight.to("cpu") is weight
+    assert "MarlinWeight(size_k=128" in repr(weight)
