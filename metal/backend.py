@@ -50,6 +50,10 @@ TARGET_WORKGROUPS = 1024
 #: sums of each row at or below it (fewer multiplies for M = 1, 2).
 PRESCALE_FROM_M_TILE = 2
 TILE_M = 64
+#: Workgroups per grid dimension WebGPU guarantees (maxComputeWorkgroupsPerDimension).
+MAX_GRID = 65535
+#: Plans kept per weight (one per distinct M and expert); the oldest goes first.
+PLANS_PER_WEIGHT = 64
 
 # ------------------------------------------------------------------------------------------------
 # Uniform parameters: one struct shared by gemv, tiled and reduce; the WGSL text is generated
@@ -356,6 +360,11 @@ fn main(@builtin(local_invocation_index) li: u32) {
         size = min(_round_up(offset + nbytes - start, 16), buffer.size - start)
         return (buffer, start, size), (offset - start) // unit
 
+    def _usable_limit(self) -> int:
+        """Bytes of data one binding may carry once _range has aligned its start down and
+        rounded its size up."""
+        return self.binding_limit - self.offset_alignment - 16
+
     def _workspace(self, name: str, nbytes: int, usage=None):
         buf = self._work.get(name)
         if buf is None or buf.size < nbytes:
@@ -407,7 +416,7 @@ fn main(@builtin(local_invocation_index) li: u32) {
     def _repack(self, qweight, perm, size_k, size_n):
         kt_rows = size_k // F.TILE
         row_bytes = 2 * size_n * 4
-        limit = self.binding_limit - self.offset_alignment
+        limit = self._usable_limit()
         # source blocks of nb columns (all K rows, act-order may read any), destination blocks
         # of kt rows (all columns): both within one binding
         nb = min(size_n, (limit // (size_k // F.PACK * 4)) // F.CHUNK_N * F.CHUNK_N)
@@ -494,6 +503,9 @@ fn main(@builtin(local_invocation_index) li: u32) {
             # the plan may have grown workspaces (new generation): plan again on the final ones
             if plan.generation != self._generation:
                 plan = self._make_plan(weight, m, expert)
+            cache.pop(key, None)
+            while len(cache) >= PLANS_PER_WEIGHT:
+                cache.pop(next(iter(cache)))
             cache[key] = plan
         return plan
 
@@ -523,7 +535,7 @@ fn main(@builtin(local_invocation_index) li: u32) {
         assert groups == 1 or group_tiles == 1 << group_shift
         row_bytes = 2 * n * 4                    # one kt row of one expert's packed weight
         srow_bytes = 2 * n                       # one scale row
-        limit = self.binding_limit - self.offset_alignment
+        limit = self._usable_limit()
         if row_bytes * 8 > limit or srow_bytes > limit:
             raise ValueError(f"size_n={n} is too wide for the binding limit ({self.binding_limit})")
 
@@ -552,7 +564,8 @@ fn main(@builtin(local_invocation_index) li: u32) {
         # fit a binding; then as many k-splits as the workgroup target asks and the scratch allows.
         m_block = m
         while m_block > 2 and (m_block * K * 2 > limit or m_block * n_total * 2 > limit
-                                or k_pieces * m_block * n_total * 4 > limit):
+                                or k_pieces * m_block * n_total * 4 > limit
+                                or m_block > MAX_GRID):
             m_block = _round_up(m_block // 2, 2)
         if k_pieces * m_block * n_total * 4 > limit:
             raise ValueError("output too wide for the binding limit")
@@ -571,6 +584,8 @@ fn main(@builtin(local_invocation_index) li: u32) {
             kt_per_split = _round_up(math.ceil(kt_piece / splits), 2)
         splits = math.ceil(kt_piece / kt_per_split)
         slots = k_pieces * splits
+        if chunks > MAX_GRID or splits * math.ceil(m_block / m_tile) > MAX_GRID:
+            raise ValueError(f"size_n={n} or M={m} exceeds the dispatch grid ({MAX_GRID})")
 
         a_buf = self._workspace("a", m * K * 2)
         c_buf = self._workspace("c", m * n_total * 2)
