@@ -44,8 +44,10 @@ HERE = Path(__file__).resolve().parent
 VECTOR_MAX_M = 16
 #: Rows of A one gemv workgroup handles (the kernel keeps M_TILE x 8 accumulators per lane).
 VECTOR_M_TILE = 8
-#: Workgroups a dispatch aims for when choosing the k-split (enough to fill a large GPU).
+#: Workgroups a dispatch aims for when choosing the k-split (enough to fill a large GPU); on a
+#: CPU adapter (lavapipe) every workgroup costs scheduling, and a few per core are enough.
 TARGET_WORKGROUPS = 1024
+TARGET_WORKGROUPS_CPU = 32
 #: gemv scales the dequantized pairs once (shared by the rows) above this M_TILE, and the column
 #: sums of each row at or below it (fewer multiplies for M = 1, 2).
 PRESCALE_FROM_M_TILE = 2
@@ -232,6 +234,7 @@ class MetalBackend(Backend):
         self.adapter = None
         self.subgroups = False
         self.binding_limit = 0      # bytes one storage binding may span (the planner's limit)
+        self.target_workgroups = TARGET_WORKGROUPS
         self.offset_alignment = 256
         self._pipelines: dict = {}
         self._work: dict[str, object] = {}
@@ -279,6 +282,8 @@ class MetalBackend(Backend):
         if int(dl.get("max-compute-workgroup-storage-size", 16384)) < 16384:
             return BackendInfo("metal", False, "adapter offers < 16 KiB of workgroup storage")
         self.subgroups = bool(features) and self._subgroups_work()
+        self.target_workgroups = (TARGET_WORKGROUPS_CPU if adapter.info.get("adapter_type") == "CPU"
+                                  else TARGET_WORKGROUPS)
         name = adapter.info.get("device", "?")
         api = adapter.info.get("backend_type", "?")
         native_version = getattr(wgpu.backends.wgpu_native, "__version__", "?")
@@ -496,7 +501,7 @@ fn main(@builtin(local_invocation_index) li: u32) {
 
     def _plan(self, weight, m: int, expert) -> _Plan:
         cache = weight._aux.setdefault("metal_plans", {})
-        key = (m, expert, self.binding_limit, self.subgroups)
+        key = (m, expert, self.binding_limit, self.subgroups, self.target_workgroups)
         plan = cache.get(key)
         if plan is None or plan.generation != self._generation:
             plan = self._make_plan(weight, m, expert)
@@ -575,11 +580,11 @@ fn main(@builtin(local_invocation_index) li: u32) {
         base_wgs = chunks * len(experts) * math.ceil(m_block / m_tile)
         scratch_splits = max(1, limit // (k_pieces * m_block * n_total * 4))
         if kernel == "gemv.wgsl":
-            splits = max(1, min(math.ceil(TARGET_WORKGROUPS / base_wgs), kt_piece // 16,
+            splits = max(1, min(math.ceil(self.target_workgroups / base_wgs), kt_piece // 16,
                                 scratch_splits))
             kt_per_split = math.ceil(kt_piece / splits)
         else:
-            splits = max(1, min(math.ceil(TARGET_WORKGROUPS / 4 / base_wgs), kt_piece // 8,
+            splits = max(1, min(math.ceil(self.target_workgroups / 4 / base_wgs), kt_piece // 8,
                                 scratch_splits))
             kt_per_split = _round_up(math.ceil(kt_piece / splits), 2)
         splits = math.ceil(kt_piece / kt_per_split)

@@ -60,6 +60,21 @@ def binding_limit(nbytes: int):
         BACKEND.binding_limit = saved
 
 
+def last_plan(weight):
+    return list(weight._aux["metal_plans"].values())[-1]
+
+
+@contextlib.contextmanager
+def target_workgroups(count: int):
+    """The workgroup count the k-split aims for (small on lavapipe; large GPUs use 1024)."""
+    saved = BACKEND.target_workgroups
+    BACKEND.target_workgroups = count
+    try:
+        yield
+    finally:
+        BACKEND.target_workgroups = saved
+
+
 @contextlib.contextmanager
 def subgroups(enabled: bool):
     saved = BACKEND.subgroups
@@ -161,6 +176,21 @@ def test_mm_stacked_experts_one_and_all(group_size):
         check_mm(w, a, np.concatenate(p.dense, axis=1))
 
 
+@pytest.mark.parametrize("group_size", [-1, 64])
+def test_mm_split_over_k_as_on_a_large_gpu(group_size):
+    # The k-splits a large GPU gets (many workgroups per layer), on a small layer.
+    size_k, size_n = 1024, 128
+    rng = np.random.default_rng(800 + group_size)
+    p = random_problem(rng, size_k, size_n, group_size)
+    w = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=group_size,
+                                      backend="metal")
+    with target_workgroups(1024):
+        for m in (1, 6, 16, 50):
+            check_mm(w, rng.standard_normal((m, size_k)).astype(np.float16), p.dense[0])
+            main_grid = last_plan(w).dispatches[0].grid
+            assert main_grid[1] > 1, f"M={m}: no k-split ({main_grid})"
+
+
 def test_mm_without_subgroups_matches_reference():
     size_k, size_n = 512, 128
     rng = np.random.default_rng(400)
@@ -185,8 +215,7 @@ def test_mm_weight_larger_than_one_binding(group_size, limit_kib, m_values):
     with binding_limit(limit_kib * 1024 + BACKEND.offset_alignment):
         for m in m_values:
             check_mm(w, rng.standard_normal((m, size_k)).astype(np.float16), p.dense[0])
-            plan = w._aux["metal_plans"][(m, 0, BACKEND.binding_limit, BACKEND.subgroups)]
-            assert len(plan.dispatches) > 2          # really split
+            assert len(last_plan(w).dispatches) > 2          # really split
 
 
 def test_mm_stacked_larger_than_one_binding():
