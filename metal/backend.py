@@ -218,6 +218,7 @@ class _Plan:
     dispatches: list
     out_bytes: int
     a_bytes: int
+    summary: str = ""       # e.g. "gemv m8 k16": kernel, rows per workgroup, k-splits (bench)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -604,16 +605,16 @@ fn main(@builtin(local_invocation_index) li: u32) {
         dispatches = []
         for mb0 in range(0, m, m_block):
             mb = min(m_block, m - mb0)
-            kernel = self._kernel_for(mb)
-            m_tile = self._m_tile(kernel, mb)
-            if kernel == "gemv.wgsl":
-                pipe = self._pipeline(kernel, TABLES=TABLES[table], M_TILE=m_tile,
+            block_kernel = self._kernel_for(mb)      # a short last block may be gemv
+            m_tile = self._m_tile(block_kernel, mb)
+            if block_kernel == "gemv.wgsl":
+                pipe = self._pipeline(block_kernel, TABLES=TABLES[table], M_TILE=m_tile,
                                       SUBGROUPS=str(self.subgroups).lower(),
                                       CHANNELWISE=str(groups == 1).lower(),
                                       PRESCALE=str(m_tile > PRESCALE_FROM_M_TILE).lower(),
                                       **_gemv_blocks(m_tile))
             else:
-                pipe = self._pipeline(kernel, TABLES=TABLES[table])
+                pipe = self._pipeline(block_kernel, TABLES=TABLES[table])
             a_entry, a_base = self._range(a_buf, mb0 * K * 2, mb * K * 2, 4)
             s_entry, out_base = self._range(s_buf, 0, slots * mb * n_total * 4, 4)
             for e0, ecount, kt0, ktc, kp in pieces:
@@ -645,9 +646,18 @@ fn main(@builtin(local_invocation_index) li: u32) {
             bg = self._bind_group(reduce_pipe, [(ubuf, 0, ubuf.size), s_read, c_entry])
             dispatches.append(_Dispatch(reduce_pipe, bg,
                                         (math.ceil(n_total / 2 / 256), mb, 1)))
-        return _Plan(self._generation, dispatches, m * n_total * 2, m * K * 2)
+        summary = (f"{kernel.split('.')[0]} m{self._m_tile(kernel, m_block)} k{slots}"
+                   + (f" p{len(pieces)}" if len(pieces) > 1 else "")
+                   + (f" b{math.ceil(m / m_block)}" if m_block < m else ""))
+        return _Plan(self._generation, dispatches, m * n_total * 2, m * K * 2, summary)
 
     # --- measurement (bench) ----------------------------------------------------------------------
+    def plan_summary(self, weight, m: int, expert) -> str:
+        """How mm runs this shape: kernel, rows per workgroup (m), k-splits (k), weight pieces (p),
+        m-blocks (b)."""
+        with self._lock:
+            return self._plan(weight, m, expert).summary
+
     def kernel_seconds(self, a: np.ndarray, weight, expert, min_seconds: float = 0.5) -> float:
         """Seconds per mm's dispatches alone (no upload, no read-back), submitted back to back."""
         self._ready()

@@ -7,6 +7,7 @@ Columns
                 adapter's measured buffer-copy bandwidth (read + write bytes per second)
     % floor     floor / kernel: 100% would stream the weight at copy speed
     cuda us     the cuda backend on the same problem (device arrays, synchronised), when available
+    plan        kernel, rows of A per workgroup (m), k-splits (k), weight pieces (p), m-blocks (b)
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def run(options: dict) -> None:
     print(f"buffer-copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write); "
           f"group_size={GROUP_SIZE}; {'quick' if quick else 'full'} run")
     head = f"{'K x N':>13s} {'M':>4s} {'call us':>10s} {'kernel us':>10s} {'floor us':>9s} " \
-           f"{'% floor':>7s}" + (f" {'cuda us':>9s}" if cuda else "")
+           f"{'% floor':>7s}" + (f" {'cuda us':>9s}" if cuda else "") + "  plan"
     print(head)
     print("-" * len(head))
     for size_k, size_n in shapes:
@@ -93,5 +94,6 @@ def run(options: dict) -> None:
                     line += f" {_cuda_seconds(qweight, scales, a, min_seconds) * 1e6:>9.1f}"
                 except Exception as exc:   # report, keep the metal numbers
                     line += f"  cuda failed: {type(exc).__name__}: {exc}"
+            line += "  " + BACKEND.plan_summary(weight, m, None if weight.stacked else 0)
             print(line, flush=True)
         del weight
