@@ -504,11 +504,9 @@ fn main(@builtin(local_invocation_index) li: u32) {
         cache = weight._aux.setdefault("metal_plans", {})
         key = (m, expert, self.binding_limit, self.subgroups, self.target_workgroups)
         plan = cache.get(key)
+        # A plan binds the workspaces of its generation; when any grew since, bind again.
         if plan is None or plan.generation != self._generation:
             plan = self._make_plan(weight, m, expert)
-            # the plan may have grown workspaces (new generation): plan again on the final ones
-            if plan.generation != self._generation:
-                plan = self._make_plan(weight, m, expert)
             cache.pop(key, None)
             while len(cache) >= PLANS_PER_WEIGHT:
                 cache.pop(next(iter(cache)))
