@@ -8,10 +8,11 @@
 // words of A per row m: halves (r0, r0+1) and (r0+8, r0+9). Slot s walks kt = kt_lo+s, +8, ...
 //
 // Dequantization: nibble pair p = (p, p+4) of a word is the same column, k rows (r, r+1)
-// (NIB_DR/NIB_DC, from ferrum.format). (x >> 4p) & 0x000F000F puts the pair in the low mantissa
-// bits of two halves; OR 0x6400 makes them the fp16 numbers 1024 + q, so one unpack2x16float
-// gives vec2(1024 + q_r, 1024 + q_r+1) — subtract 1032 for uint4b8's q - 8 — which dots with the
-// A pair unpack2x16float also gives. No shader-f16 needed.
+// (NIB_DR/NIB_DC and the NIB_PAIR_* indices come from ferrum.format), so each pair dots with the
+// one A word that unpack2x16float turns into rows (r, r+1). A nibble OR'd into the mantissa of
+// 2^23 is the float 2^23 + q exactly; subtracting 2^23 + 8 gives uint4b8's q - 8 with no
+// conversion instruction (and no shader-f16; integer->float conversions are slow on some GPUs and
+// on lavapipe).
 //
 // Grouped scales: marlin_permute_scales puts the 8 scales lane t needs (columns 16j + c + 8h) at
 // permuted columns 8c + 2j + h: one vec4<u32> load (checked against ferrum.format by the host).
