@@ -135,7 +135,27 @@ class CpuBackend(Backend):
         out[...] = out32
         return out
 
+    def _word_order(self, weight):
+        """(columns [N], scales [E or 1, groups, N] float32) for dequantize_word_order."""
+        cached = weight._aux.get("cpu_word_order")
+        if cached is None:
+            n = weight.size_n
+            p = np.arange(n)
+            b, j, h = p // 8, (p // 2) % 4, p % 2
+            # word 16b + 4v + j of the row is word 16*(b % 8) + 4v + j of chunk b // 8: lane
+            # t = 4*(b % 8) + v, so its columns are c = b % 8 and c + 8 of n-tile j.
+            columns = (b // 8) * 64 + (b % 8) + 16 * j + 8 * h
+            inv = self._scale_inverse(n, weight.num_groups)
+            scales32 = weight.scales.astype(np.float32)
+            cached = weight._aux["cpu_word_order"] = (
+                columns, np.ascontiguousarray(scales32[..., inv[columns]]))
+        return cached
+
     def _mm_blas(self, a32, weight, e, out32):
+        columns, scales_p = self._word_order(weight)
+        scales_p = scales_p[e] if weight.stacked else scales_p
+        marlin = (weight.qweight[e] if weight.stacked else weight.qweight).view(np.int32)
+        rows = F.effective_group_size(weight.size_k, weight.group_size)
         k_tiles = weight.size_k // F.TILE
         step = DEQUANT_BLOCK_K // F.TILE
         size = min(step, k_tiles) * F.TILE * weight.size_n
@@ -145,12 +165,13 @@ class CpuBackend(Backend):
         for kt in range(0, k_tiles, step):
             end = min(kt + step, k_tiles)
             block = scratch[:(end - kt) * F.TILE * weight.size_n].reshape(-1, weight.size_n)
-            self.dequantize_marlin_order(weight, e, kt, end, block)
+            _kernels().dequantize_word_order(marlin, scales_p, rows, kt, end, block)
             product = a32[:, kt * F.TILE:end * F.TILE] @ block
             if kt == 0:
-                out32[...] = product
+                acc = product
             else:
-                out32 += product
+                acc += product
+        out32[:, columns] = acc
 
 
 BACKEND = CpuBackend()

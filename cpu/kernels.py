@@ -136,3 +136,33 @@ def mm_fused(a, marlin, scales, scale_inv, group_rows, out, col0):
         for m in range(M):
             for n in range(n_words // 2):
                 out[m, col0 + c_begin * 64 + n] = result[m, n]
+
+
+@njit(parallel=True, fastmath=True, **_opts)
+def dequantize_word_order(marlin, scales_p, group_rows, kt_begin, kt_end, out):
+    """Marlin k-tiles [kt_begin, kt_end) -> float32 out [16*(kt_end-kt_begin), N] with columns in
+    *word order*: column p = 8b + 2j + h holds half h (column c, or c+8) of word 16b + 4v + j.
+
+    In this order each output row is written contiguously (a plain vector loop), where the
+    natural order would scatter every word over two columns 8 apart. The large-M path multiplies
+    in word order and gathers the product's columns back once (``word_order_columns``);
+    scales_p are the scales in the same column order.
+    """
+    n_blocks = marlin.shape[1] // 16
+    for kt in prange(kt_begin, kt_end):
+        g = (kt * 16) // group_rows
+        base = (kt - kt_begin) * 16
+        words = marlin[kt]
+        for v in range(4):
+            for dr in range(4):
+                # Rows r, r+8, r+1, r+9 (r = 2v) sit in nibbles (0, 2), (1, 3), (4, 6), (5, 7).
+                row = base + 2 * v + (0, 8, 1, 9)[dr]
+                sh0 = (0, 4, 16, 20)[dr]
+                sh1 = sh0 + 8
+                dst = out[row]
+                for b in range(n_blocks):
+                    for j in range(4):
+                        w = words[16 * b + 4 * v + j]
+                        p = 8 * b + 2 * j
+                        dst[p] = (np.float32((w >> sh0) & 15) - np.float32(8.0)) * scales_p[g, p]
+                        dst[p + 1] = (np.float32((w >> sh1) & 15) - np.float32(8.0)) * scales_p[g, p + 1]

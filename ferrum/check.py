@@ -116,6 +116,8 @@ def crosscheck(backends=None, *, seed=None, quick=False, m_values=None, log=None
         refs = {m: activations[m].astype(np.float64) @ np.concatenate(prob.dense, axis=1)
                 for m in m_values}
         cpu_out: dict = {}
+        # One expert per M for the single-expert runs, the same on every backend.
+        experts = {m: int(rng.integers(prob.num_experts)) for m in m_values}
         perm = None if prob.g_idx is None else F.act_order_perm(prob.g_idx)
         cpu_marlin = None
         for name in names:
@@ -137,7 +139,7 @@ def crosscheck(backends=None, *, seed=None, quick=False, m_values=None, log=None
             for m in m_values:
                 runs = [(None, refs[m])]
                 if prob.num_experts > 1:
-                    e = int(rng.integers(prob.num_experts))
+                    e = experts[m]
                     runs.append((e, refs[m][:, e * prob.size_n:(e + 1) * prob.size_n]))
                 for expert, ref in runs:
                     out = _poisoned(ref.shape)

@@ -1,0 +1,19 @@
+"""The metal backend: WGSL compute shaders through wgpu — Metal on macOS, Vulkan elsewhere.
+
+Importing this never fails: without wgpu or an adapter, ``BACKEND.info()`` says why.
+"""
+
+from __future__ import annotations
+
+from .backend import MetalArray, MetalBackend
+
+BACKEND = MetalBackend()
+
+
+def bench(options: dict) -> None:
+    """`python -m ferrum bench --backend metal`: µs per ferrum.mm call, with the memory floor."""
+    from .bench import run
+    run(options)
+
+
+__all__ = ["BACKEND", "MetalArray", "MetalBackend", "bench"]

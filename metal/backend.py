@@ -1,0 +1,724 @@
+"""The metal backend: WGSL compute shaders run by wgpu (Metal on macOS, Vulkan elsewhere).
+
+Host side of the kernels in this folder. Shapes are classified in one place, ``_kernel_for``:
+
+    M <= VECTOR_MAX_M   gemv.wgsl   stream the packed weight once per M_TILE rows, split over k
+    M >  VECTOR_MAX_M   tiled.wgsl  64 x 64 output tiles, A and dequantized B in workgroup memory
+
+Both write fp32 partial sums per k-split ("slot") into a scratch buffer, and reduce.wgsl adds the
+slots and writes fp16. Everything a call needs (bind groups, uniform parameters, dispatch grids)
+is planned once per (weight, M, expert) and cached in ``weight._aux``; workspace buffers (A,
+scratch, C, read-back) are kept by the backend and only grow.
+
+Storage bindings are limited (``maxStorageBufferBindingSize``, 128 MiB on many adapters): a
+weight whose experts or kt rows do not fit one binding is cut into pieces, each bound as its own
+range of the one weight buffer and dispatched separately into its own scratch slots. The limit
+the planner uses is ``MetalBackend.binding_limit`` (FERRUM_METAL_BINDING_LIMIT overrides it), so
+tests can exercise the split path on small weights.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ferrum import format as F
+from ferrum._registry import Backend, BackendInfo
+
+try:  # importing this module must never fail: info() reports a missing wgpu instead
+    import wgpu
+    _WGPU_ERROR = ""
+except Exception as exc:  # pragma: no cover - depends on the machine
+    wgpu = None
+    _WGPU_ERROR = f"wgpu is not importable ({type(exc).__name__}: {exc}); pip install wgpu"
+
+HERE = Path(__file__).resolve().parent
+
+#: Largest M served by the vector kernel (gemv.wgsl); larger M uses the tiled kernel.
+VECTOR_MAX_M = 16
+#: Rows of A one gemv workgroup handles (the kernel keeps M_TILE x 8 accumulators per lane).
+VECTOR_M_TILE = 8
+#: Workgroups a dispatch aims for when choosing the k-split (enough to fill a large GPU); on a
+#: CPU adapter (lavapipe) every workgroup costs scheduling, and a few per core are enough.
+TARGET_WORKGROUPS = 1024
+TARGET_WORKGROUPS_CPU = 32
+#: gemv scales the dequantized pairs once (shared by the rows) above this M_TILE, and the column
+#: sums of each row at or below it (fewer multiplies for M = 1, 2).
+PRESCALE_FROM_M_TILE = 2
+TILE_M = 64
+#: Workgroups per grid dimension WebGPU guarantees (maxComputeWorkgroupsPerDimension).
+MAX_GRID = 65535
+#: Plans kept per weight (one per distinct M and expert); the oldest goes first.
+PLANS_PER_WEIGHT = 64
+
+# ------------------------------------------------------------------------------------------------
+# Uniform parameters: one struct shared by gemv, tiled and reduce; the WGSL text is generated
+# from this list so host and shaders cannot disagree on the layout.
+PARAM_FIELDS = (
+    "M",            # rows of A in this m-block
+    "K",            # size_k
+    "n",            # columns per expert
+    "n_total",      # columns of C (n, or E*n for all experts)
+    "kt_begin",     # first kt row (within the expert) of this weight piece
+    "kt_count",     # kt rows in this piece
+    "kt_per_split",
+    "splits",       # k-splits of this dispatch (reduce: slots to add)
+    "group_shift",  # log2(kt rows per scale group) (grouped weights: 2, 4 or 8 kt rows)
+    "g_begin",      # first scale group held by the scale binding
+    "w_base",       # u32 offset of the piece in the weight binding
+    "w_expert",     # u32 words between experts
+    "s_base",       # half offset of the piece's first scale row in the scale binding
+    "s_expert",     # halves between experts
+    "a_base",       # u32 offset of the m-block in the A binding
+    "col_base",     # column of C where this piece's first expert starts
+    "slot_base",    # first scratch slot of this piece
+    "slot_stride",  # fp32 values per scratch slot (M * n_total)
+    "out_base",     # fp32 offset of slot 0 in the scratch binding
+    "c_base",       # u32 offset of the m-block in the C binding (reduce)
+)
+_PARAM_WORDS = 4 * math.ceil(len(PARAM_FIELDS) / 4)
+PARAMS_WGSL = "struct Params {\n" + "".join(f"    {f}: u32,\n" for f in PARAM_FIELDS) + "".join(
+    f"    _pad{i}: u32,\n" for i in range(_PARAM_WORDS - len(PARAM_FIELDS))) + "}"
+
+
+def _pack_params(**values) -> np.ndarray:
+    words = np.zeros(_PARAM_WORDS, dtype=np.uint32)
+    for name, value in values.items():
+        words[PARAM_FIELDS.index(name)] = value
+    return words
+
+
+# ------------------------------------------------------------------------------------------------
+# Layout facts the kernels rely on, read from ferrum.format (the one owner of the format) and
+# checked here, once, at import.
+
+def _layout_tables() -> dict[str, str]:
+    row, col = F.CHUNK_ROW, F.CHUNK_COL
+    dr, dc = row[0], col[0]
+    for t in range(32):
+        for j in range(4):
+            w = 4 * t + j
+            assert (row[w] == 2 * (t % 4) + dr).all() and (col[w] == 16 * j + t // 4 + dc).all()
+    # nibbles p and p + 4 are the same column, k rows r and r + 1 (one fp16 pair of A)
+    assert (row[0, 4:] == dr[:4] + 1).all() and (col[0, 4:] == dc[:4]).all()
+    pair = {(int(dr[p]), int(dc[p])): p for p in range(4)}
+    assert set(pair) == {(0, 0), (8, 0), (0, 8), (8, 8)}
+    inv_grouped = F.scale_column_inverse(64, 2)
+    inv_channel = F.scale_column_inverse(64, 1)
+    # gemv's single vec4 scale load: columns 16j + c + 8h sit at permuted 8c + 2j + h
+    for c in range(8):
+        for j in range(4):
+            for h in range(2):
+                assert inv_grouped[16 * j + c + 8 * h] == 8 * c + 2 * j + h
+
+    def arr(name, values, kind="private"):
+        body = ", ".join(f"{int(v)}u" for v in values)
+        return f"var<{kind}> {name}: array<u32, {len(values)}> = array<u32, {len(values)}>({body});"
+
+    common = "\n".join([
+        arr("NIB_DR", dr[:4]), arr("NIB_DC", dc[:4]),
+        f"const NIB_PAIR_LO_H0: u32 = {pair[(0, 0)]}u;",
+        f"const NIB_PAIR_HI_H0: u32 = {pair[(8, 0)]}u;",
+        f"const NIB_PAIR_LO_H1: u32 = {pair[(0, 8)]}u;",
+        f"const NIB_PAIR_HI_H1: u32 = {pair[(8, 8)]}u;",
+    ])
+    return {"grouped": common + "\n" + arr("SCALE_POS", inv_grouped),
+            "channel": common + "\n" + arr("SCALE_POS", inv_channel)}
+
+
+TABLES = _layout_tables()
+#: repack.wgsl's table: CHUNK_ROW | CHUNK_COL << 8 for word w, nibble s at [8w + s].
+CHUNK_CODES = (F.CHUNK_ROW.astype(np.uint32) | (F.CHUNK_COL.astype(np.uint32) << 8)).reshape(-1)
+
+
+def _gemv_blocks(m_tile: int) -> dict[str, str]:
+    """The unrolled per-row statements of gemv.wgsl for M_TILE = m_tile."""
+    decl, acc, red = [], [], []
+    for m in range(m_tile):
+        decl.append(f"    var acc{m}a = vec4<f32>(0.0);\n    var acc{m}b = vec4<f32>(0.0);\n"
+                    f"    let arow{m} = min(m0 + {m}u, P.M - 1u) * a_row;")
+        acc.append(
+            f"        {{\n"
+            f"            let al = unpack2x16float(A[a_k + arow{m}]);\n"
+            f"            let ah = unpack2x16float(A[a_k + arow{m} + 4u]);\n"
+            f"            acc{m}a += sa * vec4<f32>(dot(w0, al) + dot(v0, ah), dot(w1, al) + dot(v1, ah),\n"
+            f"                                      dot(w2, al) + dot(v2, ah), dot(w3, al) + dot(v3, ah));\n"
+            f"            acc{m}b += sb * vec4<f32>(dot(w4, al) + dot(v4, ah), dot(w5, al) + dot(v5, ah),\n"
+            f"                                      dot(w6, al) + dot(v6, ah), dot(w7, al) + dot(v7, ah));\n"
+            f"        }}")
+        red.append(
+            f"    {{\n"
+            f"        var ra = acc{m}a;\n"
+            f"        var rb = acc{m}b;\n"
+            f"        if (SUBGROUPS) {{\n"
+            f"            ra += subgroupShuffleXor(ra, 1u);\n"
+            f"            ra += subgroupShuffleXor(ra, 2u);\n"
+            f"            rb += subgroupShuffleXor(rb, 1u);\n"
+            f"            rb += subgroupShuffleXor(rb, 2u);\n"
+            f"        }}\n"
+            f"        workgroupBarrier();\n"
+            f"        red[(slot * 32u + lane) * 2u] = ra;\n"
+            f"        red[(slot * 32u + lane) * 2u + 1u] = rb;\n"
+            f"        workgroupBarrier();\n"
+            f"        if (li < 64u && m0 + {m}u < P.M) {{\n"
+            f"            OUT[slot_at + (m0 + {m}u) * P.n_total + col_out + li] = column_sum(li) * scale;\n"
+            f"        }}\n"
+            f"    }}")
+    return {"ACC_DECL": "\n".join(decl), "ACCUMULATE": "\n".join(acc), "REDUCE": "\n".join(red)}
+
+
+def _shader_source(name: str, **subs) -> str:
+    text = (HERE / name).read_text()
+    subs.setdefault("PARAMS", PARAMS_WGSL)
+    for key, value in subs.items():
+        text = text.replace("{{" + key + "}}", str(value))
+    return text
+
+
+# ------------------------------------------------------------------------------------------------
+# Resident arrays
+
+
+class MetalArray:
+    """A wgpu storage buffer holding one C-contiguous array (shape and dtype kept beside it)."""
+
+    def __init__(self, buffer, shape, dtype):
+        self.buffer = buffer
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __repr__(self) -> str:
+        return f"MetalArray(shape={self.shape}, dtype={self.dtype})"
+
+
+@dataclass
+class _Dispatch:
+    pipeline: object
+    bind_group: object
+    grid: tuple[int, int, int]
+
+
+@dataclass
+class _Plan:
+    generation: int
+    dispatches: list
+    out_bytes: int
+    a_bytes: int
+    summary: str = ""       # e.g. "gemv m8 k16": kernel, rows per workgroup, k-splits (bench)
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+class MetalBackend(Backend):
+    name = "metal"
+
+    def __init__(self):
+        self._lock = threading.RLock()
+        self._state = None          # BackendInfo once probed
+        self.device = None
+        self.adapter = None
+        self.subgroups = False
+        self.binding_limit = 0      # bytes one storage binding may span (the planner's limit)
+        self.target_workgroups = TARGET_WORKGROUPS
+        self.offset_alignment = 256
+        self._pipelines: dict = {}
+        self._work: dict[str, object] = {}
+        self._generation = 0
+        self._codes = None
+
+    # --- device -----------------------------------------------------------------------------------
+    def info(self) -> BackendInfo:
+        with self._lock:
+            if self._state is None:
+                try:
+                    self._state = self._open()
+                except Exception as exc:
+                    self._state = BackendInfo("metal", False, f"{type(exc).__name__}: {exc}")
+            return self._state
+
+    def _open(self) -> BackendInfo:
+        if wgpu is None:
+            return BackendInfo("metal", False, _WGPU_ERROR)
+        adapters = wgpu.gpu.enumerate_adapters_sync()
+        want = "Metal" if sys.platform == "darwin" else "Vulkan"
+        native = [a for a in adapters if a.info.get("backend_type") == want]
+        if not native:
+            seen = ", ".join(f"{a.info.get('device')} ({a.info.get('backend_type')})"
+                             for a in adapters) or "none"
+            return BackendInfo("metal", False, f"no {want} adapter found by wgpu (adapters: {seen})")
+        rank = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "CPU": 3}
+        choice = os.environ.get("FERRUM_METAL_ADAPTER", "")
+        if choice:
+            native = [a for a in native if choice.lower() in a.info.get("device", "").lower()] or native
+        adapter = min(native, key=lambda a: rank.get(a.info.get("adapter_type"), 4))
+        limits = adapter.limits
+        features = ["subgroup"] if "subgroup" in adapter.features else []
+        wanted = {k: limits[k] for k in ("max-storage-buffer-binding-size", "max-buffer-size",
+                                         "max-compute-workgroup-storage-size") if k in limits}
+        device = adapter.request_device_sync(required_features=features, required_limits=wanted)
+        self.adapter, self.device = adapter, device
+        dl = device.limits
+        self.offset_alignment = int(dl.get("min-storage-buffer-offset-alignment", 256))
+        self.max_buffer_size = int(dl["max-buffer-size"])
+        self.binding_limit = int(dl["max-storage-buffer-binding-size"])
+        override = os.environ.get("FERRUM_METAL_BINDING_LIMIT", "")
+        if override:
+            self.binding_limit = min(self.binding_limit, int(override))
+        if int(dl.get("max-compute-workgroup-storage-size", 16384)) < 16384:
+            return BackendInfo("metal", False, "adapter offers < 16 KiB of workgroup storage")
+        self.subgroups = bool(features) and self._subgroups_work()
+        self.target_workgroups = (TARGET_WORKGROUPS_CPU if adapter.info.get("adapter_type") == "CPU"
+                                  else TARGET_WORKGROUPS)
+        name = adapter.info.get("device", "?")
+        api = adapter.info.get("backend_type", "?")
+        native_version = getattr(wgpu.backends.wgpu_native, "__version__", "?")
+        version = (f"wgpu-py {wgpu.__version__}, wgpu-native {native_version}, "
+                   f"subgroups {'on' if self.subgroups else 'off'}")
+        return BackendInfo("metal", True, "", f"{name} via {api}", version)
+
+    def _subgroups_work(self) -> bool:
+        """The gemv reduction shuffles across lanes t ^ 1 and t ^ 2: check that really happens."""
+        src = """
+@group(0) @binding(0) var<storage, read_write> o: array<u32>;
+@compute @workgroup_size(256)
+fn main(@builtin(local_invocation_index) li: u32) {
+    let a = subgroupShuffleXor(li, 1u);
+    let b = subgroupShuffleXor(li, 2u);
+    o[li] = select(0u, 1u, a == (li ^ 1u) && b == (li ^ 2u));
+}"""
+        try:
+            pipe = self._compile(src)
+            buf = self._buffer(1024)
+            bg = self._bind_group(pipe, [(buf, 0, 1024)])
+            enc = self.device.create_command_encoder()
+            cp = enc.begin_compute_pass()
+            cp.set_pipeline(pipe)
+            cp.set_bind_group(0, bg)
+            cp.dispatch_workgroups(1)
+            cp.end()
+            self.device.queue.submit([enc.finish()])
+            return bool(np.frombuffer(self.device.queue.read_buffer(buf), np.uint32).all())
+        except Exception:
+            return False
+
+    def _ready(self):
+        status = self.info()
+        if not status.available:
+            raise RuntimeError(f"metal backend is not available: {status.reason}")
+
+    def _compile(self, source: str):
+        module = None
+        for prefix in ("", "enable subgroups;\n"):   # naga versions differ on the enable line
+            try:
+                module = self.device.create_shader_module(code=prefix + source)
+                break
+            except Exception:
+                if prefix:
+                    raise
+        return self.device.create_compute_pipeline(
+            layout="auto", compute={"module": module, "entry_point": "main"})
+
+    def _pipeline(self, name: str, **subs):
+        key = (name, tuple(sorted(subs.items())))
+        if key not in self._pipelines:
+            self._pipelines[key] = self._compile(_shader_source(name, **subs))
+        return self._pipelines[key]
+
+    def _buffer(self, nbytes: int, usage=None):
+        if usage is None:
+            usage = (wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC
+                     | wgpu.BufferUsage.COPY_DST)
+        return self.device.create_buffer(size=max(16, _round_up(nbytes, 16)), usage=usage)
+
+    def _uniform(self, words: np.ndarray):
+        buf = self.device.create_buffer(
+            size=words.nbytes, usage=wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST)
+        self.device.queue.write_buffer(buf, 0, words)
+        return buf
+
+    def _bind_group(self, pipeline, entries):
+        """entries: (buffer, byte offset, byte size) in binding order; the first may be uniform."""
+        return self.device.create_bind_group(
+            layout=pipeline.get_bind_group_layout(0),
+            entries=[{"binding": i, "resource": {"buffer": b, "offset": int(o), "size": int(s)}}
+                     for i, (b, o, s) in enumerate(entries)])
+
+    def _range(self, buffer, offset: int, nbytes: int, unit: int):
+        """Bind [offset, offset + nbytes) of buffer: the range starts at an aligned offset below,
+        and the returned base (in ``unit``-byte elements) says where the data begins in it."""
+        start = offset - offset % self.offset_alignment
+        size = min(_round_up(offset + nbytes - start, 16), buffer.size - start)
+        return (buffer, start, size), (offset - start) // unit
+
+    def _usable_limit(self) -> int:
+        """Bytes of data one binding may carry once _range has aligned its start down and
+        rounded its size up."""
+        return self.binding_limit - self.offset_alignment - 16
+
+    def _workspace(self, name: str, nbytes: int, usage=None):
+        buf = self._work.get(name)
+        if buf is None or buf.size < nbytes:
+            grown = _round_up(max(nbytes, 2 * buf.size if buf is not None else 0), 256)
+            if usage is not None:
+                buf = self.device.create_buffer(size=grown, usage=usage)
+            else:
+                buf = self._buffer(grown)
+            self._work[name] = buf
+            self._generation += 1
+        return buf
+
+    # --- memory -----------------------------------------------------------------------------------
+    def from_host(self, array: np.ndarray) -> MetalArray:
+        self._ready()
+        array = np.ascontiguousarray(array)
+        if array.nbytes > self.max_buffer_size:
+            raise ValueError(f"array of {array.nbytes} bytes exceeds this adapter's largest "
+                             f"buffer ({self.max_buffer_size} bytes)")
+        buf = self._buffer(array.nbytes)
+        data = array.view(np.uint8).reshape(-1)
+        if data.size % 4:
+            data = np.concatenate([data, np.zeros(4 - data.size % 4, np.uint8)])
+        if data.size:
+            self.device.queue.write_buffer(buf, 0, data)
+        return MetalArray(buf, array.shape, array.dtype)
+
+    def to_host(self, resident: MetalArray) -> np.ndarray:
+        self._ready()
+        nbytes = resident.nbytes
+        if nbytes == 0:
+            return np.empty(resident.shape, resident.dtype)
+        raw = self.device.queue.read_buffer(resident.buffer, 0, _round_up(nbytes, 4))
+        return np.frombuffer(raw, np.uint8)[:nbytes].view(resident.dtype).reshape(
+            resident.shape).copy()
+
+    def owns(self, array) -> bool:
+        return isinstance(array, MetalArray)
+
+    # --- repack -----------------------------------------------------------------------------------
+    def repack(self, qweight, perm, size_k: int, size_n: int) -> MetalArray:
+        self._ready()
+        if isinstance(qweight, MetalArray):
+            qweight = self.to_host(qweight)
+        qweight = np.ascontiguousarray(qweight).view(np.uint32)
+        with self._lock:
+            return self._repack(qweight, perm, size_k, size_n)
+
+    def _repack(self, qweight, perm, size_k, size_n):
+        kt_rows = size_k // F.TILE
+        row_bytes = 2 * size_n * 4
+        limit = self._usable_limit()
+        # source blocks of nb columns (all K rows, act-order may read any), destination blocks
+        # of kt rows (all columns): both within one binding
+        nb = min(size_n, (limit // (size_k // F.PACK * 4)) // F.CHUNK_N * F.CHUNK_N)
+        kt_block = min(kt_rows, limit // row_bytes)
+        if nb < F.CHUNK_N or kt_block < 1:
+            raise ValueError(f"repack of K={size_k}, N={size_n} cannot fit the binding limit "
+                             f"({self.binding_limit} bytes)")
+        dst = self._buffer(kt_rows * row_bytes)
+        if self._codes is None:
+            self._codes = self.from_host(CHUNK_CODES)
+        perm_host = (np.zeros(1, np.uint32) if perm is None
+                     else np.ascontiguousarray(perm, dtype=np.uint32))
+        perm_buf = self.from_host(perm_host)
+        pipe = self._pipeline("repack.wgsl")
+        enc = self.device.create_command_encoder()
+        keep = []
+        for n0 in range(0, size_n, nb):
+            width = min(nb, size_n - n0)
+            src = np.ascontiguousarray(qweight[:, n0:n0 + width]) if width != size_n else qweight
+            src_buf = self.from_host(src)
+            keep.append(src_buf)
+            for kt0 in range(0, kt_rows, kt_block):
+                count = min(kt_block, kt_rows - kt0)
+                dst_entry, dst_base = self._range(dst, kt0 * row_bytes, count * row_bytes, 4)
+                params = np.array([size_n, width, n0, kt0, perm is not None, dst_base, 0, 0],
+                                  dtype=np.uint32)
+                ubuf = self._uniform(params)
+                keep.append(ubuf)
+                bg = self._bind_group(pipe, [
+                    (ubuf, 0, ubuf.size), (src_buf.buffer, 0, src_buf.buffer.size),
+                    (perm_buf.buffer, 0, perm_buf.buffer.size),
+                    (self._codes.buffer, 0, self._codes.buffer.size), dst_entry])
+                cp = enc.begin_compute_pass()
+                cp.set_pipeline(pipe)
+                cp.set_bind_group(0, bg)
+                cp.dispatch_workgroups(width // F.CHUNK_N, count, 1)
+                cp.end()
+        self.device.queue.submit([enc.finish()])
+        return MetalArray(dst, (kt_rows, 2 * size_n), np.int32)
+
+    # --- mm ---------------------------------------------------------------------------------------
+    def mm(self, a, weight, expert, out, **options):
+        self._ready()
+        if isinstance(a, MetalArray):
+            a = self.to_host(a)
+        a = np.asarray(a)
+        if weight.perm is not None:
+            a = a[:, weight.perm]           # Marlin rows are in perm order: permute A's columns
+        a = np.ascontiguousarray(a, dtype=np.float16)
+        m = a.shape[0]
+        with self._lock:
+            plan = self._plan(weight, m, expert)
+            queue = self.device.queue
+            queue.write_buffer(self._work["a"], 0, a)
+            enc = self.device.create_command_encoder()
+            cp = enc.begin_compute_pass()
+            for d in plan.dispatches:
+                cp.set_pipeline(d.pipeline)
+                cp.set_bind_group(0, d.bind_group)
+                cp.dispatch_workgroups(*d.grid)
+            cp.end()
+            staging = self._work["read"]
+            enc.copy_buffer_to_buffer(self._work["c"], 0, staging, 0, plan.out_bytes)
+            queue.submit([enc.finish()])
+            staging.map_sync(wgpu.MapMode.READ, 0, plan.out_bytes)
+            try:
+                raw = staging.read_mapped(0, plan.out_bytes, copy=False)
+                result = np.frombuffer(raw, np.float16).reshape(m, -1)
+                if out is None:
+                    out = result.copy()
+                else:
+                    out[...] = result
+                del raw, result
+            finally:
+                staging.unmap()
+        return out
+
+    def _plan(self, weight, m: int, expert) -> _Plan:
+        cache = weight._aux.setdefault("metal_plans", {})
+        key = (m, expert, self.binding_limit, self.subgroups, self.target_workgroups)
+        plan = cache.get(key)
+        # A plan binds the workspaces of its generation; when any grew since, bind again.
+        if plan is None or plan.generation != self._generation:
+            plan = self._make_plan(weight, m, expert)
+            cache.pop(key, None)
+            while len(cache) >= PLANS_PER_WEIGHT:
+                cache.pop(next(iter(cache)))
+            cache[key] = plan
+        return plan
+
+    def _kernel_for(self, m_block: int) -> str:
+        """The shape-class table: vector kernel for small M, tiled for the rest."""
+        return "gemv.wgsl" if m_block <= VECTOR_MAX_M else "tiled.wgsl"
+
+    @staticmethod
+    def _m_tile(kernel: str, m_block: int) -> int:
+        """Rows of A per workgroup: gemv keeps M_TILE x 8 accumulators a lane (a power of two up
+        to VECTOR_M_TILE), tiled works on 64-row tiles."""
+        if kernel == "gemv.wgsl":
+            return min(VECTOR_M_TILE, 1 << (m_block - 1).bit_length())
+        return TILE_M
+
+    def _make_plan(self, weight, m: int, expert) -> _Plan:
+        K, n = weight.size_k, weight.size_n
+        E = weight.num_experts
+        experts = list(range(E)) if expert is None else [int(expert)]
+        n_total = n * len(experts)
+        kt_rows = K // F.TILE
+        groups = weight.num_groups
+        group_tiles = F.effective_group_size(K, weight.group_size) // F.TILE
+        # kernels find a row's scale group as kt >> group_shift (G in 32, 64, 128: 2, 4, 8 kt
+        # rows); one group: shift everything away
+        group_shift = 31 if groups == 1 else group_tiles.bit_length() - 1
+        assert groups == 1 or group_tiles == 1 << group_shift
+        row_bytes = 2 * n * 4                    # one kt row of one expert's packed weight
+        srow_bytes = 2 * n                       # one scale row
+        limit = self._usable_limit()
+        if row_bytes * 8 > limit or srow_bytes > limit:
+            raise ValueError(f"size_n={n} is too wide for the binding limit ({self.binding_limit})")
+
+        # Pieces of the weight: (first expert, experts, kt_begin, kt_count, k-piece index).
+        pieces = []
+        if kt_rows * row_bytes <= limit and groups * srow_bytes <= limit:
+            per = max(1, min(limit // (kt_rows * row_bytes), limit // (groups * srow_bytes)))
+            for i in range(0, len(experts), per):
+                pieces.append((experts[i], min(per, len(experts) - i), 0, kt_rows, 0))
+            k_pieces = 1
+        else:
+            kt_block = (limit // row_bytes) // 8 * 8
+            while kt_block >= 8 and (kt_block // group_tiles + 2) * srow_bytes > limit:
+                kt_block -= 8                    # the piece's scale rows must fit a binding too
+            if kt_block < 8:
+                raise ValueError("weight rows do not fit the binding limit")
+            k_pieces = math.ceil(kt_rows / kt_block)
+            for e in experts:
+                for p in range(k_pieces):
+                    kt0 = p * kt_block
+                    pieces.append((e, 1, kt0, min(kt_block, kt_rows - kt0), p))
+            kt_rows_piece = kt_block
+        kt_piece = kt_rows if k_pieces == 1 else kt_rows_piece
+
+        # m-blocks: A, C and the scratch of one block (at least one slot per k-piece) must each
+        # fit a binding; then as many k-splits as the workgroup target asks and the scratch allows.
+        m_block = m
+        while m_block > 2 and (m_block * K * 2 > limit or m_block * n_total * 2 > limit
+                                or k_pieces * m_block * n_total * 4 > limit
+                                or m_block > MAX_GRID):
+            m_block = _round_up(m_block // 2, 2)
+        if k_pieces * m_block * n_total * 4 > limit:
+            raise ValueError("output too wide for the binding limit")
+        kernel = self._kernel_for(m_block)
+        chunks = n // F.CHUNK_N
+        m_tile = self._m_tile(kernel, m_block)
+        base_wgs = chunks * len(experts) * math.ceil(m_block / m_tile)
+        scratch_splits = max(1, limit // (k_pieces * m_block * n_total * 4))
+        if kernel == "gemv.wgsl":
+            splits = max(1, min(math.ceil(self.target_workgroups / base_wgs), kt_piece // 16,
+                                scratch_splits))
+            kt_per_split = math.ceil(kt_piece / splits)
+        else:
+            splits = max(1, min(math.ceil(self.target_workgroups / 4 / base_wgs), kt_piece // 8,
+                                scratch_splits))
+            kt_per_split = _round_up(math.ceil(kt_piece / splits), 2)
+        splits = math.ceil(kt_piece / kt_per_split)
+        slots = k_pieces * splits
+        if chunks > MAX_GRID or splits * math.ceil(m_block / m_tile) > MAX_GRID:
+            raise ValueError(f"size_n={n} or M={m} exceeds the dispatch grid ({MAX_GRID})")
+
+        a_buf = self._workspace("a", m * K * 2)
+        c_buf = self._workspace("c", m * n_total * 2)
+        s_buf = self._workspace("scratch", slots * m_block * n_total * 4)
+        self._workspace("read", m * n_total * 2,
+                        usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+
+        scale_rows_per_expert = groups
+        table = "channel" if groups == 1 else "grouped"
+        reduce_pipe = self._pipeline("reduce.wgsl")
+        dispatches = []
+        for mb0 in range(0, m, m_block):
+            mb = min(m_block, m - mb0)
+            block_kernel = self._kernel_for(mb)      # a short last block may be gemv
+            m_tile = self._m_tile(block_kernel, mb)
+            if block_kernel == "gemv.wgsl":
+                pipe = self._pipeline(block_kernel, TABLES=TABLES[table], M_TILE=m_tile,
+                                      SUBGROUPS=str(self.subgroups).lower(),
+                                      CHANNELWISE=str(groups == 1).lower(),
+                                      PRESCALE=str(m_tile > PRESCALE_FROM_M_TILE).lower(),
+                                      **_gemv_blocks(m_tile))
+            else:
+                pipe = self._pipeline(block_kernel, TABLES=TABLES[table])
+            a_entry, a_base = self._range(a_buf, mb0 * K * 2, mb * K * 2, 4)
+            s_entry, out_base = self._range(s_buf, 0, slots * mb * n_total * 4, 4)
+            for e0, ecount, kt0, ktc, kp in pieces:
+                w_off = (e0 * kt_rows + kt0) * row_bytes
+                w_len = ((ecount - 1) * kt_rows + ktc) * row_bytes
+                w_entry, w_base = self._range(weight.qweight.buffer, w_off, w_len, 4)
+                g0 = (kt0 // group_tiles) if groups > 1 else 0
+                g1 = ((kt0 + ktc - 1) // group_tiles + 1) if groups > 1 else 1
+                sc_off = (e0 * scale_rows_per_expert + g0) * srow_bytes
+                sc_len = ((ecount - 1) * scale_rows_per_expert + (g1 - g0)) * srow_bytes
+                sc_entry, sc_base = self._range(weight.scales.buffer, sc_off, sc_len, 2)
+                col_base = (e0 - experts[0]) * n
+                params = _pack_params(
+                    M=mb, K=K, n=n, n_total=n_total, kt_begin=kt0, kt_count=ktc,
+                    kt_per_split=kt_per_split, splits=splits, group_shift=group_shift,
+                    g_begin=g0, w_base=w_base, w_expert=kt_rows * 2 * n, s_base=sc_base,
+                    s_expert=scale_rows_per_expert * n, a_base=a_base, col_base=col_base,
+                    slot_base=kp * splits, slot_stride=mb * n_total, out_base=out_base, c_base=0)
+                ubuf = self._uniform(params)
+                bg = self._bind_group(pipe, [(ubuf, 0, ubuf.size), w_entry, sc_entry, a_entry,
+                                             s_entry])
+                grid = (chunks, splits * math.ceil(mb / m_tile), ecount)
+                dispatches.append(_Dispatch(pipe, bg, grid))
+            c_entry, c_base = self._range(c_buf, mb0 * n_total * 2, mb * n_total * 2, 4)
+            params = _pack_params(M=mb, n_total=n_total, splits=slots, slot_stride=mb * n_total,
+                                  out_base=out_base, c_base=c_base)
+            ubuf = self._uniform(params)
+            s_read, _ = self._range(s_buf, 0, slots * mb * n_total * 4, 4)
+            bg = self._bind_group(reduce_pipe, [(ubuf, 0, ubuf.size), s_read, c_entry])
+            dispatches.append(_Dispatch(reduce_pipe, bg,
+                                        (math.ceil(n_total / 2 / 256), mb, 1)))
+        summary = (f"{kernel.split('.')[0]} m{self._m_tile(kernel, m_block)} k{slots}"
+                   + (f" p{len(pieces)}" if len(pieces) > 1 else "")
+                   + (f" b{math.ceil(m / m_block)}" if m_block < m else ""))
+        return _Plan(self._generation, dispatches, m * n_total * 2, m * K * 2, summary)
+
+    # --- measurement (bench) ----------------------------------------------------------------------
+    def plan_summary(self, weight, m: int, expert) -> str:
+        """How mm runs this shape: kernel, rows per workgroup (m), k-splits (k), weight pieces (p),
+        m-blocks (b)."""
+        with self._lock:
+            return self._plan(weight, m, expert).summary
+
+    def kernel_seconds(self, a: np.ndarray, weight, expert, min_seconds: float = 0.5) -> float:
+        """Seconds per mm's dispatches alone (no upload, no read-back), submitted back to back."""
+        self._ready()
+        if weight.perm is not None:
+            a = a[:, weight.perm]
+        a = np.ascontiguousarray(a, dtype=np.float16)
+        with self._lock:
+            plan = self._plan(weight, a.shape[0], expert)
+            self.device.queue.write_buffer(self._work["a"], 0, a)
+
+            def submit(reps):
+                enc = self.device.create_command_encoder()
+                for _ in range(reps):
+                    cp = enc.begin_compute_pass()
+                    for d in plan.dispatches:
+                        cp.set_pipeline(d.pipeline)
+                        cp.set_bind_group(0, d.bind_group)
+                        cp.dispatch_workgroups(*d.grid)
+                    cp.end()
+                self._submit_and_wait(enc)
+
+            return self._time_batches(submit, min_seconds)
+
+    def copy_bandwidth(self, nbytes: int, min_seconds: float = 0.3) -> float:
+        """Bytes per second moved (read + write) by copy_buffer_to_buffer on this adapter."""
+        self._ready()
+        nbytes = min(_round_up(nbytes, 256), self.max_buffer_size // 2 // 256 * 256)
+        with self._lock:
+            src, dst = self._buffer(nbytes), self._buffer(nbytes)
+
+            def submit(reps):
+                enc = self.device.create_command_encoder()
+                for _ in range(reps):
+                    enc.copy_buffer_to_buffer(src, 0, dst, 0, nbytes)
+                self._submit_and_wait(enc)
+
+            seconds = self._time_batches(submit, min_seconds)
+            src.destroy()
+            dst.destroy()
+        return 2 * nbytes / seconds
+
+    def _submit_and_wait(self, enc):
+        """Submit and block until the GPU is done: map a 16-byte read-back of the last work (the
+        queue's on_submitted_work_done is not dependable across wgpu-native versions)."""
+        fence = self._workspace("fence", 256,
+                                usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+        source = self._workspace("a", 256)
+        enc.copy_buffer_to_buffer(source, 0, fence, 0, 16)
+        self.device.queue.submit([enc.finish()])
+        fence.map_sync(wgpu.MapMode.READ, 0, 16)
+        fence.unmap()
+
+    @staticmethod
+    def _time_batches(submit, min_seconds: float) -> float:
+        """Seconds per unit of submit(reps): warm up, then grow the batch until it lasts long
+        enough that submission and wake-up costs are small beside it."""
+        import time
+        submit(1)
+        reps = 1
+        while True:
+            start = time.perf_counter()
+            submit(reps)
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_seconds or reps >= 4096:
+                return elapsed / reps
+            reps = min(4096, max(2 * reps, int(reps * min_seconds / max(elapsed, 1e-6) * 1.2)))

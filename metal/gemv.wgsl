@@ -1,0 +1,159 @@
+// Small-M kernel: C[m, col] partial sums over one k-split, for M_TILE rows of A at a time.
+//
+// One workgroup = one 64-column Marlin chunk of one expert x one k-split x one m-tile.
+// Its 256 invocations are 8 k-slots x 32 lanes. Lane t reads word quad 4t..4t+3 of the chunk row
+// as one vec4<u32> (16 bytes; the 32 lanes of a slot read 512 contiguous bytes). That quad is the
+// B fragment Marlin's lane t owns: k rows {r0, r0+1, r0+8, r0+9} (r0 = 2*(t%4)) and columns
+// {c, c+8} (c = t/4) of each of the 4 n-tiles j (word j of the quad), so the lane needs only two
+// words of A per row m: halves (r0, r0+1) and (r0+8, r0+9). Slot s walks kt = kt_lo+s, +8, ...
+//
+// Dequantization: nibble pair p = (p, p+4) of a word is the same column, k rows (r, r+1)
+// (NIB_DR/NIB_DC and the NIB_PAIR_* indices come from ferrum.format), so each pair dots with the
+// one A word that unpack2x16float turns into rows (r, r+1). A nibble OR'd into the mantissa of
+// 2^23 is the float 2^23 + q exactly; subtracting 2^23 + 8 gives uint4b8's q - 8 with no
+// conversion instruction (and no shader-f16; integer->float conversions are slow on some GPUs and
+// on lavapipe).
+//
+// Grouped scales: marlin_permute_scales puts the 8 scales lane t needs (columns 16j + c + 8h) at
+// permuted columns 8c + 2j + h: one vec4<u32> load (checked against ferrum.format by the host).
+// Channelwise scales (one group) are applied once, after the k loop.
+//
+// Reduction: lanes t with equal t/4 share columns; first over t%4 (subgroup shuffles, or
+// workgroup memory), then over the 8 k-slots in workgroup memory. The 64 column sums go to the
+// fp32 scratch slot of this split; reduce.wgsl adds the slots and writes fp16.
+
+{{PARAMS}}
+{{TABLES}}
+
+const M_TILE: u32 = {{M_TILE}}u;
+const SUBGROUPS: bool = {{SUBGROUPS}};
+const CHANNELWISE: bool = {{CHANNELWISE}};
+const PRESCALE: bool = {{PRESCALE}};
+const K_SLOTS: u32 = 8u;
+// lanes t%4 = 0..3 to add in workgroup memory (1 when subgroup shuffles added them already)
+const LANE_TERMS: u32 = select(4u, 1u, SUBGROUPS);
+
+@group(0) @binding(0) var<uniform> P: Params;
+@group(0) @binding(1) var<storage, read> W: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read> S: array<vec4<u32>>;
+@group(0) @binding(3) var<storage, read> A: array<u32>;
+@group(0) @binding(4) var<storage, read_write> OUT: array<f32>;
+
+var<workgroup> red: array<vec4<f32>, 512>;   // [k-slot 8][lane 32][columns q/4][q%4]
+
+fn dequant_pair(x: u32, p: u32) -> vec2<f32> {
+    // Nibbles p and p + 4, OR'd into the mantissa of 2^23: the float 2^23 + q, exact.
+    let lo = bitcast<f32>(((x >> (4u * p)) & 0xFu) | 0x4B000000u);
+    let hi = bitcast<f32>(((x >> (4u * p + 16u)) & 0xFu) | 0x4B000000u);
+    return vec2<f32>(lo, hi) - vec2<f32>(8388616.0);     // 2^23 + 8: uint4b8's q - 8
+}
+
+fn scale_half(pos: u32) -> f32 {   // pos: half index into the scale binding
+    let v = S[pos / 8u];
+    return unpack2x16float(v[(pos / 2u) % 4u])[pos % 2u];
+}
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let chunk = wg.x;
+    let split = wg.y % P.splits;
+    let m0 = (wg.y / P.splits) * M_TILE;
+    let e_local = wg.z;
+    let lane = li % 32u;
+    let slot = li / 32u;
+    let t4 = lane % 4u;
+    let c = lane / 4u;
+
+    let kt_lo = split * P.kt_per_split;
+    let kt_hi = min(kt_lo + P.kt_per_split, P.kt_count);
+    let w_row = P.n / 2u;                                     // vec4s per kt row (2n words)
+    let w_at = (P.w_base + e_local * P.w_expert) / 4u + chunk * 32u + lane;
+    let s_row = P.n / 8u;                                     // vec4s per scale row (n halves)
+    let s_at = (P.s_base + e_local * P.s_expert) / 8u + chunk * 8u + c;
+    let a_row = P.K / 2u;
+
+    // Per row m of the tile: acc{m}a = columns q 0..3, acc{m}b = q 4..7, q = 2j + h; arow{m} =
+    // the row's offset in A (rows past M re-read row M - 1 and are never written). Generated,
+    // unrolled, so every accumulator is a register on every compiler.
+{{ACC_DECL}}
+
+    // Software pipelined: the next quad is in flight while this one is dequantized.
+    var kt = kt_lo + slot;
+    var x_next = vec4<u32>(0u);
+    if (kt < kt_hi) { x_next = W[w_at + kt * w_row]; }
+    loop {
+        if (kt >= kt_hi) { break; }
+        let x = x_next;
+        let kt_next = kt + K_SLOTS;
+        if (kt_next < kt_hi) { x_next = W[w_at + kt_next * w_row]; }
+        let ktg = P.kt_begin + kt;                            // kt within the expert
+        var sc = vec4<u32>(0x3C003C00u);                      // 1.0 halves (channelwise)
+        if (!CHANNELWISE) {
+            sc = S[s_at + ((ktg >> P.group_shift) - P.g_begin) * s_row];
+        }
+        // Column q = 2j + h: w{q} = pair for k rows (r0, r0+1), v{q} for (r0+8, r0+9); scale
+        // sq{j} = (column 2j, column 2j+1). With PRESCALE (several rows of A share each pair) the
+        // pairs are scaled here, else the few column sums are scaled per row below (fewer ops).
+        let s0 = unpack2x16float(sc.x);
+        let s1 = unpack2x16float(sc.y);
+        let s2 = unpack2x16float(sc.z);
+        let s3 = unpack2x16float(sc.w);
+        var f0 = vec2<f32>(1.0);
+        var f1 = vec2<f32>(1.0);
+        var f2 = vec2<f32>(1.0);
+        var f3 = vec2<f32>(1.0);
+        if (PRESCALE) {
+            f0 = s0;
+            f1 = s1;
+            f2 = s2;
+            f3 = s3;
+        }
+        let w0 = dequant_pair(x.x, NIB_PAIR_LO_H0) * f0.x;
+        let v0 = dequant_pair(x.x, NIB_PAIR_HI_H0) * f0.x;
+        let w1 = dequant_pair(x.x, NIB_PAIR_LO_H1) * f0.y;
+        let v1 = dequant_pair(x.x, NIB_PAIR_HI_H1) * f0.y;
+        let w2 = dequant_pair(x.y, NIB_PAIR_LO_H0) * f1.x;
+        let v2 = dequant_pair(x.y, NIB_PAIR_HI_H0) * f1.x;
+        let w3 = dequant_pair(x.y, NIB_PAIR_LO_H1) * f1.y;
+        let v3 = dequant_pair(x.y, NIB_PAIR_HI_H1) * f1.y;
+        let w4 = dequant_pair(x.z, NIB_PAIR_LO_H0) * f2.x;
+        let v4 = dequant_pair(x.z, NIB_PAIR_HI_H0) * f2.x;
+        let w5 = dequant_pair(x.z, NIB_PAIR_LO_H1) * f2.y;
+        let v5 = dequant_pair(x.z, NIB_PAIR_HI_H1) * f2.y;
+        let w6 = dequant_pair(x.w, NIB_PAIR_LO_H0) * f3.x;
+        let v6 = dequant_pair(x.w, NIB_PAIR_HI_H0) * f3.x;
+        let w7 = dequant_pair(x.w, NIB_PAIR_LO_H1) * f3.y;
+        let v7 = dequant_pair(x.w, NIB_PAIR_HI_H1) * f3.y;
+        var sa = vec4<f32>(1.0);
+        var sb = vec4<f32>(1.0);
+        if (!PRESCALE) {
+            sa = vec4<f32>(s0, s1);
+            sb = vec4<f32>(s2, s3);
+        }
+        let a_k = P.a_base + ktg * 8u + t4;                   // u32 of halves (16kt + r0, +1)
+{{ACCUMULATE}}
+        kt = kt_next;
+    }
+
+    // Reduce and write, row by row of the tile.
+    let col_out = P.col_base + e_local * P.n + chunk * 64u;
+    let slot_at = P.out_base + (P.slot_base + split) * P.slot_stride;
+    var scale = 1.0;
+    if (CHANNELWISE && li < 64u) {
+        scale = scale_half(P.s_base + e_local * P.s_expert + chunk * 64u + SCALE_POS[li]);
+    }
+{{REDUCE}}
+}
+
+// Sum of column col (16j + c + 8h) of the chunk over k-slots and lanes, from red.
+fn column_sum(col: u32) -> f32 {
+    let q = 2u * (col / 16u) + (col % 16u) / 8u;
+    let c = col % 8u;
+    var sum = 0.0;
+    for (var s = 0u; s < K_SLOTS; s++) {
+        for (var r = 0u; r < LANE_TERMS; r++) {
+            sum += red[(s * 32u + 4u * c + r) * 2u + q / 4u][q % 4u];
+        }
+    }
+    return sum;
+}

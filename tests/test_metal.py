@@ -1,0 +1,248 @@
+"""The metal backend (WGSL through wgpu): repack bit for bit, mm against a float64 reference.
+
+Small shapes only: on lavapipe (Mesa's CPU Vulkan) with two cores the whole file runs in a couple
+of minutes. Every mm output is poisoned with NaN first, so an element the kernels never wrote fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ferrum
+from ferrum import format as F
+from ferrum.check import random_problem
+
+pytestmark = pytest.mark.metal
+
+_INFO = ferrum.backends()["metal"]
+if not _INFO.available:
+    pytest.skip(f"metal backend not available: {_INFO.reason}", allow_module_level=True)
+
+from ferrum.metal import BACKEND  # noqa: E402  (after the availability check)
+
+GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "marlin_golden.npz"   # as test_format
+TOLERANCE = 1e-3
+M_VALUES = (1, 3, 16, 33, 200)
+
+
+def rel_error(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(got.astype(np.float64) - ref) / np.linalg.norm(ref))
+
+
+def poisoned(m: int, n: int) -> np.ndarray:
+    return np.full((m, n), np.nan, dtype=np.float16)
+
+
+def check_mm(weight, a: np.ndarray, dense: np.ndarray, expert=None):
+    out = poisoned(a.shape[0], dense.shape[1])
+    got = ferrum.mm(a, weight, expert=expert, out=out)
+    assert got is out
+    assert not np.isnan(out).any(), f"{int(np.isnan(out).sum())} elements left unwritten"
+    err = rel_error(out, a.astype(np.float64) @ dense)
+    assert err < TOLERANCE, f"relative Frobenius error {err:.2e}"
+
+
+@contextlib.contextmanager
+def binding_limit(nbytes: int):
+    """Make the planner believe storage bindings hold only ``nbytes`` (forces the split paths)."""
+    saved = BACKEND.binding_limit
+    BACKEND.binding_limit = nbytes
+    try:
+        yield
+    finally:
+        BACKEND.binding_limit = saved
+
+
+def last_plan(weight):
+    return list(weight._aux["metal_plans"].values())[-1]
+
+
+@contextlib.contextmanager
+def target_workgroups(count: int):
+    """The workgroup count the k-split aims for (small on lavapipe; large GPUs use 1024)."""
+    saved = BACKEND.target_workgroups
+    BACKEND.target_workgroups = count
+    try:
+        yield
+    finally:
+        BACKEND.target_workgroups = saved
+
+
+@contextlib.contextmanager
+def subgroups(enabled: bool):
+    saved = BACKEND.subgroups
+    BACKEND.subgroups = enabled and saved
+    try:
+        yield
+    finally:
+        BACKEND.subgroups = saved
+
+
+def test_info_names_adapter_and_native_api():
+    assert " via " in _INFO.device
+    assert _INFO.device.split(" via ")[-1] in ("Vulkan", "Metal")
+
+
+def test_import_without_wgpu_reports_unavailable():
+    code = ("import sys; sys.modules['wgpu'] = None\n"
+            "import ferrum\n"
+            "info = ferrum.backends()['metal']\n"
+            "assert not info.available and 'wgpu' in info.reason, info\n"
+            "print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# repack
+
+@pytest.mark.skipif(not GOLDEN.exists(), reason=f"golden vectors not found at {GOLDEN}")
+def test_repack_matches_golden_vectors():
+    data = np.load(GOLDEN)
+    for i in range(6):
+        size_k, size_n, _ = (int(v) for v in data[f"c{i}_meta"])
+        perm = data[f"c{i}_perm"]
+        got = ferrum.repack(data[f"c{i}_qweight"], size_k, size_n,
+                            perm=perm if perm.size else None, backend="metal")
+        np.testing.assert_array_equal(got, data[f"c{i}_marlin"], err_msg=f"case c{i}")
+
+
+@pytest.mark.parametrize("size_k,size_n,act_order", [(128, 64, False), (384, 320, True),
+                                                      (1024, 192, False), (512, 512, True)])
+def test_repack_matches_reference(size_k, size_n, act_order):
+    rng = np.random.default_rng(size_k + size_n)
+    qweight = rng.integers(0, 2**32, (size_k // 8, size_n), dtype=np.uint32).view(np.int32)
+    perm = rng.permutation(size_k).astype(np.int32) if act_order else None
+    got = ferrum.repack(qweight, size_k, size_n, perm=perm, backend="metal")
+    np.testing.assert_array_equal(got, F.repack_reference(qweight, size_k, size_n, perm))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_repack_larger_than_one_binding(act_order):
+    size_k, size_n = 1024, 512       # 256 KiB each way; the limit forces 4 x 4 blocks
+    rng = np.random.default_rng(7)
+    qweight = rng.integers(0, 2**32, (size_k // 8, size_n), dtype=np.uint32).view(np.int32)
+    perm = rng.permutation(size_k).astype(np.int32) if act_order else None
+    with binding_limit(64 * 1024 + BACKEND.offset_alignment):
+        got = ferrum.repack(qweight, size_k, size_n, perm=perm, backend="metal")
+    np.testing.assert_array_equal(got, F.repack_reference(qweight, size_k, size_n, perm))
+
+
+# ------------------------------------------------------------------------------------------------
+# mm
+
+@pytest.mark.parametrize("size_k,group_size", [(512, -1), (384, -1), (512, 32), (512, 64),
+                                               (384, 128), (512, 128), (384, 384)])
+def test_mm_every_group_size(size_k, group_size):
+    size_n = 192
+    rng = np.random.default_rng(size_k + group_size)
+    p = random_problem(rng, size_k, size_n, group_size)
+    w = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=group_size,
+                                      backend="metal")
+    for m in M_VALUES:
+        check_mm(w, rng.standard_normal((m, size_k)).astype(np.float16), p.dense[0])
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_mm_act_order(group_size):
+    size_k, size_n = 512, 128
+    rng = np.random.default_rng(200 + group_size)
+    p = random_problem(rng, size_k, size_n, group_size, act_order=True)
+    w = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=group_size,
+                                      g_idx=p.g_idx, backend="metal")
+    assert w.perm is not None
+    for m in (1, 5, 40):
+        check_mm(w, rng.standard_normal((m, size_k)).astype(np.float16), p.dense[0])
+
+
+@pytest.mark.parametrize("group_size", [-1, 64])
+def test_mm_stacked_experts_one_and_all(group_size):
+    size_k, size_n, experts = 256, 128, 3
+    rng = np.random.default_rng(300 + group_size)
+    p = random_problem(rng, size_k, size_n, group_size, experts=experts)
+    w = ferrum.load_stacked(p.qweights, p.scales, group_size=group_size, backend="metal")
+    assert w.stacked and w.num_experts == experts
+    for m in (1, 7, 36):
+        a = rng.standard_normal((m, size_k)).astype(np.float16)
+        for e in range(experts):
+            check_mm(w, a, p.dense[e], expert=e)
+        check_mm(w, a, np.concatenate(p.dense, axis=1))
+
+
+@pytest.mark.parametrize("group_size", [-1, 64])
+def test_mm_split_over_k_as_on_a_large_gpu(group_size):
+    # The k-splits a large GPU gets (many workgroups per layer), on a small layer.
+    size_k, size_n = 1024, 128
+    rng = np.random.default_rng(800 + group_size)
+    p = random_problem(rng, size_k, size_n, group_size)
+    w = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=group_size,
+                                      backend="metal")
+    with target_workgroups(1024):
+        for m in (1, 6, 16, 50):
+            check_mm(w, rng.standard_normal((m, size_k)).astype(np.float16), p.dense[0])
+            main_grid = last_plan(w).dispatches[0].grid
+            assert main_grid[1] > 1, f"M={m}: no k-split ({main_grid})"
+
+
+def test_mm_without_subgroups_matches_reference():
+    size_k, size_n = 512, 128
+    rng = np.random.default_rng(400)
+    p = random_problem(rng, size_k, size_n, 128)
+    w = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=128, backend="metal")
+    with subgroups(False):
+        for m in (1, 9):
+            check_mm(w, rng.standard_normal((m, size_k)).astype(np.float16), p.dense[0])
+
+
+@pytest.mark.parametrize("group_size,limit_kib,m_values", [
+    (-1, 32, (1, 3, 20, 200)),   # four kt pieces; A and the scratch cut into small m-blocks
+    (32, 32, (1, 3, 20, 200)),
+    (128, 96, (40, 100)),        # two kt pieces under the tiled kernel
+])
+def test_mm_weight_larger_than_one_binding(group_size, limit_kib, m_values):
+    size_k, size_n = 1024, 256       # 128 KiB of packed weight
+    rng = np.random.default_rng(500 + group_size)
+    p = random_problem(rng, size_k, size_n, group_size)
+    w = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=group_size,
+                                      backend="metal")
+    with binding_limit(limit_kib * 1024 + BACKEND.offset_alignment):
+        for m in m_values:
+            check_mm(w, rng.standard_normal((m, size_k)).astype(np.float16), p.dense[0])
+            assert len(last_plan(w).dispatches) > 2          # really split
+
+
+def test_mm_stacked_larger_than_one_binding():
+    # Each expert (32 KiB) fits a binding but the stack does not: one piece per expert.
+    size_k, size_n, experts = 256, 256, 3
+    rng = np.random.default_rng(600)
+    p = random_problem(rng, size_k, size_n, 64, experts=experts)
+    w = ferrum.load_stacked(p.qweights, p.scales, group_size=64, backend="metal")
+    with binding_limit(40 * 1024):
+        for m in (2, 70):
+            a = rng.standard_normal((m, size_k)).astype(np.float16)
+            check_mm(w, a, np.concatenate(p.dense, axis=1))
+            check_mm(w, a, p.dense[1], expert=1)
+
+
+def test_mm_returns_new_array_without_out_and_weight_moves_from_cpu():
+    size_k, size_n = 256, 64
+    rng = np.random.default_rng(700)
+    p = random_problem(rng, size_k, size_n, 128)
+    on_cpu = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=128,
+                                           backend="cpu")
+    w = on_cpu.to("metal")
+    assert w.backend == "metal" and isinstance(w.qweight, ferrum.metal.MetalArray)
+    np.testing.assert_array_equal(BACKEND.to_host(w.qweight), on_cpu.qweight)
+    np.testing.assert_array_equal(BACKEND.to_host(w.scales), on_cpu.scales)
+    a = rng.standard_normal((4, size_k)).astype(np.float16)
+    got = ferrum.mm(a, w)
+    assert got.dtype == np.float16 and got.shape == (4, size_n)
+    assert rel_error(got, a.astype(np.float64) @ p.dense[0]) < TOLERANCE
+    again = ferrum.mm(a, w)          # cached plan, reused buffers: same answer
+    np.testing.assert_array_equal(got, again)
