@@ -57,7 +57,7 @@ def probe():
     check(cudaGetDeviceCount(&count), "cudaGetDeviceCount")
     check(cudaGetDevice(&device), "cudaGetDevice")
     check(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties")
-    cudaRuntimeGetVersion(&runtime)
+    check(cudaRuntimeGetVersion(&runtime), "cudaRuntimeGetVersion")
     return {"count": count, "device": device, "name": prop.name.decode(errors="replace"),
             "major": prop.major, "minor": prop.minor, "sms": prop.multiProcessorCount,
             "memory": prop.totalGlobalMem, "driver": driver, "runtime": runtime}

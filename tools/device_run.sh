@@ -25,6 +25,7 @@ for step in $STEPS; do
     ncu) for shape in ${NCU_SHAPES}; do f=$OUT/ncu_${shape//,/_}.log; (cd /tmp && timeout 150 ncu --kernel-name regex:marlin_mm --launch-skip 3 --launch-count 1 --section SpeedOfLight --section WarpStateStats --section LaunchStats --section Occupancy --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' python3 $ROOT/tools/ncu_target.py $shape > $f 2>&1; echo "ncu $shape rc=$?"; grep -E "Duration|DRAM Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|Grid Size|Dynamic Shared" $f | head -12; grep -E "issue_stalled" $f | awk '{print $NF, $1}' | sort -rn | head -8); done ;;
     check) (cd /tmp && timeout 200 python3 -m ferrum check --backend cuda 2>&1 | tee $OUT/check.log | tail -12) ;;
     alltests) (cd /tmp && timeout 300 python3 -m pytest -q -p no:cacheprovider $ROOT/tests 2>&1 | tee $OUT/alltests.log | tail -8) ;;
+    overhead) (cd /tmp && timeout 120 python3 $ROOT/tools/overhead.py 2>&1 | tee $OUT/overhead.log) ;;
     sass) so=$(python3 -c "import ferrum._cuda as c; print(c.__file__)" 2>/dev/null || (cd /tmp && python3 -c "import ferrum._cuda as c; print(c.__file__)"))
       cuobjdump -sass $so > $OUT/sass_all.txt 2>&1
       for fn in ILi1ELi8ELi16ELb1E ILi4ELi8ELi16ELb1E; do
