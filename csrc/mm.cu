@@ -45,12 +45,9 @@ struct MmParams {
 
 // Compile-time geometry of one kernel instance. Every constant that shapes shared memory or
 // the warp layout lives here.
-template <int MB, int TK_BLOCKS, int TN_BLOCKS, bool GROUPED, int NH = 1>
+template <int MB, int TK_BLOCKS, int TN_BLOCKS, bool GROUPED>
 struct Tile {
-    // NH = 2 ("wide"): 512 threads, each warp owns half a 64-column chunk, so an SM runs 16
-    // warps of the many-rows tile instead of 8 (more latency hiding, same dequantize work per
-    // mma as long as MB is large).
-    static constexpr int kThreads = 256 * NH;
+    static constexpr int kThreads = 256;
     static constexpr int kWarps = kThreads / 32;
     static constexpr int TK = 16 * TK_BLOCKS;
     static constexpr int TN = 16 * TN_BLOCKS;
@@ -59,16 +56,13 @@ struct Tile {
     // As many stages as fit the shared memory of the blocks an SM holds (2 for few rows,
     // where the weight stream is the whole cost and bytes in flight set the speed; 1 for
     // many rows), between 3 and 8.
-    static constexpr int kStageBudget = (MB <= 2 && NH == 1 ? 108 : 200) * 1024;
+    static constexpr int kStageBudget = (MB <= 2 ? 108 : 200) * 1024;
     static constexpr int kStages = kStageBudget / kStageBytes < 3 ? 3
                                  : (kStageBudget / kStageBytes > 8 ? 8 : kStageBudget / kStageBytes);
-    static constexpr int kChunks = TN / 64;                 // 64-column chunks
-    static constexpr int kWarpCols = kChunks * NH;          // warp columns of 64/NH columns
-    static constexpr int kKGroups = kWarps / kWarpCols;     // warps that share one column
+    static constexpr int kChunks = TN / 64;                 // 64-column chunks = warp columns
+    static constexpr int kKGroups = kWarps / kChunks;       // warps that share one chunk
     static constexpr int kKTilesPerWarp = TK_BLOCKS / kKGroups;
-    static constexpr int kNTilesPerWarp = 4 / NH;           // 16-column n-tiles per warp
-    static constexpr int kN8PerWarp = 2 * kNTilesPerWarp;   // n8 mma tiles per warp
-    static_assert(kWarps % kWarpCols == 0 && TK_BLOCKS % kKGroups == 0, "warp layout");
+    static_assert(kWarps % kChunks == 0 && TK_BLOCKS % kKGroups == 0, "warp layout");
 
     // A stage: 16*MB rows of TK halves, rows split in 16-byte vectors.
     static constexpr int kARowVecs = TK / 8;
@@ -82,8 +76,8 @@ struct Tile {
 
     // Block reduce: one k-group's accumulators, laid out [register][warp column][lane] so
     // that a warp's 32 lanes touch 32 consecutive floats (no bank conflicts).
-    static constexpr int kAccPerThread = MB * kN8PerWarp * 4;   // MB m-tiles x n8 tiles x 4
-    static constexpr int kRedBytes = kAccPerThread * kWarpCols * 32 * 4;
+    static constexpr int kAccPerThread = MB * 8 * 4;       // MB m-tiles x 8 n8 tiles x 4
+    static constexpr int kRedBytes = kAccPerThread * kChunks * 32 * 4;
     // C tile in FP32, rows padded by 8 floats so that the float2 writes of one half-warp
     // (rows g = 0..3, columns 2i) fall in 16 different bank pairs.
     static constexpr int kCStride = TN + 8;
@@ -93,7 +87,7 @@ struct Tile {
         kPipeBytes > kRedBytes ? (kPipeBytes > kCTileBytes ? kPipeBytes : kCTileBytes)
                                : (kRedBytes > kCTileBytes ? kRedBytes : kCTileBytes);
     // Few rows: 2 blocks (16 warps) per SM; more rows need the registers for accumulators.
-    static constexpr int kMinBlocksPerSm = (MB <= 2 && NH == 1) ? 2 : 1;
+    static constexpr int kMinBlocksPerSm = MB <= 2 ? 2 : 1;
 };
 
 // Where the scale of original column n sits in a channelwise (one group) permuted row: within
@@ -103,10 +97,10 @@ __device__ __forceinline__ int channel_scale_index(int n) {
     return (n & ~31) + 8 * ((x & 7) >> 1) + 2 * (x >> 3) + (x & 1);
 }
 
-template <int MB, int TK_BLOCKS, int TN_BLOCKS, bool GROUPED, int NH>
-__global__ void __launch_bounds__(256 * NH, ((MB <= 2 && NH == 1) ? 2 : 1))
+template <int MB, int TK_BLOCKS, int TN_BLOCKS, bool GROUPED>
+__global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
     marlin_mm_kernel(const MmParams p) {
-    using T = Tile<MB, TK_BLOCKS, TN_BLOCKS, GROUPED, NH>;
+    using T = Tile<MB, TK_BLOCKS, TN_BLOCKS, GROUPED>;
     constexpr int TK = T::TK, TN = T::TN, kStages = T::kStages;
     extern __shared__ int4 smem[];
     int4 *const a_sh = smem;
@@ -132,10 +126,8 @@ __global__ void __launch_bounds__(256 * NH, ((MB <= 2 && NH == 1) ? 2 : 1))
     const int iters = kt_end - kt_begin;
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int wcol = warp % T::kWarpCols;     // this warp's columns of the tile:
-    const int chunk = wcol / NH;              //   64-column chunk
-    const int nhalf = wcol % NH;              //   and which 64/NH of it
-    const int kgroup = warp / T::kWarpCols;   // and its share of each stage's k-tiles
+    const int chunk = warp % T::kChunks;      // this warp's 64 columns of the tile
+    const int kgroup = warp / T::kChunks;     // and its share of each stage's k-tiles
     const bool chunk_live = n0 + 64 * chunk < p.N;   // the last tile may be narrower than TN
     const uint64_t evict_first = evict_first_policy();
     const long long b_row_vecs = p.N / 2;             // a Marlin row: 2N words = N/2 int4
@@ -191,11 +183,11 @@ __global__ void __launch_bounds__(256 * NH, ((MB <= 2 && NH == 1) ? 2 : 1))
         }
     };
 
-    float acc[MB][T::kN8PerWarp][4];
+    float acc[MB][8][4];
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-        for (int j = 0; j < T::kN8PerWarp; ++j)
+        for (int j = 0; j < 8; ++j)
 #pragma unroll
             for (int v = 0; v < 4; ++v) acc[mb][j][v] = 0.f;
 
@@ -205,8 +197,8 @@ __global__ void __launch_bounds__(256 * NH, ((MB <= 2 && NH == 1) ? 2 : 1))
     // statements are volatile, so the compiler keeps them in this order).
     struct Frags {
         uint32_t a[MB][4];
-        uint32_t q[T::kNTilesPerWarp];      // lane t's words 4t+j of the chunk, one per n-tile
-        uint32_t s[T::kNTilesPerWarp];      // grouped scales of the lane's n8 columns, 2 each
+        int4 q;       // lane t's 16 bytes: words 4t..4t+3 of the chunk, one per n-tile
+        int4 s;       // grouped scales of the lane's 8 n8 columns
     };
     auto load_frags = [&](Frags &f, int stage, int kt, int kk) {
         const int kt16 = kgroup + T::kKGroups * kk;   // 16-row k-tile inside the stage
@@ -219,34 +211,20 @@ __global__ void __launch_bounds__(256 * NH, ((MB <= 2 && NH == 1) ? 2 : 1))
             const int v = 2 * kt16 + lane / 16;
             ldmatrix_x4(f.a[mb], a_src + r * T::kARowVecs + (v ^ (r & 7)));
         }
-        const int4 *q_src = b_sh + stage * T::kBStageVecs + (kt16 * T::kChunks + chunk) * 32 + lane;
-        if constexpr (NH == 1) {
-            const int4 q = *q_src;
-            f.q[0] = q.x; f.q[1] = q.y; f.q[2] = q.z; f.q[3] = q.w;
-        } else {
-            const uint2 q = reinterpret_cast<const uint2 *>(q_src)[nhalf];
-            f.q[0] = q.x; f.q[1] = q.y;
-        }
+        f.q = b_sh[stage * T::kBStageVecs + (kt16 * T::kChunks + chunk) * 32 + lane];
         if constexpr (GROUPED) {
             const int k = kt * TK + 16 * kt16;
             const int g_row = (k >> p.group_shift) - ((kt * TK) >> p.group_shift);
             // Grouped permuted scales: within 64 columns, permuted 8c..8c+7 hold columns
             // c, c+8, ..., c+56 -- the eight n8 columns lane 4c.. needs, in one vector.
-            const int4 *s_src = s_sh + stage * T::kSStageVecs + g_row * (TN / 8) + chunk * 8 + lane / 4;
-            if constexpr (NH == 1) {
-                const int4 v = *s_src;
-                f.s[0] = v.x; f.s[1] = v.y; f.s[2] = v.z; f.s[3] = v.w;
-            } else {
-                const uint2 v = reinterpret_cast<const uint2 *>(s_src)[nhalf];
-                f.s[0] = v.x; f.s[1] = v.y;
-            }
+            f.s = s_sh[stage * T::kSStageVecs + g_row * (TN / 8) + chunk * 8 + lane / 4];
         }
     };
     auto mma_frags = [&](const Frags &f) {
-        const uint32_t *words = f.q;
-        const half *sh = reinterpret_cast<const half *>(f.s);
+        const uint32_t words[4] = {(uint32_t)f.q.x, (uint32_t)f.q.y, (uint32_t)f.q.z, (uint32_t)f.q.w};
+        const half *sh = reinterpret_cast<const half *>(&f.s);
 #pragma unroll
-        for (int j = 0; j < T::kNTilesPerWarp; ++j) {
+        for (int j = 0; j < 4; ++j) {
             uint32_t b_lo[2], b_hi[2];       // n8 columns 16j + c and 16j + 8 + c
             dequant_u4b8(words[j], b_lo);
             dequant_u4b8(words[j] >> 8, b_hi);
@@ -303,20 +281,20 @@ __global__ void __launch_bounds__(256 * NH, ((MB <= 2 && NH == 1) ? 2 : 1))
 #pragma unroll
             for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-                for (int j = 0; j < T::kN8PerWarp; ++j)
+                for (int j = 0; j < 8; ++j)
 #pragma unroll
                     for (int v = 0; v < 4; ++v)
-                        red[((mb * T::kN8PerWarp + j) * 4 + v) * (T::kWarpCols * 32) + wcol * 32 + lane] = acc[mb][j][v];
+                        red[((mb * 8 + j) * 4 + v) * (T::kChunks * 32) + chunk * 32 + lane] = acc[mb][j][v];
         }
         __syncthreads();
         if (kgroup == 0) {
 #pragma unroll
             for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-                for (int j = 0; j < T::kN8PerWarp; ++j)
+                for (int j = 0; j < 8; ++j)
 #pragma unroll
                     for (int v = 0; v < 4; ++v)
-                        acc[mb][j][v] += red[((mb * T::kN8PerWarp + j) * 4 + v) * (T::kWarpCols * 32) + wcol * 32 + lane];
+                        acc[mb][j][v] += red[((mb * 8 + j) * 4 + v) * (T::kChunks * 32) + chunk * 32 + lane];
         }
         __syncthreads();
     }
@@ -327,11 +305,11 @@ __global__ void __launch_bounds__(256 * NH, ((MB <= 2 && NH == 1) ? 2 : 1))
 #pragma unroll
         for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-            for (int j = 0; j < T::kN8PerWarp; ++j)
+            for (int j = 0; j < 8; ++j)
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     const int row = 16 * mb + lane / 4 + 8 * h;
-                    const int col = 64 * chunk + (64 / NH) * nhalf + 8 * j + 2 * (lane % 4);
+                    const int col = 64 * chunk + 8 * j + 2 * (lane % 4);
                     *reinterpret_cast<float2 *>(&ctile[row * T::kCStride + col]) =
                         make_float2(acc[mb][j][2 * h], acc[mb][j][2 * h + 1]);
                 }
@@ -408,53 +386,51 @@ __global__ void __launch_bounds__(256 * NH, ((MB <= 2 && NH == 1) ? 2 : 1))
 
 struct KernelEntry {
     const void *fn;
-    int threads;
     int smem_bytes;
     int (*launch)(const MmParams &, int grid, cudaStream_t stream);
 };
 
-template <int MB, int TK_BLOCKS, int TN_BLOCKS, bool GROUPED, int NH>
+template <int MB, int TK_BLOCKS, int TN_BLOCKS, bool GROUPED>
 struct Instance {
-    using T = Tile<MB, TK_BLOCKS, TN_BLOCKS, GROUPED, NH>;
+    using T = Tile<MB, TK_BLOCKS, TN_BLOCKS, GROUPED>;
     static int launch(const MmParams &p, int grid, cudaStream_t stream) {
-        marlin_mm_kernel<MB, TK_BLOCKS, TN_BLOCKS, GROUPED, NH>
+        marlin_mm_kernel<MB, TK_BLOCKS, TN_BLOCKS, GROUPED>
             <<<grid, T::kThreads, T::kSmemBytes, stream>>>(p);
         FERRUM_CUDA_CHECK(cudaGetLastError());
         return FERRUM_OK;
     }
     static KernelEntry entry() {
-        return {reinterpret_cast<const void *>(&marlin_mm_kernel<MB, TK_BLOCKS, TN_BLOCKS, GROUPED, NH>),
-                T::kThreads, T::kSmemBytes, &launch};
+        return {reinterpret_cast<const void *>(&marlin_mm_kernel<MB, TK_BLOCKS, TN_BLOCKS, GROUPED>),
+                T::kSmemBytes, &launch};
     }
 };
 
 // tile 1: k=128 x n=128 (few rows: more blocks over N);
 // tile 2: k=128 x n=256 (more rows: each A fragment feeds more columns, 4 k-tiles per warp
 //         between barriers); tile 3: k=64 x n=256 (half the shared memory of tile 2).
-template <int TK_BLOCKS, int TN_BLOCKS, bool GROUPED, int NH = 1>
+template <int TK_BLOCKS, int TN_BLOCKS, bool GROUPED>
 static KernelEntry entry_for_mb(int mb) {
     switch (mb) {
-        case 1: return Instance<1, TK_BLOCKS, TN_BLOCKS, GROUPED, NH>::entry();
-        case 2: return Instance<2, TK_BLOCKS, TN_BLOCKS, GROUPED, NH>::entry();
-        case 3: return Instance<3, TK_BLOCKS, TN_BLOCKS, GROUPED, NH>::entry();
-        default: return Instance<4, TK_BLOCKS, TN_BLOCKS, GROUPED, NH>::entry();
+        case 1: return Instance<1, TK_BLOCKS, TN_BLOCKS, GROUPED>::entry();
+        case 2: return Instance<2, TK_BLOCKS, TN_BLOCKS, GROUPED>::entry();
+        case 3: return Instance<3, TK_BLOCKS, TN_BLOCKS, GROUPED>::entry();
+        default: return Instance<4, TK_BLOCKS, TN_BLOCKS, GROUPED>::entry();
     }
 }
 
 static KernelEntry select_kernel(int tile, int mb, bool grouped) {
     if (tile == 1) return grouped ? entry_for_mb<8, 8, true>(mb) : entry_for_mb<8, 8, false>(mb);
     if (tile == 2) return grouped ? entry_for_mb<8, 16, true>(mb) : entry_for_mb<8, 16, false>(mb);
-    if (tile == 4) return grouped ? entry_for_mb<8, 16, true, 2>(mb) : entry_for_mb<8, 16, false, 2>(mb);
     return grouped ? entry_for_mb<4, 16, true>(mb) : entry_for_mb<4, 16, false>(mb);
 }
 
-static int tile_k(int tile) { return tile == 3 ? 64 : 128; }   // tile 4: tile 2 with 512 threads
+static int tile_k(int tile) { return tile == 3 ? 64 : 128; }
 static int tile_n(int tile) { return tile == 1 ? 128 : 256; }
 
 // Per device and kernel instance: the dynamic shared memory limit is raised once, and the
 // number of blocks an SM holds is measured once (the heuristic needs it).
 constexpr int kMaxDevices = 64;
-static std::atomic<int> g_occupancy[kMaxDevices][4][4][2];   // 0 = not yet known
+static std::atomic<int> g_occupancy[kMaxDevices][3][4][2];   // 0 = not yet known
 
 static int prepare_kernel(const DeviceProps &dev, int tile, int mb, bool grouped, int *blocks_per_sm) {
     std::atomic<int> *slot = nullptr;
@@ -473,7 +449,7 @@ static int prepare_kernel(const DeviceProps &dev, int tile, int mb, bool grouped
     FERRUM_CUDA_CHECK(cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            k.smem_bytes));
     int occ = 0;
-    FERRUM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, k.fn, k.threads, k.smem_bytes));
+    FERRUM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, k.fn, 256, k.smem_bytes));
     if (occ < 1) occ = 1;
     if (slot) slot->store(occ, std::memory_order_relaxed);
     *blocks_per_sm = occ;
@@ -499,7 +475,7 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
                     ferrum_mm_plan_info *plan) {
     ferrum_mm_config cfg = req ? *req : ferrum_mm_config{0, 0, 0};
     if (cfg.tile == 0) cfg.tile = 2;
-    FERRUM_REQUIRE(cfg.tile >= 1 && cfg.tile <= 4, "ferrum_mm: tile=%d (use 0 .. 4)", cfg.tile);
+    FERRUM_REQUIRE(cfg.tile >= 1 && cfg.tile <= 3, "ferrum_mm: tile=%d (use 0, 1, 2 or 3)", cfg.tile);
     if (cfg.m_blocks == 0) cfg.m_blocks = std::min(4, (size_m + 15) / 16);
     FERRUM_REQUIRE(cfg.m_blocks >= 1 && cfg.m_blocks <= 4, "ferrum_mm: m_blocks=%d (use 0..4)", cfg.m_blocks);
     const int tk = tile_k(cfg.tile), tn = tile_n(cfg.tile);

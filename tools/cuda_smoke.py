@@ -45,7 +45,6 @@ for k, n, g, act in cases:
         check(f"K{k} N{n} G{g} act={act} M{m}", ferrum.mm(a, w), ref)
         check(f"K{k} N{n} G{g} act={act} M{m} split", ferrum.cuda.BACKEND.mm(a, w, 0, None, splits=3), ref)
         check(f"K{k} N{n} G{g} act={act} M{m} tile1", ferrum.cuda.BACKEND.mm(a, w, 0, None, tile=1, splits=2), ref)
-        check(f"K{k} N{n} G{g} act={act} M{m} tile4", ferrum.cuda.BACKEND.mm(a, w, 0, None, tile=4, splits=2), ref)
 
 pr = random_problem(rng, 256, 128, 128, experts=3)
 w = ferrum.load_stacked(pr.qweights, pr.scales, group_size=128, backend="cuda")

@@ -33,7 +33,7 @@ for spec in [s for s in sys.argv[1:] if not s.startswith("--")]:
           f"(floor {wbytes / 3.0e12 * 1e6:.1f} us at 3.0 TB/s)", flush=True)
     mbs = [min(4, (m + 15) // 16)] if m <= 64 else [2, 3, 4]
     results = []
-    for tile, mb, splits in itertools.product((2, 4) if m > 64 else (1, 2, 3, 4), mbs, (1, 2, 4, 8) if m > 64 else (1, 2, 4, 6, 8, 12)):
+    for tile, mb, splits in itertools.product((1, 2, 3), mbs, (1, 2, 4, 8) if m > 64 else (1, 2, 4, 6, 8, 12)):
         tt = time_variant(weights, a, out, tile=tile, m_blocks=mb, splits=splits)
         results.append((tt, tile, mb, splits))
     results.sort()
