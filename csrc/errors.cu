@@ -52,6 +52,7 @@ int current_device_props(DeviceProps *props) {
     DeviceProps p;
     p.device = device;
     FERRUM_CUDA_CHECK(cudaDeviceGetAttribute(&p.sm_count, cudaDevAttrMultiProcessorCount, device));
+    FERRUM_CUDA_CHECK(cudaDeviceGetAttribute(&p.major, cudaDevAttrComputeCapabilityMajor, device));
     FERRUM_CUDA_CHECK(cudaDeviceGetAttribute(&p.max_smem_optin,
                                              cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     if (device >= 0 && device < kMaxDevices) {

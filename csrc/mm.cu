@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
+#include <cstdlib>
 
 #include "common.cuh"
 #include "ptx.cuh"
@@ -159,7 +160,8 @@ __global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
     const bool s_live = GROUPED && tid < s_rows * (TN / 8) && s_col < p.N;
     const half *const s_src0 = S + (long long)(tid / (TN / 8)) * p.N + s_col;
 
-    auto fetch_stage = [&](int stage, int kt) {
+    // The activations of a stage (what an earlier kernel on the stream may still be writing).
+    auto fetch_acts = [&](int stage, int kt) {
         // Rows past M are not loaded: whatever their shared memory holds only reaches
         // accumulator rows that are never written out (row m of C depends on row m of A).
         int4 *a_dst = a_sh + stage * T::kAStageVecs + a_dst0;
@@ -169,6 +171,9 @@ __global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
             if (a_row0 + j * kARowsPerPass < a_rows_live)
                 cp_async16_zfill(a_dst + j * T::kThreads, a_src + (long long)j * kARowsPerPass * p.K, true);
         }
+    };
+    // The weights and scales of a stage (never written by any kernel during a call).
+    auto fetch_weights = [&](int stage, int kt) {
         if (b_live) {
             int4 *b_dst = b_sh + stage * T::kBStageVecs + tid;
             const int4 *b_src = b_src0 + (long long)kt * TK_BLOCKS * b_row_vecs;
@@ -181,6 +186,10 @@ __global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
                 cp_async16_zfill(s_sh + stage * T::kSStageVecs + tid,
                                  s_src0 + (long long)((kt * TK) >> p.group_shift) * p.N, true);
         }
+    };
+    auto fetch_stage = [&](int stage, int kt) {
+        fetch_acts(stage, kt);
+        fetch_weights(stage, kt);
     };
 
     float acc[MB][8][4];
@@ -255,9 +264,19 @@ __global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
     };
 
     // ---- the pipeline: kStages-1 stages in flight while one is computed --------------------
+    // Programmatic dependent launch (sm_90): let the next kernel on the stream start as soon
+    // as every block of this one runs, and start streaming this call's weights before the
+    // previous kernel has finished; A, C and the workspace are touched only after the wait.
+    // (Commit groups still complete in order: group 0 holds the weights of every prologue
+    // stage and the activations of stage 0.)
+    grid_dependents_launch();
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s)
+        if (s < iters) fetch_weights(s, kt_begin + s);
+    grid_dependency_wait();
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
-        if (s < iters) fetch_stage(s, kt_begin + s);
+        if (s < iters) fetch_acts(s, kt_begin + s);
         cp_async_commit();
     }
     int read_stage = 0, write_stage = kStages - 1;
@@ -387,16 +406,24 @@ __global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
 struct KernelEntry {
     const void *fn;
     int smem_bytes;
-    int (*launch)(const MmParams &, int grid, cudaStream_t stream);
+    int (*launch)(const MmParams &, int grid, cudaStream_t stream, bool pdl);
 };
 
 template <int MB, int TK_BLOCKS, int TN_BLOCKS, bool GROUPED>
 struct Instance {
     using T = Tile<MB, TK_BLOCKS, TN_BLOCKS, GROUPED>;
-    static int launch(const MmParams &p, int grid, cudaStream_t stream) {
-        marlin_mm_kernel<MB, TK_BLOCKS, TN_BLOCKS, GROUPED>
-            <<<grid, T::kThreads, T::kSmemBytes, stream>>>(p);
-        FERRUM_CUDA_CHECK(cudaGetLastError());
+    static int launch(const MmParams &p, int grid, cudaStream_t stream, bool pdl) {
+        cudaLaunchConfig_t config = {};
+        config.gridDim = dim3(grid);
+        config.blockDim = dim3(T::kThreads);
+        config.dynamicSmemBytes = T::kSmemBytes;
+        config.stream = stream;
+        cudaLaunchAttribute attribute[1];
+        attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attribute[0].val.programmaticStreamSerializationAllowed = 1;
+        config.attrs = attribute;
+        config.numAttrs = pdl ? 1 : 0;
+        FERRUM_CUDA_CHECK(cudaLaunchKernelEx(&config, marlin_mm_kernel<MB, TK_BLOCKS, TN_BLOCKS, GROUPED>, p));
         return FERRUM_OK;
     }
     static KernelEntry entry() {
@@ -523,6 +550,12 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
     return FERRUM_OK;
 }
 
+// FERRUM_NO_PDL=1 turns programmatic dependent launch off (for comparisons and debugging).
+static const bool g_pdl_enabled = [] {
+    const char *v = getenv("FERRUM_NO_PDL");
+    return !(v && v[0] && v[0] != '0');
+}();
+
 static bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 static int check_problem(int size_m, int size_k, int size_n, int num_experts, int num_groups,
@@ -633,7 +666,7 @@ extern "C" int ferrum_mm(const void *a, const void *b, const void *scales, void 
         p.b_expert_int4 = (long long)(size_k / 16) * 2 * size_n / 4;
         p.s_expert_halves = (long long)(grouped ? num_groups : 1) * size_n;
         const KernelEntry k = select_kernel(tile, mb, grouped);
-        if ((status = k.launch(p, plan.grid, stream))) return status;
+        if ((status = k.launch(p, plan.grid, stream, dev.major >= 9 && g_pdl_enabled))) return status;
     }
     return FERRUM_OK;
 }

@@ -34,6 +34,21 @@ __device__ __forceinline__ uint64_t evict_first_policy() {
     return policy;
 }
 
+// Programmatic dependent launch (PTX griddepcontrol, sm_90+; no-ops before): wait until the
+// kernels this one depends on have completed and their writes are visible; and allow the
+// kernel that depends on this one to launch now.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void grid_dependents_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 // Wait until at most `pending` committed groups are still in flight.
