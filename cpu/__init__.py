@@ -136,7 +136,8 @@ class CpuBackend(Backend):
         return out
 
     def _word_order(self, weight):
-        """(columns [N], scales [E or 1, groups, N] float32) for dequantize_word_order."""
+        """(columns, scales) for dequantize_word_order: columns[n] is the word-order column that
+        holds natural column n; scales ([E,] groups, N float32) are in word order."""
         cached = weight._aux.get("cpu_word_order")
         if cached is None:
             n = weight.size_n
@@ -144,11 +145,13 @@ class CpuBackend(Backend):
             b, j, h = p // 8, (p // 2) % 4, p % 2
             # word 16b + 4v + j of the row is word 16*(b % 8) + 4v + j of chunk b // 8: lane
             # t = 4*(b % 8) + v, so its columns are c = b % 8 and c + 8 of n-tile j.
-            columns = (b // 8) * 64 + (b % 8) + 16 * j + 8 * h
+            natural = (b // 8) * 64 + (b % 8) + 16 * j + 8 * h     # word-order p -> column
             inv = self._scale_inverse(n, weight.num_groups)
             scales32 = weight.scales.astype(np.float32)
+            columns = np.empty(n, dtype=np.intp)                   # column -> word-order p
+            columns[natural] = np.arange(n)
             cached = weight._aux["cpu_word_order"] = (
-                columns, np.ascontiguousarray(scales32[..., inv[columns]]))
+                columns, np.ascontiguousarray(scales32[..., inv[natural]]))
         return cached
 
     def _mm_blas(self, a32, weight, e, out32):
@@ -171,7 +174,11 @@ class CpuBackend(Backend):
                 acc = product
             else:
                 acc += product
-        out32[:, columns] = acc
+        # Back to natural column order: a gather (np.take) is ~8x faster than a scatter here.
+        if out32.flags.c_contiguous:
+            np.take(acc, columns, axis=1, out=out32, mode="clip")
+        else:
+            out32[...] = np.take(acc, columns, axis=1, mode="clip")
 
 
 BACKEND = CpuBackend()
