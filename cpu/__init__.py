@@ -24,7 +24,7 @@ from .._registry import Backend, BackendInfo  # noqa: E402
 
 #: Largest M served by the fused kernel; above it, dequantize + BLAS. Measured by
 #: `python -m ferrum bench --backend cpu` (which prints both paths) on a 2-core x86 machine.
-FUSED_MAX_M = 4
+FUSED_MAX_M = 8
 #: Rows of weight dequantized per BLAS call on the large-M path (bounds the float32 scratch).
 DEQUANT_BLOCK_K = 1024
 
