@@ -166,3 +166,40 @@ def dequantize_word_order(marlin, scales_p, group_rows, kt_begin, kt_end, out):
                         p = 8 * b + 2 * j
                         dst[p] = (np.float32((w >> sh0) & 15) - np.float32(8.0)) * scales_p[g, p]
                         dst[p + 1] = (np.float32((w >> sh1) & 15) - np.float32(8.0)) * scales_p[g, p + 1]
+
+
+# Float16 conversions. Numba has no float16 arithmetic and numpy converts element by element
+# (~5 ns each on x86 without AVX-512), which costs more than the dequantization at large M.
+# Half values travel as their uint16 bits.
+
+@njit(parallel=True, **_opts)
+def half_to_float(bits, table, perm, out):
+    """out[m, k] = float(half bits[m, perm[k]]) through the exact 65536-entry table."""
+    M, K = out.shape
+    for m in prange(M):
+        for k in range(K):
+            out[m, k] = table[bits[m, perm[k]]]
+
+
+@njit(parallel=True, **_opts)
+def float_to_half(values, bits, out):
+    """out = float16 bits of float32 values (round to nearest even; overflow to inf; NaN kept).
+
+    ``bits`` is the uint32 view of ``values``. Normal halves round by adding 0xfff plus the lowest
+    kept mantissa bit before dropping 13 bits (a carry into the exponent is the right answer,
+    also into inf); subnormal halves are multiples of 2^-24, rounded with rint.
+    """
+    M, N = values.shape
+    for m in prange(M):
+        for n in range(N):
+            f = bits[m, n]
+            sign = (f >> np.uint32(16)) & np.uint32(0x8000)
+            a = f & np.uint32(0x7FFFFFFF)
+            if a >= np.uint32(0x47800000):                      # >= 65536, inf or NaN
+                h = np.uint32(0x7E00) if a > np.uint32(0x7F800000) else np.uint32(0x7C00)
+            elif a < np.uint32(0x38800000):                     # below 2^-14: subnormal or 0
+                h = np.uint32(np.rint(abs(values[m, n]) * np.float32(16777216.0)))
+            else:
+                odd = (a >> np.uint32(13)) & np.uint32(1)
+                h = (a - np.uint32(0x38000000) + np.uint32(0xFFF) + odd) >> np.uint32(13)
+            out[m, n] = np.uint16(sign | h)

@@ -38,9 +38,39 @@ def _int(argument: str, value: Any) -> int:
         _fail(argument, value, "must be an integer", TypeError)
 
 
+def _framework(x: Any) -> str:
+    """"torch" or "cupy" for those libraries' arrays (read through fast attributes), else ""."""
+    module = type(x).__module__
+    if module.startswith("torch") and hasattr(x, "is_cuda"):
+        return "torch"
+    if module.startswith("cupy") and hasattr(x, "data") and hasattr(x, "dtype"):
+        return "cupy"
+    return ""
+
+
+_TORCH_DTYPES: dict[Any, np.dtype] = {}
+
+
+def _torch_dtype(x: Any) -> np.dtype:
+    dt = _TORCH_DTYPES.get(x.dtype)
+    if dt is None:
+        name = str(x.dtype).rsplit(".", 1)[-1]
+        try:
+            dt = np.dtype(name)
+        except TypeError:
+            _fail("array", x, f"has dtype {x.dtype}, which ferrum does not support", TypeError)
+        _TORCH_DTYPES[x.dtype] = dt
+    return dt
+
+
 def _is_device_array(x: Any) -> bool:
     if isinstance(x, np.ndarray):
         return False
+    lib = _framework(x)
+    if lib == "torch":
+        return bool(x.is_cuda)
+    if lib == "cupy":
+        return True
     if hasattr(x, "__cuda_array_interface__"):
         return True
     dev = getattr(x, "__dlpack_device__", None)
@@ -55,6 +85,11 @@ def _is_device_array(x: Any) -> bool:
 def _meta(argument: str, x: Any) -> tuple[tuple[int, ...], np.dtype]:
     """(shape, dtype) of a numpy array, a __cuda_array_interface__ array or a DLPack array."""
     if isinstance(x, np.ndarray):
+        return x.shape, x.dtype
+    lib = _framework(x)
+    if lib == "torch" and x.is_cuda:
+        return tuple(x.shape), _torch_dtype(x)
+    if lib == "cupy":
         return x.shape, x.dtype
     cai = getattr(x, "__cuda_array_interface__", None) if not isinstance(x, (list, tuple)) else None
     if cai is not None:

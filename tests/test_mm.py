@@ -155,3 +155,29 @@ def test_weight_moves_and_keeps_its_values(rng):
     weight = make_weight(prob)
     assert weight.to("cpu") is weight
     assert "MarlinWeight(size_k=128" in repr(weight)
+
+
+def test_cpu_half_conversions_are_exact(rng):
+    from ferrum.cpu import _HALF_TABLE, kernels
+    halfs = _HALF_TABLE[np.isfinite(_HALF_TABLE)].astype(np.float64)
+    h = np.unique(halfs)
+    mids = ((h[1:] + h[:-1]) / 2).astype(np.float32)            # ties: round to even
+    values = np.concatenate([
+        mids, np.nextafter(mids, np.float32(np.inf)), np.nextafter(mids, np.float32(-np.inf)),
+        _HALF_TABLE, np.array([0.0, -0.0, np.inf, -np.inf, 65504, 65519.99, 65520, 1e9, 2 ** -25,
+                               2 ** -26, 3e-8], np.float32),
+        rng.standard_normal(100_000).astype(np.float32) * np.float32(1e-5),
+        rng.integers(0, 2 ** 32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32),
+    ]).reshape(1, -1)
+    out = np.empty(values.shape, np.uint16)
+    kernels.float_to_half(values, values.view(np.uint32), out)
+    with np.errstate(over="ignore"):
+        ref = values.astype(np.float16)
+    nan = np.isnan(values)
+    assert np.array_equal(out[~nan], ref.view(np.uint16)[~nan])
+    assert np.isnan(out.view(np.float16)[nan]).all()
+    bits = rng.integers(0, 1 << 16, (3, 512), dtype=np.uint16)
+    back = np.empty((3, 512), np.float32)
+    perm = rng.permutation(512).astype(np.int32)
+    kernels.half_to_float(bits, _HALF_TABLE, perm, back)
+    assert np.array_equal(back, bits.view(np.float16).astype(np.float32)[:, perm], equal_nan=True)
