@@ -107,12 +107,19 @@ def check_name(name: Any, argument: str = "backend") -> str:
     return name
 
 
+_ready: dict[str, Backend] = {}     # backends found available once: the hot path's lookup
+
+
 def get(name: str) -> Backend:
     """The backend object, or ValueError saying why it is not available."""
+    backend = _ready.get(name)
+    if backend is not None:
+        return backend
     check_name(name)
     status = info(name)
     if not status.available:
         raise ValueError(f"backend={name!r} is not available: {status.reason}")
     backend = _load(name)
     assert isinstance(backend, Backend)
+    _ready[name] = backend
     return backend

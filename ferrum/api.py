@@ -115,8 +115,8 @@ def _host(argument: str, x: Any) -> np.ndarray:
 def _check_array(argument: str, x: Any, dtypes: Sequence[Any], shape: tuple | None = None,
                  ndim: int | None = None) -> tuple[tuple[int, ...], np.dtype]:
     shp, dt = _meta(argument, x)
-    allowed = [np.dtype(d) for d in dtypes]
-    if dt not in allowed:
+    if dt not in dtypes:
+        allowed = [np.dtype(d) for d in dtypes]
         _fail(argument, x, f"dtype must be {' or '.join(str(d) for d in allowed)}, got {dt}",
               TypeError)
     want_ndim = len(shape) if shape is not None else ndim
@@ -431,7 +431,8 @@ def mm(a, weight, *, expert=None, out=None, backend=None, stream=None):
             _fail("out", out, f"is a GPU array but the weight lives on {weight.backend!r}", TypeError)
         if isinstance(out, np.ndarray) and not out.flags.writeable:
             _fail("out", out, "must be writable")
-        if isinstance(out, np.ndarray) and isinstance(a, np.ndarray) and np.shares_memory(out, a):
+        if (isinstance(out, np.ndarray) and isinstance(a, np.ndarray)
+                and np.may_share_memory(out, a) and np.shares_memory(out, a)):
             _fail("out", out, "must not overlap a")
     options = {}
     if stream is not None:
