@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -13,6 +16,18 @@ def rng():
 
 
 def pytest_report_header(config):
-    return [f"ferrum backends: " + ", ".join(
+    return ["ferrum backends: " + ", ".join(
         f"{n}={'yes' if i.available else 'no (' + i.reason + ')'}"
         for n, i in ferrum.backends().items())]
+
+
+#: The golden vectors: $FERRUM_GOLDEN, else shared/golden beside the checkout (as CI lays it).
+GOLDEN = Path(os.environ.get("FERRUM_GOLDEN") or
+              Path(__file__).resolve().parents[2] / "shared" / "golden" / "marlin_golden.npz")
+
+
+@pytest.fixture(scope="session")
+def golden():
+    if not GOLDEN.exists():
+        pytest.skip(f"golden vectors not found at {GOLDEN} (set FERRUM_GOLDEN)")
+    return np.load(GOLDEN)

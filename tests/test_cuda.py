@@ -6,7 +6,6 @@ Outputs are poisoned with NaN before each run so an element the kernel never wro
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -20,8 +19,6 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not _INFO.available, reason=f"cuda backend: {_INFO.reason}")]
 
 TOL = 1e-3
-GOLDEN = os.environ.get("FERRUM_GOLDEN") or os.path.join(
-    os.path.dirname(__file__), "..", "..", "shared", "golden", "marlin_golden.npz")
 
 
 def _torch():
@@ -59,10 +56,8 @@ def test_repack_is_bit_exact(k, n, with_perm, rng):
     np.testing.assert_array_equal(got, F.repack_reference(q, k, n, perm))
 
 
-def test_repack_golden_vectors():
-    if not os.path.exists(GOLDEN):
-        pytest.skip(f"golden vectors not found at {GOLDEN}")
-    data = np.load(GOLDEN)
+def test_repack_golden_vectors(golden):
+    data = golden
     for i in range(6):
         k, n, _ = (int(v) for v in data[f"c{i}_meta"])
         perm = data[f"c{i}_perm"]

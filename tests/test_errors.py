@@ -5,7 +5,6 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import ferrum
-from ferrum import format as F
 from ferrum.check import random_problem
 
 K, N = 256, 128

@@ -1,20 +1,12 @@
 """The layouts: golden vectors from the ecosystem and properties on random shapes."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 import ferrum
 from ferrum import format as F
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "marlin_golden.npz"
-
-
-def golden_cases():
-    if not GOLDEN.exists():
-        pytest.skip(f"golden vectors not found at {GOLDEN}")
-    data = np.load(GOLDEN)
+def golden_cases(data):
     for i in range(6):
         k, n, g = (int(x) for x in data[f"c{i}_meta"])
         perm = data[f"c{i}_perm"]
@@ -22,20 +14,20 @@ def golden_cases():
                perm if perm.size else None, data[f"c{i}_marlin"], data[f"c{i}_scales_marlin"])
 
 
-def test_reference_repack_matches_golden_vectors():
-    for name, k, n, g, qw, s, perm, marlin, s_marlin in golden_cases():
+def test_reference_repack_matches_golden_vectors(golden):
+    for name, k, n, g, qw, s, perm, marlin, s_marlin in golden_cases(golden):
         assert np.array_equal(F.repack_reference(qw, k, n, perm), marlin), name
 
 
-def test_cpu_repack_matches_golden_vectors():
-    for name, k, n, g, qw, s, perm, marlin, s_marlin in golden_cases():
+def test_cpu_repack_matches_golden_vectors(golden):
+    for name, k, n, g, qw, s, perm, marlin, s_marlin in golden_cases(golden):
         got = ferrum.repack(qw, k, n, perm=perm, backend="cpu")
         assert got.dtype == np.int32 and got.shape == (k // 16, 2 * n), name
         assert np.array_equal(got, marlin), name
 
 
-def test_permute_scales_matches_golden_vectors():
-    for name, k, n, g, qw, s, perm, marlin, s_marlin in golden_cases():
+def test_permute_scales_matches_golden_vectors(golden):
+    for name, k, n, g, qw, s, perm, marlin, s_marlin in golden_cases(golden):
         got = ferrum.permute_scales(s, k, n, g)
         assert got.dtype == np.float16
         assert np.array_equal(got, s_marlin), name

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,7 +25,6 @@ if not _INFO.available:
 
 from ferrum.metal import BACKEND  # noqa: E402  (after the availability check)
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "marlin_golden.npz"   # as test_format
 TOLERANCE = 1e-3
 M_VALUES = (1, 3, 16, 33, 200)
 
@@ -102,9 +100,8 @@ def test_import_without_wgpu_reports_unavailable():
 # ------------------------------------------------------------------------------------------------
 # repack
 
-@pytest.mark.skipif(not GOLDEN.exists(), reason=f"golden vectors not found at {GOLDEN}")
-def test_repack_matches_golden_vectors():
-    data = np.load(GOLDEN)
+def test_repack_matches_golden_vectors(golden):
+    data = golden
     for i in range(6):
         size_k, size_n, _ = (int(v) for v in data[f"c{i}_meta"])
         perm = data[f"c{i}_perm"]
