@@ -166,6 +166,11 @@ class CudaBackend(Backend):
             return False
         if DeviceArray is not None and type(array) is DeviceArray:
             return True
+        lib = _library(array)
+        if lib == "torch" and hasattr(array, "is_cuda"):   # torch builds its CAI dict per access
+            return bool(array.is_cuda)
+        if lib == "cupy" and hasattr(array, "data"):
+            return True
         if hasattr(array, "__cuda_array_interface__"):
             return True
         device = getattr(array, "__dlpack_device__", None)
