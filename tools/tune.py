@@ -32,8 +32,17 @@ for spec in [s for s in sys.argv[1:] if not s.startswith("--")]:
     print(f"K{k} N{n} M{m}: auto {auto['tile']}/{auto['m_blocks']}/{auto['splits']} -> {t:.1f} us "
           f"(floor {wbytes / 3.0e12 * 1e6:.1f} us at 3.0 TB/s)", flush=True)
     mbs = [min(4, (m + 15) // 16)] if m <= 64 else [2, 3, 4]
+    splits_list = (1, 2, 4, 8) if m > 64 else (1, 2, 4, 6, 8, 12)
+    tiles = (1, 2, 3)
+    for opt in sys.argv[1:]:       # --mbs=1,2,4 --splits=1,2 --tiles=2 override the sweep
+        name, _, values = opt.partition("=")
+        if name in ("--mbs", "--splits", "--tiles"):
+            parsed = [int(v) for v in values.split(",")]
+            mbs, splits_list, tiles = {"--mbs": (parsed, splits_list, tiles),
+                                       "--splits": (mbs, parsed, tiles),
+                                       "--tiles": (mbs, splits_list, parsed)}[name]
     results = []
-    for tile, mb, splits in itertools.product((1, 2, 3), mbs, (1, 2, 4, 8) if m > 64 else (1, 2, 4, 6, 8, 12)):
+    for tile, mb, splits in itertools.product(tiles, mbs, splits_list):
         tt = time_variant(weights, a, out, tile=tile, m_blocks=mb, splits=splits)
         results.append((tt, tile, mb, splits))
     results.sort()
