@@ -831,21 +831,55 @@ fn main(@builtin(local_invocation_index) li: u32) {
 
     def copy_bandwidth(self, nbytes: int, min_seconds: float = 0.3) -> float:
         """Bytes per second moved (read + write) by copy_buffer_to_buffer on this adapter."""
+        return self.stream_bandwidth(nbytes, min_seconds, kinds=("buffer copy",))["buffer copy"]
+
+    def stream_bandwidth(self, nbytes: int, min_seconds: float = 0.3,
+                         kinds=("buffer copy", "shader copy", "shader read")) -> dict:
+        """Bytes per second each way of streaming memory moves on this adapter: "buffer copy"
+        (copy_buffer_to_buffer, read + write bytes), "shader copy" (stream.wgsl copying vec4s,
+        read + write bytes), "shader read" (stream.wgsl reading only, read bytes). Buffers of
+        ``nbytes`` (cut to what the adapter allows: half its largest buffer, and one storage
+        binding for the shaders); each figure is the wall time of a batch of passes in one submit,
+        the batch grown until it lasts ``min_seconds``, after a warm-up."""
         self._ready()
-        nbytes = min(_round_up(nbytes, 256), self.max_buffer_size // 2 // 256 * 256)
+        out = {}
         with self._lock:
-            src, dst = self._buffer(nbytes), self._buffer(nbytes)
+            size = min(_round_up(nbytes, 256), self.max_buffer_size // 2 // 256 * 256)
+            if any(k != "buffer copy" for k in kinds):
+                size = min(size, self._usable_limit() // 256 * 256)
+            src, dst = self._buffer(size), self._buffer(size)
+            try:
+                if "buffer copy" in kinds:
+                    def submit(reps):
+                        enc = self.device.create_command_encoder()
+                        for _ in range(reps):
+                            enc.copy_buffer_to_buffer(src, 0, dst, 0, size)
+                        self._submit_and_wait(enc)
+                    out["buffer copy"] = 2 * size / self._time_batches(submit, min_seconds)
+                for kind, copy in (("shader copy", True), ("shader read", False)):
+                    if kind not in kinds:
+                        continue
+                    pipe = self._pipeline("stream.wgsl", COPY=str(copy).lower())
+                    bg = self._bind_group(pipe, [(src, 0, size), (dst, 0, size)])
+                    # enough invocations to keep every memory channel busy; a few loads each
+                    groups = max(1, min(MAX_GRID, size // 16 // 256 // 4,
+                                        self.target_workgroups * 16))
 
-            def submit(reps):
-                enc = self.device.create_command_encoder()
-                for _ in range(reps):
-                    enc.copy_buffer_to_buffer(src, 0, dst, 0, nbytes)
-                self._submit_and_wait(enc)
-
-            seconds = self._time_batches(submit, min_seconds)
-            src.destroy()
-            dst.destroy()
-        return 2 * nbytes / seconds
+                    def submit(reps, pipe=pipe, bg=bg, groups=groups):
+                        enc = self.device.create_command_encoder()
+                        cp = enc.begin_compute_pass()
+                        cp.set_pipeline(pipe)
+                        cp.set_bind_group(0, bg)
+                        for _ in range(reps):
+                            cp.dispatch_workgroups(groups)
+                        cp.end()
+                        self._submit_and_wait(enc)
+                    out[kind] = (2 if copy else 1) * size / self._time_batches(submit, min_seconds)
+            finally:
+                src.destroy()
+                dst.destroy()
+        out["bytes"] = size
+        return out
 
     def _submit_and_wait(self, enc):
         """Submit and block until the GPU is done: map a 16-byte read-back of the last work (the
