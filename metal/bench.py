@@ -2,7 +2,9 @@
 
 Columns
     call us     one ferrum.mm call end to end: numpy A in, dispatches, numpy C out (what a user sees)
-    kernel us   the call's dispatches alone, many submitted back to back (what the GPU spends)
+    kernel us   the call's dispatches alone, many recorded into one command buffer before the
+                clock starts, then submitted and waited for (what the GPU spends; recording is
+                host work and is not counted)
     floor us    bytes the product must move (packed weight + scales + A + C) divided by the
                 fastest streaming rate measured on the adapter: the best of copy_buffer_to_buffer
                 (read + write bytes), a shader copy and a read-only shader stream (stream.wgsl),
