@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -309,7 +310,6 @@ class _Native:
         seen = state[0]
         lib.wgpuBufferMapAsync(staging._internal, self._map_read, 0, nbytes, self._map_info[0])
         if state[0] == seen and self.spin_seconds > 0:
-            import time
             clock = time.perf_counter
             deadline = clock() + self.spin_seconds
             while state[0] == seen and clock() < deadline:
@@ -907,7 +907,6 @@ fn main(@builtin(local_invocation_index) li: u32) {
         grow the batch until it lasts long enough that submission and wake-up costs are small
         beside it. Only the submission and the wait are timed: the commands are recorded before
         the clock starts (recording is host work the GPU would otherwise be idle for)."""
-        import time
         self._run_and_wait(build(1))
         reps = 1
         while True:
