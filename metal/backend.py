@@ -393,6 +393,9 @@ class MetalBackend(Backend):
         self.subgroups = bool(features) and self._subgroups_work()
         cpu = adapter.info.get("adapter_type") == "CPU"
         self.target_workgroups = TARGET_WORKGROUPS_CPU if cpu else TARGET_WORKGROUPS
+        target = os.environ.get("FERRUM_METAL_TARGET_WORKGROUPS", "")
+        if target:      # for tuning the k-split on a given GPU without editing the source
+            self.target_workgroups = max(1, int(target))
         spin = os.environ.get("FERRUM_METAL_SPIN_US", "")
         self._native = self._native_path(float(spin) * 1e-6 if spin else 0.0 if cpu
                                          else SPIN_SECONDS)
