@@ -256,13 +256,13 @@ class _Native:
         self._pass_desc = ffi.new("WGPUComputePassDescriptor *")
         self._finish_desc = ffi.new("WGPUCommandBufferDescriptor *")
         self._cmds = ffi.new("WGPUCommandBuffer[1]")
-        self._state = [0, 0]        # [callbacks seen, last status]
-        state = self._state
+        self._done = {}             # map request number -> status, filled by the callback
+        self._requests = 0
+        done = self._done
 
         @ffi.callback("void(WGPUMapAsyncStatus, WGPUStringView, void *, void *)")
         def mapped(status, message, userdata1, userdata2):
-            state[1] = status
-            state[0] += 1
+            done[int(ffi.cast("uintptr_t", userdata1))] = int(status)
 
         self._callback = mapped     # kept alive as long as this object
         info = ffi.new("WGPUBufferMapCallbackInfo *")
@@ -306,18 +306,26 @@ class _Native:
     def map(self, staging, nbytes):
         """Map [0, nbytes) of a MAP_READ buffer once the queue's work is done; the bytes."""
         ffi, lib = self.ffi, self.lib
-        state = self._state
-        seen = state[0]
+        done = self._done
+        self._requests += 1
+        request = self._requests            # the callback says which request it answers
+        self._map_info.userdata1 = ffi.cast("void *", request)
         lib.wgpuBufferMapAsync(staging._internal, self._map_read, 0, nbytes, self._map_info[0])
-        if state[0] == seen and self.spin_seconds > 0:
-            clock = time.perf_counter
-            deadline = clock() + self.spin_seconds
-            while state[0] == seen and clock() < deadline:
-                lib.wgpuDevicePoll(self.device_id, 0, ffi.NULL)
-        while state[0] == seen:
-            lib.wgpuDevicePoll(self.device_id, 1, ffi.NULL)
-        if state[1] != self._success:
-            raise RuntimeError(f"could not map the read-back buffer (status {state[1]})")
+        try:
+            if request not in done and self.spin_seconds > 0:
+                clock = time.perf_counter
+                deadline = clock() + self.spin_seconds
+                while request not in done and clock() < deadline:
+                    lib.wgpuDevicePoll(self.device_id, 0, ffi.NULL)
+            while request not in done:
+                lib.wgpuDevicePoll(self.device_id, 1, ffi.NULL)
+        except BaseException:               # e.g. KeyboardInterrupt: leave the buffer unmapped
+            lib.wgpuBufferUnmap(staging._internal)
+            raise
+        status = done.pop(request)
+        done.clear()                        # answers to abandoned requests
+        if status != self._success:
+            raise RuntimeError(f"could not map the read-back buffer (status {status})")
         ptr = lib.wgpuBufferGetConstMappedRange(staging._internal, 0, nbytes)
         if ptr == ffi.NULL:
             lib.wgpuBufferUnmap(staging._internal)
