@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,9 @@ PRESCALE_FROM_M_TILE = 2
 TILE_M = 64
 #: Workgroups per grid dimension WebGPU guarantees (maxComputeWorkgroupsPerDimension).
 MAX_GRID = 65535
+#: Seconds mm's wait polls the device without blocking before it blocks in the driver (a GPU
+#: adapter; a CPU adapter blocks at once). FERRUM_METAL_SPIN_US overrides it (0: always block).
+SPIN_SECONDS = 0.005
 #: Plans kept per weight (one per distinct M and expert); the oldest goes first.
 PLANS_PER_WEIGHT = 64
 
@@ -219,6 +223,117 @@ class _Plan:
     out_bytes: int
     a_bytes: int
     summary: str = ""       # e.g. "gemv m8 k16": kernel, rows per workgroup, k-splits (bench)
+    raw: list = None        # (pipeline, bind group, grid) as wgpu-native handles (_Native)
+
+    def __post_init__(self):
+        self.raw = [(d.pipeline._internal, d.bind_group._internal, tuple(int(g) for g in d.grid))
+                    for d in self.dispatches]
+
+
+class _Native:
+    """mm's per-call path straight through wgpu-native's C API (wgpu-py's ``ffi``/``lib``).
+
+    wgpu-py's Python wrappers cost more than the work they wrap at small M: ``map_async`` builds
+    a promise, wakes wgpu-py's poll thread and (in READ mode) submits an extra empty command
+    buffer; the result then comes back through a thread hand-off; every encoder call goes
+    through an error-capturing proxy. Here the encoder calls are made directly, the read-back is
+    mapped with one callback made once, and completion is waited for on the calling thread:
+    ``wgpuDevicePoll`` without blocking in a loop (a GPU: no driver sleep on the fence) for up
+    to ``spin_seconds``, then blocking (a CPU adapter such as lavapipe: spinning would take a
+    core from the threads running the kernel, so spin_seconds is 0 there). finish and submit
+    keep wgpu-py's error-raising wrappers (``libf``), so an invalid command still raises.
+    Built only when its self-test passes; otherwise mm uses wgpu-py's public API.
+    """
+
+    def __init__(self, device, spin_seconds: float):
+        from wgpu.backends.wgpu_native import _api
+        self.ffi, self.lib, self.libf = _api.ffi, _api.lib, _api.libf
+        ffi, lib = self.ffi, self.lib
+        self.device_id = device._internal
+        self.queue_id = device.queue._internal
+        self.spin_seconds = spin_seconds
+        self._enc_desc = ffi.new("WGPUCommandEncoderDescriptor *")
+        self._pass_desc = ffi.new("WGPUComputePassDescriptor *")
+        self._finish_desc = ffi.new("WGPUCommandBufferDescriptor *")
+        self._cmds = ffi.new("WGPUCommandBuffer[1]")
+        self._done = {}             # map request number -> status, filled by the callback
+        self._requests = 0
+        done = self._done
+
+        @ffi.callback("void(WGPUMapAsyncStatus, WGPUStringView, void *, void *)")
+        def mapped(status, message, userdata1, userdata2):
+            done[int(ffi.cast("uintptr_t", userdata1))] = int(status)
+
+        self._callback = mapped     # kept alive as long as this object
+        info = ffi.new("WGPUBufferMapCallbackInfo *")
+        info.mode = lib.WGPUCallbackMode_AllowProcessEvents
+        info.callback = mapped
+        self._map_info = info
+        self._map_read = lib.WGPUMapMode_Read
+        self._success = lib.WGPUMapAsyncStatus_Success
+
+    def run(self, dispatches, writes, copy, read_bytes):
+        """Write the uploads ``writes`` [(buffer, numpy array)], run ``dispatches`` [(pipeline,
+        bind group, grid)] in one compute pass, copy ``copy`` (src, dst staging buffer, bytes),
+        submit, wait and map the staging buffer; returns the mapped bytes (a cffi buffer, valid
+        until ``unmap``)."""
+        ffi, lib = self.ffi, self.lib
+        for buffer, array in writes:
+            lib.wgpuQueueWriteBuffer(self.queue_id, buffer._internal, 0, ffi.from_buffer(array),
+                                     array.nbytes)
+        enc = lib.wgpuDeviceCreateCommandEncoder(self.device_id, self._enc_desc)
+        try:
+            cp = lib.wgpuCommandEncoderBeginComputePass(enc, self._pass_desc)
+            for pipe, group, (x, y, z) in dispatches:
+                lib.wgpuComputePassEncoderSetPipeline(cp, pipe)
+                lib.wgpuComputePassEncoderSetBindGroup(cp, 0, group, 0, ffi.NULL)
+                lib.wgpuComputePassEncoderDispatchWorkgroups(cp, x, y, z)
+            lib.wgpuComputePassEncoderEnd(cp)
+            lib.wgpuComputePassEncoderRelease(cp)
+            src, staging, nbytes = copy
+            lib.wgpuCommandEncoderCopyBufferToBuffer(enc, src._internal, 0, staging._internal, 0,
+                                                     nbytes)
+            cmd = self.libf.wgpuCommandEncoderFinish(enc, self._finish_desc)
+        finally:
+            lib.wgpuCommandEncoderRelease(enc)
+        try:
+            self._cmds[0] = cmd
+            self.libf.wgpuQueueSubmit(self.queue_id, 1, self._cmds)
+        finally:
+            lib.wgpuCommandBufferRelease(cmd)
+        return self.map(staging, read_bytes)
+
+    def map(self, staging, nbytes):
+        """Map [0, nbytes) of a MAP_READ buffer once the queue's work is done; the bytes."""
+        ffi, lib = self.ffi, self.lib
+        done = self._done
+        self._requests += 1
+        request = self._requests            # the callback says which request it answers
+        self._map_info.userdata1 = ffi.cast("void *", request)
+        lib.wgpuBufferMapAsync(staging._internal, self._map_read, 0, nbytes, self._map_info[0])
+        try:
+            if request not in done and self.spin_seconds > 0:
+                clock = time.perf_counter
+                deadline = clock() + self.spin_seconds
+                while request not in done and clock() < deadline:
+                    lib.wgpuDevicePoll(self.device_id, 0, ffi.NULL)
+            while request not in done:
+                lib.wgpuDevicePoll(self.device_id, 1, ffi.NULL)
+        except BaseException:               # e.g. KeyboardInterrupt: leave the buffer unmapped
+            lib.wgpuBufferUnmap(staging._internal)
+            raise
+        status = done.pop(request)
+        done.clear()                        # answers to abandoned requests
+        if status != self._success:
+            raise RuntimeError(f"could not map the read-back buffer (status {status})")
+        ptr = lib.wgpuBufferGetConstMappedRange(staging._internal, 0, nbytes)
+        if ptr == ffi.NULL:
+            lib.wgpuBufferUnmap(staging._internal)
+            raise RuntimeError("the read-back buffer has no mapped range")
+        return ffi.buffer(ffi.cast("char *", ptr), nbytes)
+
+    def unmap(self, staging):
+        self.lib.wgpuBufferUnmap(staging._internal)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -241,6 +356,7 @@ class MetalBackend(Backend):
         self._work: dict[str, object] = {}
         self._generation = 0
         self._codes = None
+        self._native = None         # _Native once its self-test passed
 
     # --- device -----------------------------------------------------------------------------------
     def info(self) -> BackendInfo:
@@ -283,13 +399,20 @@ class MetalBackend(Backend):
         if int(dl.get("max-compute-workgroup-storage-size", 16384)) < 16384:
             return BackendInfo("metal", False, "adapter offers < 16 KiB of workgroup storage")
         self.subgroups = bool(features) and self._subgroups_work()
-        self.target_workgroups = (TARGET_WORKGROUPS_CPU if adapter.info.get("adapter_type") == "CPU"
-                                  else TARGET_WORKGROUPS)
+        cpu = adapter.info.get("adapter_type") == "CPU"
+        self.target_workgroups = TARGET_WORKGROUPS_CPU if cpu else TARGET_WORKGROUPS
+        target = os.environ.get("FERRUM_METAL_TARGET_WORKGROUPS", "")
+        if target:      # for tuning the k-split on a given GPU without editing the source
+            self.target_workgroups = max(1, int(target))
+        spin = os.environ.get("FERRUM_METAL_SPIN_US", "")
+        self._native = self._native_path(float(spin) * 1e-6 if spin else 0.0 if cpu
+                                         else SPIN_SECONDS)
         name = adapter.info.get("device", "?")
         api = adapter.info.get("backend_type", "?")
         native_version = getattr(wgpu.backends.wgpu_native, "__version__", "?")
         version = (f"wgpu-py {wgpu.__version__}, wgpu-native {native_version}, "
-                   f"subgroups {'on' if self.subgroups else 'off'}")
+                   f"subgroups {'on' if self.subgroups else 'off'}, "
+                   f"mm path {'native' if self._native else 'wgpu-py'}")
         return BackendInfo("metal", True, "", f"{name} via {api}", version)
 
     def _subgroups_work(self) -> bool:
@@ -316,6 +439,30 @@ fn main(@builtin(local_invocation_index) li: u32) {
             return bool(np.frombuffer(self.device.queue.read_buffer(buf), np.uint32).all())
         except Exception:
             return False
+
+    def _native_path(self, spin_seconds: float):
+        """A _Native for mm when wgpu-native's C API is reachable and a round trip through it
+        (upload, copy, map, read) returns what was written; else None."""
+        if os.environ.get("FERRUM_METAL_NATIVE", "1") == "0":
+            return None
+        try:
+            native = _Native(self.device, spin_seconds)
+            src = self._buffer(256)
+            staging = self.device.create_buffer(
+                size=256, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+            ok = True
+            for seed in (1, 2):
+                data = (np.arange(64, dtype=np.uint32) * 2654435761 + seed).astype(np.uint32)
+                raw = native.run([], [(src, data)], (src, staging, 256), 256)
+                try:
+                    ok = ok and bytes(raw) == data.tobytes()
+                finally:
+                    native.unmap(staging)
+            src.destroy()
+            staging.destroy()
+            return native if ok else None
+        except Exception:
+            return None
 
     def _ready(self):
         status = self.info()
@@ -475,6 +622,21 @@ fn main(@builtin(local_invocation_index) li: u32) {
         m = a.shape[0]
         with self._lock:
             plan = self._plan(weight, m, expert)
+            staging = self._work["read"]
+            native = self._native
+            if native is not None:
+                raw = native.run(plan.raw, [(self._work["a"], a)],
+                                 (self._work["c"], staging, plan.out_bytes), plan.out_bytes)
+                try:
+                    result = np.frombuffer(raw, np.float16).reshape(m, -1)
+                    if out is None:
+                        out = result.copy()
+                    else:
+                        out[...] = result
+                    del result
+                finally:
+                    native.unmap(staging)
+                return out
             queue = self.device.queue
             queue.write_buffer(self._work["a"], 0, a)
             enc = self.device.create_command_encoder()
@@ -484,7 +646,6 @@ fn main(@builtin(local_invocation_index) li: u32) {
                 cp.set_bind_group(0, d.bind_group)
                 cp.dispatch_workgroups(*d.grid)
             cp.end()
-            staging = self._work["read"]
             enc.copy_buffer_to_buffer(self._work["c"], 0, staging, 0, plan.out_bytes)
             queue.submit([enc.finish()])
             staging.map_sync(wgpu.MapMode.READ, 0, plan.out_bytes)
@@ -666,7 +827,7 @@ fn main(@builtin(local_invocation_index) li: u32) {
             plan = self._plan(weight, a.shape[0], expert)
             self.device.queue.write_buffer(self._work["a"], 0, a)
 
-            def submit(reps):
+            def build(reps):
                 enc = self.device.create_command_encoder()
                 for _ in range(reps):
                     cp = enc.begin_compute_pass()
@@ -675,49 +836,94 @@ fn main(@builtin(local_invocation_index) li: u32) {
                         cp.set_bind_group(0, d.bind_group)
                         cp.dispatch_workgroups(*d.grid)
                     cp.end()
-                self._submit_and_wait(enc)
+                return self._fenced(enc)
 
-            return self._time_batches(submit, min_seconds)
+            return self._time_batches(build, min_seconds)
 
     def copy_bandwidth(self, nbytes: int, min_seconds: float = 0.3) -> float:
         """Bytes per second moved (read + write) by copy_buffer_to_buffer on this adapter."""
+        return self.stream_bandwidth(nbytes, min_seconds, kinds=("buffer copy",))["buffer copy"]
+
+    def stream_bandwidth(self, nbytes: int, min_seconds: float = 0.3,
+                         kinds=("buffer copy", "shader copy", "shader read")) -> dict:
+        """Bytes per second each way of streaming memory moves on this adapter: "buffer copy"
+        (copy_buffer_to_buffer, read + write bytes), "shader copy" (stream.wgsl copying vec4s,
+        read + write bytes), "shader read" (stream.wgsl reading only, read bytes). Buffers of
+        ``nbytes`` (cut to what the adapter allows: half its largest buffer, and one storage
+        binding for the shaders); each figure is the wall time of a batch of passes in one submit,
+        the batch grown until it lasts ``min_seconds``, after a warm-up."""
         self._ready()
-        nbytes = min(_round_up(nbytes, 256), self.max_buffer_size // 2 // 256 * 256)
+        out = {}
         with self._lock:
-            src, dst = self._buffer(nbytes), self._buffer(nbytes)
+            size = min(_round_up(nbytes, 256), self.max_buffer_size // 2 // 256 * 256)
+            if any(k != "buffer copy" for k in kinds):
+                size = min(size, self._usable_limit() // 256 * 256)
+            src, dst = self._buffer(size), self._buffer(size)
+            try:
+                if "buffer copy" in kinds:
+                    def build(reps):
+                        enc = self.device.create_command_encoder()
+                        for _ in range(reps):
+                            enc.copy_buffer_to_buffer(src, 0, dst, 0, size)
+                        return self._fenced(enc)
+                    out["buffer copy"] = 2 * size / self._time_batches(build, min_seconds)
+                for kind, copy in (("shader copy", True), ("shader read", False)):
+                    if kind not in kinds:
+                        continue
+                    pipe = self._pipeline("stream.wgsl", COPY=str(copy).lower())
+                    bg = self._bind_group(pipe, [(src, 0, size), (dst, 0, size)])
+                    # enough invocations to keep every memory channel busy; a few loads each
+                    groups = max(1, min(MAX_GRID, size // 16 // 256 // 4,
+                                        self.target_workgroups * 16))
 
-            def submit(reps):
-                enc = self.device.create_command_encoder()
-                for _ in range(reps):
-                    enc.copy_buffer_to_buffer(src, 0, dst, 0, nbytes)
-                self._submit_and_wait(enc)
+                    def build(reps, pipe=pipe, bg=bg, groups=groups):
+                        enc = self.device.create_command_encoder()
+                        cp = enc.begin_compute_pass()
+                        cp.set_pipeline(pipe)
+                        cp.set_bind_group(0, bg)
+                        for _ in range(reps):
+                            cp.dispatch_workgroups(groups)
+                        cp.end()
+                        return self._fenced(enc)
+                    out[kind] = (2 if copy else 1) * size / self._time_batches(build, min_seconds)
+            finally:
+                src.destroy()
+                dst.destroy()
+        out["bytes"] = size
+        return out
 
-            seconds = self._time_batches(submit, min_seconds)
-            src.destroy()
-            dst.destroy()
-        return 2 * nbytes / seconds
-
-    def _submit_and_wait(self, enc):
-        """Submit and block until the GPU is done: map a 16-byte read-back of the last work (the
-        queue's on_submitted_work_done is not dependable across wgpu-native versions)."""
+    def _fenced(self, enc):
+        """Finish enc after a 16-byte copy into the fence buffer, whose mapping then says when
+        the GPU is done (the queue's on_submitted_work_done is not dependable across wgpu-native
+        versions)."""
         fence = self._workspace("fence", 256,
                                 usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
         source = self._workspace("a", 256)
         enc.copy_buffer_to_buffer(source, 0, fence, 0, 16)
-        self.device.queue.submit([enc.finish()])
-        fence.map_sync(wgpu.MapMode.READ, 0, 16)
-        fence.unmap()
+        return enc.finish()
 
-    @staticmethod
-    def _time_batches(submit, min_seconds: float) -> float:
-        """Seconds per unit of submit(reps): warm up, then grow the batch until it lasts long
-        enough that submission and wake-up costs are small beside it."""
-        import time
-        submit(1)
+    def _run_and_wait(self, command_buffer):
+        """Submit a command buffer made by _fenced and block until the GPU is done."""
+        self.device.queue.submit([command_buffer])
+        fence = self._work["fence"]
+        if self._native is not None:
+            self._native.map(fence, 16)
+            self._native.unmap(fence)
+        else:
+            fence.map_sync(wgpu.MapMode.READ, 0, 16)
+            fence.unmap()
+
+    def _time_batches(self, build, min_seconds: float) -> float:
+        """Seconds per unit of build(reps), a command buffer of reps units of work: warm up, then
+        grow the batch until it lasts long enough that submission and wake-up costs are small
+        beside it. Only the submission and the wait are timed: the commands are recorded before
+        the clock starts (recording is host work the GPU would otherwise be idle for)."""
+        self._run_and_wait(build(1))
         reps = 1
         while True:
+            command_buffer = build(reps)
             start = time.perf_counter()
-            submit(reps)
+            self._run_and_wait(command_buffer)
             elapsed = time.perf_counter() - start
             if elapsed >= min_seconds or reps >= 4096:
                 return elapsed / reps

@@ -2,9 +2,14 @@
 
 Columns
     call us     one ferrum.mm call end to end: numpy A in, dispatches, numpy C out (what a user sees)
-    kernel us   the call's dispatches alone, many submitted back to back (what the GPU spends)
+    kernel us   the call's dispatches alone, many recorded into one command buffer before the
+                clock starts, then submitted and waited for (what the GPU spends; recording is
+                host work and is not counted)
     floor us    bytes the product must move (packed weight + scales + A + C) divided by the
-                adapter's measured buffer-copy bandwidth (read + write bytes per second)
+                fastest streaming rate measured on the adapter: the best of copy_buffer_to_buffer
+                (read + write bytes), a shader copy and a read-only shader stream (stream.wgsl),
+                each on buffers of up to 1 GiB (64 MiB with --quick), the wall time of a batch of
+                passes in one submit
     % floor     floor / kernel: 100% would stream the weight at copy speed
     cuda us     the cuda backend on the same problem (device arrays, synchronised), when available
     plan        kernel, rows of A per workgroup (m), k-splits (k), weight pieces (p), m-blocks (b)
@@ -66,11 +71,16 @@ def run(options: dict) -> None:
     min_seconds = 0.2 if quick else 0.5
     cuda = ferrum.backends()["cuda"].available
 
-    bandwidth = BACKEND.copy_bandwidth(64 << 20 if quick else 1 << 30)
+    rates = BACKEND.stream_bandwidth(64 << 20 if quick else 1 << 30)
+    size = rates.pop("bytes")
+    basis, bandwidth = max(rates.items(), key=lambda kv: kv[1])
     info = BACKEND.info()
     print(f"adapter: {info.device}  [{info.version}]")
-    print(f"buffer-copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write); "
-          f"group_size={GROUP_SIZE}; {'quick' if quick else 'full'} run")
+    print(f"streaming rates on {size / 2**20:.0f} MiB buffers: " + ", ".join(
+        f"{k} {v / 1e9:.1f} GB/s" for k, v in rates.items())
+        + " (copies count read + write bytes)")
+    print(f"floor us = bytes moved / {bandwidth / 1e9:.1f} GB/s (the {basis} rate, the fastest "
+          f"measured); group_size={GROUP_SIZE}; {'quick' if quick else 'full'} run")
     head = f"{'K x N':>13s} {'M':>4s} {'call us':>10s} {'kernel us':>10s} {'floor us':>9s} " \
            f"{'% floor':>7s}" + (f" {'cuda us':>9s}" if cuda else "") + "  plan"
     print(head)

@@ -243,3 +243,36 @@ def test_mm_returns_new_array_without_out_and_weight_moves_from_cpu():
     assert rel_error(got, a.astype(np.float64) @ p.dense[0]) < TOLERANCE
     again = ferrum.mm(a, w)          # cached plan, reused buffers: same answer
     np.testing.assert_array_equal(got, again)
+
+
+def test_mm_call_paths_agree_bit_for_bit():
+    # mm's per-call path through wgpu-native's C API (when its self-test passed) and through
+    # wgpu-py's public API run the same plan: the results must be identical, also for a
+    # non-contiguous out and for M-blocks past the first call's workspace size.
+    size_k, size_n = 256, 128
+    rng = np.random.default_rng(800)
+    p = random_problem(rng, size_k, size_n, 64)
+    w = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=64, backend="metal")
+    saved = BACKEND._native
+    try:
+        for m in (1, 5, 40):
+            a = rng.standard_normal((m, size_k)).astype(np.float16)
+            got = {}
+            for name, native in (("native", saved), ("wgpu-py", None)):
+                BACKEND._native = native
+                check_mm(w, a, p.dense[0])
+                wide = poisoned(m, 2 * size_n)
+                ferrum.mm(a, w, out=wide[:, ::2])
+                assert not np.isnan(wide[:, ::2]).any() and np.isnan(wide[:, 1::2]).all()
+                got[name] = ferrum.mm(a, w)
+                np.testing.assert_array_equal(got[name], wide[:, ::2])
+            np.testing.assert_array_equal(got["native"], got["wgpu-py"])
+    finally:
+        BACKEND._native = saved
+
+
+def test_stream_bandwidth_reports_every_rate():
+    rates = BACKEND.stream_bandwidth(1 << 20, min_seconds=0.01)
+    assert rates["bytes"] == 1 << 20
+    for kind in ("buffer copy", "shader copy", "shader read"):
+        assert rates[kind] > 0
