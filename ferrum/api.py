@@ -63,33 +63,23 @@ def _torch_dtype(x: Any) -> np.dtype:
     return dt
 
 
-def array_device(x: Any) -> str:
-    """Where an array's memory is: "host", "cuda", or "other" (another accelerator).
-
-    numpy, torch and cupy are told apart by type (torch builds its __cuda_array_interface__
-    dict on every access); anything else by __cuda_array_interface__ or __dlpack_device__.
-    """
+def _is_device_array(x: Any) -> bool:
     if isinstance(x, np.ndarray):
-        return "host"
+        return False
     lib = _framework(x)
     if lib == "torch":
-        return "cuda" if x.is_cuda else ("host" if x.device.type == "cpu" else "other")
+        return bool(x.is_cuda)
     if lib == "cupy":
-        return "cuda"
+        return True
     if hasattr(x, "__cuda_array_interface__"):
-        return "cuda"
+        return True
     dev = getattr(x, "__dlpack_device__", None)
     if dev is not None:
         try:
-            kind = dev()[0]
+            return dev()[0] not in (1, 3)   # kDLCPU, kDLCUDAHost
         except Exception:
-            return "host"
-        return "host" if kind in (1, 3) else "cuda" if kind in (2, 13) else "other"
-    return "host"
-
-
-def _is_device_array(x: Any) -> bool:
-    return array_device(x) != "host"
+            return False
+    return False
 
 
 def _meta(argument: str, x: Any) -> tuple[tuple[int, ...], np.dtype]:

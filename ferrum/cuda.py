@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from ._registry import Backend, BackendInfo
-from .api import array_device
 from .errors import CudaError
 
 try:
@@ -163,9 +162,24 @@ class CudaBackend(Backend):
         return _cuda.to_host(ptr, shape, dtype, 0)
 
     def owns(self, array):
+        if isinstance(array, np.ndarray):
+            return False
         if DeviceArray is not None and type(array) is DeviceArray:
             return True
-        return array_device(array) == "cuda"
+        lib = _library(array)
+        if lib == "torch" and hasattr(array, "is_cuda"):   # torch builds its CAI dict per access
+            return bool(array.is_cuda)
+        if lib == "cupy" and hasattr(array, "data"):
+            return True
+        if hasattr(array, "__cuda_array_interface__"):
+            return True
+        device = getattr(array, "__dlpack_device__", None)
+        if device is not None:
+            try:
+                return device()[0] == 2   # kDLCUDA
+            except Exception:
+                return False
+        return False
 
     # --- kernels ----------------------------------------------------------------------------
     def repack(self, qweight, perm, size_k, size_n):
