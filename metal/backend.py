@@ -340,6 +340,16 @@ def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
+def _record_plan(encoder, plan) -> None:
+    """One compute pass running the plan's dispatches (kernel pieces, then the reduction)."""
+    cp = encoder.begin_compute_pass()
+    for d in plan.dispatches:
+        cp.set_pipeline(d.pipeline)
+        cp.set_bind_group(0, d.bind_group)
+        cp.dispatch_workgroups(*d.grid)
+    cp.end()
+
+
 class MetalBackend(Backend):
     name = "metal"
 
@@ -640,12 +650,7 @@ fn main(@builtin(local_invocation_index) li: u32) {
             queue = self.device.queue
             queue.write_buffer(self._work["a"], 0, a)
             enc = self.device.create_command_encoder()
-            cp = enc.begin_compute_pass()
-            for d in plan.dispatches:
-                cp.set_pipeline(d.pipeline)
-                cp.set_bind_group(0, d.bind_group)
-                cp.dispatch_workgroups(*d.grid)
-            cp.end()
+            _record_plan(enc, plan)
             enc.copy_buffer_to_buffer(self._work["c"], 0, staging, 0, plan.out_bytes)
             queue.submit([enc.finish()])
             staging.map_sync(wgpu.MapMode.READ, 0, plan.out_bytes)
@@ -830,12 +835,7 @@ fn main(@builtin(local_invocation_index) li: u32) {
             def build(reps):
                 enc = self.device.create_command_encoder()
                 for _ in range(reps):
-                    cp = enc.begin_compute_pass()
-                    for d in plan.dispatches:
-                        cp.set_pipeline(d.pipeline)
-                        cp.set_bind_group(0, d.bind_group)
-                        cp.dispatch_workgroups(*d.grid)
-                    cp.end()
+                    _record_plan(enc, plan)
                 return self._fenced(enc)
 
             return self._time_batches(build, min_seconds)

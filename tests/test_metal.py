@@ -47,29 +47,27 @@ def check_mm(weight, a: np.ndarray, dense: np.ndarray, expert=None):
 
 
 @contextlib.contextmanager
-def binding_limit(nbytes: int):
-    """Make the planner believe storage bindings hold only ``nbytes`` (forces the split paths)."""
-    saved = BACKEND.binding_limit
-    BACKEND.binding_limit = nbytes
+def _overridden(attribute: str, value: int):
+    saved = getattr(BACKEND, attribute)
+    setattr(BACKEND, attribute, value)
     try:
         yield
     finally:
-        BACKEND.binding_limit = saved
+        setattr(BACKEND, attribute, saved)
+
+
+def binding_limit(nbytes: int):
+    """Make the planner believe storage bindings hold only ``nbytes`` (forces the split paths)."""
+    return _overridden("binding_limit", nbytes)
 
 
 def last_plan(weight):
     return list(weight._aux["metal_plans"].values())[-1]
 
 
-@contextlib.contextmanager
 def target_workgroups(count: int):
     """The workgroup count the k-split aims for (small on lavapipe; large GPUs use 1024)."""
-    saved = BACKEND.target_workgroups
-    BACKEND.target_workgroups = count
-    try:
-        yield
-    finally:
-        BACKEND.target_workgroups = saved
+    return _overridden("target_workgroups", count)
 
 
 @contextlib.contextmanager
