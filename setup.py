@@ -54,10 +54,19 @@ def _cuda_home(nvcc):
 
 
 def _gencode_flags():
-    archs = [a.strip().replace("sm_", "").replace(".", "")
+    """nvcc -gencode flags for FERRUM_CUDA_ARCHS. Arch 90 (H100, H200) is built as sm_90a, the
+    Hopper-only target whose wgmma instructions the many-row kernel (csrc/mm_wgmma.cu) uses;
+    its machine code runs on compute capability 9.0 exactly, and the planner asks for 9.0
+    before choosing that kernel. PTX of the newest arch, plain, serves later GPUs."""
+    archs = [a.strip().replace("sm_", "").replace(".", "").rstrip("a")
              for a in os.environ.get("FERRUM_CUDA_ARCHS", DEFAULT_ARCHS).replace(",", ";").split(";")
              if a.strip()]
-    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    flags = []
+    for a in archs:
+        target = "90a" if a == "90" else a
+        flags.append(f"-gencode=arch=compute_{target},code=sm_{target}")
+    if "90" in archs:
+        flags.append("-DFERRUM_HAVE_SM90A=1")
     newest = max(archs, key=int)
     flags.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")   # PTX for later GPUs
     return flags

@@ -17,7 +17,7 @@ void clear_error();
 struct DeviceProps {
     int device;
     int sm_count;
-    int major;            // compute capability
+    int major, minor;     // compute capability
     int max_smem_optin;   // bytes a block may get after cudaFuncSetAttribute
 };
 int current_device_props(DeviceProps *props);

@@ -53,6 +53,7 @@ int current_device_props(DeviceProps *props) {
     p.device = device;
     FERRUM_CUDA_CHECK(cudaDeviceGetAttribute(&p.sm_count, cudaDevAttrMultiProcessorCount, device));
     FERRUM_CUDA_CHECK(cudaDeviceGetAttribute(&p.major, cudaDevAttrComputeCapabilityMajor, device));
+    FERRUM_CUDA_CHECK(cudaDeviceGetAttribute(&p.minor, cudaDevAttrComputeCapabilityMinor, device));
     FERRUM_CUDA_CHECK(cudaDeviceGetAttribute(&p.max_smem_optin,
                                              cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     if (device >= 0 && device < kMaxDevices) {

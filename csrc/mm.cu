@@ -21,28 +21,10 @@
 #include <cstdlib>
 
 #include "common.cuh"
-#include "ptx.cuh"
+#include "mm_common.cuh"
 
 namespace ferrum {
 
-struct MmParams {
-    const half *a;          // [M, K] row-major, this launch's rows
-    const int4 *b;          // Marlin words of expert 0 of the stack
-    const half *scales;     // [E, groups, N] of expert 0
-    half *c;                // [M, ldc], this launch's rows
-    float *partials;        // [splits, tiles, 16*MB*TN] FP32, when splits > 1
-    int *counters;          // [tiles], zero between calls
-    int M, K, N, ldc;
-    int expert0;            // first expert of the launch; C column block i is expert expert0+i
-    int tiles_per_expert;   // column tiles of one expert (ceil(N / TN))
-    int n_tiles_total;      // tiles_per_expert * experts in this launch
-    int m_slices;           // row slices of 16*MB
-    int splits;             // split-K factor
-    int k_tiles;            // K / TK
-    int group_shift;        // log2(group size) for grouped scales
-    long long b_expert_int4;    // Marlin int4 per expert: (K/16) * 2N / 4
-    long long s_expert_halves;  // scale entries per expert: groups * N
-};
 
 // Compile-time geometry of one kernel instance. Every constant that shapes shared memory or
 // the warp layout lives here.
@@ -50,6 +32,7 @@ template <int MB, int TK_BLOCKS, int TN_BLOCKS, bool GROUPED>
 struct Tile {
     static constexpr int kThreads = 256;
     static constexpr int kWarps = kThreads / 32;
+    static constexpr int kRows = 16 * MB;
     static constexpr int TK = 16 * TK_BLOCKS;
     static constexpr int TN = 16 * TN_BLOCKS;
     // Bytes of A, B and scales per pipeline stage.
@@ -91,13 +74,6 @@ struct Tile {
     static constexpr int kMinBlocksPerSm = MB <= 2 ? 2 : 1;
 };
 
-// Where the scale of original column n sits in a channelwise (one group) permuted row: within
-// each 32 columns, permuted 8i + jj holds 2i + [0, 1, 8, 9, 16, 17, 24, 25][jj] (format.py).
-__device__ __forceinline__ int channel_scale_index(int n) {
-    const int x = n & 31;
-    return (n & ~31) + 8 * ((x & 7) >> 1) + 2 * (x >> 3) + (x & 1);
-}
-
 template <int MB, int TK_BLOCKS, int TN_BLOCKS, bool GROUPED>
 __global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
     marlin_mm_kernel(const MmParams p) {
@@ -107,85 +83,21 @@ __global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
     int4 *const a_sh = smem;
     int4 *const b_sh = a_sh + kStages * T::kAStageVecs;
     int4 *const s_sh = b_sh + kStages * T::kBStageVecs;
-    __shared__ int s_is_last;
 
     // ---- which C tile and which K range this block owns -----------------------------------
-    // Block order: m slice fastest, so the blocks that read the same B tile run together and
-    // share it through L2; then column tile; split-K slowest.
-    int bid = blockIdx.x;
-    const int m_slice = bid % p.m_slices;
-    bid /= p.m_slices;
-    const int ntile = bid % p.n_tiles_total;
-    const int split = bid / p.n_tiles_total;
-    const int e_local = ntile / p.tiles_per_expert;
-    const int n0 = (ntile % p.tiles_per_expert) * TN;       // first column inside the expert
-    const int m0 = m_slice * 16 * MB;
-    const int4 *const B = p.b + (long long)(p.expert0 + e_local) * p.b_expert_int4;
-    const half *const S = p.scales + (long long)(p.expert0 + e_local) * p.s_expert_halves;
-    const int kt_begin = (int)((long long)split * p.k_tiles / p.splits);
-    const int kt_end = (int)((long long)(split + 1) * p.k_tiles / p.splits);
-    const int iters = kt_end - kt_begin;
+    const BlockWork work = block_work(p, 16 * MB, TN);
+    const int n0 = work.n0, kt_begin = work.kt_begin, iters = work.iters;
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int chunk = warp % T::kChunks;      // this warp's 64 columns of the tile
     const int kgroup = warp / T::kChunks;     // and its share of each stage's k-tiles
     const bool chunk_live = n0 + 64 * chunk < p.N;   // the last tile may be narrower than TN
-    const uint64_t evict_first = evict_first_policy();
-    const long long b_row_vecs = p.N / 2;             // a Marlin row: 2N words = N/2 int4
 
     // ---- stage 1: fetch a K tile of A, B and scales into shared memory (asynchronous) ------
-    // Each thread's sources and destinations are fixed up to a per-stage offset, so they are
-    // computed once here: thread t copies vectors t, t+256, t+512, ... of each stage.
-    static_assert(T::kBStageVecs % T::kThreads == 0 && T::kThreads % (T::kChunks * 32) == 0, "B copy");
-    static_assert(T::kThreads % T::kARowVecs == 0 && (T::kThreads / T::kARowVecs) % 8 == 0, "A copy");
-    // B: vector t of a stage is word group t%32 of chunk (t/32)%kChunks of k-tile t/(32*kChunks).
-    constexpr int kBVecsPerThread = T::kBStageVecs / T::kThreads;
-    constexpr int kBRowsPerPass = T::kThreads / (T::kChunks * 32);   // k-tiles per 256 vectors
-    const int b_chunk = (tid / 32) % T::kChunks;
-    const bool b_live = n0 + 64 * b_chunk < p.N;
-    const int4 *const b_src0 = B + (long long)(tid / (T::kChunks * 32)) * b_row_vecs +
-                               (n0 + 64 * b_chunk) / 2 + tid % 32;
-    // A: vector t is 8 halves at column 8*(t % kARowVecs) of row t / kARowVecs; a pass of 256
-    // vectors moves 256/kARowVecs rows (a multiple of 8, so the swizzle r % 8 stays the same).
-    constexpr int kARowsPerPass = T::kThreads / T::kARowVecs;
-    const int a_row0 = tid / T::kARowVecs, a_vec = tid % T::kARowVecs;
-    const int a_rows_live = min(16 * MB, p.M - m0);
-    const half *const a_src0 = p.a + (long long)(m0 + a_row0) * p.K + 8 * a_vec;
-    // XOR swizzle: vector v of row r goes to slot v ^ (r % 8), so the 8 rows that one ldmatrix
-    // phase reads at the same k land in 8 different 16-byte bank groups.
-    const int a_dst0 = a_row0 * T::kARowVecs + (a_vec ^ (a_row0 & 7));
-    // Scales: group rows g0 .. g0+rows-1 of the stage, TN/8 vectors each.
-    const int s_rows = GROUPED ? ((1 << p.group_shift) >= TK ? 1 : (TK >> p.group_shift)) : 0;
-    const int s_col = n0 + 8 * (tid % (TN / 8));
-    const bool s_live = GROUPED && tid < s_rows * (TN / 8) && s_col < p.N;
-    const half *const s_src0 = S + (long long)(tid / (TN / 8)) * p.N + s_col;
-
-    // The activations of a stage (what an earlier kernel on the stream may still be writing).
-    auto fetch_acts = [&](int stage, int kt) {
-        // Rows past M are not loaded: whatever their shared memory holds only reaches
-        // accumulator rows that are never written out (row m of C depends on row m of A).
-        int4 *a_dst = a_sh + stage * T::kAStageVecs + a_dst0;
-        const half *a_src = a_src0 + kt * TK;
-#pragma unroll
-        for (int j = 0; j < (T::kAStageVecs + T::kThreads - 1) / T::kThreads; ++j) {
-            if (a_row0 + j * kARowsPerPass < a_rows_live)
-                cp_async16_zfill(a_dst + j * T::kThreads, a_src + (long long)j * kARowsPerPass * p.K, true);
-        }
-    };
-    // The weights and scales of a stage (never written by any kernel during a call).
+    const StageCopy<T, GROUPED> copy(p, work, tid);
+    auto fetch_acts = [&](int stage, int kt) { copy.acts(a_sh + stage * T::kAStageVecs, kt); };
     auto fetch_weights = [&](int stage, int kt) {
-        if (b_live) {
-            int4 *b_dst = b_sh + stage * T::kBStageVecs + tid;
-            const int4 *b_src = b_src0 + (long long)kt * TK_BLOCKS * b_row_vecs;
-#pragma unroll
-            for (int j = 0; j < kBVecsPerThread; ++j)
-                cp_async16_hint(b_dst + j * T::kThreads, b_src + j * kBRowsPerPass * b_row_vecs, evict_first);
-        }
-        if constexpr (GROUPED) {
-            if (s_live)
-                cp_async16_zfill(s_sh + stage * T::kSStageVecs + tid,
-                                 s_src0 + (long long)((kt * TK) >> p.group_shift) * p.N, true);
-        }
+        copy.weights(b_sh + stage * T::kBStageVecs, s_sh + stage * T::kSStageVecs, kt);
     };
     auto fetch_stage = [&](int stage, int kt) {
         fetch_acts(stage, kt);
@@ -336,95 +248,17 @@ __global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
     __syncthreads();
 
     // ---- stage 4: write C, through the ordered global reduce when K is split ---------------
-    const int rows = min(16 * MB, p.M - m0);
-    const int cols = min(TN, p.N - n0);
-    half *const C = p.c + (long long)m0 * p.ldc + (long long)e_local * p.N + n0;
-    constexpr int kVecsPerRow = TN / 8;   // 8 outputs (one 16-byte store) per vector
-
-    auto store_out = [&](int r, int c8, float (&v)[8]) {
-        if constexpr (!GROUPED) {   // channelwise scales multiply the FP32 sums
-#pragma unroll
-            for (int x = 0; x < 8; ++x)
-                v[x] *= __half2float(S[channel_scale_index(n0 + c8 + x)]);
-        }
-        half2 h[4];
-#pragma unroll
-        for (int x = 0; x < 4; ++x) h[x] = __floats2half2_rn(v[2 * x], v[2 * x + 1]);
-        *reinterpret_cast<int4 *>(C + (long long)r * p.ldc + c8) = *reinterpret_cast<int4 *>(h);
-    };
-
-    if (p.splits == 1) {
-        for (int i = tid; i < rows * kVecsPerRow; i += T::kThreads) {
-            const int r = i / kVecsPerRow, c8 = 8 * (i % kVecsPerRow);
-            if (c8 >= cols) continue;
-            float v[8];
-            const float4 lo = *reinterpret_cast<const float4 *>(&ctile[r * T::kCStride + c8]);
-            const float4 hi = *reinterpret_cast<const float4 *>(&ctile[r * T::kCStride + c8 + 4]);
-            v[0] = lo.x; v[1] = lo.y; v[2] = lo.z; v[3] = lo.w;
-            v[4] = hi.x; v[5] = hi.y; v[6] = hi.z; v[7] = hi.w;
-            store_out(r, c8, v);
-        }
-        return;
-    }
-
-    const int tile_id = m_slice + p.m_slices * ntile;
-    const long long tile_floats = 16 * MB * TN;
-    const long long num_tiles = (long long)p.m_slices * p.n_tiles_total;
-    float *const mine = p.partials + ((long long)split * num_tiles + tile_id) * tile_floats;
-    for (int i = tid; i < rows * kVecsPerRow; i += T::kThreads) {
-        const int r = i / kVecsPerRow, c8 = 8 * (i % kVecsPerRow);
-        if (c8 >= cols) continue;
-        float4 *dst = reinterpret_cast<float4 *>(mine + r * TN + c8);
-        __stcg(dst, *reinterpret_cast<const float4 *>(&ctile[r * T::kCStride + c8]));
-        __stcg(dst + 1, *reinterpret_cast<const float4 *>(&ctile[r * T::kCStride + c8 + 4]));
-    }
-    __threadfence();   // our partial is visible device-wide before the counter says so
-    __syncthreads();
-    if (tid == 0) s_is_last = atomicAdd(&p.counters[tile_id], 1) == p.splits - 1;
-    __syncthreads();
-    if (!s_is_last) return;
-    __threadfence();
-    for (int i = tid; i < rows * kVecsPerRow; i += T::kThreads) {
-        const int r = i / kVecsPerRow, c8 = 8 * (i % kVecsPerRow);
-        if (c8 >= cols) continue;
-        float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-#pragma unroll 4
-        for (int s = 0; s < p.splits; ++s) {   // fixed order: the sum is deterministic
-            const float4 *src = reinterpret_cast<const float4 *>(
-                p.partials + ((long long)s * num_tiles + tile_id) * tile_floats + r * TN + c8);
-            const float4 lo = __ldcg(src), hi = __ldcg(src + 1);
-            v[0] += lo.x; v[1] += lo.y; v[2] += lo.z; v[3] += lo.w;
-            v[4] += hi.x; v[5] += hi.y; v[6] += hi.z; v[7] += hi.w;
-        }
-        store_out(r, c8, v);
-    }
-    if (tid == 0) p.counters[tile_id] = 0;   // ready for the next call on this workspace
+    write_c_tile<16 * MB, TN, T::kCStride, T::kThreads, GROUPED>(p, work, ctile);
 }
 
 // ---- host side: one entry per kernel instance ----------------------------------------------
-
-struct KernelEntry {
-    const void *fn;
-    int smem_bytes;
-    int (*launch)(const MmParams &, int grid, cudaStream_t stream, bool pdl);
-};
 
 template <int MB, int TK_BLOCKS, int TN_BLOCKS, bool GROUPED>
 struct Instance {
     using T = Tile<MB, TK_BLOCKS, TN_BLOCKS, GROUPED>;
     static int launch(const MmParams &p, int grid, cudaStream_t stream, bool pdl) {
-        cudaLaunchConfig_t config = {};
-        config.gridDim = dim3(grid);
-        config.blockDim = dim3(T::kThreads);
-        config.dynamicSmemBytes = T::kSmemBytes;
-        config.stream = stream;
-        cudaLaunchAttribute attribute[1];
-        attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attribute[0].val.programmaticStreamSerializationAllowed = 1;
-        config.attrs = attribute;
-        config.numAttrs = pdl ? 1 : 0;
-        FERRUM_CUDA_CHECK(cudaLaunchKernelEx(&config, marlin_mm_kernel<MB, TK_BLOCKS, TN_BLOCKS, GROUPED>, p));
-        return FERRUM_OK;
+        return launch_mm<T::kThreads, T::kSmemBytes>(marlin_mm_kernel<MB, TK_BLOCKS, TN_BLOCKS, GROUPED>,
+                                                     p, grid, stream, pdl);
     }
     static KernelEntry entry() {
         return {reinterpret_cast<const void *>(&marlin_mm_kernel<MB, TK_BLOCKS, TN_BLOCKS, GROUPED>),
@@ -433,6 +267,7 @@ struct Instance {
 };
 
 // tile 1: k=128 x n=128 (few rows: more blocks over N);
+// tile 4: the wgmma kernel (mm_wgmma.cu), k=64 x n=256, 64 or 128 rows (m_blocks 4 or 8);
 // tile 2: k=128 x n=256 (more rows: each A fragment feeds more columns, 4 k-tiles per warp
 //         between barriers); tile 3: k=64 x n=256 (half the shared memory of tile 2).
 template <int TK_BLOCKS, int TN_BLOCKS, bool GROUPED>
@@ -446,18 +281,19 @@ static KernelEntry entry_for_mb(int mb) {
 }
 
 static KernelEntry select_kernel(int tile, int mb, bool grouped) {
+    if (tile == 4) return wgmma_entry(mb, grouped);
     if (tile == 1) return grouped ? entry_for_mb<8, 8, true>(mb) : entry_for_mb<8, 8, false>(mb);
     if (tile == 2) return grouped ? entry_for_mb<8, 16, true>(mb) : entry_for_mb<8, 16, false>(mb);
     return grouped ? entry_for_mb<4, 16, true>(mb) : entry_for_mb<4, 16, false>(mb);
 }
 
-static int tile_k(int tile) { return tile == 3 ? 64 : 128; }
-static int tile_n(int tile) { return tile == 1 ? 128 : 256; }
+static int tile_k(int tile) { return tile == 3 ? 64 : tile == 4 ? kWgmmaTileK : 128; }
+static int tile_n(int tile) { return tile == 1 ? 128 : tile == 4 ? kWgmmaTileN : 256; }
 
 // Per device and kernel instance: the dynamic shared memory limit is raised once, and the
 // number of blocks an SM holds is measured once (the heuristic needs it).
 constexpr int kMaxDevices = 64;
-static std::atomic<int> g_occupancy[kMaxDevices][3][4][2];   // 0 = not yet known
+static std::atomic<int> g_occupancy[kMaxDevices][4][8][2];   // 0 = not yet known
 
 static int prepare_kernel(const DeviceProps &dev, int tile, int mb, bool grouped, int *blocks_per_sm) {
     std::atomic<int> *slot = nullptr;
@@ -476,7 +312,7 @@ static int prepare_kernel(const DeviceProps &dev, int tile, int mb, bool grouped
     FERRUM_CUDA_CHECK(cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            k.smem_bytes));
     int occ = 0;
-    FERRUM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, k.fn, 256, k.smem_bytes));
+    FERRUM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, k.fn, 256, k.smem_bytes));   // both kernels: 256 threads
     if (occ < 1) occ = 1;
     if (slot) slot->store(occ, std::memory_order_relaxed);
     *blocks_per_sm = occ;
@@ -490,21 +326,42 @@ constexpr int kMaxRowsPerLaunch = 8192;
 // Partial sums above this many bytes are not worth it: fall back to fewer splits.
 constexpr size_t kMaxPartialBytes = size_t(256) << 20;
 
+// The wgmma kernel runs where its sm_90a build runs: compute capability 9.0 exactly.
+static bool wgmma_available(const DeviceProps &dev) {
+    return wgmma_built() && dev.major == 9 && dev.minor == 0;
+}
+
+// Rows from which the wgmma kernel (where available) beats the mma.sync one (tools/tune.py,
+// H100); below it the product is bound by the weight stream, which the mma.sync kernel's
+// smaller tiles spread over more SMs.
+constexpr int kWgmmaMinRows = 33;
+
 // The heuristic, readable as a table (measured on an H100, tools/tune.py):
-//   rows M      block tile (k x n)   rows per block (m_blocks)
-//   1..64       128 x 256            16*ceil(M/16)
-//   > 64        128 x 256            64, M in slices of 64
+//   rows M              kernel, block tile (k x n)   rows per block (m_blocks)
+//   1..32 (or no sm_90a) mma.sync, 128 x 256         16*ceil(M/16), at most 64 (M in slices)
+//   33..64 on sm_90a     wgmma, 64 x 256             64
+//   > 64 on sm_90a       wgmma, 64 x 256             128, M in slices of 128
 // then split-K: the fewest waves x (k-tiles per block + fixed cost + partial-sum traffic) +
-// a reduction tail per split, over the splits s that keep the partials small. Any field of `requested` overrides its row (tile 1: 128 x 128 and
-// tile 3: 64 x 256 are there for tuning).
+// a reduction tail per split, over the splits s that keep the partials small. Any field of
+// `requested` overrides its row (tile 1: 128 x 128 and tile 3: 64 x 256 are there for tuning).
 static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, int num_experts,
                     int act_order, const ferrum_mm_config *req, bool grouped,
                     ferrum_mm_plan_info *plan) {
     ferrum_mm_config cfg = req ? *req : ferrum_mm_config{0, 0, 0};
-    if (cfg.tile == 0) cfg.tile = 2;
-    FERRUM_REQUIRE(cfg.tile >= 1 && cfg.tile <= 3, "ferrum_mm: tile=%d (use 0, 1, 2 or 3)", cfg.tile);
-    if (cfg.m_blocks == 0) cfg.m_blocks = std::min(4, (size_m + 15) / 16);
-    FERRUM_REQUIRE(cfg.m_blocks >= 1 && cfg.m_blocks <= 4, "ferrum_mm: m_blocks=%d (use 0..4)", cfg.m_blocks);
+    if (cfg.tile == 0) cfg.tile = wgmma_available(dev) && size_m >= kWgmmaMinRows ? 4 : 2;
+    FERRUM_REQUIRE(cfg.tile >= 1 && cfg.tile <= 4, "ferrum_mm: tile=%d (use 0, 1, 2, 3 or 4)", cfg.tile);
+    if (cfg.tile == 4) {
+        FERRUM_REQUIRE(wgmma_available(dev),
+                       "ferrum_mm: tile=4 (wgmma) needs a compute capability 9.0 GPU and a build "
+                       "with sm_90a (FERRUM_CUDA_ARCHS including 90)");
+        if (cfg.m_blocks == 0) cfg.m_blocks = size_m > 64 ? 8 : 4;
+        FERRUM_REQUIRE(cfg.m_blocks == 4 || cfg.m_blocks == 8,
+                       "ferrum_mm: m_blocks=%d (tile 4 takes 0, 4 or 8)", cfg.m_blocks);
+    } else {
+        if (cfg.m_blocks == 0) cfg.m_blocks = std::min(4, (size_m + 15) / 16);
+        FERRUM_REQUIRE(cfg.m_blocks >= 1 && cfg.m_blocks <= 4, "ferrum_mm: m_blocks=%d (use 0..4)",
+                       cfg.m_blocks);
+    }
     const int tk = tile_k(cfg.tile), tn = tile_n(cfg.tile);
     FERRUM_REQUIRE(size_k % tk == 0, "ferrum_mm: size_k=%d is not a multiple of %d", size_k, tk);
     const int m_slices = (size_m + 16 * cfg.m_blocks - 1) / (16 * cfg.m_blocks);

@@ -119,6 +119,52 @@ def test_mm_tile_overrides(tile, m_blocks, splits, rng):
     assert _rel_err(got, a.astype(np.float64) @ problem.dense[0]) <= TOL
 
 
+def _wgmma_planned():
+    """Whether this GPU and build run the wgmma kernel (tile 4): compute capability 9.0 and a
+    build with sm_90a. The planner picks it for many rows only there."""
+    return ferrum._cuda.mm_plan(256, 1024, 256)["tile"] == 4
+
+
+@pytest.mark.parametrize("m", [33, 64, 65, 127, 128, 129, 300])
+@pytest.mark.parametrize("m_blocks,splits", [(4, 1), (8, 1), (4, 3), (8, 6)])
+@pytest.mark.parametrize("g", [-1, 32, 128])
+def test_mm_wgmma_tile(m, m_blocks, splits, g, rng):
+    """The wgmma kernel on every row count around its 64/128-row blocks, both block heights,
+    split-K, channelwise and grouped scales, and a partial last 256-column tile (N=320)."""
+    if not _wgmma_planned():
+        small = random_problem(rng, 512, 64, 128)
+        w = ferrum.MarlinWeight.from_gptq(small.qweights[0], small.scales[0], group_size=128,
+                                          backend="cuda")
+        with pytest.raises(ValueError, match="tile=4"):
+            ferrum.cuda.BACKEND.mm(_activations(rng, m, 512), w, 0, None, tile=4)
+        pytest.skip("no wgmma kernel on this GPU/build (needs compute capability 9.0 and sm_90a)")
+    problem = random_problem(rng, 1024, 320, g)
+    weight = _weight(problem)
+    a = _activations(rng, m, 1024)
+    got = ferrum.cuda.BACKEND.mm(a, weight, 0, None, tile=4, m_blocks=m_blocks, splits=splits)
+    assert _rel_err(got, a.astype(np.float64) @ problem.dense[0]) <= TOL
+
+
+def test_mm_wgmma_act_order_stacked_and_deterministic(rng):
+    if not _wgmma_planned():
+        pytest.skip("no wgmma kernel on this GPU/build (needs compute capability 9.0 and sm_90a)")
+    problem = random_problem(rng, 2048, 256, 64, act_order=True)
+    weight = _weight(problem)
+    a = _activations(rng, 200, 2048)
+    runs = [ferrum.cuda.BACKEND.mm(a, weight, 0, None, tile=4, splits=4) for _ in range(3)]
+    assert _rel_err(runs[0], a.astype(np.float64) @ problem.dense[0]) <= TOL
+    for r in runs[1:]:
+        np.testing.assert_array_equal(r, runs[0])
+    stacked = random_problem(rng, 512, 192, 128, experts=3)
+    sw = _weight(stacked, stacked=True)
+    a = _activations(rng, 96, 512)
+    got = ferrum.mm(a, sw)   # 96 rows: the planner's choice, wgmma here
+    ref = np.concatenate([a.astype(np.float64) @ d for d in stacked.dense], axis=1)
+    assert _rel_err(got, ref) <= TOL
+    got1 = ferrum.mm(a, sw, expert=1)
+    assert _rel_err(got1, a.astype(np.float64) @ stacked.dense[1]) <= TOL
+
+
 def test_mm_split_k_is_deterministic(rng):
     problem = random_problem(rng, 4096, 256, 128)
     weight = _weight(problem)

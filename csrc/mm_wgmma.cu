@@ -1,0 +1,242 @@
+// mm_wgmma.cu -- the W4A16 product on Hopper's warpgroup MMA (wgmma, sm_90a), for many rows.
+//
+// The mma.sync kernel (mm.cu) tops out near 300 TFLOP/s on an H100, well below what the tensor
+// cores give to wgmma. This kernel computes the same C tile transposed, C^T = W^T A^T, so that
+// the weights are wgmma's A operand, taken from registers, and the activations its B operand,
+// read by the tensor cores straight from shared memory:
+//   * a Marlin word holds, for one k16 x n16 tile, exactly the pairs an mma.m16n8k16 B
+//     fragment needs; read as W^T they are the pairs of an A fragment (rows = weight columns),
+//     so the dequantized words of a warp's lane feed wgmma with no shuffles;
+//   * a block owns 256 weight columns x BM = 64 or 128 rows of A and a range of K (split-K);
+//     2 warpgroups; warp w of either holds chunk w (64 columns) of the tile, warpgroup q the
+//     n16 tiles 2q and 2q+1 of every chunk, so each warpgroup issues two m64 x BM x k16
+//     wgmmas per k16 step (64 weight columns each: rows 16w.. of wgmma j are chunk w's n16
+//     tile 2q + j);
+//   * A, B and scales stream through the same kind of cp.async pipeline as the mma.sync kernel
+//     (StageCopy), TK = 64: a row of A is one 128-byte swizzle row, as wgmma's descriptor wants;
+//   * dequantization (lop3 + the fp16 exponent trick, group scales) of step k+1 overlaps the
+//     tensor cores' work on step k (two fragment buffers, wgmma.wait_group 1);
+//   * the epilogue (C^T fragments -> FP32 C tile in shared memory -> fp16 C, split-K reduction)
+//     is mm_common.cuh's.
+#include <cuda_fp16.h>
+
+#include "common.cuh"
+#include "mm_common.cuh"
+#include "ptx.cuh"
+#include "wgmma.cuh"
+
+namespace ferrum {
+
+template <int MB, bool GROUPED>
+struct WgTile {
+    static constexpr int kThreads = 256;                 // 2 warpgroups
+    static constexpr int kRows = 16 * MB;                // BM: 64 or 128 rows of A
+    static constexpr int TK = kWgmmaTileK;               // 64: one 128-byte swizzle row of A
+    static constexpr int TN = kWgmmaTileN;               // 256 weight columns
+    static constexpr int kChunks = TN / 64;
+    static constexpr int kKTiles = TK / 16;
+    static constexpr int kARowVecs = TK / 8;
+    static constexpr int kAStageVecs = kRows * kARowVecs;
+    static constexpr int kBStageVecs = kKTiles * kChunks * 32;
+    static constexpr int kSRows = GROUPED ? TK / 32 : 0;
+    static constexpr int kSStageVecs = kSRows * TN / 8;
+    static constexpr int kStageBytes = (kAStageVecs + kBStageVecs + kSStageVecs) * 16;
+    static constexpr int kStages = 200 * 1024 / kStageBytes > 8 ? 8 : 200 * 1024 / kStageBytes;
+    static_assert(kStages >= 3, "pipeline depth");
+    static constexpr int kPipeBytes = kStages * kStageBytes;
+    // FP32 C tile [kRows][TN], rows padded by 4 floats: the accumulator stores of one warp
+    // (8 weight columns x rows 2i, i = 0..3) then hit 32 different banks.
+    static constexpr int kCStride = TN + 4;
+    static constexpr int kCTileBytes = kRows * kCStride * 4;
+    // + 1024: the A atoms must start 1024-byte aligned; the base is aligned at run time.
+    static constexpr int kSmemBytes = (kPipeBytes > kCTileBytes ? kPipeBytes : kCTileBytes) + 1024;
+    static constexpr int kAcc = kRows / 2;               // fp32 accumulators per wgmma per thread
+    static_assert((kAStageVecs * 16) % 1024 == 0, "A stages stay 1024-byte aligned");
+};
+
+template <int N>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc) {
+    if constexpr (N == 64) wgmma_m64n64k16_rs(d, a, desc);
+    else wgmma_m64n128k16_rs(d, a, desc);
+}
+
+template <int MB, bool GROUPED>
+__global__ void __launch_bounds__(256, 1) marlin_mm_wgmma_kernel(const MmParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    using T = WgTile<MB, GROUPED>;
+    constexpr int kStages = T::kStages;
+    extern __shared__ int4 smem_raw[];
+    int4 *const smem = reinterpret_cast<int4 *>(
+        reinterpret_cast<char *>(smem_raw) + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023));
+    int4 *const a_sh = smem;
+    int4 *const b_sh = a_sh + kStages * T::kAStageVecs;
+    int4 *const s_sh = b_sh + kStages * T::kBStageVecs;
+
+    const BlockWork work = block_work(p, T::kRows, T::TN);
+    const int kt_begin = work.kt_begin, iters = work.iters;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int chunk = warp % 4;     // this warp's 64 weight columns of the tile
+    const int wg = warp / 4;        // this warpgroup's n16 tiles: 2*wg and 2*wg + 1 of each chunk
+    const bool chunk_live = work.n0 + 64 * chunk < p.N;   // the last tile may be narrower
+
+    const StageCopy<T, GROUPED> copy(p, work, tid);
+    auto fetch_acts = [&](int stage, int kt) { copy.acts(a_sh + stage * T::kAStageVecs, kt); };
+    auto fetch_weights = [&](int stage, int kt) {
+        copy.weights(b_sh + stage * T::kBStageVecs, s_sh + stage * T::kSStageVecs, kt);
+    };
+
+    float acc[2][T::kAcc];
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int i = 0; i < T::kAcc; ++i) acc[j][i] = 0.f;
+
+    // One pipeline stage: per k16 step, this lane's two words (n16 tiles 2wg, 2wg+1 of its
+    // chunk) -> two A fragments -> two wgmmas over the stage's rows of A.
+    auto compute_stage = [&](int stage, int kt) {
+        const uint2 *words = reinterpret_cast<const uint2 *>(b_sh + stage * T::kBStageVecs);
+        const uint2 *scales = reinterpret_cast<const uint2 *>(s_sh + stage * T::kSStageVecs);
+        const uint32_t a_addr = smem_u32(a_sh + stage * T::kAStageVecs);
+        uint32_t frag[2][2][4];   // [buffer][wgmma][register]
+#pragma unroll
+        for (int kk = 0; kk < T::kKTiles; ++kk) {
+            uint32_t (&f)[2][4] = frag[kk & 1];
+            const uint2 q = words[((kk * T::kChunks + chunk) * 32 + lane) * 2 + wg];
+            half2 s[2][2];   // [wgmma][column c / c + 8]
+            if constexpr (GROUPED) {
+                const int k = kt * T::TK + 16 * kk;
+                const int g_row = (k >> p.group_shift) - ((kt * T::TK) >> p.group_shift);
+                // Permuted scales: within 64 columns, 8c..8c+7 hold columns c, c+8, .., c+56;
+                // this warpgroup's four are halves 4wg..4wg+3 of the lane's vector.
+                const uint2 sv = scales[(g_row * (T::TN / 8) + chunk * 8 + lane / 4) * 2 + wg];
+                const half *sh = reinterpret_cast<const half *>(&sv);
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    s[j][0] = __half2half2(sh[2 * j]);
+                    s[j][1] = __half2half2(sh[2 * j + 1]);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const uint32_t word = j == 0 ? q.x : q.y;
+                uint32_t lo[2], hi[2];     // weight column c and c + 8 (c = lane / 4)
+                dequant_u4b8(word, lo);
+                dequant_u4b8(word >> 8, hi);
+                if constexpr (GROUPED) {
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        lo[h] = as_u32(__hmul2(as_half2(lo[h]), s[j][0]));
+                        hi[h] = as_u32(__hmul2(as_half2(hi[h]), s[j][1]));
+                    }
+                }
+                // A fragment rows = weight columns: (c, k 2i..), (c+8, k 2i..), (c, k 2i+8..),
+                // (c+8, k 2i+8..); garbage words of a column chunk past N become zeros.
+                f[j][0] = chunk_live ? lo[0] : 0u;
+                f[j][1] = chunk_live ? hi[0] : 0u;
+                f[j][2] = chunk_live ? lo[1] : 0u;
+                f[j][3] = chunk_live ? hi[1] : 0u;
+            }
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+#pragma unroll
+                for (int i = 0; i < T::kAcc; ++i) fence_operand(acc[j][i]);
+            wgmma_fence();
+            const uint64_t desc = wgmma_desc_sw128(a_addr + 32 * kk);
+            wgmma_rs<T::kRows>(acc[0], f[0], desc);
+            wgmma_rs<T::kRows>(acc[1], f[1], desc);
+            wgmma_commit();
+            // Step kk-1 is done: its fragment buffer is free for step kk+1, and by the end of
+            // the stage only this stage's last step is still reading shared memory.
+            wgmma_wait<1>();
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+#pragma unroll
+                for (int i = 0; i < T::kAcc; ++i) fence_operand(acc[j][i]);
+        }
+        // With group scales, ptxas (CUDA 13.0) serializes every wgmma (warning C7515) when one
+        // is still in flight across the loop's back edge; draining here keeps the overlap
+        // inside the stage (3 of 4 steps) instead of losing all of it.
+        if constexpr (GROUPED) wgmma_wait<0>();
+    };
+
+    // ---- the pipeline: kStages-2 stages in flight while one is computed --------------------
+    // One fewer than the mma.sync kernel: the last wgmma of a stage may still read it while
+    // the next stage is issued, so a slot is refilled only two iterations after its compute.
+    // Programmatic dependent launch as in mm.cu: weights of the prologue stream before the
+    // previous kernel on the stream ends; A, C and the workspace only after the wait.
+    grid_dependents_launch();
+#pragma unroll
+    for (int s = 0; s < kStages - 2; ++s)
+        if (s < iters) fetch_weights(s, kt_begin + s);
+    grid_dependency_wait();
+#pragma unroll
+    for (int s = 0; s < kStages - 2; ++s) {
+        if (s < iters) fetch_acts(s, kt_begin + s);
+        cp_async_commit();
+    }
+    int read_stage = 0, write_stage = kStages - 2;
+    for (int it = 0; it < iters; ++it) {
+        cp_async_wait<kStages - 3>();   // stage `it` has landed (this thread's copies) ...
+        fence_proxy_async_shared();     // ... is visible to the tensor cores' reads ...
+        __syncthreads();                // ... for every thread's copies; slot it-2 is free
+        if (it + kStages - 2 < iters) {
+            fetch_acts(write_stage, kt_begin + it + kStages - 2);
+            fetch_weights(write_stage, kt_begin + it + kStages - 2);
+        }
+        cp_async_commit();
+        compute_stage(read_stage, kt_begin + it);
+        read_stage = read_stage == kStages - 1 ? 0 : read_stage + 1;
+        write_stage = write_stage == kStages - 1 ? 0 : write_stage + 1;
+    }
+    wgmma_wait<0>();
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int i = 0; i < T::kAcc; ++i) fence_operand(acc[j][i]);
+    cp_async_wait<0>();
+    __syncthreads();
+
+    // ---- C^T fragments -> FP32 C tile [row of A][weight column] in shared memory ------------
+    // d[4t + 2h + e] of wgmma j: weight column 64*chunk + 16*(2wg + j) + lane/4 + 8h,
+    // row of A 8t + 2*(lane%4) + e.
+    float *const ctile = reinterpret_cast<float *>(smem);
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int i = 0; i < T::kAcc; ++i) {
+            const int col = 64 * chunk + 16 * (2 * wg + j) + lane / 4 + 8 * ((i >> 1) & 1);
+            const int row = 8 * (i >> 2) + 2 * (lane % 4) + (i & 1);
+            ctile[row * T::kCStride + col] = acc[j][i];
+        }
+    __syncthreads();
+    write_c_tile<T::kRows, T::TN, T::kCStride, T::kThreads, GROUPED>(p, work, ctile);
+#endif
+}
+
+template <int MB, bool GROUPED>
+struct WgInstance {
+    using T = WgTile<MB, GROUPED>;
+    static int launch(const MmParams &p, int grid, cudaStream_t stream, bool pdl) {
+        return launch_mm<T::kThreads, T::kSmemBytes>(marlin_mm_wgmma_kernel<MB, GROUPED>, p, grid,
+                                                     stream, pdl);
+    }
+    static KernelEntry entry() {
+        return {reinterpret_cast<const void *>(&marlin_mm_wgmma_kernel<MB, GROUPED>), T::kSmemBytes,
+                &launch};
+    }
+};
+
+bool wgmma_built() {
+#if defined(FERRUM_HAVE_SM90A)
+    return true;
+#else
+    return false;
+#endif
+}
+
+KernelEntry wgmma_entry(int m_blocks, bool grouped) {
+    if (m_blocks == 8) return grouped ? WgInstance<8, true>::entry() : WgInstance<8, false>::entry();
+    return grouped ? WgInstance<4, true>::entry() : WgInstance<4, false>::entry();
+}
+
+}  // namespace ferrum
