@@ -16,7 +16,8 @@ somewhat less than a real torch tensor's.
 of another revision, e.g. `git archive main ferrum cpu metal | tar -x -C DIR`) in a child
 process, and print both columns. The compiled extension comes from the installed ferrum.
 
-Each number is the best of 5 batches of --calls calls (after a warm-up).
+Each number is the best of 5 batches of --calls calls (after a warm-up), and the best over
+--rounds runs, before and after alternating.
 """
 
 from __future__ import annotations
@@ -151,30 +152,46 @@ def measure(stub, calls):
     return rows_stub(calls) if stub else rows_gpu(calls)
 
 
+def _child(source_dir, stub, calls):
+    """The rows measured in a child process importing ferrum from `source_dir`."""
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(source_dir) + os.pathsep +
+               os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, os.path.abspath(__file__), "--json", "--calls", str(calls)]
+    if stub:
+        cmd.append("--stub")
+    child = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=HERE)
+    if child.returncode:
+        sys.exit(f"the --before run failed:\n{child.stderr}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def _best(rows, new):
+    """Row-wise minimum of two measurements (same rows, same order); `rows` may be None."""
+    if rows is None:
+        return [tuple(r) for r in new]
+    best = dict(new)
+    return [(name, min(us, best.get(name, us))) for name, us in rows]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stub", action="store_true", help="no GPU: stub launch, stand-in arrays")
     parser.add_argument("--before", metavar="DIR", help="ferrum sources to compare against")
     parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternate before/after this many times; each row's best is shown")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)   # child mode
     args = parser.parse_args()
     import ferrum
-    stub = args.stub or not ferrum.backends()["cuda"].available
+    stub = args.stub or not ferrum._registry.info("cuda").available
     if args.json:
         print(json.dumps(measure(stub, args.calls)))
         return
-    before = None
-    if args.before:
-        env = dict(os.environ, PYTHONPATH=os.path.abspath(args.before) + os.pathsep +
-                   os.environ.get("PYTHONPATH", ""))
-        cmd = [sys.executable, os.path.abspath(__file__), "--json", "--calls", str(args.calls)]
-        if stub:
-            cmd.append("--stub")
-        child = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=HERE)
-        if child.returncode:
-            sys.exit(f"the --before run failed:\n{child.stderr}")
-        before = dict(json.loads(child.stdout.strip().splitlines()[-1]))
-    after = measure(stub, args.calls)
+    before = after = None
+    for _ in range(args.rounds):   # alternate, so that drift of the machine hits both columns
+        if args.before:
+            before = _best(before, _child(args.before, stub, args.calls))
+        after = _best(after, measure(stub, args.calls))
     mode = "stub launch, stand-in arrays (Python only)" if stub else "GPU"
     print(f"ferrum.mm host overhead, {K}x{N}, M=1, µs per call ({mode}); "
           f"ferrum at {os.path.dirname(ferrum.__file__)}")
@@ -183,6 +200,7 @@ def main():
             print(f"{us:8.2f}  {name}")
         return
     print(f"{'before':>8} {'after':>8}  (before: {args.before})")
+    before = dict(before)
     for name, us in after:
         b = before.get(name)
         print(f"{b:8.2f} {us:8.2f}  {name}" if b is not None else f"{'':8} {us:8.2f}  {name}")
