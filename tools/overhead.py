@@ -86,6 +86,8 @@ def _api_rows(ferrum, be, w, kinds, calls, sync=lambda: None):
     for kind, a, c in kinds:
         rows.append((f"{kind}: BACKEND.mm(a, w, 0, out) (backend glue)",
                      per_call(lambda: be.mm(a, w, 0, c), calls, sync)))
+        rows.append((f"{kind}: BACKEND.mm(a, w, 0, None) (backend glue, allocating)",
+                     per_call(lambda: be.mm(a, w, 0, None), calls, sync)))
         rows.append((f"{kind}: ferrum.mm(a, w, out=out)",
                      per_call(lambda: ferrum.mm(a, w, out=c), calls, sync)))
         rows.append((f"{kind}: ferrum.mm(a, w)",
