@@ -461,6 +461,8 @@ def _mm_checked(a, weight, expert, out, backend, stream):
 # ------------------------------------------------------------------------------------------------
 # mm's fast path: the common call on CUDA device arrays, accepted in a few attribute reads.
 #
+# Kinds: torch.Tensor, cupy.ndarray, ferrum's DeviceArray (exact types), other classes with a
+# __cuda_array_interface__, and DLPack-only classes with .shape and .dtype (as JAX's).
 # It only ever accepts. An input of a kind it does not know, or one that breaks any rule, goes
 # to _mm_checked, which applies every rule and raises the error; so the rules and their
 # messages live once, there. What follows restates, for a few exact array types, when
@@ -497,8 +499,10 @@ def _make_fast_reader(t: type):
         return read_dtype_attr
     module = t.__module__ or ""
     if (module.startswith(("torch", "cupy")) or issubclass(t, (np.ndarray, list, tuple)) or
-            hasattr(t, "__getattr__") or not hasattr(t, _CAI)):
+            hasattr(t, "__getattr__")):
         return False
+    if not hasattr(t, _CAI):
+        return _read_dlpack if hasattr(t, "__dlpack_device__") else False
     f16 = _F16.str
 
     def read_cai(x):   # _meta: any other object with a __cuda_array_interface__
@@ -508,6 +512,17 @@ def _make_fast_reader(t: type):
         shape = cai["shape"]
         return shape if type(shape) is tuple else None
     return read_cai
+
+
+def _read_dlpack(x):
+    """_meta and owns() for a DLPack-only array: no CAI, on a CUDA device, dtype named float16
+    (without .shape or .dtype it raises AttributeError, and the general path decides)."""
+    if getattr(x, _CAI, None) is not None or x.__dlpack_device__()[0] != 2:   # kDLCUDA
+        return None
+    if str(x.dtype).rsplit(".", 1)[-1] != "float16":
+        return None
+    shape = x.shape
+    return shape if type(shape) is tuple else None
 
 
 def _mm_fast_accept(a, weight, expert, out, backend):

@@ -141,7 +141,7 @@ DTYPES = ["float16", "float32", "int32", "bfloat16"]
 
 # --- the fast path is taken where it should be -------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["torch", "cupy", "cai", "cai_stream"])
+@pytest.mark.parametrize("kind", ["torch", "cupy", "cai", "cai_stream", "dlpack"])
 def test_fast_path_takes_the_common_device_calls(env, kind, monkeypatch):
     fakes, layer, stack, _ = env
     make = _maker(fakes, kind)
@@ -189,7 +189,7 @@ BAD = [  # (what, a shape, a dtype, kwargs builder(make, weights) -> kwargs, wei
 ]
 
 
-@pytest.mark.parametrize("kind", ["torch", "cupy", "cai"])
+@pytest.mark.parametrize("kind", ["torch", "cupy", "cai", "dlpack"])
 @pytest.mark.parametrize("what,shape,dtype,kwargs,weight", BAD, ids=[b[0] for b in BAD])
 def test_fast_path_declines_what_the_general_path_rejects(env, kind, what, shape, dtype, kwargs,
                                                           weight, monkeypatch):
@@ -225,6 +225,24 @@ def test_fast_and_general_paths_agree(env, a_kind, a_dtype, a_shape, out_kind, o
         if w is host:   # the cpu backend must not run: record its calls too
             monkeypatch.setattr(ferrum._registry.get("cpu"), "mm", _Recorder())
         compare(monkeypatch, a, w, expert=expert, out=out, backend=backend, stream=stream)
+
+
+@pytest.mark.parametrize("kind", ["torch_cpu", "dlpack_rocm", "numpy"])
+def test_fast_path_declines_arrays_the_cuda_backend_does_not_own(env, kind, monkeypatch):
+    fakes, layer, _, _ = env
+    make = _maker(fakes, kind)
+    if make is None:
+        pytest.skip(f"the real {kind} is installed here; see the cuda-marked test")
+    assert not compare(monkeypatch, make((2, K), "float16"), layer)
+    assert not compare(monkeypatch, make((2, K), "float16"), layer,
+                       out=_maker(fakes, "cai")((2, N), "float16"))
+
+
+def test_fast_path_reads_a_dlpack_arrays_instance_cai_as_the_general_path_does(env, monkeypatch):
+    _, layer, _, _ = env
+    a = FD.DLPackArray((2, K), np.float16)
+    a.__cuda_array_interface__ = FD.CAIArray((2, K), np.float32).__cuda_array_interface__
+    assert not compare(monkeypatch, a, layer)      # the general path reads float32 from the CAI
 
 
 def test_a_misbehaving_array_gets_the_general_paths_error(env, monkeypatch):
