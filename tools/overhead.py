@@ -124,8 +124,9 @@ def rows_gpu(calls):
     import ferrum
     import ferrum.cuda
     from ferrum import _cuda
+    from ferrum import _cuda_bench
     be = ferrum.cuda.BACKEND
-    w = _weight_cuda(ferrum)
+    w = _cuda_bench._weights(torch, ferrum, K, N, 1)[0]   # made on the GPU: no numba compile
     r = be._resident(w)
     a = torch.randn(1, K, device="cuda", dtype=torch.float16)
     c = torch.empty(1, N, device="cuda", dtype=torch.float16)
