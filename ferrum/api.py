@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import sys
 from typing import Any, Sequence
 
 import numpy as np
@@ -398,6 +399,21 @@ def mm(a, weight, *, expert=None, out=None, backend=None, stream=None):
     side by side ([M, E*n]). ``out`` receives the result in place. ``stream`` (cuda only) is a
     stream handle or an object carrying one.
     """
+    try:
+        fast = _mm_fast_accept(a, weight, expert, out, backend)
+    except Exception:       # an array that misbehaves when read: the general path says what
+        fast = None
+    if fast is None:
+        return _mm_checked(a, weight, expert, out, backend, stream)
+    be, expert = fast
+    if stream is None:
+        return be.mm(a, weight, expert, out)
+    return be.mm(a, weight, expert, out, stream=stream)
+
+
+def _mm_checked(a, weight, expert, out, backend, stream):
+    """mm's general path: every argument rule of mm, each failure a ValueError or TypeError
+    naming the argument, the value and the rule."""
     if not isinstance(weight, MarlinWeight):
         _fail("weight", weight, "must be a ferrum.MarlinWeight (see MarlinWeight.from_gptq)",
               TypeError)
@@ -440,6 +456,103 @@ def mm(a, weight, *, expert=None, out=None, backend=None, stream=None):
             _fail("stream", stream, f"streams apply to the cuda backend, not {weight.backend!r}")
         options["stream"] = stream
     return be.mm(a, weight, expert, out, **options)
+
+
+# ------------------------------------------------------------------------------------------------
+# mm's fast path: the common call on CUDA device arrays, accepted in a few attribute reads.
+#
+# Kinds: torch.Tensor, cupy.ndarray, ferrum's DeviceArray (exact types), other classes with a
+# __cuda_array_interface__, and DLPack-only classes with .shape and .dtype (as JAX's).
+# It only ever accepts. An input of a kind it does not know, or one that breaks any rule, goes
+# to _mm_checked, which applies every rule and raises the error; so the rules and their
+# messages live once, there. What follows restates, for a few exact array types, when
+# _mm_checked would pass a call through unchanged (tests/test_fastpath.py checks that it accepts
+# nothing _mm_checked rejects, and that it hands the backend the same call).
+
+_F16 = np.dtype(np.float16)
+_CAI = "__cuda_array_interface__"
+
+#: exact type -> reader(x) returning x's shape when x is a float16 array of the cuda backend
+#: (None when it is not, or when the general path should look); False: no fast reader
+_FAST_READERS: dict[type, Any] = {}
+
+
+def _fast_reader(t: type):
+    reader = _FAST_READERS.get(t)
+    if reader is None:
+        reader = _FAST_READERS[t] = _make_fast_reader(t)
+    return reader
+
+
+def _make_fast_reader(t: type):
+    torch, cupy = sys.modules.get("torch"), sys.modules.get("cupy")
+    if torch is not None and t is getattr(torch, "Tensor", None):
+        f16 = torch.float16
+
+        def read_torch(x):   # _meta: torch & is_cuda -> shape, str(dtype) "torch.float16"
+            return x.shape if x.is_cuda and x.dtype is f16 else None
+        return read_torch
+    if (cupy is not None and t is getattr(cupy, "ndarray", None)) or (
+            t.__module__ == "ferrum._cuda" and t.__name__ == "DeviceArray"):
+        def read_dtype_attr(x):   # _meta: cupy -> x.shape, x.dtype; DeviceArray: its CAI says the same
+            return x.shape if x.dtype is _F16 else None
+        return read_dtype_attr
+    module = t.__module__ or ""
+    if (module.startswith(("torch", "cupy")) or issubclass(t, (np.ndarray, list, tuple)) or
+            hasattr(t, "__getattr__")):
+        return False
+    if not hasattr(t, _CAI):
+        return _read_dlpack if hasattr(t, "__dlpack_device__") else False
+    f16 = _F16.str
+
+    def read_cai(x):   # _meta: any other object with a __cuda_array_interface__
+        cai = getattr(x, _CAI, None)
+        if cai is None or cai["typestr"] != f16:
+            return None
+        shape = cai["shape"]
+        return shape if type(shape) is tuple else None
+    return read_cai
+
+
+def _read_dlpack(x):
+    """_meta and owns() for a DLPack-only array: no CAI, on a CUDA device, dtype named float16
+    (without .shape or .dtype it raises AttributeError, and the general path decides)."""
+    if getattr(x, _CAI, None) is not None or x.__dlpack_device__()[0] != 2:   # kDLCUDA
+        return None
+    if str(x.dtype).rsplit(".", 1)[-1] != "float16":
+        return None
+    shape = x.shape
+    return shape if type(shape) is tuple else None
+
+
+def _mm_fast_accept(a, weight, expert, out, backend):
+    """(backend object, expert as _mm_checked passes it) when _mm_checked would accept this call
+    and pass it through unchanged, for device arrays of the kinds above; None to let it decide."""
+    read = _FAST_READERS.get(type(a)) or _fast_reader(type(a))
+    if not read or type(weight) is not MarlinWeight or weight.backend != "cuda":
+        return None
+    if backend is not None and not (type(backend) is str and backend == "cuda"):
+        return None
+    be = _registry._ready.get("cuda")
+    shape = read(a)
+    if be is None or shape is None or len(shape) != 2 or shape[1] != weight.size_k or \
+            not shape[0] >= 1:
+        return None
+    if expert is None:
+        cols = weight.size_n * weight.num_experts if weight.stacked else weight.size_n
+        if not weight.stacked:
+            expert = 0
+    elif type(expert) is int and 0 <= expert < weight.num_experts:
+        cols = weight.size_n
+    else:
+        return None
+    if out is not None:
+        read = _FAST_READERS.get(type(out)) or _fast_reader(type(out))
+        out_shape = read(out) if read else None
+        if out_shape is None or len(out_shape) != 2 or out_shape[0] != shape[0] or \
+                out_shape[1] != cols:
+            return None
+    return be, expert
 
 
 def dequantize(weight, *, expert=None) -> np.ndarray:

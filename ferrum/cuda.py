@@ -271,17 +271,29 @@ class CudaBackend(Backend):
 
 
 def _fast_view(x: Any, stream: int, writable: bool = False) -> tuple[int, int, Any]:
-    """(pointer, rows, keepalive): the few-attribute path for torch, cupy and ferrum arrays."""
+    """(pointer, rows, keepalive): a few attribute reads for contiguous torch, cupy, ferrum and
+    plain __cuda_array_interface__ arrays; anything else (a copy to make, a stream to wait
+    for, DLPack) goes through _device_view."""
     t = type(x)
-    if t is DeviceArray:
+    kind = _VIEW_KINDS.get(t) or _view_kind(t)
+    if kind == "ferrum":
         return x.ptr, x.shape[0], x
-    if t in _TORCH_TYPES or (t.__module__.startswith("torch") and _TORCH_TYPES.add(t) is None):
+    if kind == "torch":
         if x.is_cuda:
             if x.is_contiguous():
                 return x.data_ptr(), x.shape[0], x
             if writable:
                 raise ValueError("out: a non-contiguous tensor cannot receive the result; "
                                  "pass a contiguous one")
+    elif kind == "cupy":
+        if x.flags.c_contiguous:
+            return x.data.ptr, x.shape[0], x
+    else:   # what _device_view does for a CAI array that is C-contiguous (no strides) and
+        # needs no wait (written on no stream or on this one)
+        cai = getattr(x, "__cuda_array_interface__", None)
+        if cai is not None and cai.get("strides") is None and \
+                cai.get("stream") in (None, 1 if stream == 0 else stream):
+            return int(cai["data"][0]), int(cai["shape"][0]), x
     if writable:
         ptr, shape, _, keep = _device_view(x, stream)
         if keep is not x and not (isinstance(keep, tuple) and keep[0] is x):
@@ -291,7 +303,21 @@ def _fast_view(x: Any, stream: int, writable: bool = False) -> tuple[int, int, A
     return ptr, shape[0], keep
 
 
-_TORCH_TYPES: set = set()
+_VIEW_KINDS: dict[type, str] = {}   # exact type -> "ferrum" | "torch" | "cupy" | "other"
+
+
+def _view_kind(t: type) -> str:
+    """The branch of _device_view an array of type t takes first (as _device_view decides it)."""
+    if DeviceArray is not None and t is DeviceArray:
+        kind = "ferrum"
+    elif t.__module__.startswith("torch"):
+        kind = "torch"
+    elif t.__module__.split(".", 1)[0] == "cupy":
+        kind = "cupy"
+    else:
+        kind = "other"
+    _VIEW_KINDS[t] = kind
+    return kind
 
 
 BACKEND = CudaBackend()

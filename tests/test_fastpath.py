@@ -1,0 +1,313 @@
+"""mm's fast path accepts nothing its general path rejects, and hands the backend the same call.
+
+ferrum.mm first tries api._mm_fast_accept (a few attribute reads for torch, cupy, ferrum and
+plain __cuda_array_interface__ device arrays); anything it declines goes to api._mm_checked,
+which holds the rules. These tests call both on the same inputs, with the backend's mm replaced
+by a recorder, and compare: the same error (type and message), or the same backend call.
+
+Without a GPU the cuda backend runs on a stub CUDA layer and the arrays are stand-ins
+(tests/fake_device.py; torch and cupy stand-ins only where the real library is absent). The
+cuda-marked test at the end does the same with real torch (and cupy) device arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import ferrum
+import ferrum.cuda
+from ferrum import api
+from ferrum.check import random_problem
+
+import fake_device as FD
+
+K, N, E = 256, 128, 3
+
+
+@pytest.fixture(scope="module")
+def env():
+    """(fake modules, single-layer cuda weight, stacked cuda weight, cpu weight) on the stub."""
+    with FD.fake_modules() as fakes, FD.stub_cuda():
+        rng = np.random.default_rng(5)
+        single = random_problem(rng, K, N, 64)
+        stacked = random_problem(rng, K, N, 128, experts=E)
+        host = ferrum.MarlinWeight.from_gptq(single.qweights[0], single.scales[0], group_size=64)
+        layer = host.to("cuda")
+        stack = ferrum.load_stacked(stacked.qweights, stacked.scales, group_size=128).to("cuda")
+        yield fakes, layer, stack, host
+
+
+class _Recorder:
+    """Replaces the cuda backend's mm: records each call, runs nothing."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, a, weight, expert, out, **options):
+        self.calls.append((a, weight, expert, out, options))
+        return "result"
+
+
+def _outcome(fn, *args, **kwargs):
+    try:
+        return ("ok", fn(*args, **kwargs))
+    except (TypeError, ValueError) as exc:
+        return (type(exc), str(exc))
+
+
+def _same_call(x, y):
+    if len(x) != len(y):
+        return False
+    for u, v in zip(x, y):
+        if isinstance(u, np.ndarray) and isinstance(v, np.ndarray):
+            if u.shape != v.shape or u.dtype != v.dtype or not np.shares_memory(u, v):
+                return False
+        elif isinstance(u, dict):
+            if u != v:
+                return False
+        elif u is not v and not (isinstance(u, int) and type(u) is type(v) and u == v):
+            return False
+    return True
+
+
+def compare(monkeypatch, a, weight, **kwargs):
+    """Run ferrum.mm and api._mm_checked on the same call; assert they agree. Returns whether
+    the fast path accepted the call."""
+    recorder = _Recorder()
+    monkeypatch.setattr(ferrum.cuda.BACKEND, "mm", recorder)
+    got = _outcome(ferrum.mm, a, weight, **kwargs)
+    want = _outcome(api._mm_checked, a, weight, kwargs.get("expert"), kwargs.get("out"),
+                    kwargs.get("backend"), kwargs.get("stream"))
+    assert got[0] == want[0], (got, want)
+    if got[0] == "ok":
+        assert len(recorder.calls) == 2
+        assert _same_call(recorder.calls[0], recorder.calls[1]), recorder.calls
+    else:
+        assert got[1] == want[1]
+        assert recorder.calls == []
+    try:
+        fast = api._mm_fast_accept(a, weight, kwargs.get("expert"), kwargs.get("out"),
+                                   kwargs.get("backend"))
+    except Exception:
+        fast = None
+    if fast is not None:
+        assert want[0] == "ok", f"fast path accepted what the general path rejects: {want}"
+    return fast is not None
+
+
+# --- array makers: kind -> (shape, dtype name) -> array ----------------------------------------
+
+def _maker(fakes, kind):
+    torch, cupy = fakes["torch"], fakes["cupy"]
+    if kind == "torch":
+        if torch is None:
+            return None
+        return lambda shape, dt: torch.Tensor(shape, getattr(torch, dt))
+    if kind == "torch_cpu":
+        if torch is None:
+            return None
+        return lambda shape, dt: torch.Tensor(shape, getattr(torch, dt), is_cuda=False)
+    if kind == "torch_strided":
+        if torch is None:
+            return None
+        return lambda shape, dt: torch.Tensor(shape, getattr(torch, dt), contiguous=False)
+    if kind == "cupy":
+        if cupy is None:
+            return None
+        return lambda shape, dt: cupy.ndarray(shape, _np_dtype(dt))
+    if kind == "cai":
+        return lambda shape, dt: FD.CAIArray(shape, _np_dtype(dt))
+    if kind == "cai_stream":
+        return lambda shape, dt: FD.CAIArray(shape, _np_dtype(dt), stream=7)
+    if kind == "dlpack":
+        return lambda shape, dt: FD.DLPackArray(shape, _np_dtype(dt))
+    if kind == "dlpack_rocm":
+        return lambda shape, dt: FD.DLPackArray(shape, _np_dtype(dt), device_type=10)
+    if kind == "numpy":
+        return lambda shape, dt: np.zeros(shape, _np_dtype(dt))
+    raise AssertionError(kind)
+
+
+def _np_dtype(name):
+    return np.dtype("uint16" if name == "bfloat16" else name)
+
+
+KINDS = ["torch", "torch_cpu", "torch_strided", "cupy", "cai", "cai_stream", "dlpack",
+         "dlpack_rocm", "numpy"]
+DTYPES = ["float16", "float32", "int32", "bfloat16"]
+
+
+# --- the fast path is taken where it should be -------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["torch", "cupy", "cai", "cai_stream", "dlpack"])
+def test_fast_path_takes_the_common_device_calls(env, kind, monkeypatch):
+    fakes, layer, stack, _ = env
+    make = _maker(fakes, kind)
+    if make is None:
+        pytest.skip(f"the real {kind} is installed here; see the cuda-marked test")
+    a = make((4, K), "float16")
+    assert compare(monkeypatch, a, layer)
+    assert compare(monkeypatch, a, layer, out=make((4, N), "float16"))
+    assert compare(monkeypatch, a, layer, out=make((4, N), "float16"), stream=3, backend="cuda")
+    assert compare(monkeypatch, a, stack)
+    assert compare(monkeypatch, a, stack, out=make((4, E * N), "float16"))
+    assert compare(monkeypatch, a, stack, expert=2, out=make((4, N), "float16"))
+
+
+# --- every rejection is the general path's -------------------------------------------------------
+
+# Calls the fast path must leave to the general path: all are rejected there but the last (a
+# host out, which the general path accepts and the backend copies back).
+BAD = [  # (what, a shape, a dtype, kwargs builder(make) -> kwargs, weight name)
+    ("a dtype float32", (2, K), "float32", lambda mk: {}, "layer"),
+    ("a dtype int32", (2, K), "int32", lambda mk: {}, "layer"),
+    ("a dtype bfloat16", (2, K), "bfloat16", lambda mk: {}, "layer"),
+    ("a 1-D", (K,), "float16", lambda mk: {}, "layer"),
+    ("a 3-D", (1, 2, K), "float16", lambda mk: {}, "layer"),
+    ("a wrong K", (2, K + 64), "float16", lambda mk: {}, "layer"),
+    ("a no rows", (0, K), "float16", lambda mk: {}, "layer"),
+    ("out wrong cols", (2, K), "float16", lambda mk: {"out": mk((2, N + 64), "float16")}, "layer"),
+    ("out wrong rows", (2, K), "float16", lambda mk: {"out": mk((3, N), "float16")}, "layer"),
+    ("out float32", (2, K), "float16", lambda mk: {"out": mk((2, N), "float32")}, "layer"),
+    ("out 3-D", (2, K), "float16", lambda mk: {"out": mk((1, 2, N), "float16")}, "layer"),
+    ("out one expert's width for all", (2, K), "float16",
+     lambda mk: {"out": mk((2, N), "float16")}, "stack"),
+    ("expert too large", (2, K), "float16", lambda mk: {"expert": E}, "stack"),
+    ("expert negative", (2, K), "float16", lambda mk: {"expert": -1}, "stack"),
+    ("expert on a single layer", (2, K), "float16", lambda mk: {"expert": 1}, "layer"),
+    ("expert a bool", (2, K), "float16", lambda mk: {"expert": True}, "stack"),
+    ("expert a float", (2, K), "float16", lambda mk: {"expert": 1.0}, "stack"),
+    ("expert a string", (2, K), "float16", lambda mk: {"expert": "1"}, "stack"),
+    ("backend unknown", (2, K), "float16", lambda mk: {"backend": "tpu"}, "layer"),
+    ("backend not a string", (2, K), "float16", lambda mk: {"backend": 3}, "layer"),
+    ("backend another", (2, K), "float16", lambda mk: {"backend": "cpu"}, "layer"),
+    ("weight on the cpu", (2, K), "float16", lambda mk: {}, "host"),
+    ("weight on the cpu, with a stream", (2, K), "float16", lambda mk: {"stream": 1}, "host"),
+    ("weight not a MarlinWeight", (2, K), "float16", lambda mk: {}, "not a weight"),
+    ("out a host array", (2, K), "float16", lambda mk: {"out": np.zeros((2, N), np.float16)},
+     "layer"),
+]
+
+
+@pytest.mark.parametrize("kind", ["torch", "cupy", "cai", "dlpack"])
+@pytest.mark.parametrize("what,shape,dtype,kwargs,weight", BAD, ids=[b[0] for b in BAD])
+def test_fast_path_leaves_bad_calls_to_the_general_path(env, kind, what, shape, dtype, kwargs,
+                                                          weight, monkeypatch):
+    fakes, layer, stack, host = env
+    make = _maker(fakes, kind)
+    if make is None:
+        pytest.skip(f"the real {kind} is installed here; see the cuda-marked test")
+    w = {"layer": layer, "stack": stack, "host": host, "not a weight": layer.qweight}[weight]
+    accepted = compare(monkeypatch, make(shape, dtype), w, **kwargs(make))
+    assert not accepted, what
+
+
+@settings(max_examples=300, deadline=None)
+@given(a_kind=st.sampled_from(KINDS), a_dtype=st.sampled_from(DTYPES),
+       a_shape=st.sampled_from([(1, K), (5, K), (0, K), (5, K + 64), (K,), (1, 5, K)]),
+       out_kind=st.sampled_from([None] + KINDS), out_dtype=st.sampled_from(DTYPES),
+       out_rows=st.sampled_from([None, 0, 1, 5]), out_cols=st.sampled_from([N, E * N, N + 64]),
+       expert=st.sampled_from([None, 0, 1, 2, 3, -1, True, 1.0, np.int64(1)]),
+       backend=st.sampled_from([None, "cuda", "cpu", "metal", "tpu", 3]),
+       stream=st.sampled_from([None, 0, 5]),
+       weight=st.sampled_from(["layer", "stack", "host"]))
+def test_fast_and_general_paths_agree(env, a_kind, a_dtype, a_shape, out_kind, out_dtype,
+                                      out_rows, out_cols, expert, backend, stream, weight):
+    fakes, layer, stack, host = env
+    make_a, make_out = _maker(fakes, a_kind), _maker(fakes, out_kind) if out_kind else None
+    if make_a is None or (out_kind and make_out is None):
+        return
+    a = make_a(a_shape, a_dtype)
+    rows = a_shape[0] if out_rows is None and len(a_shape) == 2 else (out_rows or 0)
+    out = make_out((rows, out_cols), out_dtype) if make_out else None
+    w = {"layer": layer, "stack": stack, "host": host}[weight]
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        if w is host:   # the cpu backend must not run: record its calls too
+            monkeypatch.setattr(ferrum._registry.get("cpu"), "mm", _Recorder())
+        compare(monkeypatch, a, w, expert=expert, out=out, backend=backend, stream=stream)
+
+
+@pytest.mark.parametrize("kind", ["torch_cpu", "dlpack_rocm", "numpy"])
+def test_fast_path_declines_arrays_the_cuda_backend_does_not_own(env, kind, monkeypatch):
+    fakes, layer, _, _ = env
+    make = _maker(fakes, kind)
+    if make is None:
+        pytest.skip(f"the real {kind} is installed here; see the cuda-marked test")
+    assert not compare(monkeypatch, make((2, K), "float16"), layer)
+    assert not compare(monkeypatch, make((2, K), "float16"), layer,
+                       out=_maker(fakes, "cai")((2, N), "float16"))
+
+
+def test_fast_path_reads_a_dlpack_arrays_instance_cai_as_the_general_path_does(env, monkeypatch):
+    _, layer, _, _ = env
+    a = FD.DLPackArray((2, K), np.float16)
+    a.__cuda_array_interface__ = FD.CAIArray((2, K), np.float32).__cuda_array_interface__
+    assert not compare(monkeypatch, a, layer)      # the general path reads float32 from the CAI
+
+
+def test_a_misbehaving_array_gets_the_general_paths_error(env, monkeypatch):
+    _, layer, _, _ = env
+
+    class Broken:
+        @property
+        def __cuda_array_interface__(self):
+            raise RuntimeError("driver gone")
+
+    with pytest.raises(RuntimeError, match="driver gone"):
+        ferrum.mm(Broken(), layer)
+
+
+# --- the backend's few-attribute views agree with _device_view ---------------------------------
+
+@pytest.mark.parametrize("strides,stream_field,stream", [
+    (None, None, 0), (None, 1, 0), (None, 7, 7), (None, 7, 0), (None, 1, 5),
+    ((2 * N, 2), None, 0), ((4 * N, 2), None, 0)])
+def test_backend_cai_view_matches_device_view(env, strides, stream_field, stream, monkeypatch):
+    waits = []
+    monkeypatch.setattr(ferrum.cuda._cuda, "stream_wait", lambda c, p: waits.append((c, p)))
+    x = FD.CAIArray((3, N), np.float16, strides=strides, stream=stream_field)
+    got = _outcome(ferrum.cuda._fast_view, x, stream)
+    got_waits, waits[:] = list(waits), []
+    want = _outcome(ferrum.cuda._device_view, x, stream)
+    assert got[0] == want[0]
+    if got[0] == "ok":
+        assert got[1][:2] == (want[1][0], want[1][1][0])
+    assert got_waits == waits
+
+
+# --- real device arrays ------------------------------------------------------------------------
+
+_CUDA = ferrum.backends()["cuda"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _CUDA.available, reason=f"cuda backend: {_CUDA.reason}")
+def test_real_device_arrays_fast_and_general_paths_agree(monkeypatch):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(7)
+    prob = random_problem(rng, K, N, 128, experts=E)
+    layer = ferrum.MarlinWeight.from_gptq(prob.qweights[0], prob.scales[0], group_size=128,
+                                          backend="cuda")
+    stack = ferrum.load_stacked(prob.qweights, prob.scales, group_size=128, backend="cuda")
+    makers = {"torch": lambda shape, dt: torch.zeros(shape, dtype=getattr(torch, dt),
+                                                     device="cuda"),
+              "ferrum": lambda shape, dt: ferrum.cuda._cuda.empty(shape, _np_dtype(dt))}
+    try:
+        import cupy
+        makers["cupy"] = lambda shape, dt: cupy.zeros(shape, _np_dtype(dt))
+    except ImportError:
+        pass
+    for kind, make in makers.items():
+        a = make((4, K), "float16")
+        assert compare(monkeypatch, a, layer, out=make((4, N), "float16")), kind
+        assert compare(monkeypatch, a, stack, expert=1), kind
+        for what, shape, dtype, kwargs, weight in BAD:
+            if kind == "ferrum" and dtype == "bfloat16":
+                continue
+            w = {"layer": layer, "stack": stack, "host": layer.to("cpu"),
+                 "not a weight": layer.qweight}[weight]
+            assert not compare(monkeypatch, make(shape, dtype), w, **kwargs(make)), (kind, what)
+    # a CPU tensor takes the host path, as before
+    assert not compare(monkeypatch, torch.zeros((2, K), dtype=torch.float16), layer)
