@@ -33,6 +33,7 @@ struct Tile {
     static constexpr int kThreads = 256;
     static constexpr int kWarps = kThreads / 32;
     static constexpr int kRows = 16 * MB;
+    static constexpr bool kAAtomMajor = false;   // A stage: rows of TK halves (StageCopy)
     static constexpr int TK = 16 * TK_BLOCKS;
     static constexpr int TN = 16 * TN_BLOCKS;
     // Bytes of A, B and scales per pipeline stage.
@@ -267,7 +268,8 @@ struct Instance {
 };
 
 // tile 1: k=128 x n=128 (few rows: more blocks over N);
-// tile 4: the wgmma kernel (mm_wgmma.cu), k=64 x n=256, 64 or 128 rows (m_blocks 4 or 8);
+// tiles 4 and 5: the wgmma kernel (mm_wgmma.cu), k=64 / k=128 x n=256, 64 or 128 rows
+// (m_blocks 4 or 8);
 // tile 2: k=128 x n=256 (more rows: each A fragment feeds more columns, 4 k-tiles per warp
 //         between barriers); tile 3: k=64 x n=256 (half the shared memory of tile 2).
 template <int TK_BLOCKS, int TN_BLOCKS, bool GROUPED>
@@ -281,19 +283,19 @@ static KernelEntry entry_for_mb(int mb) {
 }
 
 static KernelEntry select_kernel(int tile, int mb, bool grouped) {
-    if (tile == 4) return wgmma_entry(mb, grouped);
+    if (tile >= 4) return wgmma_entry(tile == 5 ? 128 : 64, mb, grouped);
     if (tile == 1) return grouped ? entry_for_mb<8, 8, true>(mb) : entry_for_mb<8, 8, false>(mb);
     if (tile == 2) return grouped ? entry_for_mb<8, 16, true>(mb) : entry_for_mb<8, 16, false>(mb);
     return grouped ? entry_for_mb<4, 16, true>(mb) : entry_for_mb<4, 16, false>(mb);
 }
 
-static int tile_k(int tile) { return tile == 3 ? 64 : tile == 4 ? kWgmmaTileK : 128; }
-static int tile_n(int tile) { return tile == 1 ? 128 : tile == 4 ? kWgmmaTileN : 256; }
+static int tile_k(int tile) { return tile == 3 || tile == 4 ? 64 : 128; }
+static int tile_n(int tile) { return tile == 1 ? 128 : tile >= 4 ? kWgmmaTileN : 256; }
 
 // Per device and kernel instance: the dynamic shared memory limit is raised once, and the
 // number of blocks an SM holds is measured once (the heuristic needs it).
 constexpr int kMaxDevices = 64;
-static std::atomic<int> g_occupancy[kMaxDevices][4][8][2];   // 0 = not yet known
+static std::atomic<int> g_occupancy[kMaxDevices][5][8][2];   // 0 = not yet known
 
 static int prepare_kernel(const DeviceProps &dev, int tile, int mb, bool grouped, int *blocks_per_sm) {
     std::atomic<int> *slot = nullptr;
@@ -349,14 +351,14 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
                     ferrum_mm_plan_info *plan) {
     ferrum_mm_config cfg = req ? *req : ferrum_mm_config{0, 0, 0};
     if (cfg.tile == 0) cfg.tile = wgmma_available(dev) && size_m >= kWgmmaMinRows ? 4 : 2;
-    FERRUM_REQUIRE(cfg.tile >= 1 && cfg.tile <= 4, "ferrum_mm: tile=%d (use 0, 1, 2, 3 or 4)", cfg.tile);
-    if (cfg.tile == 4) {
+    FERRUM_REQUIRE(cfg.tile >= 1 && cfg.tile <= 5, "ferrum_mm: tile=%d (use 0..5)", cfg.tile);
+    if (cfg.tile >= 4) {
         FERRUM_REQUIRE(wgmma_available(dev),
-                       "ferrum_mm: tile=4 (wgmma) needs a compute capability 9.0 GPU and a build "
-                       "with sm_90a (FERRUM_CUDA_ARCHS including 90)");
+                       "ferrum_mm: tile=%d (wgmma) needs a compute capability 9.0 GPU and a build "
+                       "with sm_90a (FERRUM_CUDA_ARCHS including 90)", cfg.tile);
         if (cfg.m_blocks == 0) cfg.m_blocks = size_m > 64 ? 8 : 4;
         FERRUM_REQUIRE(cfg.m_blocks == 4 || cfg.m_blocks == 8,
-                       "ferrum_mm: m_blocks=%d (tile 4 takes 0, 4 or 8)", cfg.m_blocks);
+                       "ferrum_mm: m_blocks=%d (tiles 4 and 5 take 0, 4 or 8)", cfg.m_blocks);
     } else {
         if (cfg.m_blocks == 0) cfg.m_blocks = std::min(4, (size_m + 15) / 16);
         FERRUM_REQUIRE(cfg.m_blocks >= 1 && cfg.m_blocks <= 4, "ferrum_mm: m_blocks=%d (use 0..4)",

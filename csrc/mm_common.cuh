@@ -63,7 +63,9 @@ __device__ __forceinline__ BlockWork block_work(const MmParams &p, int rows_per_
 // thread t copies vectors t, t + kThreads, ... of each stage.
 //   A: kRows rows of TK halves, 16-byte vectors; vector v of row r goes to slot v ^ (r % 8) of
 //      the row (XOR swizzle: the 8 rows that one ldmatrix phase reads at the same k land in 8
-//      different 16-byte bank groups; with TK = 64 this is exactly wgmma's 128-byte swizzle).
+//      different 16-byte bank groups). With T::kAAtomMajor (the wgmma kernel) the stage is
+//      TK/64 blocks of kRows x 64 halves instead of rows of TK: each 8 rows x 128 bytes is one
+//      atom of wgmma's 128-byte swizzle.
 //   B: the global order, TK/16 k-tiles x kChunks chunks of 64 columns x 32 vectors (128 words);
 //      read once per call, so the copies carry the L2 evict-first policy.
 //   scales: group rows g0 .. g0+rows-1 of the stage, TN/8 vectors each.
@@ -75,6 +77,7 @@ struct StageCopy {
     static constexpr int kBRowsPerPass = T::kThreads / (T::kChunks * 32);   // k-tiles per pass
     static constexpr int kARowsPerPass = T::kThreads / T::kARowVecs;        // multiple of 8
     static constexpr int kAPasses = (T::kAStageVecs + T::kThreads - 1) / T::kThreads;
+    static constexpr int kADstPerPass = T::kAAtomMajor ? kARowsPerPass * 8 : T::kThreads;
 
     const int4 *b_src0;
     const half *a_src0;
@@ -95,7 +98,9 @@ struct StageCopy {
         const int a_vec = t % T::kARowVecs;
         a_rows_live = min(T::kRows, p.M - w.m0);
         a_src0 = p.a + (long long)(w.m0 + a_row0) * p.K + 8 * a_vec;
-        a_dst0 = a_row0 * T::kARowVecs + (a_vec ^ (a_row0 & 7));
+        a_dst0 = T::kAAtomMajor
+            ? (a_vec / 8) * (T::kRows * 8) + a_row0 * 8 + ((a_vec % 8) ^ (a_row0 & 7))
+            : a_row0 * T::kARowVecs + (a_vec ^ (a_row0 & 7));
         const int s_rows = GROUPED ? ((1 << p.group_shift) >= T::TK ? 1 : (T::TK >> p.group_shift)) : 0;
         const int s_col = w.n0 + 8 * (t % (T::TN / 8));
         s_live = GROUPED && t < s_rows * (T::TN / 8) && s_col < p.N;
@@ -111,7 +116,7 @@ struct StageCopy {
 #pragma unroll
         for (int j = 0; j < kAPasses; ++j) {
             if (a_row0 + j * kARowsPerPass < a_rows_live)
-                cp_async16_zfill(a_dst + j * T::kThreads, a_src + (long long)j * kARowsPerPass * K, true);
+                cp_async16_zfill(a_dst + j * kADstPerPass, a_src + (long long)j * kARowsPerPass * K, true);
         }
     }
 
@@ -238,10 +243,10 @@ inline int launch_mm(void (*kernel)(const MmParams), const MmParams &p, int grid
     return FERRUM_OK;
 }
 
-// The wgmma kernel's entries (mm_wgmma.cu): rows per block 16 * m_blocks (4 or 8).
+// The wgmma kernel's entries (mm_wgmma.cu): k tile 64 or 128, rows per block 16 * m_blocks
+// (4 or 8).
 bool wgmma_built();
-KernelEntry wgmma_entry(int m_blocks, bool grouped);
-constexpr int kWgmmaTileK = 64;
+KernelEntry wgmma_entry(int tile_k, int m_blocks, bool grouped);
 constexpr int kWgmmaTileN = 256;
 
 }  // namespace ferrum

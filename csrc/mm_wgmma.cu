@@ -13,7 +13,8 @@
 //     wgmmas per k16 step (64 weight columns each: rows 16w.. of wgmma j are chunk w's n16
 //     tile 2q + j);
 //   * A, B and scales stream through the same kind of cp.async pipeline as the mma.sync kernel
-//     (StageCopy), TK = 64: a row of A is one 128-byte swizzle row, as wgmma's descriptor wants;
+//     (StageCopy), TK = 64 or 128, A laid out in 8-row x 128-byte swizzle atoms, as wgmma's
+//     descriptor wants;
 //   * dequantization (lop3 + the fp16 exponent trick, group scales) of step k+1 overlaps the
 //     tensor cores' work on step k (two fragment buffers, wgmma.wait_group 1);
 //   * the epilogue (C^T fragments -> FP32 C tile in shared memory -> fp16 C, split-K reduction)
@@ -27,12 +28,15 @@
 
 namespace ferrum {
 
-template <int MB, bool GROUPED>
+template <int MB, int K_ATOMS, bool GROUPED>
 struct WgTile {
     static constexpr int kThreads = 256;                 // 2 warpgroups
     static constexpr int kRows = 16 * MB;                // BM: 64 or 128 rows of A
-    static constexpr int TK = kWgmmaTileK;               // 64: one 128-byte swizzle row of A
+    static constexpr int TK = 64 * K_ATOMS;              // 64 or 128: 1 or 2 swizzle atoms of A
     static constexpr int TN = kWgmmaTileN;               // 256 weight columns
+    // A stage: K_ATOMS blocks of kRows rows x 128 bytes (the 64 k values of one atom), each
+    // a stack of 8-row x 128-byte swizzle atoms, as wgmma's descriptor wants.
+    static constexpr bool kAAtomMajor = true;
     static constexpr int kChunks = TN / 64;
     static constexpr int kKTiles = TK / 16;
     static constexpr int kARowVecs = TK / 8;
@@ -51,7 +55,7 @@ struct WgTile {
     // + 1024: the A atoms must start 1024-byte aligned; the base is aligned at run time.
     static constexpr int kSmemBytes = (kPipeBytes > kCTileBytes ? kPipeBytes : kCTileBytes) + 1024;
     static constexpr int kAcc = kRows / 2;               // fp32 accumulators per wgmma per thread
-    static_assert((kAStageVecs * 16) % 1024 == 0, "A stages stay 1024-byte aligned");
+    static_assert((kRows * 128) % 1024 == 0, "A atoms stay 1024-byte aligned");
 };
 
 template <int N>
@@ -60,10 +64,10 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
     else wgmma_m64n128k16_rs(d, a, desc);
 }
 
-template <int MB, bool GROUPED>
+template <int MB, int K_ATOMS, bool GROUPED>
 __global__ void __launch_bounds__(256, 1) marlin_mm_wgmma_kernel(const MmParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    using T = WgTile<MB, GROUPED>;
+    using T = WgTile<MB, K_ATOMS, GROUPED>;
     constexpr int kStages = T::kStages;
     extern __shared__ int4 smem_raw[];
     int4 *const smem = reinterpret_cast<int4 *>(
@@ -141,7 +145,7 @@ __global__ void __launch_bounds__(256, 1) marlin_mm_wgmma_kernel(const MmParams 
 #pragma unroll
                 for (int i = 0; i < T::kAcc; ++i) fence_operand(acc[j][i]);
             wgmma_fence();
-            const uint64_t desc = wgmma_desc_sw128(a_addr + 32 * kk);
+            const uint64_t desc = wgmma_desc_sw128(a_addr + (kk / 4) * (T::kRows * 128) + 32 * (kk % 4));
             wgmma_rs<T::kRows>(acc[0], f[0], desc);
             wgmma_rs<T::kRows>(acc[1], f[1], desc);
             wgmma_commit();
@@ -155,7 +159,7 @@ __global__ void __launch_bounds__(256, 1) marlin_mm_wgmma_kernel(const MmParams 
         }
         // With group scales, ptxas (CUDA 13.0) serializes every wgmma (warning C7515) when one
         // is still in flight across the loop's back edge; draining here keeps the overlap
-        // inside the stage (3 of 4 steps) instead of losing all of it.
+        // inside the stage (all steps but the last) instead of losing all of it.
         if constexpr (GROUPED) wgmma_wait<0>();
     };
 
@@ -213,15 +217,15 @@ __global__ void __launch_bounds__(256, 1) marlin_mm_wgmma_kernel(const MmParams 
 #endif
 }
 
-template <int MB, bool GROUPED>
+template <int MB, int K_ATOMS, bool GROUPED>
 struct WgInstance {
-    using T = WgTile<MB, GROUPED>;
+    using T = WgTile<MB, K_ATOMS, GROUPED>;
     static int launch(const MmParams &p, int grid, cudaStream_t stream, bool pdl) {
-        return launch_mm<T::kThreads, T::kSmemBytes>(marlin_mm_wgmma_kernel<MB, GROUPED>, p, grid,
+        return launch_mm<T::kThreads, T::kSmemBytes>(marlin_mm_wgmma_kernel<MB, K_ATOMS, GROUPED>, p, grid,
                                                      stream, pdl);
     }
     static KernelEntry entry() {
-        return {reinterpret_cast<const void *>(&marlin_mm_wgmma_kernel<MB, GROUPED>), T::kSmemBytes,
+        return {reinterpret_cast<const void *>(&marlin_mm_wgmma_kernel<MB, K_ATOMS, GROUPED>), T::kSmemBytes,
                 &launch};
     }
 };
@@ -234,9 +238,15 @@ bool wgmma_built() {
 #endif
 }
 
-KernelEntry wgmma_entry(int m_blocks, bool grouped) {
-    if (m_blocks == 8) return grouped ? WgInstance<8, true>::entry() : WgInstance<8, false>::entry();
-    return grouped ? WgInstance<4, true>::entry() : WgInstance<4, false>::entry();
+template <int K_ATOMS>
+static KernelEntry wgmma_entry_k(int m_blocks, bool grouped) {
+    if (m_blocks == 8)
+        return grouped ? WgInstance<8, K_ATOMS, true>::entry() : WgInstance<8, K_ATOMS, false>::entry();
+    return grouped ? WgInstance<4, K_ATOMS, true>::entry() : WgInstance<4, K_ATOMS, false>::entry();
+}
+
+KernelEntry wgmma_entry(int tile_k, int m_blocks, bool grouped) {
+    return tile_k == 128 ? wgmma_entry_k<2>(m_blocks, grouped) : wgmma_entry_k<1>(m_blocks, grouped);
 }
 
 }  // namespace ferrum

@@ -126,11 +126,13 @@ def _wgmma_planned():
 
 
 @pytest.mark.parametrize("m", [33, 64, 65, 127, 128, 129, 300])
-@pytest.mark.parametrize("m_blocks,splits", [(4, 1), (8, 1), (4, 3), (8, 6)])
+@pytest.mark.parametrize("tile,m_blocks,splits", [(4, 4, 1), (4, 8, 1), (4, 4, 3), (4, 8, 6),
+                                                  (5, 4, 1), (5, 8, 3)])
 @pytest.mark.parametrize("g", [-1, 32, 128])
-def test_mm_wgmma_tile(m, m_blocks, splits, g, rng):
-    """The wgmma kernel on every row count around its 64/128-row blocks, both block heights,
-    split-K, channelwise and grouped scales, and a partial last 256-column tile (N=320)."""
+def test_mm_wgmma_tile(m, tile, m_blocks, splits, g, rng):
+    """The wgmma kernel on every row count around its 64/128-row blocks, both k tiles and block
+    heights, split-K, channelwise and grouped scales, and a partial last 256-column tile
+    (N=320)."""
     if not _wgmma_planned():
         small = random_problem(rng, 512, 64, 128)
         w = ferrum.MarlinWeight.from_gptq(small.qweights[0], small.scales[0], group_size=128,
@@ -141,7 +143,7 @@ def test_mm_wgmma_tile(m, m_blocks, splits, g, rng):
     problem = random_problem(rng, 1024, 320, g)
     weight = _weight(problem)
     a = _activations(rng, m, 1024)
-    got = ferrum.cuda.BACKEND.mm(a, weight, 0, None, tile=4, m_blocks=m_blocks, splits=splits)
+    got = ferrum.cuda.BACKEND.mm(a, weight, 0, None, tile=tile, m_blocks=m_blocks, splits=splits)
     assert _rel_err(got, a.astype(np.float64) @ problem.dense[0]) <= TOL
 
 
@@ -151,7 +153,7 @@ def test_mm_wgmma_act_order_stacked_and_deterministic(rng):
     problem = random_problem(rng, 2048, 256, 64, act_order=True)
     weight = _weight(problem)
     a = _activations(rng, 200, 2048)
-    runs = [ferrum.cuda.BACKEND.mm(a, weight, 0, None, tile=4, splits=4) for _ in range(3)]
+    runs = [ferrum.cuda.BACKEND.mm(a, weight, 0, None, tile=5, splits=4) for _ in range(3)]
     assert _rel_err(runs[0], a.astype(np.float64) @ problem.dense[0]) <= TOL
     for r in runs[1:]:
         np.testing.assert_array_equal(r, runs[0])
