@@ -286,6 +286,9 @@ _CUDA = ferrum.backends()["cuda"]
 @pytest.mark.skipif(not _CUDA.available, reason=f"cuda backend: {_CUDA.reason}")
 def test_real_device_arrays_fast_and_general_paths_agree(monkeypatch):
     torch = pytest.importorskip("torch")
+    # The module's stub fixture (env) may still be active: this test needs the real CUDA layer.
+    import ferrum._cuda as real_cuda
+    monkeypatch.setattr(ferrum.cuda, "_cuda", real_cuda)
     rng = np.random.default_rng(7)
     prob = random_problem(rng, K, N, 128, experts=E)
     layer = ferrum.MarlinWeight.from_gptq(prob.qweights[0], prob.scales[0], group_size=128,
