@@ -338,26 +338,67 @@ static bool wgmma_available(const DeviceProps &dev) {
 // smaller tiles spread over more SMs.
 constexpr int kWgmmaMinRows = 33;
 
+// Split-K choice for one (tile, m_blocks): the fewest waves x (k-tiles per block x cost of a
+// k-tile + fixed cost + partial-sum traffic) + a reduction tail per split, over the splits that
+// keep the partials small. Constants fitted to tools/tune.py runs on an H100. Returns the cost.
+struct SplitModel {
+    double kt_cost;      // one k-tile of one block, relative
+    double fixed;        // prologue + epilogue of a block, in k-tiles
+    double tail;         // the last block's serial sum, per split
+    double hysteresis;   // a larger split must win by this factor
+};
+
+static double choose_splits(const DeviceProps &dev, int occ, int size_m, int size_k, int size_n,
+                            int num_experts, int tile, int mb, const SplitModel &model, int *splits) {
+    const int tk = tile_k(tile), tn = tile_n(tile);
+    const long long tiles = (long long)((size_m + 16 * mb - 1) / (16 * mb)) * num_experts *
+                            ((size_n + tn - 1) / tn);
+    const int k_tiles = size_k / tk;
+    const size_t tile_bytes = size_t(16) * mb * tn * sizeof(float);
+    const long long slots = (long long)dev.sm_count * occ;
+    const double live_rows = std::min(size_m, 16 * mb);
+    double best_cost = 1e300;
+    *splits = 1;
+    for (int s = 1; s <= std::min(k_tiles, 32); ++s) {
+        if (s > 1 && tiles * s * tile_bytes > kMaxPartialBytes) break;
+        const long long waves = (tiles * s + slots - 1) / slots;
+        // A split also writes and re-reads its FP32 partial (live rows only), counted in
+        // k-tiles of A and B traffic.
+        const double partial_cost = s == 1 ? 0.0
+            : 2.0 * live_rows * tn * 4 / (tk * tn / 2 + live_rows * tk * 2);
+        const double reduce_tail = s == 1 ? 0.0 : model.tail * s;
+        const double cost =
+            waves * ((k_tiles + s - 1) / s * model.kt_cost + model.fixed + partial_cost) + reduce_tail;
+        if (cost < best_cost * model.hysteresis) {
+            best_cost = cost;
+            *splits = s;
+        }
+    }
+    return best_cost;
+}
+
 // The heuristic, readable as a table (measured on an H100, tools/tune.py):
-//   rows M              kernel, block tile (k x n)   rows per block (m_blocks)
-//   1..32 (or no sm_90a) mma.sync, 128 x 256         16*ceil(M/16), at most 64 (M in slices)
-//   33..64 on sm_90a     wgmma, 64 x 256             64
-//   > 64 on sm_90a       wgmma, 64 x 256             128, M in slices of 128
-// then split-K: the fewest waves x (k-tiles per block + fixed cost + partial-sum traffic) +
-// a reduction tail per split, over the splits s that keep the partials small. Any field of
-// `requested` overrides its row (tile 1: 128 x 128 and tile 3: 64 x 256 are there for tuning).
+//   rows M               kernel, block tile (k x n)   rows per block (m_blocks), splits
+//   1..32 (or no sm_90a) mma.sync, 128 x 256          16*ceil(M/16), at most 64; SplitModel
+//                                                     {1, 2, 0.25, 0.97}
+//   >= 33 on sm_90a      wgmma, 128 x 256 (tile 5)    64 or 128, whichever SplitModel
+//                                                     {0.2 + 0.8 * rows/128, 1, 0.25, 1} costs
+//                                                     less (a k-tile's tensor work grows with
+//                                                     its rows; its weight stream does not)
+// Any field of `requested` overrides its row (tile 1: 128 x 128, tile 3: 64 x 256 and tile 4:
+// wgmma 64 x 256 are there for tuning).
 static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, int num_experts,
                     int act_order, const ferrum_mm_config *req, bool grouped,
                     ferrum_mm_plan_info *plan) {
     ferrum_mm_config cfg = req ? *req : ferrum_mm_config{0, 0, 0};
-    if (cfg.tile == 0) cfg.tile = wgmma_available(dev) && size_m >= kWgmmaMinRows ? 4 : 2;
+    if (cfg.tile == 0) cfg.tile = wgmma_available(dev) && size_m >= kWgmmaMinRows ? 5 : 2;
     FERRUM_REQUIRE(cfg.tile >= 1 && cfg.tile <= 5, "ferrum_mm: tile=%d (use 0..5)", cfg.tile);
-    if (cfg.tile >= 4) {
+    const bool wgmma = cfg.tile >= 4;
+    if (wgmma) {
         FERRUM_REQUIRE(wgmma_available(dev),
                        "ferrum_mm: tile=%d (wgmma) needs a compute capability 9.0 GPU and a build "
                        "with sm_90a (FERRUM_CUDA_ARCHS including 90)", cfg.tile);
-        if (cfg.m_blocks == 0) cfg.m_blocks = size_m > 64 ? 8 : 4;
-        FERRUM_REQUIRE(cfg.m_blocks == 4 || cfg.m_blocks == 8,
+        FERRUM_REQUIRE(cfg.m_blocks == 0 || cfg.m_blocks == 4 || cfg.m_blocks == 8,
                        "ferrum_mm: m_blocks=%d (tiles 4 and 5 take 0, 4 or 8)", cfg.m_blocks);
     } else {
         if (cfg.m_blocks == 0) cfg.m_blocks = std::min(4, (size_m + 15) / 16);
@@ -366,37 +407,33 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
     }
     const int tk = tile_k(cfg.tile), tn = tile_n(cfg.tile);
     FERRUM_REQUIRE(size_k % tk == 0, "ferrum_mm: size_k=%d is not a multiple of %d", size_k, tk);
+
+    // Candidates for m_blocks: the one asked for, or both wgmma block heights.
+    const int candidates[2] = {cfg.m_blocks ? cfg.m_blocks : 4, cfg.m_blocks ? 0 : 8};
+    double best_cost = 1e300;
+    int best_mb = candidates[0], best_splits = 1;
+    for (int mb : candidates) {
+        if (mb == 0) continue;
+        int occ = 1;
+        int status = prepare_kernel(dev, cfg.tile, mb, grouped, &occ);
+        if (status != FERRUM_OK) return status;
+        const SplitModel model = wgmma ? SplitModel{0.2 + 0.8 * mb / 8.0, 1.0, 0.25, 1.0}
+                                       : SplitModel{1.0, 2.0, 0.25, 0.97};
+        int splits = 1;
+        const double cost = choose_splits(dev, occ, size_m, size_k, size_n, num_experts, cfg.tile,
+                                          mb, model, &splits);
+        if (cost < best_cost) {
+            best_cost = cost;
+            best_mb = mb;
+            best_splits = splits;
+        }
+    }
+    cfg.m_blocks = best_mb;
+    if (cfg.splits == 0) cfg.splits = best_splits;
     const int m_slices = (size_m + 16 * cfg.m_blocks - 1) / (16 * cfg.m_blocks);
     const long long tiles = (long long)m_slices * num_experts * ((size_n + tn - 1) / tn);
     const int k_tiles = size_k / tk;
     const size_t tile_bytes = size_t(16) * cfg.m_blocks * tn * sizeof(float);
-
-    int occ = 1;
-    int status = prepare_kernel(dev, cfg.tile, cfg.m_blocks, grouped, &occ);
-    if (status != FERRUM_OK) return status;
-    if (cfg.splits == 0) {
-        const long long slots = (long long)dev.sm_count * occ;
-        const double kFixedCost = 2.0;   // prologue + epilogue of a block, in k-tiles
-        const double kReduceTailPerSplit = 0.25;   // fitted to tools/tune.py runs on an H100
-        const double live_rows = std::min(size_m, 16 * cfg.m_blocks);
-        double best_cost = 1e300;
-        cfg.splits = 1;
-        for (int s = 1; s <= std::min(k_tiles, 32); ++s) {
-            if (s > 1 && tiles * s * tile_bytes > kMaxPartialBytes) break;
-            const long long waves = (tiles * s + slots - 1) / slots;
-            // A split also writes and re-reads its FP32 partial (live rows only), counted in
-            // k-tiles of A and B traffic.
-            const double partial_cost = s == 1 ? 0.0
-                : 2.0 * live_rows * tn * 4 / (tk * tn / 2 + live_rows * tk * 2);
-            // The last block of a tile sums the s partials serially: a tail per split.
-            const double reduce_tail = s == 1 ? 0.0 : kReduceTailPerSplit * s;
-            const double cost = waves * ((k_tiles + s - 1) / s + kFixedCost + partial_cost) + reduce_tail;
-            if (cost < best_cost * 0.97) {
-                best_cost = cost;
-                cfg.splits = s;
-            }
-        }
-    }
     cfg.splits = std::max(1, std::min(cfg.splits, k_tiles));
     FERRUM_REQUIRE(tiles * cfg.splits < INT_MAX, "ferrum_mm: grid too large");
     plan->config = cfg;
