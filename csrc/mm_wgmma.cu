@@ -45,8 +45,16 @@ struct WgTile {
     static constexpr int kSRows = GROUPED ? TK / 32 : 0;
     static constexpr int kSStageVecs = kSRows * TN / 8;
     static constexpr int kStageBytes = (kAStageVecs + kBStageVecs + kSStageVecs) * 16;
-    static constexpr int kStages = 200 * 1024 / kStageBytes > 8 ? 8 : 200 * 1024 / kStageBytes;
+    // 64-row blocks: two per SM (16 warps hide each other's shared-memory and dequantization
+    // latency); 128-row blocks need the registers of a whole SM.
+    static constexpr int kMinBlocksPerSm = MB == 4 ? 2 : 1;
+    static constexpr int kStageBudget = (MB == 4 ? 105 : 200) * 1024;
+    static constexpr int kStages = kStageBudget / kStageBytes > 8 ? 8 : kStageBudget / kStageBytes;
     static_assert(kStages >= 3, "pipeline depth");
+    // Stages fetched ahead of the one computed. With group scales every stage ends with its
+    // wgmmas drained (see compute_stage), so the slot computed last iteration is free again;
+    // without, its last wgmma may still read it, so one slot more stays untouched.
+    static constexpr int kAhead = GROUPED ? kStages - 1 : kStages - 2;
     static constexpr int kPipeBytes = kStages * kStageBytes;
     // FP32 C tile [kRows][TN], rows padded by 4 floats: the accumulator stores of one warp
     // (8 weight columns x rows 2i, i = 0..3) then hit 32 different banks.
@@ -65,7 +73,7 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
 }
 
 template <int MB, int K_ATOMS, bool GROUPED>
-__global__ void __launch_bounds__(256, 1) marlin_mm_wgmma_kernel(const MmParams p) {
+__global__ void __launch_bounds__(256, MB == 4 ? 2 : 1) marlin_mm_wgmma_kernel(const MmParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using T = WgTile<MB, K_ATOMS, GROUPED>;
     constexpr int kStages = T::kStages;
@@ -81,7 +89,6 @@ __global__ void __launch_bounds__(256, 1) marlin_mm_wgmma_kernel(const MmParams 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int chunk = warp % 4;     // this warp's 64 weight columns of the tile
     const int wg = warp / 4;        // this warpgroup's n16 tiles: 2*wg and 2*wg + 1 of each chunk
-    const bool chunk_live = work.n0 + 64 * chunk < p.N;   // the last tile may be narrower
 
     const StageCopy<T, GROUPED> copy(p, work, tid);
     auto fetch_acts = [&](int stage, int kt) { copy.acts(a_sh + stage * T::kAStageVecs, kt); };
@@ -134,11 +141,12 @@ __global__ void __launch_bounds__(256, 1) marlin_mm_wgmma_kernel(const MmParams 
                     }
                 }
                 // A fragment rows = weight columns: (c, k 2i..), (c+8, k 2i..), (c, k 2i+8..),
-                // (c+8, k 2i+8..); garbage words of a column chunk past N become zeros.
-                f[j][0] = chunk_live ? lo[0] : 0u;
-                f[j][1] = chunk_live ? hi[0] : 0u;
-                f[j][2] = chunk_live ? lo[1] : 0u;
-                f[j][3] = chunk_live ? hi[1] : 0u;
+                // (c+8, k 2i+8..). In a chunk past N (not loaded) these are garbage, which
+                // reaches only the rows of D for those columns, never written out.
+                f[j][0] = lo[0];
+                f[j][1] = hi[0];
+                f[j][2] = lo[1];
+                f[j][3] = hi[1];
             }
 #pragma unroll
             for (int j = 0; j < 2; ++j)
@@ -163,29 +171,28 @@ __global__ void __launch_bounds__(256, 1) marlin_mm_wgmma_kernel(const MmParams 
         if constexpr (GROUPED) wgmma_wait<0>();
     };
 
-    // ---- the pipeline: kStages-2 stages in flight while one is computed --------------------
-    // One fewer than the mma.sync kernel: the last wgmma of a stage may still read it while
-    // the next stage is issued, so a slot is refilled only two iterations after its compute.
+    // ---- the pipeline: kAhead stages in flight while one is computed -----------------------
     // Programmatic dependent launch as in mm.cu: weights of the prologue stream before the
     // previous kernel on the stream ends; A, C and the workspace only after the wait.
+    constexpr int kAhead = T::kAhead;
     grid_dependents_launch();
 #pragma unroll
-    for (int s = 0; s < kStages - 2; ++s)
+    for (int s = 0; s < kAhead; ++s)
         if (s < iters) fetch_weights(s, kt_begin + s);
     grid_dependency_wait();
 #pragma unroll
-    for (int s = 0; s < kStages - 2; ++s) {
+    for (int s = 0; s < kAhead; ++s) {
         if (s < iters) fetch_acts(s, kt_begin + s);
         cp_async_commit();
     }
-    int read_stage = 0, write_stage = kStages - 2;
+    int read_stage = 0, write_stage = kAhead;
     for (int it = 0; it < iters; ++it) {
-        cp_async_wait<kStages - 3>();   // stage `it` has landed (this thread's copies) ...
+        cp_async_wait<kAhead - 1>();    // stage `it` has landed (this thread's copies) ...
         fence_proxy_async_shared();     // ... is visible to the tensor cores' reads ...
-        __syncthreads();                // ... for every thread's copies; slot it-2 is free
-        if (it + kStages - 2 < iters) {
-            fetch_acts(write_stage, kt_begin + it + kStages - 2);
-            fetch_weights(write_stage, kt_begin + it + kStages - 2);
+        __syncthreads();                // ... for every thread's copies; the slot to refill is free
+        if (it + kAhead < iters) {
+            fetch_acts(write_stage, kt_begin + it + kAhead);
+            fetch_weights(write_stage, kt_begin + it + kAhead);
         }
         cp_async_commit();
         compute_stage(read_stage, kt_begin + it);
