@@ -33,10 +33,11 @@ enum ferrum_status {
 /* Tile choice for ferrum_mm. Zero fields are chosen by the heuristic (ferrum_mm_plan). */
 typedef struct ferrum_mm_config {
     int tile;        /* 0 auto; mma.sync block tiles 1: k=128 x n=128, 2: k=128 x n=256,
-                        3: k=64 x n=256; the wgmma kernel 4: k=64 x n=256, 5: k=128 x n=256
-                        (compute capability 9.0 with an sm_90a build only) */
-    int m_blocks;    /* 0 auto; rows of 16 per block (a "slice" of M): 1..4, or 4 and 8 for
-                        tiles 4 and 5 */
+                        3: k=64 x n=256; the wgmma kernel 4: k=64 x n=256, 5: k=128 x n=256,
+                        6: k=128 x n=256 with two 64-row blocks per SM (compute capability
+                        9.0 with an sm_90a build only) */
+    int m_blocks;    /* 0 auto; rows of 16 per block (a "slice" of M): 1..4; 4 or 8 for tiles
+                        4 and 5; 4 for tile 6 */
     int splits;      /* 0 auto; >= 1: split-K factor (partials reduced in FP32, in order) */
 } ferrum_mm_config;
 

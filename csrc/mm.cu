@@ -268,8 +268,8 @@ struct Instance {
 };
 
 // tile 1: k=128 x n=128 (few rows: more blocks over N);
-// tiles 4 and 5: the wgmma kernel (mm_wgmma.cu), k=64 / k=128 x n=256, 64 or 128 rows
-// (m_blocks 4 or 8);
+// tiles 4, 5, 6: the wgmma kernel (mm_wgmma.cu), k=64 / k=128 / k=128 x n=256, 64 or 128 rows
+// (m_blocks 4 or 8; tile 6: 64 rows, two blocks per SM);
 // tile 2: k=128 x n=256 (more rows: each A fragment feeds more columns, 4 k-tiles per warp
 //         between barriers); tile 3: k=64 x n=256 (half the shared memory of tile 2).
 template <int TK_BLOCKS, int TN_BLOCKS, bool GROUPED>
@@ -283,19 +283,19 @@ static KernelEntry entry_for_mb(int mb) {
 }
 
 static KernelEntry select_kernel(int tile, int mb, bool grouped) {
-    if (tile >= 4) return wgmma_entry(tile == 5 ? 128 : 64, mb, grouped);
+    if (tile >= 4) return wgmma_entry(tile, mb, grouped);
     if (tile == 1) return grouped ? entry_for_mb<8, 8, true>(mb) : entry_for_mb<8, 8, false>(mb);
     if (tile == 2) return grouped ? entry_for_mb<8, 16, true>(mb) : entry_for_mb<8, 16, false>(mb);
     return grouped ? entry_for_mb<4, 16, true>(mb) : entry_for_mb<4, 16, false>(mb);
 }
 
-static int tile_k(int tile) { return tile == 3 || tile == 4 ? 64 : 128; }
+static int tile_k(int tile) { return tile == 3 || tile == 4 ? 64 : 128; }   // tiles 1, 2, 5, 6: 128
 static int tile_n(int tile) { return tile == 1 ? 128 : tile >= 4 ? kWgmmaTileN : 256; }
 
 // Per device and kernel instance: the dynamic shared memory limit is raised once, and the
 // number of blocks an SM holds is measured once (the heuristic needs it).
 constexpr int kMaxDevices = 64;
-static std::atomic<int> g_occupancy[kMaxDevices][5][8][2];   // 0 = not yet known
+static std::atomic<int> g_occupancy[kMaxDevices][6][8][2];   // 0 = not yet known
 
 static int prepare_kernel(const DeviceProps &dev, int tile, int mb, bool grouped, int *blocks_per_sm) {
     std::atomic<int> *slot = nullptr;
@@ -379,57 +379,78 @@ static double choose_splits(const DeviceProps &dev, int occ, int size_m, int siz
 
 // The heuristic, readable as a table (measured on an H100, tools/tune.py):
 //   rows M               kernel, block tile (k x n)   rows per block (m_blocks), splits
-//   1..32 (or no sm_90a) mma.sync, 128 x 256          16*ceil(M/16), at most 64; SplitModel
-//                                                     {1, 2, 0.25, 0.97}
-//   >= 33 on sm_90a      wgmma, 128 x 256 (tile 5)    64 or 128, whichever SplitModel
-//                                                     {0.2 + 0.8 * rows/128, 1, 0.25, 1} costs
-//                                                     less (a k-tile's tensor work grows with
-//                                                     its rows; its weight stream does not)
-// Any field of `requested` overrides its row (tile 1: 128 x 128, tile 3: 64 x 256 and tile 4:
-// wgmma 64 x 256 are there for tuning).
+//   1..32 (or no sm_90a) mma.sync, 128 x 256          16*ceil(M/16), at most 64
+//   >= 33 on sm_90a      wgmma, 128 x 256             whichever of tile 5 with 64 or 128 rows and
+//                                                     tile 6 (64 rows, two blocks per SM) the
+//                                                     split model costs least
+// with the split-K model's constants per kernel: a k-tile of a 64-row wgmma block costs 0.65 of
+// a 128-row one on its own SM, 1.0 when it shares the SM; fitted to 90 tune and bench timings
+// on an H100 (the fit picks the measured best, within 3%, on 20 of 24 shapes). Any field of
+// `requested` overrides (tiles 1: 128 x 128, 3: 64 x 256 and 4: wgmma 64 x 256 are there for
+// tuning).
 static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, int num_experts,
                     int act_order, const ferrum_mm_config *req, bool grouped,
                     ferrum_mm_plan_info *plan) {
     ferrum_mm_config cfg = req ? *req : ferrum_mm_config{0, 0, 0};
-    if (cfg.tile == 0) cfg.tile = wgmma_available(dev) && size_m >= kWgmmaMinRows ? 5 : 2;
-    FERRUM_REQUIRE(cfg.tile >= 1 && cfg.tile <= 5, "ferrum_mm: tile=%d (use 0..5)", cfg.tile);
-    const bool wgmma = cfg.tile >= 4;
+    FERRUM_REQUIRE(cfg.tile >= 0 && cfg.tile <= 6, "ferrum_mm: tile=%d (use 0..6)", cfg.tile);
+    const bool wgmma = cfg.tile >= 4 || (cfg.tile == 0 && wgmma_available(dev) && size_m >= kWgmmaMinRows);
     if (wgmma) {
         FERRUM_REQUIRE(wgmma_available(dev),
                        "ferrum_mm: tile=%d (wgmma) needs a compute capability 9.0 GPU and a build "
                        "with sm_90a (FERRUM_CUDA_ARCHS including 90)", cfg.tile);
-        FERRUM_REQUIRE(cfg.m_blocks == 0 || cfg.m_blocks == 4 || cfg.m_blocks == 8,
-                       "ferrum_mm: m_blocks=%d (tiles 4 and 5 take 0, 4 or 8)", cfg.m_blocks);
+        FERRUM_REQUIRE(cfg.m_blocks == 0 || cfg.m_blocks == 4 || (cfg.m_blocks == 8 && cfg.tile != 6),
+                       "ferrum_mm: m_blocks=%d (tiles 4 and 5 take 0, 4 or 8; tile 6 0 or 4)",
+                       cfg.m_blocks);
     } else {
+        if (cfg.tile == 0) cfg.tile = 2;
         if (cfg.m_blocks == 0) cfg.m_blocks = std::min(4, (size_m + 15) / 16);
         FERRUM_REQUIRE(cfg.m_blocks >= 1 && cfg.m_blocks <= 4, "ferrum_mm: m_blocks=%d (use 0..4)",
                        cfg.m_blocks);
     }
-    const int tk = tile_k(cfg.tile), tn = tile_n(cfg.tile);
-    FERRUM_REQUIRE(size_k % tk == 0, "ferrum_mm: size_k=%d is not a multiple of %d", size_k, tk);
 
-    // Candidates for m_blocks: the one asked for, or both wgmma block heights.
-    const int candidates[2] = {cfg.m_blocks ? cfg.m_blocks : 4, cfg.m_blocks ? 0 : 8};
+    // Candidate (tile, m_blocks) pairs: what was asked for, the rest filled in.
+    struct Candidate { int tile, mb; };
+    Candidate candidates[3];
+    int n_candidates = 0;
+    for (const Candidate c : {Candidate{5, 4}, Candidate{5, 8}, Candidate{6, 4}, Candidate{4, 4},
+                              Candidate{4, 8}, Candidate{cfg.tile, cfg.m_blocks}}) {
+        if (n_candidates == 3) break;
+        const bool tile_ok = cfg.tile ? c.tile == cfg.tile : (wgmma ? c.tile == 5 || c.tile == 6 : false);
+        const bool mb_ok = cfg.m_blocks ? c.mb == cfg.m_blocks : true;
+        if (c.tile > 0 && c.mb > 0 && tile_ok && mb_ok) {
+            bool seen = false;
+            for (int i = 0; i < n_candidates; ++i)
+                seen |= candidates[i].tile == c.tile && candidates[i].mb == c.mb;
+            if (!seen) candidates[n_candidates++] = c;
+        }
+    }
+    FERRUM_REQUIRE(n_candidates > 0, "ferrum_mm: no kernel for tile=%d m_blocks=%d", cfg.tile, cfg.m_blocks);
     double best_cost = 1e300;
-    int best_mb = candidates[0], best_splits = 1;
-    for (int mb : candidates) {
-        if (mb == 0) continue;
+    int best_splits = 1;
+    Candidate best = candidates[0];
+    for (int i = 0; i < n_candidates; ++i) {
+        const Candidate c = candidates[i];
+        FERRUM_REQUIRE(size_k % tile_k(c.tile) == 0, "ferrum_mm: size_k=%d is not a multiple of %d",
+                       size_k, tile_k(c.tile));
         int occ = 1;
-        int status = prepare_kernel(dev, cfg.tile, mb, grouped, &occ);
+        int status = prepare_kernel(dev, c.tile, c.mb, grouped, &occ);
         if (status != FERRUM_OK) return status;
-        const SplitModel model = wgmma ? SplitModel{0.2 + 0.8 * mb / 8.0, 1.0, 0.25, 1.0}
-                                       : SplitModel{1.0, 2.0, 0.25, 0.97};
+        SplitModel model{1.0, 2.0, 0.25, 0.97};   // mma.sync
+        if (c.tile >= 4)
+            model = SplitModel{(c.tile == 6 || c.mb == 8 ? 1.0 : 0.65) * tile_k(c.tile) / 128.0, 1.0, 0.5, 1.0};
         int splits = 1;
-        const double cost = choose_splits(dev, occ, size_m, size_k, size_n, num_experts, cfg.tile,
-                                          mb, model, &splits);
+        const double cost = choose_splits(dev, occ, size_m, size_k, size_n, num_experts, c.tile, c.mb,
+                                          model, &splits);
         if (cost < best_cost) {
             best_cost = cost;
-            best_mb = mb;
+            best = c;
             best_splits = splits;
         }
     }
-    cfg.m_blocks = best_mb;
+    cfg.tile = best.tile;
+    cfg.m_blocks = best.mb;
     if (cfg.splits == 0) cfg.splits = best_splits;
+    const int tk = tile_k(cfg.tile), tn = tile_n(cfg.tile);
     const int m_slices = (size_m + 16 * cfg.m_blocks - 1) / (16 * cfg.m_blocks);
     const long long tiles = (long long)m_slices * num_experts * ((size_n + tn - 1) / tn);
     const int k_tiles = size_k / tk;

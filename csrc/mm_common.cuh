@@ -243,10 +243,10 @@ inline int launch_mm(void (*kernel)(const MmParams), const MmParams &p, int grid
     return FERRUM_OK;
 }
 
-// The wgmma kernel's entries (mm_wgmma.cu): k tile 64 or 128, rows per block 16 * m_blocks
-// (4 or 8).
+// The wgmma kernel's entries (mm_wgmma.cu): tiles 4 (k=64), 5 (k=128) with 16 * m_blocks
+// rows per block (m_blocks 4 or 8), 6 (k=128, 64 rows, two blocks per SM).
 bool wgmma_built();
-KernelEntry wgmma_entry(int tile_k, int m_blocks, bool grouped);
+KernelEntry wgmma_entry(int tile, int m_blocks, bool grouped);
 constexpr int kWgmmaTileN = 256;
 
 }  // namespace ferrum

@@ -28,7 +28,7 @@
 
 namespace ferrum {
 
-template <int MB, int K_ATOMS, bool GROUPED>
+template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED>
 struct WgTile {
     static constexpr int kThreads = 256;                 // 2 warpgroups
     static constexpr int kRows = 16 * MB;                // BM: 64 or 128 rows of A
@@ -45,10 +45,11 @@ struct WgTile {
     static constexpr int kSRows = GROUPED ? TK / 32 : 0;
     static constexpr int kSStageVecs = kSRows * TN / 8;
     static constexpr int kStageBytes = (kAStageVecs + kBStageVecs + kSStageVecs) * 16;
-    // 64-row blocks: two per SM (16 warps hide each other's shared-memory and dequantization
-    // latency); 128-row blocks need the registers of a whole SM.
-    static constexpr int kMinBlocksPerSm = MB == 4 ? 2 : 1;
-    static constexpr int kStageBudget = (MB == 4 ? 105 : 200) * 1024;
+    // One block per SM, or two 64-row blocks (tile 6: 16 warps hide each other's shared-memory
+    // and dequantization latency, with half the pipeline depth each; it pays where the grid
+    // fills two blocks per SM).
+    static_assert(BLOCKS_PER_SM == 1 || (BLOCKS_PER_SM == 2 && MB == 4), "two blocks: 64 rows");
+    static constexpr int kStageBudget = (BLOCKS_PER_SM == 2 ? 105 : 200) * 1024;
     static constexpr int kStages = kStageBudget / kStageBytes > 8 ? 8 : kStageBudget / kStageBytes;
     static_assert(kStages >= 3, "pipeline depth");
     // Stages fetched ahead of the one computed. With group scales every stage ends with its
@@ -72,10 +73,10 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
     else wgmma_m64n128k16_rs(d, a, desc);
 }
 
-template <int MB, int K_ATOMS, bool GROUPED>
-__global__ void __launch_bounds__(256, MB == 4 ? 2 : 1) marlin_mm_wgmma_kernel(const MmParams p) {
+template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED>
+__global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(const MmParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    using T = WgTile<MB, K_ATOMS, GROUPED>;
+    using T = WgTile<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED>;
     constexpr int kStages = T::kStages;
     extern __shared__ int4 smem_raw[];
     int4 *const smem = reinterpret_cast<int4 *>(
@@ -224,15 +225,15 @@ __global__ void __launch_bounds__(256, MB == 4 ? 2 : 1) marlin_mm_wgmma_kernel(c
 #endif
 }
 
-template <int MB, int K_ATOMS, bool GROUPED>
+template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED>
 struct WgInstance {
-    using T = WgTile<MB, K_ATOMS, GROUPED>;
+    using T = WgTile<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED>;
     static int launch(const MmParams &p, int grid, cudaStream_t stream, bool pdl) {
-        return launch_mm<T::kThreads, T::kSmemBytes>(marlin_mm_wgmma_kernel<MB, K_ATOMS, GROUPED>, p, grid,
+        return launch_mm<T::kThreads, T::kSmemBytes>(marlin_mm_wgmma_kernel<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED>, p, grid,
                                                      stream, pdl);
     }
     static KernelEntry entry() {
-        return {reinterpret_cast<const void *>(&marlin_mm_wgmma_kernel<MB, K_ATOMS, GROUPED>), T::kSmemBytes,
+        return {reinterpret_cast<const void *>(&marlin_mm_wgmma_kernel<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED>), T::kSmemBytes,
                 &launch};
     }
 };
@@ -245,15 +246,18 @@ bool wgmma_built() {
 #endif
 }
 
-template <int K_ATOMS>
-static KernelEntry wgmma_entry_k(int m_blocks, bool grouped) {
-    if (m_blocks == 8)
-        return grouped ? WgInstance<8, K_ATOMS, true>::entry() : WgInstance<8, K_ATOMS, false>::entry();
-    return grouped ? WgInstance<4, K_ATOMS, true>::entry() : WgInstance<4, K_ATOMS, false>::entry();
+template <int MB, int K_ATOMS, int BLOCKS_PER_SM>
+static KernelEntry entry_of(bool grouped) {
+    return grouped ? WgInstance<MB, K_ATOMS, BLOCKS_PER_SM, true>::entry()
+                   : WgInstance<MB, K_ATOMS, BLOCKS_PER_SM, false>::entry();
 }
 
-KernelEntry wgmma_entry(int tile_k, int m_blocks, bool grouped) {
-    return tile_k == 128 ? wgmma_entry_k<2>(m_blocks, grouped) : wgmma_entry_k<1>(m_blocks, grouped);
+// tile 4: k=64, one block per SM; tile 5: k=128, one block per SM; tile 6: k=128, two
+// 64-row blocks per SM.
+KernelEntry wgmma_entry(int tile, int m_blocks, bool grouped) {
+    if (tile == 6) return entry_of<4, 2, 2>(grouped);
+    if (tile == 5) return m_blocks == 8 ? entry_of<8, 2, 1>(grouped) : entry_of<4, 2, 1>(grouped);
+    return m_blocks == 8 ? entry_of<8, 1, 1>(grouped) : entry_of<4, 1, 1>(grouped);
 }
 
 }  // namespace ferrum

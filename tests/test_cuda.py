@@ -120,14 +120,14 @@ def test_mm_tile_overrides(tile, m_blocks, splits, rng):
 
 
 def _wgmma_planned():
-    """Whether this GPU and build run the wgmma kernel (tiles 4 and 5): compute capability 9.0
+    """Whether this GPU and build run the wgmma kernel (tiles 4, 5, 6): compute capability 9.0
     and a build with sm_90a. The planner picks it for many rows only there."""
-    return ferrum._cuda.mm_plan(256, 1024, 256)["tile"] in (4, 5)
+    return ferrum._cuda.mm_plan(256, 1024, 256)["tile"] in (4, 5, 6)
 
 
 @pytest.mark.parametrize("m", [33, 64, 65, 127, 128, 129, 300])
 @pytest.mark.parametrize("tile,m_blocks,splits", [(4, 4, 1), (4, 8, 1), (4, 4, 3), (4, 8, 6),
-                                                  (5, 4, 1), (5, 8, 3)])
+                                                  (5, 4, 1), (5, 8, 3), (6, 4, 1), (6, 4, 5)])
 @pytest.mark.parametrize("g", [-1, 32, 128])
 def test_mm_wgmma_tile(m, tile, m_blocks, splits, g, rng):
     """The wgmma kernel on every row count around its 64/128-row blocks, both k tiles and block

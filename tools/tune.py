@@ -33,7 +33,7 @@ for spec in [s for s in sys.argv[1:] if not s.startswith("--")]:
           f"(floor {wbytes / 3.0e12 * 1e6:.1f} us at 3.0 TB/s)", flush=True)
     mbs = [min(4, (m + 15) // 16)] if m <= 64 else [2, 3, 4]
     splits_list = (1, 2, 4, 8) if m > 64 else (1, 2, 4, 6, 8, 12)
-    tiles = (1, 2, 3, 4, 5)   # 4, 5: the wgmma kernel, where the GPU and build have it
+    tiles = (1, 2, 3, 4, 5, 6)   # 4-6: the wgmma kernel, where the GPU and build have it
     for opt in sys.argv[1:]:       # --mbs=1,2,4 --splits=1,2 --tiles=2 override the sweep
         name, _, values = opt.partition("=")
         if name in ("--mbs", "--splits", "--tiles"):
@@ -44,10 +44,10 @@ for spec in [s for s in sys.argv[1:] if not s.startswith("--")]:
     results = []
     for tile, mb, splits in itertools.product(tiles, sorted(set(mbs) | {4, 8}), splits_list):
         if not ((tile >= 4 and mb in (4, 8)) or (tile < 4 and mb in mbs)):
-            continue   # tiles 4, 5 take 64 or 128 rows per block (m_blocks 4, 8); the others 1..4
+            continue   # tiles 4-6 take 64 or 128 rows per block (m_blocks 4, 8); the others 1..4
         try:
             tt = time_variant(weights, a, out, tile=tile, m_blocks=mb, splits=splits)
-        except ValueError:   # tiles 4, 5 where the GPU or build has no wgmma kernel
+        except ValueError:   # tiles 4-6 where the GPU or build has no wgmma kernel (or tile 6, mb 8)
             continue
         results.append((tt, tile, mb, splits))
     results.sort()
