@@ -359,7 +359,10 @@ static double choose_splits(const DeviceProps &dev, int occ, int size_m, int siz
     const double live_rows = std::min(size_m, 16 * mb);
     double best_cost = 1e300;
     *splits = 1;
-    for (int s = 1; s <= std::min(k_tiles, 32); ++s) {
+    // Split K only while the grid does not fill the GPU: beyond, a split adds partial traffic
+    // and a serial tail for nothing (the wave count alone misjudges this near 1-2 waves).
+    const int max_splits = tiles >= slots ? 1 : std::min(k_tiles, 32);
+    for (int s = 1; s <= max_splits; ++s) {
         if (s > 1 && tiles * s * tile_bytes > kMaxPartialBytes) break;
         const long long waves = (tiles * s + slots - 1) / slots;
         // A split also writes and re-reads its FP32 partial (live rows only), counted in

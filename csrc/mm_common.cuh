@@ -201,19 +201,36 @@ __device__ __forceinline__ void write_c_tile(const MmParams &p, const BlockWork 
     __syncthreads();
     if (!s_is_last) return;
     __threadfence();
-    for (int i = tid; i < rows * kVecsPerRow; i += THREADS) {
-        const int r = i / kVecsPerRow, c8 = 8 * (i % kVecsPerRow);
-        if (c8 >= cols) continue;
-        float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    // The serial tail of the reduction: each thread sums kBatch of its vectors at once, so
+    // kBatch x 4 partial loads are in flight instead of a few (L2 latency, not bandwidth,
+    // bounds this loop).
+    constexpr int kBatch = ROWS >= 64 ? 4 : 2;
+    for (int i0 = tid; i0 < rows * kVecsPerRow; i0 += kBatch * THREADS) {
+        float v[kBatch][8];
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u)
+#pragma unroll
+            for (int x = 0; x < 8; ++x) v[u][x] = 0.f;
 #pragma unroll 4
         for (int s = 0; s < p.splits; ++s) {   // fixed order: the sum is deterministic
-            const float4 *src = reinterpret_cast<const float4 *>(
-                p.partials + ((long long)s * num_tiles + tile_id) * tile_floats + r * TN + c8);
-            const float4 lo = __ldcg(src), hi = __ldcg(src + 1);
-            v[0] += lo.x; v[1] += lo.y; v[2] += lo.z; v[3] += lo.w;
-            v[4] += hi.x; v[5] += hi.y; v[6] += hi.z; v[7] += hi.w;
+#pragma unroll
+            for (int u = 0; u < kBatch; ++u) {
+                const int i = i0 + u * THREADS;
+                const int r = i / kVecsPerRow, c8 = 8 * (i % kVecsPerRow);
+                if (i >= rows * kVecsPerRow || c8 >= cols) continue;
+                const float4 *src = reinterpret_cast<const float4 *>(
+                    p.partials + ((long long)s * num_tiles + tile_id) * tile_floats + r * TN + c8);
+                const float4 lo = __ldcg(src), hi = __ldcg(src + 1);
+                v[u][0] += lo.x; v[u][1] += lo.y; v[u][2] += lo.z; v[u][3] += lo.w;
+                v[u][4] += hi.x; v[u][5] += hi.y; v[u][6] += hi.z; v[u][7] += hi.w;
+            }
         }
-        store_out(r, c8, v);
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+            const int i = i0 + u * THREADS;
+            const int r = i / kVecsPerRow, c8 = 8 * (i % kVecsPerRow);
+            if (i < rows * kVecsPerRow && c8 < cols) store_out(r, c8, v[u]);
+        }
     }
     if (tid == 0) p.counters[tile_id] = 0;   // ready for the next call on this workspace
 }
