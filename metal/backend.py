@@ -43,8 +43,13 @@ HERE = Path(__file__).resolve().parent
 
 #: Largest M served by the vector kernel (gemv.wgsl); larger M uses the tiled kernel.
 VECTOR_MAX_M = 16
-#: Rows of A one gemv workgroup handles (the kernel keeps M_TILE x 8 accumulators per lane).
-VECTOR_M_TILE = 8
+#: Rows of A one gemv workgroup handles (the kernel keeps M_TILE x 8 accumulators per lane): all
+#: of M up to VECTOR_MAX_M, so every weight quad is read once and applied to every row.
+VECTOR_M_TILE = 16
+#: Quads (16-byte loads) each gemv lane keeps in flight, by M_TILE: many where the kernel only
+#: streams (M = 1, 2: bytes in flight are what bound it), few where it is busy with arithmetic
+#: and its accumulators already take the registers.
+GEMV_LOADS = {1: 4, 2: 4, 4: 2, 8: 1, 16: 1}
 #: Workgroups a dispatch aims for when choosing the k-split (enough to fill a large GPU); on a
 #: CPU adapter (lavapipe) every workgroup costs scheduling, and a few per core are enough.
 TARGET_WORKGROUPS = 1024
@@ -141,8 +146,10 @@ TABLES = _layout_tables()
 CHUNK_CODES = (F.CHUNK_ROW.astype(np.uint32) | (F.CHUNK_COL.astype(np.uint32) << 8)).reshape(-1)
 
 
-def _gemv_blocks(m_tile: int) -> dict[str, str]:
-    """The unrolled per-row statements of gemv.wgsl for M_TILE = m_tile."""
+def _gemv_blocks(m_tile: int, loads: int) -> dict[str, str]:
+    """The generated, unrolled parts of gemv.wgsl for M_TILE = m_tile rows and LOADS = loads quads
+    in flight per lane: accumulators and A offsets per row, the loads, and the per-row statements
+    that accumulate one quad and reduce the tile."""
     decl, acc, red = [], [], []
     for m in range(m_tile):
         decl.append(f"    var acc{m}a = vec4<f32>(0.0);\n    var acc{m}b = vec4<f32>(0.0);\n"
@@ -170,11 +177,39 @@ def _gemv_blocks(m_tile: int) -> dict[str, str]:
             f"        red[(slot * 32u + lane) * 2u] = ra;\n"
             f"        red[(slot * 32u + lane) * 2u + 1u] = rb;\n"
             f"        workgroupBarrier();\n"
-            f"        if (li < 64u && m0 + {m}u < P.M) {{\n"
-            f"            OUT[slot_at + (m0 + {m}u) * P.n_total + col_out + li] = column_sum(li) * scale;\n"
+            f"        let row = m0 + {m}u;\n"
+            f"        if (DIRECT) {{\n"
+            f"            if (li < 32u && row < P.M) {{\n"
+            f"                OUT[P.c_base + (row * P.n_total + col_out) / 2u + li] = pack2x16float(\n"
+            f"                    vec2<f32>(column_sum(col_a), column_sum(col_a + 1u)) * scale);\n"
+            f"            }}\n"
+            f"        }} else if (li < 64u && row < P.M) {{\n"
+            f"            OUT[slot_at + row * P.n_total + col_out + li] =\n"
+            f"                bitcast<u32>(column_sum(col_a) * scale.x);\n"
             f"        }}\n"
             f"    }}")
-    return {"ACC_DECL": "\n".join(decl), "ACCUMULATE": "\n".join(acc), "REDUCE": "\n".join(red)}
+    xs = range(loads)
+    load_decl = ("".join(f"    var xn{u} = vec4<u32>(0u);\n" for u in xs)
+                 + "    if (kt < kt_hi) {\n"
+                 + "".join(f"        xn{u} = W[w_at + min(kt + {8 * u}u, kt_last) * w_row];\n"
+                           for u in xs) + "    }")
+    load_next = ("".join(f"        let x{u} = xn{u};\n" for u in xs)
+                 + "        if (kt_next < kt_hi) {\n"
+                 + "".join(f"            xn{u} = W[w_at + min(kt_next + {8 * u}u, kt_last) * w_row];\n"
+                           for u in xs) + "        }")
+    return {"ACC_DECL": "\n".join(decl), "ACCUMULATE": "\n".join(acc), "REDUCE": "\n".join(red),
+            "LOAD_DECL": load_decl, "LOAD_NEXT": load_next, "LOADS": loads}
+
+
+def _gemv_source(**subs) -> str:
+    """gemv.wgsl with its per-quad step (between the step markers) repeated once per load."""
+    text = _shader_source("gemv.wgsl", **subs)
+    begin = text.index("        //@step-begin\n")
+    end = text.index("        //@step-end\n") + len("        //@step-end\n")
+    step = text[begin:end]
+    steps = "".join(step.replace("XQ", f"x{u}").replace("KTQ", f"(kt + {8 * u}u)")
+                    for u in range(int(subs["LOADS"])))
+    return text[:begin] + steps + text[end:]
 
 
 def _shader_source(name: str, **subs) -> str:
@@ -223,11 +258,28 @@ class _Plan:
     out_bytes: int
     a_bytes: int
     summary: str = ""       # e.g. "gemv m8 k16": kernel, rows per workgroup, k-splits (bench)
+    upload: _Staging = None  # mapped upload buffer for A (a size class of a_bytes)
+    read: _Staging = None   # read-back buffer for C (a size class of out_bytes)
     raw: list = None        # (pipeline, bind group, grid) as wgpu-native handles (_Native)
 
     def __post_init__(self):
         self.raw = [(d.pipeline._internal, d.bind_group._internal, tuple(int(g) for g in d.grid))
                     for d in self.dispatches]
+
+
+class _Staging:
+    """A host-visible buffer mm moves data through: "upload" (MAP_WRITE | COPY_SRC: A is written
+    into its mapping and copied to the A workspace on the GPU) or "read" (MAP_READ | COPY_DST: C
+    is copied into it and read from its mapping). An upload buffer is mapped again as soon as the
+    call that used it is submitted, so the next call finds it mapped (the map resolves when that
+    submission is done, which the call waits for anyway) and writes A with one memmove: no staging
+    buffer created per call, as queue.write_buffer does inside wgpu."""
+
+    def __init__(self, buffer):
+        self.buffer = buffer
+        self.size = buffer.size
+        self.request = 0            # map request pending on the buffer (0: none)
+        self.mapped = False         # mapped for writing, ready
 
 
 class _Native:
@@ -236,12 +288,13 @@ class _Native:
     wgpu-py's Python wrappers cost more than the work they wrap at small M: ``map_async`` builds
     a promise, wakes wgpu-py's poll thread and (in READ mode) submits an extra empty command
     buffer; the result then comes back through a thread hand-off; every encoder call goes
-    through an error-capturing proxy. Here the encoder calls are made directly, the read-back is
-    mapped with one callback made once, and completion is waited for on the calling thread:
-    ``wgpuDevicePoll`` without blocking in a loop (a GPU: no driver sleep on the fence) for up
-    to ``spin_seconds``, then blocking (a CPU adapter such as lavapipe: spinning would take a
-    core from the threads running the kernel, so spin_seconds is 0 there). finish and submit
-    keep wgpu-py's error-raising wrappers (``libf``), so an invalid command still raises.
+    through an error-capturing proxy. Here the encoder calls are made directly, buffers are
+    mapped with one callback made once (each request numbered, so an answer cannot be taken for
+    another's), and completion is waited for on the calling thread: ``wgpuDevicePoll`` without
+    blocking in a loop (a GPU: no driver sleep on the fence) for up to ``spin_seconds``, then
+    blocking (a CPU adapter such as lavapipe: spinning would take a core from the threads
+    running the kernel, so spin_seconds is 0 there). finish and submit keep wgpu-py's
+    error-raising wrappers (``libf``), so an invalid command still raises.
     Built only when its self-test passes; otherwise mm uses wgpu-py's public API.
     """
 
@@ -256,13 +309,16 @@ class _Native:
         self._pass_desc = ffi.new("WGPUComputePassDescriptor *")
         self._finish_desc = ffi.new("WGPUCommandBufferDescriptor *")
         self._cmds = ffi.new("WGPUCommandBuffer[1]")
+        self._wanted = set()        # map requests someone will wait for
         self._done = {}             # map request number -> status, filled by the callback
         self._requests = 0
-        done = self._done
+        wanted, done = self._wanted, self._done
 
         @ffi.callback("void(WGPUMapAsyncStatus, WGPUStringView, void *, void *)")
         def mapped(status, message, userdata1, userdata2):
-            done[int(ffi.cast("uintptr_t", userdata1))] = int(status)
+            request = int(ffi.cast("uintptr_t", userdata1))
+            if request in wanted:   # an abandoned request's answer is dropped
+                done[request] = int(status)
 
         self._callback = mapped     # kept alive as long as this object
         info = ffi.new("WGPUBufferMapCallbackInfo *")
@@ -270,19 +326,27 @@ class _Native:
         info.callback = mapped
         self._map_info = info
         self._map_read = lib.WGPUMapMode_Read
+        self._map_write = lib.WGPUMapMode_Write
         self._success = lib.WGPUMapAsyncStatus_Success
 
-    def run(self, dispatches, writes, copy, read_bytes):
-        """Write the uploads ``writes`` [(buffer, numpy array)], run ``dispatches`` [(pipeline,
-        bind group, grid)] in one compute pass, copy ``copy`` (src, dst staging buffer, bytes),
-        submit, wait and map the staging buffer; returns the mapped bytes (a cffi buffer, valid
-        until ``unmap``)."""
+    def run(self, dispatches, writes, copy, read_bytes, upload=None):
+        """Write the uploads ``writes`` [(buffer, numpy array)] through the queue, or ``upload``
+        (a _Staging upload buffer, numpy array, destination buffer) through a mapped buffer; run
+        ``dispatches`` [(pipeline, bind group, grid)] in one compute pass, copy ``copy`` (src,
+        dst read buffer, bytes), submit, wait and map the read buffer; returns the mapped bytes
+        (a cffi buffer, valid until ``unmap``)."""
         ffi, lib = self.ffi, self.lib
         for buffer, array in writes:
             lib.wgpuQueueWriteBuffer(self.queue_id, buffer._internal, 0, ffi.from_buffer(array),
                                      array.nbytes)
+        if upload is not None:
+            up, array, dst = upload
+            self._write_mapped(up, array)
         enc = lib.wgpuDeviceCreateCommandEncoder(self.device_id, self._enc_desc)
         try:
+            if upload is not None:
+                lib.wgpuCommandEncoderCopyBufferToBuffer(enc, up.buffer._internal, 0,
+                                                         dst._internal, 0, array.nbytes)
             cp = lib.wgpuCommandEncoderBeginComputePass(enc, self._pass_desc)
             for pipe, group, (x, y, z) in dispatches:
                 lib.wgpuComputePassEncoderSetPipeline(cp, pipe)
@@ -301,16 +365,39 @@ class _Native:
             self.libf.wgpuQueueSubmit(self.queue_id, 1, self._cmds)
         finally:
             lib.wgpuCommandBufferRelease(cmd)
+        if upload is not None:      # mapped again for the next call once this one is done
+            up.request = self._map_async(up.buffer, self._map_write, up.size)
         return self.map(staging, read_bytes)
 
-    def map(self, staging, nbytes):
-        """Map [0, nbytes) of a MAP_READ buffer once the queue's work is done; the bytes."""
+    def _write_mapped(self, up: _Staging, array: np.ndarray):
+        """Copy array into the upload buffer's mapping (mapping it first if it is not) and unmap."""
         ffi, lib = self.ffi, self.lib
-        done = self._done
+        if up.request:
+            request, up.request = up.request, 0
+            self._wait(request, up.buffer)
+            up.mapped = True
+        if not up.mapped:
+            self._wait(self._map_async(up.buffer, self._map_write, up.size), up.buffer)
+            up.mapped = True
+        ptr = lib.wgpuBufferGetMappedRange(up.buffer._internal, 0, up.size)
+        if ptr == ffi.NULL:
+            raise RuntimeError("the upload buffer has no mapped range")
+        ffi.memmove(ptr, ffi.from_buffer(array), array.nbytes)
+        up.mapped = False
+        lib.wgpuBufferUnmap(up.buffer._internal)
+
+    def _map_async(self, buffer, mode, nbytes) -> int:
         self._requests += 1
         request = self._requests            # the callback says which request it answers
-        self._map_info.userdata1 = ffi.cast("void *", request)
-        lib.wgpuBufferMapAsync(staging._internal, self._map_read, 0, nbytes, self._map_info[0])
+        self._wanted.add(request)
+        self._map_info.userdata1 = self.ffi.cast("void *", request)
+        self.lib.wgpuBufferMapAsync(buffer._internal, mode, 0, nbytes, self._map_info[0])
+        return request
+
+    def _wait(self, request: int, buffer) -> None:
+        """Poll until map request ``request`` (on ``buffer``) is answered; raise if it failed."""
+        ffi, lib = self.ffi, self.lib
+        done = self._done
         try:
             if request not in done and self.spin_seconds > 0:
                 clock = time.perf_counter
@@ -320,12 +407,18 @@ class _Native:
             while request not in done:
                 lib.wgpuDevicePoll(self.device_id, 1, ffi.NULL)
         except BaseException:               # e.g. KeyboardInterrupt: leave the buffer unmapped
-            lib.wgpuBufferUnmap(staging._internal)
+            self._wanted.discard(request)
+            lib.wgpuBufferUnmap(buffer._internal)
             raise
+        self._wanted.discard(request)
         status = done.pop(request)
-        done.clear()                        # answers to abandoned requests
         if status != self._success:
-            raise RuntimeError(f"could not map the read-back buffer (status {status})")
+            raise RuntimeError(f"could not map a staging buffer (status {status})")
+
+    def map(self, staging, nbytes):
+        """Map [0, nbytes) of a MAP_READ buffer once the queue's work is done; the bytes."""
+        ffi, lib = self.ffi, self.lib
+        self._wait(self._map_async(staging, self._map_read, nbytes), staging)
         ptr = lib.wgpuBufferGetConstMappedRange(staging._internal, 0, nbytes)
         if ptr == ffi.NULL:
             lib.wgpuBufferUnmap(staging._internal)
@@ -361,9 +454,13 @@ class MetalBackend(Backend):
         self.subgroups = False
         self.binding_limit = 0      # bytes one storage binding may span (the planner's limit)
         self.target_workgroups = TARGET_WORKGROUPS
+        self.vector_m_tile = VECTOR_M_TILE
+        self.gemv_loads = 0         # 0: GEMV_LOADS's choice; else quads in flight per gemv lane
         self.offset_alignment = 256
         self._pipelines: dict = {}
         self._work: dict[str, object] = {}
+        self._stagings: dict[tuple[str, int], _Staging] = {}
+        self.mapped_upload = True   # A through a mapped upload buffer (else queue.write_buffer)
         self._generation = 0
         self._codes = None
         self._native = None         # _Native once its self-test passed
@@ -414,6 +511,9 @@ class MetalBackend(Backend):
         target = os.environ.get("FERRUM_METAL_TARGET_WORKGROUPS", "")
         if target:      # for tuning the k-split on a given GPU without editing the source
             self.target_workgroups = max(1, int(target))
+        loads = os.environ.get("FERRUM_METAL_GEMV_LOADS", "")
+        if loads:
+            self.gemv_loads = max(0, int(loads))
         spin = os.environ.get("FERRUM_METAL_SPIN_US", "")
         self._native = self._native_path(float(spin) * 1e-6 if spin else 0.0 if cpu
                                          else SPIN_SECONDS)
@@ -494,7 +594,8 @@ fn main(@builtin(local_invocation_index) li: u32) {
     def _pipeline(self, name: str, **subs):
         key = (name, tuple(sorted(subs.items())))
         if key not in self._pipelines:
-            self._pipelines[key] = self._compile(_shader_source(name, **subs))
+            source = _gemv_source(**subs) if name == "gemv.wgsl" else _shader_source(name, **subs)
+            self._pipelines[key] = self._compile(source)
         return self._pipelines[key]
 
     def _buffer(self, nbytes: int, usage=None):
@@ -527,6 +628,19 @@ fn main(@builtin(local_invocation_index) li: u32) {
         """Bytes of data one binding may carry once _range has aligned its start down and
         rounded its size up."""
         return self.binding_limit - self.offset_alignment - 16
+
+    def _staging(self, kind: str, nbytes: int) -> _Staging:
+        """The "upload" or "read" staging buffer for nbytes: one per power-of-two size class, so a
+        call maps no more than twice the bytes it moves (mapping a buffer grown for the largest
+        M ever seen cost every later small call) and a few buffers serve every plan."""
+        size = max(256, 1 << (max(nbytes, 1) - 1).bit_length())
+        staging = self._stagings.get((kind, size))
+        if staging is None:
+            usage = (wgpu.BufferUsage.MAP_WRITE | wgpu.BufferUsage.COPY_SRC if kind == "upload"
+                     else wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+            staging = _Staging(self.device.create_buffer(size=size, usage=usage))
+            self._stagings[(kind, size)] = staging
+        return staging
 
     def _workspace(self, name: str, nbytes: int, usage=None):
         buf = self._work.get(name)
@@ -632,11 +746,15 @@ fn main(@builtin(local_invocation_index) li: u32) {
         m = a.shape[0]
         with self._lock:
             plan = self._plan(weight, m, expert)
-            staging = self._work["read"]
+            read = plan.read.buffer
             native = self._native
             if native is not None:
-                raw = native.run(plan.raw, [(self._work["a"], a)],
-                                 (self._work["c"], staging, plan.out_bytes), plan.out_bytes)
+                if self.mapped_upload:
+                    raw = native.run(plan.raw, (), (self._work["c"], read, plan.out_bytes),
+                                     plan.out_bytes, upload=(plan.upload, a, self._work["a"]))
+                else:
+                    raw = native.run(plan.raw, [(self._work["a"], a)],
+                                     (self._work["c"], read, plan.out_bytes), plan.out_bytes)
                 try:
                     result = np.frombuffer(raw, np.float16).reshape(m, -1)
                     if out is None:
@@ -645,17 +763,17 @@ fn main(@builtin(local_invocation_index) li: u32) {
                         out[...] = result
                     del result
                 finally:
-                    native.unmap(staging)
+                    native.unmap(read)
                 return out
             queue = self.device.queue
             queue.write_buffer(self._work["a"], 0, a)
             enc = self.device.create_command_encoder()
             _record_plan(enc, plan)
-            enc.copy_buffer_to_buffer(self._work["c"], 0, staging, 0, plan.out_bytes)
+            enc.copy_buffer_to_buffer(self._work["c"], 0, read, 0, plan.out_bytes)
             queue.submit([enc.finish()])
-            staging.map_sync(wgpu.MapMode.READ, 0, plan.out_bytes)
+            read.map_sync(wgpu.MapMode.READ, 0, plan.out_bytes)
             try:
-                raw = staging.read_mapped(0, plan.out_bytes, copy=False)
+                raw = read.read_mapped(0, plan.out_bytes, copy=False)
                 result = np.frombuffer(raw, np.float16).reshape(m, -1)
                 if out is None:
                     out = result.copy()
@@ -663,12 +781,13 @@ fn main(@builtin(local_invocation_index) li: u32) {
                     out[...] = result
                 del raw, result
             finally:
-                staging.unmap()
+                read.unmap()
         return out
 
     def _plan(self, weight, m: int, expert) -> _Plan:
         cache = weight._aux.setdefault("metal_plans", {})
-        key = (m, expert, self.binding_limit, self.subgroups, self.target_workgroups)
+        key = (m, expert, self.binding_limit, self.subgroups, self.target_workgroups,
+               self.vector_m_tile, self.gemv_loads)
         plan = cache.get(key)
         # A plan binds the workspaces of its generation; when any grew since, bind again.
         if plan is None or plan.generation != self._generation:
@@ -683,13 +802,15 @@ fn main(@builtin(local_invocation_index) li: u32) {
         """The shape-class table: vector kernel for small M, tiled for the rest."""
         return "gemv.wgsl" if m_block <= VECTOR_MAX_M else "tiled.wgsl"
 
-    @staticmethod
-    def _m_tile(kernel: str, m_block: int) -> int:
+    def _m_tile(self, kernel: str, m_block: int) -> int:
         """Rows of A per workgroup: gemv keeps M_TILE x 8 accumulators a lane (a power of two up
-        to VECTOR_M_TILE), tiled works on 64-row tiles."""
+        to vector_m_tile), tiled works on 64-row tiles."""
         if kernel == "gemv.wgsl":
-            return min(VECTOR_M_TILE, 1 << (m_block - 1).bit_length())
+            return min(self.vector_m_tile, 1 << (m_block - 1).bit_length())
         return TILE_M
+
+    def _gemv_loads(self, m_tile: int) -> int:
+        return self.gemv_loads or GEMV_LOADS[m_tile]
 
     def _make_plan(self, weight, m: int, expert) -> _Plan:
         K, n = weight.size_k, weight.size_n
@@ -760,27 +881,31 @@ fn main(@builtin(local_invocation_index) li: u32) {
         a_buf = self._workspace("a", m * K * 2)
         c_buf = self._workspace("c", m * n_total * 2)
         s_buf = self._workspace("scratch", slots * m_block * n_total * 4)
-        self._workspace("read", m * n_total * 2,
-                        usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
 
         scale_rows_per_expert = groups
         table = "channel" if groups == 1 else "grouped"
         reduce_pipe = self._pipeline("reduce.wgsl")
         dispatches = []
+        direct_any = False
         for mb0 in range(0, m, m_block):
             mb = min(m_block, m - mb0)
             block_kernel = self._kernel_for(mb)      # a short last block may be gemv
             m_tile = self._m_tile(block_kernel, mb)
+            # one slot (no k-split, one k-piece): gemv writes C itself, no reduction pass
+            direct = block_kernel == "gemv.wgsl" and slots == 1
+            direct_any |= direct
             if block_kernel == "gemv.wgsl":
+                loads = self._gemv_loads(m_tile)
                 pipe = self._pipeline(block_kernel, TABLES=TABLES[table], M_TILE=m_tile,
                                       SUBGROUPS=str(self.subgroups).lower(),
                                       CHANNELWISE=str(groups == 1).lower(),
                                       PRESCALE=str(m_tile > PRESCALE_FROM_M_TILE).lower(),
-                                      **_gemv_blocks(m_tile))
+                                      DIRECT=str(direct).lower(), **_gemv_blocks(m_tile, loads))
             else:
                 pipe = self._pipeline(block_kernel, TABLES=TABLES[table])
             a_entry, a_base = self._range(a_buf, mb0 * K * 2, mb * K * 2, 4)
             s_entry, out_base = self._range(s_buf, 0, slots * mb * n_total * 4, 4)
+            c_entry, c_base = self._range(c_buf, mb0 * n_total * 2, mb * n_total * 2, 4)
             for e0, ecount, kt0, ktc, kp in pieces:
                 w_off = (e0 * kt_rows + kt0) * row_bytes
                 w_len = ((ecount - 1) * kt_rows + ktc) * row_bytes
@@ -796,13 +921,15 @@ fn main(@builtin(local_invocation_index) li: u32) {
                     kt_per_split=kt_per_split, splits=splits, group_shift=group_shift,
                     g_begin=g0, w_base=w_base, w_expert=kt_rows * 2 * n, s_base=sc_base,
                     s_expert=scale_rows_per_expert * n, a_base=a_base, col_base=col_base,
-                    slot_base=kp * splits, slot_stride=mb * n_total, out_base=out_base, c_base=0)
+                    slot_base=kp * splits, slot_stride=mb * n_total, out_base=out_base,
+                    c_base=c_base)
                 ubuf = self._uniform(params)
                 bg = self._bind_group(pipe, [(ubuf, 0, ubuf.size), w_entry, sc_entry, a_entry,
-                                             s_entry])
+                                             c_entry if direct else s_entry])
                 grid = (chunks, splits * math.ceil(mb / m_tile), ecount)
                 dispatches.append(_Dispatch(pipe, bg, grid))
-            c_entry, c_base = self._range(c_buf, mb0 * n_total * 2, mb * n_total * 2, 4)
+            if direct:
+                continue
             params = _pack_params(M=mb, n_total=n_total, splits=slots, slot_stride=mb * n_total,
                                   out_base=out_base, c_base=c_base)
             ubuf = self._uniform(params)
@@ -811,9 +938,14 @@ fn main(@builtin(local_invocation_index) li: u32) {
             dispatches.append(_Dispatch(reduce_pipe, bg,
                                         (math.ceil(n_total / 2 / 256), mb, 1)))
         summary = (f"{kernel.split('.')[0]} m{self._m_tile(kernel, m_block)} k{slots}"
+                   + (f" l{self._gemv_loads(self._m_tile(kernel, m_block))}"
+                      if kernel == "gemv.wgsl" else "")
+                   + (" direct" if direct_any else "")
                    + (f" p{len(pieces)}" if len(pieces) > 1 else "")
                    + (f" b{math.ceil(m / m_block)}" if m_block < m else ""))
-        return _Plan(self._generation, dispatches, m * n_total * 2, m * K * 2, summary)
+        return _Plan(self._generation, dispatches, m * n_total * 2, m * K * 2, summary,
+                     upload=self._staging("upload", m * K * 2),
+                     read=self._staging("read", m * n_total * 2))
 
     # --- measurement (bench) ----------------------------------------------------------------------
     def plan_summary(self, weight, m: int, expert) -> str:

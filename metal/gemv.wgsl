@@ -29,6 +29,10 @@ const M_TILE: u32 = {{M_TILE}}u;
 const SUBGROUPS: bool = {{SUBGROUPS}};
 const CHANNELWISE: bool = {{CHANNELWISE}};
 const PRESCALE: bool = {{PRESCALE}};
+// DIRECT: this dispatch is the whole k range (one k-split, one weight piece), so the column sums
+// are final: written to C as fp16 pairs, with no scratch and no reduce.wgsl pass.
+const DIRECT: bool = {{DIRECT}};
+const LOADS: u32 = {{LOADS}}u;
 const K_SLOTS: u32 = 8u;
 // lanes t%4 = 0..3 to add in workgroup memory (1 when subgroup shuffles added them already)
 const LANE_TERMS: u32 = select(4u, 1u, SUBGROUPS);
@@ -37,7 +41,8 @@ const LANE_TERMS: u32 = select(4u, 1u, SUBGROUPS);
 @group(0) @binding(1) var<storage, read> W: array<vec4<u32>>;
 @group(0) @binding(2) var<storage, read> S: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read> A: array<u32>;
-@group(0) @binding(4) var<storage, read_write> OUT: array<f32>;
+// fp32 partial sums (bit patterns) in the scratch slots, or (DIRECT) fp16 pairs of C
+@group(0) @binding(4) var<storage, read_write> OUT: array<u32>;
 
 var<workgroup> red: array<vec4<f32>, 512>;   // [k-slot 8][lane 32][columns q/4][q%4]
 
@@ -77,16 +82,24 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     // unrolled, so every accumulator is a register on every compiler.
 {{ACC_DECL}}
 
-    // Software pipelined: the next quad is in flight while this one is dequantized.
+    // Software pipelined: each lane keeps LOADS quads in flight at once (kt rows kt, kt + 8, ...
+    // of its k-slot: independent 16-byte loads, so enough bytes are in flight even when the grid
+    // is small), and the next batch is loaded while this one is dequantized. Past kt_hi the last
+    // valid row is re-read (cached) and not used.
+    let kt_last = max(kt_hi, 1u) - 1u;
     var kt = kt_lo + slot;
-    var x_next = vec4<u32>(0u);
-    if (kt < kt_hi) { x_next = W[w_at + kt * w_row]; }
+{{LOAD_DECL}}
     loop {
         if (kt >= kt_hi) { break; }
-        let x = x_next;
-        let kt_next = kt + K_SLOTS;
-        if (kt_next < kt_hi) { x_next = W[w_at + kt_next * w_row]; }
-        let ktg = P.kt_begin + kt;                            // kt within the expert
+        let kt_next = kt + K_SLOTS * LOADS;
+{{LOAD_NEXT}}
+        // One quad: dequantize lane's quad XQ of kt row KTQ and accumulate it into every row of
+        // the tile. The host repeats this block (between the step markers) once per load u, with
+        // XQ = x{u}, KTQ = kt + 8u (its kt row), skipping rows past kt_hi.
+        //@step-begin
+        if (KTQ < kt_hi) {
+        let x = XQ;
+        let ktg = P.kt_begin + KTQ;                           // kt within the expert
         var sc = vec4<u32>(0x3C003C00u);                      // 1.0 halves (channelwise)
         if (!CHANNELWISE) {
             sc = S[s_at + ((ktg >> P.group_shift) - P.g_begin) * s_row];
@@ -132,15 +145,21 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
         let a_k = P.a_base + ktg * 8u + t4;                   // u32 of halves (16kt + r0, +1)
 {{ACCUMULATE}}
+        }
+        //@step-end
         kt = kt_next;
     }
 
-    // Reduce and write, row by row of the tile.
+    // Reduce and write, row by row of the tile. Invocation li < 64 writes column li of the chunk
+    // to the scratch slot, or (DIRECT) li < 32 writes columns 2li, 2li + 1 as one u32 of C.
     let col_out = P.col_base + e_local * P.n + chunk * 64u;
     let slot_at = P.out_base + (P.slot_base + split) * P.slot_stride;
-    var scale = 1.0;
+    let col_a = select(li, 2u * li, DIRECT);
+    var scale = vec2<f32>(1.0);
     if (CHANNELWISE && li < 64u) {
-        scale = scale_half(P.s_base + e_local * P.s_expert + chunk * 64u + SCALE_POS[li]);
+        let s_first = P.s_base + e_local * P.s_expert + chunk * 64u;
+        scale = vec2<f32>(scale_half(s_first + SCALE_POS[col_a % 64u]),
+                          scale_half(s_first + SCALE_POS[(col_a + 1u) % 64u]));
     }
 {{REDUCE}}
 }
