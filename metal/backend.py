@@ -154,14 +154,28 @@ def _gemv_blocks(m_tile: int, loads: int) -> dict[str, str]:
     for m in range(m_tile):
         decl.append(f"    var acc{m}a = vec4<f32>(0.0);\n    var acc{m}b = vec4<f32>(0.0);\n"
                     f"    let arow{m} = min(m0 + {m}u, P.M - 1u) * a_row;")
+        # PRESCALE: the scaled weights of the quad times A, straight into the accumulators (one
+        # fma per weight and row: the least arithmetic a row can cost); else the column sums of
+        # the quad are scaled once per row (fewer multiplies when only 1 or 2 rows share them).
         acc.append(
             f"        {{\n"
             f"            let al = unpack2x16float(A[a_k + arow{m}]);\n"
             f"            let ah = unpack2x16float(A[a_k + arow{m} + 4u]);\n"
-            f"            acc{m}a += sa * vec4<f32>(dot(w0, al) + dot(v0, ah), dot(w1, al) + dot(v1, ah),\n"
-            f"                                      dot(w2, al) + dot(v2, ah), dot(w3, al) + dot(v3, ah));\n"
-            f"            acc{m}b += sb * vec4<f32>(dot(w4, al) + dot(v4, ah), dot(w5, al) + dot(v5, ah),\n"
-            f"                                      dot(w6, al) + dot(v6, ah), dot(w7, al) + dot(v7, ah));\n"
+            f"            if (PRESCALE) {{\n"
+            f"                acc{m}a = fma(ka0, vec4<f32>(al.x), acc{m}a);\n"
+            f"                acc{m}a = fma(ka1, vec4<f32>(al.y), acc{m}a);\n"
+            f"                acc{m}a = fma(ka8, vec4<f32>(ah.x), acc{m}a);\n"
+            f"                acc{m}a = fma(ka9, vec4<f32>(ah.y), acc{m}a);\n"
+            f"                acc{m}b = fma(kb0, vec4<f32>(al.x), acc{m}b);\n"
+            f"                acc{m}b = fma(kb1, vec4<f32>(al.y), acc{m}b);\n"
+            f"                acc{m}b = fma(kb8, vec4<f32>(ah.x), acc{m}b);\n"
+            f"                acc{m}b = fma(kb9, vec4<f32>(ah.y), acc{m}b);\n"
+            f"            }} else {{\n"
+            f"                acc{m}a = fma(sa, fma(ka9, vec4<f32>(ah.y), fma(ka8, vec4<f32>(ah.x),\n"
+            f"                          fma(ka1, vec4<f32>(al.y), ka0 * al.x))), acc{m}a);\n"
+            f"                acc{m}b = fma(sb, fma(kb9, vec4<f32>(ah.y), fma(kb8, vec4<f32>(ah.x),\n"
+            f"                          fma(kb1, vec4<f32>(al.y), kb0 * al.x))), acc{m}b);\n"
+            f"            }}\n"
             f"        }}")
         red.append(
             f"    {{\n"

@@ -143,6 +143,15 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             sa = vec4<f32>(s0, s1);
             sb = vec4<f32>(s2, s3);
         }
+        // The quad by k row: k{a,b}{d} = columns q 0..3 (a) or 4..7 (b) at k row r0 + d.
+        let ka0 = vec4<f32>(w0.x, w1.x, w2.x, w3.x);
+        let ka1 = vec4<f32>(w0.y, w1.y, w2.y, w3.y);
+        let ka8 = vec4<f32>(v0.x, v1.x, v2.x, v3.x);
+        let ka9 = vec4<f32>(v0.y, v1.y, v2.y, v3.y);
+        let kb0 = vec4<f32>(w4.x, w5.x, w6.x, w7.x);
+        let kb1 = vec4<f32>(w4.y, w5.y, w6.y, w7.y);
+        let kb8 = vec4<f32>(v4.x, v5.x, v6.x, v7.x);
+        let kb9 = vec4<f32>(v4.y, v5.y, v6.y, v7.y);
         let a_k = P.a_base + ktg * 8u + t4;                   // u32 of halves (16kt + r0, +1)
 {{ACCUMULATE}}
         }
