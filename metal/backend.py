@@ -43,13 +43,21 @@ HERE = Path(__file__).resolve().parent
 
 #: Largest M served by the vector kernel (gemv.wgsl); larger M uses the tiled kernel.
 VECTOR_MAX_M = 16
-#: Rows of A one gemv workgroup handles (the kernel keeps M_TILE x 8 accumulators per lane): all
-#: of M up to VECTOR_MAX_M, so every weight quad is read once and applied to every row.
-VECTOR_M_TILE = 16
-#: Quads (16-byte loads) each gemv lane keeps in flight, by M_TILE: many where the kernel only
-#: streams (M = 1, 2: bytes in flight are what bound it), few where it is busy with arithmetic
-#: and its accumulators already take the registers.
-GEMV_LOADS = {1: 4, 2: 4, 4: 2, 8: 1, 16: 1}
+#: Rows of A one gemv workgroup handles (the kernel keeps M_TILE x 8 accumulators per lane). At
+#: M = 16 two m-tiles of 8 rows beat one of 16 on an H100 (Vulkan): 8192x57344 757 against 834
+#: µs, 4096x6144 63 against 101 (tools/metal_sweep.py small): the kernel is bound by fp32
+#: arithmetic there, and 16 rows of accumulators (128 registers a lane) halve the warps an SM
+#: holds. The m-tiles of a chunk are launched side by side, so the second can find the weight in
+#: cache.
+VECTOR_M_TILE = 8
+#: Quads (16-byte loads) each gemv lane keeps in flight, by M_TILE. More is no faster on an H100
+#: (M = 1: 1 or 2 best, 4 a few % slower, 8 up to 40% slower: code size and registers), and
+#: none matters once the rows' arithmetic dominates.
+GEMV_LOADS = {1: 2, 2: 1, 4: 1, 8: 1, 16: 1}
+#: Share of the workgroup target gemv aims for, by M_TILE: fewer, longer k-splits were faster on
+#: an H100 as M grows (the k-split's partial sums and their reduction cost more rows), e.g.
+#: 8192x8192 M=16 128 µs at ~256 workgroups against 151 at ~1024; M=1 best at ~512.
+GEMV_TARGET_SHARE = {1: 0.5, 2: 0.5, 4: 0.25, 8: 0.25, 16: 0.25}
 #: Workgroups a dispatch aims for when choosing the k-split (enough to fill a large GPU); on a
 #: CPU adapter (lavapipe) every workgroup costs scheduling, and a few per core are enough.
 TARGET_WORKGROUPS = 1024
@@ -63,6 +71,8 @@ MAX_GRID = 65535
 #: Seconds mm's wait polls the device without blocking before it blocks in the driver (a GPU
 #: adapter; a CPU adapter blocks at once). FERRUM_METAL_SPIN_US overrides it (0: always block).
 SPIN_SECONDS = 0.005
+#: Units of work (passes, copies) per command buffer when the bench times a batch (_batch).
+BATCH_UNITS = 32
 #: Plans kept per weight (one per distinct M and expert); the oldest goes first.
 PLANS_PER_WEIGHT = 64
 
@@ -880,8 +890,8 @@ fn main(@builtin(local_invocation_index) li: u32) {
         base_wgs = chunks * len(experts) * math.ceil(m_block / m_tile)
         scratch_splits = max(1, limit // (k_pieces * m_block * n_total * 4))
         if kernel == "gemv.wgsl":
-            splits = max(1, min(math.ceil(self.target_workgroups / base_wgs), kt_piece // 16,
-                                scratch_splits))
+            target = max(1, round(self.target_workgroups * GEMV_TARGET_SHARE[m_tile]))
+            splits = max(1, min(math.ceil(target / base_wgs), kt_piece // 16, scratch_splits))
             kt_per_split = math.ceil(kt_piece / splits)
         else:
             splits = max(1, min(math.ceil(self.target_workgroups / 4 / base_wgs), kt_piece // 8,
@@ -889,7 +899,8 @@ fn main(@builtin(local_invocation_index) li: u32) {
             kt_per_split = _round_up(math.ceil(kt_piece / splits), 2)
         splits = math.ceil(kt_piece / kt_per_split)
         slots = k_pieces * splits
-        if chunks > MAX_GRID or splits * math.ceil(m_block / m_tile) > MAX_GRID:
+        if chunks * math.ceil(m_block / m_tile) > MAX_GRID or \
+                splits * math.ceil(m_block / m_tile) > MAX_GRID:
             raise ValueError(f"size_n={n} or M={m} exceeds the dispatch grid ({MAX_GRID})")
 
         a_buf = self._workspace("a", m * K * 2)
@@ -940,7 +951,10 @@ fn main(@builtin(local_invocation_index) li: u32) {
                 ubuf = self._uniform(params)
                 bg = self._bind_group(pipe, [(ubuf, 0, ubuf.size), w_entry, sc_entry, a_entry,
                                              c_entry if direct else s_entry])
-                grid = (chunks, splits * math.ceil(mb / m_tile), ecount)
+                if block_kernel == "gemv.wgsl":     # m-tiles of a chunk side by side in x
+                    grid = (chunks * math.ceil(mb / m_tile), splits, ecount)
+                else:
+                    grid = (chunks, splits * math.ceil(mb / m_tile), ecount)
                 dispatches.append(_Dispatch(pipe, bg, grid))
             if direct:
                 continue
@@ -978,13 +992,11 @@ fn main(@builtin(local_invocation_index) li: u32) {
             plan = self._plan(weight, a.shape[0], expert)
             self.device.queue.write_buffer(self._work["a"], 0, a)
 
-            def build(reps):
-                enc = self.device.create_command_encoder()
-                for _ in range(reps):
+            def record(enc, count):
+                for _ in range(count):
                     _record_plan(enc, plan)
-                return self._fenced(enc)
 
-            return self._time_batches(build, min_seconds)
+            return self._time_batches(record, min_seconds)
 
     def copy_bandwidth(self, nbytes: int, min_seconds: float = 0.3) -> float:
         """Bytes per second moved (read + write) by copy_buffer_to_buffer on this adapter."""
@@ -1007,12 +1019,10 @@ fn main(@builtin(local_invocation_index) li: u32) {
             src, dst = self._buffer(size), self._buffer(size)
             try:
                 if "buffer copy" in kinds:
-                    def build(reps):
-                        enc = self.device.create_command_encoder()
-                        for _ in range(reps):
+                    def record(enc, count):
+                        for _ in range(count):
                             enc.copy_buffer_to_buffer(src, 0, dst, 0, size)
-                        return self._fenced(enc)
-                    out["buffer copy"] = 2 * size / self._time_batches(build, min_seconds)
+                    out["buffer copy"] = 2 * size / self._time_batches(record, min_seconds)
                 for kind, copy in (("shader copy", True), ("shader read", False)):
                     if kind not in kinds:
                         continue
@@ -1022,35 +1032,44 @@ fn main(@builtin(local_invocation_index) li: u32) {
                     groups = max(1, min(MAX_GRID, size // 16 // 256 // 4,
                                         self.target_workgroups * 16))
 
-                    def build(reps, pipe=pipe, bg=bg, groups=groups):
-                        enc = self.device.create_command_encoder()
+                    def record(enc, count, pipe=pipe, bg=bg, groups=groups):
                         cp = enc.begin_compute_pass()
                         cp.set_pipeline(pipe)
                         cp.set_bind_group(0, bg)
-                        for _ in range(reps):
+                        for _ in range(count):
                             cp.dispatch_workgroups(groups)
                         cp.end()
-                        return self._fenced(enc)
-                    out[kind] = (2 if copy else 1) * size / self._time_batches(build, min_seconds)
+                    out[kind] = (2 if copy else 1) * size / self._time_batches(record,
+                                                                               min_seconds)
             finally:
                 src.destroy()
                 dst.destroy()
         out["bytes"] = size
         return out
 
-    def _fenced(self, enc):
-        """Finish enc after a 16-byte copy into the fence buffer, whose mapping then says when
-        the GPU is done (the queue's on_submitted_work_done is not dependable across wgpu-native
-        versions)."""
+    def _batch(self, record, reps: int) -> list:
+        """Command buffers holding reps units of record(encoder, count), at most BATCH_UNITS a
+        buffer, the last finished behind a 16-byte copy into the fence buffer, whose mapping
+        then says when the GPU is done (the queue's on_submitted_work_done is not dependable
+        across wgpu-native versions). Bounded buffers, because wgpu reuses a command encoder
+        once its work is done, and one that ever held thousands of passes made every later
+        submission slower for the rest of the process (lavapipe: a bare round trip 120 -> 2800
+        µs after one 4000-pass buffer), which inflated every mm call timed after a bench probe."""
         fence = self._workspace("fence", 256,
                                 usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
         source = self._workspace("a", 256)
-        enc.copy_buffer_to_buffer(source, 0, fence, 0, 16)
-        return enc.finish()
+        buffers = []
+        for start in range(0, reps, BATCH_UNITS):
+            enc = self.device.create_command_encoder()
+            record(enc, min(BATCH_UNITS, reps - start))
+            if start + BATCH_UNITS >= reps:
+                enc.copy_buffer_to_buffer(source, 0, fence, 0, 16)
+            buffers.append(enc.finish())
+        return buffers
 
-    def _run_and_wait(self, command_buffer):
-        """Submit a command buffer made by _fenced and block until the GPU is done."""
-        self.device.queue.submit([command_buffer])
+    def _run_and_wait(self, command_buffers):
+        """Submit command buffers made by _batch and block until the GPU is done."""
+        self.device.queue.submit(command_buffers)
         fence = self._work["fence"]
         if self._native is not None:
             self._native.map(fence, 16)
@@ -1059,17 +1078,17 @@ fn main(@builtin(local_invocation_index) li: u32) {
             fence.map_sync(wgpu.MapMode.READ, 0, 16)
             fence.unmap()
 
-    def _time_batches(self, build, min_seconds: float) -> float:
-        """Seconds per unit of build(reps), a command buffer of reps units of work: warm up, then
-        grow the batch until it lasts long enough that submission and wake-up costs are small
-        beside it. Only the submission and the wait are timed: the commands are recorded before
-        the clock starts (recording is host work the GPU would otherwise be idle for)."""
-        self._run_and_wait(build(1))
+    def _time_batches(self, record, min_seconds: float) -> float:
+        """Seconds per unit of record(encoder, count), which records count units of work: warm
+        up, then grow the batch until it lasts long enough that submission and wake-up costs are
+        small beside it. Only the submission and the wait are timed: the commands are recorded
+        before the clock starts (recording is host work the GPU would otherwise be idle for)."""
+        self._run_and_wait(self._batch(record, 1))
         reps = 1
         while True:
-            command_buffer = build(reps)
+            command_buffers = self._batch(record, reps)
             start = time.perf_counter()
-            self._run_and_wait(command_buffer)
+            self._run_and_wait(command_buffers)
             elapsed = time.perf_counter() - start
             if elapsed >= min_seconds or reps >= 4096:
                 return elapsed / reps

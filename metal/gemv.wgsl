@@ -1,6 +1,8 @@
 // Small-M kernel: C[m, col] partial sums over one k-split, for M_TILE rows of A at a time.
 //
-// One workgroup = one 64-column Marlin chunk of one expert x one k-split x one m-tile.
+// One workgroup = one 64-column Marlin chunk of one expert x one k-split x one m-tile. The m-tiles
+// of a chunk are neighbours in grid x (x = chunk * m_tiles + tile), launched side by side, so all
+// but the first can find the chunk's weight in cache.
 // Its 256 invocations are 8 k-slots x 32 lanes. Lane t reads word quad 4t..4t+3 of the chunk row
 // as one vec4<u32> (16 bytes; the 32 lanes of a slot read 512 contiguous bytes). That quad is the
 // B fragment Marlin's lane t owns: k rows {r0, r0+1, r0+8, r0+9} (r0 = 2*(t%4)) and columns
@@ -60,9 +62,10 @@ fn scale_half(pos: u32) -> f32 {   // pos: half index into the scale binding
 
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let chunk = wg.x;
-    let split = wg.y % P.splits;
-    let m0 = (wg.y / P.splits) * M_TILE;
+    let m_tiles = (P.M + M_TILE - 1u) / M_TILE;
+    let chunk = wg.x / m_tiles;
+    let m0 = (wg.x % m_tiles) * M_TILE;
+    let split = wg.y;
     let e_local = wg.z;
     let lane = li % 32u;
     let slot = li / 32u;
