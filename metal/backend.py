@@ -58,6 +58,9 @@ GEMV_LOADS = {1: 2, 2: 1, 4: 1, 8: 1, 16: 1}
 #: an H100 as M grows (the k-split's partial sums and their reduction cost more rows), e.g.
 #: 8192x8192 M=16 128 µs at ~256 workgroups against 151 at ~1024; M=1 best at ~512.
 GEMV_TARGET_SHARE = {1: 0.5, 2: 0.5, 4: 0.25, 8: 0.25, 16: 0.25}
+#: k-slots per gemv workgroup (32 invocations each): more, in fewer workgroups, would let one
+#: workgroup cover all of k (gemv writes C, no reduce pass) and still fill a large GPU.
+GEMV_K_SLOTS = 8
 #: Workgroups a dispatch aims for when choosing the k-split (enough to fill a large GPU); on a
 #: CPU adapter (lavapipe) every workgroup costs scheduling, and a few per core are enough.
 TARGET_WORKGROUPS = 1024
@@ -156,10 +159,10 @@ TABLES = _layout_tables()
 CHUNK_CODES = (F.CHUNK_ROW.astype(np.uint32) | (F.CHUNK_COL.astype(np.uint32) << 8)).reshape(-1)
 
 
-def _gemv_blocks(m_tile: int, loads: int) -> dict[str, str]:
-    """The generated, unrolled parts of gemv.wgsl for M_TILE = m_tile rows and LOADS = loads quads
-    in flight per lane: accumulators and A offsets per row, the loads, and the per-row statements
-    that accumulate one quad and reduce the tile."""
+def _gemv_blocks(m_tile: int, loads: int, k_slots: int) -> dict[str, str]:
+    """The generated, unrolled parts of gemv.wgsl for M_TILE = m_tile rows, LOADS = loads quads
+    in flight per lane and K_SLOTS = k_slots: accumulators and A offsets per row, the loads, and
+    the per-row statements that accumulate one quad and reduce the tile."""
     decl, acc, red = [], [], []
     for m in range(m_tile):
         decl.append(f"    var acc{m}a = vec4<f32>(0.0);\n    var acc{m}b = vec4<f32>(0.0);\n"
@@ -197,9 +200,23 @@ def _gemv_blocks(m_tile: int, loads: int) -> dict[str, str]:
             f"            rb += subgroupShuffleXor(rb, 1u);\n"
             f"            rb += subgroupShuffleXor(rb, 2u);\n"
             f"        }}\n"
+            f"        for (var half = K_SLOTS / 2u; half >= FINAL_SLOTS; half = half / 2u) {{\n"
+            f"            workgroupBarrier();\n"
+            f"            if (slot >= half && slot < 2u * half) {{\n"
+            f"                red[((slot - half) * 32u + lane) * 2u] = ra;\n"
+            f"                red[((slot - half) * 32u + lane) * 2u + 1u] = rb;\n"
+            f"            }}\n"
+            f"            workgroupBarrier();\n"
+            f"            if (slot < half) {{\n"
+            f"                ra += red[(slot * 32u + lane) * 2u];\n"
+            f"                rb += red[(slot * 32u + lane) * 2u + 1u];\n"
+            f"            }}\n"
+            f"        }}\n"
             f"        workgroupBarrier();\n"
-            f"        red[(slot * 32u + lane) * 2u] = ra;\n"
-            f"        red[(slot * 32u + lane) * 2u + 1u] = rb;\n"
+            f"        if (slot < FINAL_SLOTS) {{\n"
+            f"            red[(slot * 32u + lane) * 2u] = ra;\n"
+            f"            red[(slot * 32u + lane) * 2u + 1u] = rb;\n"
+            f"        }}\n"
             f"        workgroupBarrier();\n"
             f"        let row = m0 + {m}u;\n"
             f"        if (DIRECT) {{\n"
@@ -215,14 +232,16 @@ def _gemv_blocks(m_tile: int, loads: int) -> dict[str, str]:
     xs = range(loads)
     load_decl = ("".join(f"    var xn{u} = vec4<u32>(0u);\n" for u in xs)
                  + "    if (kt < kt_hi) {\n"
-                 + "".join(f"        xn{u} = W[w_at + min(kt + {8 * u}u, kt_last) * w_row];\n"
+                 + "".join(f"        xn{u} = W[w_at + min(kt + K_SLOTS * {u}u, kt_last) * w_row];\n"
                            for u in xs) + "    }")
     load_next = ("".join(f"        let x{u} = xn{u};\n" for u in xs)
                  + "        if (kt_next < kt_hi) {\n"
-                 + "".join(f"            xn{u} = W[w_at + min(kt_next + {8 * u}u, kt_last) * w_row];\n"
+                 + "".join(f"            xn{u} = W[w_at + min(kt_next + K_SLOTS * {u}u, kt_last)"
+                           f" * w_row];\n"
                            for u in xs) + "        }")
     return {"ACC_DECL": "\n".join(decl), "ACCUMULATE": "\n".join(acc), "REDUCE": "\n".join(red),
-            "LOAD_DECL": load_decl, "LOAD_NEXT": load_next, "LOADS": loads}
+            "LOAD_DECL": load_decl, "LOAD_NEXT": load_next, "LOADS": loads, "K_SLOTS": k_slots,
+            "WORKGROUP_SIZE": 32 * k_slots, "RED_VEC4S": 64 * max(8, k_slots // 2)}
 
 
 def _gemv_source(**subs) -> str:
@@ -231,7 +250,7 @@ def _gemv_source(**subs) -> str:
     begin = text.index("        //@step-begin\n")
     end = text.index("        //@step-end\n") + len("        //@step-end\n")
     step = text[begin:end]
-    steps = "".join(step.replace("XQ", f"x{u}").replace("KTQ", f"(kt + {8 * u}u)")
+    steps = "".join(step.replace("XQ", f"x{u}").replace("KTQ", f"(kt + K_SLOTS * {u}u)")
                     for u in range(int(subs["LOADS"])))
     return text[:begin] + steps + text[end:]
 
@@ -476,10 +495,13 @@ class MetalBackend(Backend):
         self.device = None
         self.adapter = None
         self.subgroups = False
+        self.timestamps = False     # the device writes GPU timestamps inside passes
         self.binding_limit = 0      # bytes one storage binding may span (the planner's limit)
         self.target_workgroups = TARGET_WORKGROUPS
         self.vector_m_tile = VECTOR_M_TILE
         self.gemv_loads = 0         # 0: GEMV_LOADS's choice; else quads in flight per gemv lane
+        self.gemv_k_slots = GEMV_K_SLOTS   # k-slots (32 invocations each) per gemv workgroup
+        self.max_invocations = 256  # per workgroup, on this device
         self.offset_alignment = 256
         self._pipelines: dict = {}
         self._work: dict[str, object] = {}
@@ -516,20 +538,30 @@ class MetalBackend(Backend):
         adapter = min(native, key=lambda a: rank.get(a.info.get("adapter_type"), 4))
         limits = adapter.limits
         features = ["subgroup"] if "subgroup" in adapter.features else []
+        # GPU timestamps between dispatches, for pass_gpu_seconds (tools; mm does not use them)
+        timestamps = [f for f in ("timestamp-query", "timestamp-query-inside-passes")
+                      if f in adapter.features]
+        self.timestamps = len(timestamps) == 2
         wanted = {k: limits[k] for k in ("max-storage-buffer-binding-size", "max-buffer-size",
-                                         "max-compute-workgroup-storage-size") if k in limits}
-        device = adapter.request_device_sync(required_features=features, required_limits=wanted)
+                                         "max-compute-workgroup-storage-size",
+                                         "max-compute-invocations-per-workgroup",
+                                         "max-compute-workgroup-size-x") if k in limits}
+        device = adapter.request_device_sync(
+            required_features=features + (timestamps if self.timestamps else []),
+            required_limits=wanted)
         self.adapter, self.device = adapter, device
         dl = device.limits
         self.offset_alignment = int(dl.get("min-storage-buffer-offset-alignment", 256))
         self.max_buffer_size = int(dl["max-buffer-size"])
         self.binding_limit = int(dl["max-storage-buffer-binding-size"])
+        self.max_invocations = min(int(dl.get("max-compute-invocations-per-workgroup", 256)),
+                                   int(dl.get("max-compute-workgroup-size-x", 256)))
         override = os.environ.get("FERRUM_METAL_BINDING_LIMIT", "")
         if override:
             self.binding_limit = min(self.binding_limit, int(override))
         if int(dl.get("max-compute-workgroup-storage-size", 16384)) < 16384:
             return BackendInfo("metal", False, "adapter offers < 16 KiB of workgroup storage")
-        self.subgroups = bool(features) and self._subgroups_work()
+        self.subgroups = "subgroup" in features and self._subgroups_work()
         cpu = adapter.info.get("adapter_type") == "CPU"
         self.target_workgroups = TARGET_WORKGROUPS_CPU if cpu else TARGET_WORKGROUPS
         target = os.environ.get("FERRUM_METAL_TARGET_WORKGROUPS", "")
@@ -538,6 +570,9 @@ class MetalBackend(Backend):
         loads = os.environ.get("FERRUM_METAL_GEMV_LOADS", "")
         if loads:
             self.gemv_loads = max(0, int(loads))
+        k_slots = os.environ.get("FERRUM_METAL_GEMV_K_SLOTS", "")
+        if k_slots:
+            self.gemv_k_slots = int(k_slots)
         spin = os.environ.get("FERRUM_METAL_SPIN_US", "")
         self._native = self._native_path(float(spin) * 1e-6 if spin else 0.0 if cpu
                                          else SPIN_SECONDS)
@@ -811,7 +846,7 @@ fn main(@builtin(local_invocation_index) li: u32) {
     def _plan(self, weight, m: int, expert) -> _Plan:
         cache = weight._aux.setdefault("metal_plans", {})
         key = (m, expert, self.binding_limit, self.subgroups, self.target_workgroups,
-               self.vector_m_tile, self.gemv_loads)
+               self.vector_m_tile, self.gemv_loads, self.gemv_k_slots)
         plan = cache.get(key)
         # A plan binds the workspaces of its generation; when any grew since, bind again.
         if plan is None or plan.generation != self._generation:
@@ -835,6 +870,13 @@ fn main(@builtin(local_invocation_index) li: u32) {
 
     def _gemv_loads(self, m_tile: int) -> int:
         return self.gemv_loads or GEMV_LOADS[m_tile]
+
+    def _gemv_k_slots(self) -> int:
+        """k-slots per gemv workgroup: 8, 16 or 32, as many as the device allows of those asked."""
+        if self.gemv_k_slots not in (8, 16, 32):
+            raise ValueError(f"gemv_k_slots={self.gemv_k_slots}: must be 8, 16 or 32")
+        return next(s for s in (32, 16, 8) if s <= self.gemv_k_slots
+                    and 32 * s <= self.max_invocations or s == 8)
 
     def _make_plan(self, weight, m: int, expert) -> _Plan:
         K, n = weight.size_k, weight.size_n
@@ -890,8 +932,11 @@ fn main(@builtin(local_invocation_index) li: u32) {
         base_wgs = chunks * len(experts) * math.ceil(m_block / m_tile)
         scratch_splits = max(1, limit // (k_pieces * m_block * n_total * 4))
         if kernel == "gemv.wgsl":
-            target = max(1, round(self.target_workgroups * GEMV_TARGET_SHARE[m_tile]))
-            splits = max(1, min(math.ceil(target / base_wgs), kt_piece // 16, scratch_splits))
+            # the target counts 8-slot workgroups; a split keeps >= 2 kt rows per k-slot
+            k_slots = self._gemv_k_slots()
+            target = self.target_workgroups * GEMV_TARGET_SHARE[m_tile] * 8 / k_slots
+            splits = max(1, min(math.ceil(target / base_wgs), kt_piece // (2 * k_slots),
+                                scratch_splits))
             kt_per_split = math.ceil(kt_piece / splits)
         else:
             splits = max(1, min(math.ceil(self.target_workgroups / 4 / base_wgs), kt_piece // 8,
@@ -925,7 +970,8 @@ fn main(@builtin(local_invocation_index) li: u32) {
                                       SUBGROUPS=str(self.subgroups).lower(),
                                       CHANNELWISE=str(groups == 1).lower(),
                                       PRESCALE=str(m_tile > PRESCALE_FROM_M_TILE).lower(),
-                                      DIRECT=str(direct).lower(), **_gemv_blocks(m_tile, loads))
+                                      DIRECT=str(direct).lower(),
+                                      **_gemv_blocks(m_tile, loads, self._gemv_k_slots()))
             else:
                 pipe = self._pipeline(block_kernel, TABLES=TABLES[table])
             a_entry, a_base = self._range(a_buf, mb0 * K * 2, mb * K * 2, 4)
@@ -967,6 +1013,7 @@ fn main(@builtin(local_invocation_index) li: u32) {
                                         (math.ceil(n_total / 2 / 256), mb, 1)))
         summary = (f"{kernel.split('.')[0]} m{self._m_tile(kernel, m_block)} k{slots}"
                    + (f" l{self._gemv_loads(self._m_tile(kernel, m_block))}"
+                      + (f" s{self._gemv_k_slots()}" if self._gemv_k_slots() != 8 else "")
                       if kernel == "gemv.wgsl" else "")
                    + (" direct" if direct_any else "")
                    + (f" p{len(pieces)}" if len(pieces) > 1 else "")
@@ -997,6 +1044,45 @@ fn main(@builtin(local_invocation_index) li: u32) {
                     _record_plan(enc, plan)
 
             return self._time_batches(record, min_seconds)
+
+    def pass_gpu_seconds(self, a: np.ndarray, weight, expert, reps: int = 50) -> list[float]:
+        """GPU seconds of mm's compute pass by the GPU's own clock (timestamp queries), one pass a
+        submission as in mm: [whole pass, then each dispatch from the end of the one before],
+        medians over reps passes. Needs self.timestamps."""
+        self._ready()
+        if not self.timestamps:
+            raise RuntimeError("this device has no timestamp queries inside passes")
+        if weight.perm is not None:
+            a = a[:, weight.perm]
+        a = np.ascontiguousarray(a, dtype=np.float16)
+        with self._lock:
+            plan = self._plan(weight, a.shape[0], expert)
+            self.device.queue.write_buffer(self._work["a"], 0, a)
+            stamps = len(plan.dispatches) + 1
+            query = self.device.create_query_set(type="timestamp", count=stamps)
+            resolved = self.device.create_buffer(
+                size=8 * stamps, usage=wgpu.BufferUsage.QUERY_RESOLVE | wgpu.BufferUsage.COPY_SRC)
+            period = self._native.lib.wgpuQueueGetTimestampPeriod(
+                self.device.queue._internal) if self._native is not None else 1.0
+            times = []
+            for _ in range(reps):
+                enc = self.device.create_command_encoder()
+                cp = enc.begin_compute_pass()
+                cp._write_timestamp(query, 0)
+                for i, d in enumerate(plan.dispatches):
+                    cp.set_pipeline(d.pipeline)
+                    cp.set_bind_group(0, d.bind_group)
+                    cp.dispatch_workgroups(*d.grid)
+                    cp._write_timestamp(query, i + 1)
+                cp.end()
+                enc.resolve_query_set(query, 0, stamps, resolved, 0)
+                self.device.queue.submit([enc.finish()])
+                ticks = np.frombuffer(self.device.queue.read_buffer(resolved), np.uint64)
+                steps = np.diff(ticks.astype(np.float64)) * period * 1e-9
+                times.append([steps.sum(), *steps])
+            query.destroy()
+            resolved.destroy()
+            return [float(v) for v in np.median(np.array(times), axis=0)]
 
     def copy_bandwidth(self, nbytes: int, min_seconds: float = 0.3) -> float:
         """Bytes per second moved (read + write) by copy_buffer_to_buffer on this adapter."""

@@ -3,11 +3,12 @@
 // One workgroup = one 64-column Marlin chunk of one expert x one k-split x one m-tile. The m-tiles
 // of a chunk are neighbours in grid x (x = chunk * m_tiles + tile), launched side by side, so all
 // but the first can find the chunk's weight in cache.
-// Its 256 invocations are 8 k-slots x 32 lanes. Lane t reads word quad 4t..4t+3 of the chunk row
+// Its 32 * K_SLOTS invocations are K_SLOTS k-slots (8, 16 or 32) x 32 lanes. Lane t reads word quad 4t..4t+3 of the chunk row
 // as one vec4<u32> (16 bytes; the 32 lanes of a slot read 512 contiguous bytes). That quad is the
 // B fragment Marlin's lane t owns: k rows {r0, r0+1, r0+8, r0+9} (r0 = 2*(t%4)) and columns
 // {c, c+8} (c = t/4) of each of the 4 n-tiles j (word j of the quad), so the lane needs only two
-// words of A per row m: halves (r0, r0+1) and (r0+8, r0+9). Slot s walks kt = kt_lo+s, +8, ...
+// words of A per row m: halves (r0, r0+1) and (r0+8, r0+9). Slot s walks kt = kt_lo + s,
+// + K_SLOTS, ...
 //
 // Dequantization: nibble pair p = (p, p+4) of a word is the same column, k rows (r, r+1)
 // (NIB_DR/NIB_DC and the NIB_PAIR_* indices come from ferrum.format), so each pair dots with the
@@ -21,8 +22,10 @@
 // Channelwise scales (one group) are applied once, after the k loop.
 //
 // Reduction: lanes t with equal t/4 share columns; first over t%4 (subgroup shuffles, or
-// workgroup memory), then over the 8 k-slots in workgroup memory. The 64 column sums go to the
-// fp32 scratch slot of this split; reduce.wgsl adds the slots and writes fp16.
+// workgroup memory), then over the k-slots in workgroup memory: more than 8 are folded in halves
+// down to 8 (slots s + half add into slot s), and column_sum adds the last 8. The 64 column sums
+// go to the fp32 scratch slot of this split (reduce.wgsl adds the slots and writes fp16), or
+// with DIRECT straight to C.
 
 {{PARAMS}}
 {{TABLES}}
@@ -35,7 +38,8 @@ const PRESCALE: bool = {{PRESCALE}};
 // are final: written to C as fp16 pairs, with no scratch and no reduce.wgsl pass.
 const DIRECT: bool = {{DIRECT}};
 const LOADS: u32 = {{LOADS}}u;
-const K_SLOTS: u32 = 8u;
+const K_SLOTS: u32 = {{K_SLOTS}}u;
+const FINAL_SLOTS: u32 = 8u;                  // k-slots column_sum adds (after the folds)
 // lanes t%4 = 0..3 to add in workgroup memory (1 when subgroup shuffles added them already)
 const LANE_TERMS: u32 = select(4u, 1u, SUBGROUPS);
 
@@ -46,7 +50,8 @@ const LANE_TERMS: u32 = select(4u, 1u, SUBGROUPS);
 // fp32 partial sums (bit patterns) in the scratch slots, or (DIRECT) fp16 pairs of C
 @group(0) @binding(4) var<storage, read_write> OUT: array<u32>;
 
-var<workgroup> red: array<vec4<f32>, 512>;   // [k-slot 8][lane 32][columns q/4][q%4]
+// [k-slot][lane 32][columns q/4][q%4]: the 8 final slots, or the upper half of the first fold
+var<workgroup> red: array<vec4<f32>, {{RED_VEC4S}}>;
 
 fn dequant_pair(x: u32, p: u32) -> vec2<f32> {
     // Nibbles p and p + 4, OR'd into the mantissa of 2^23: the float 2^23 + q, exact.
@@ -60,7 +65,7 @@ fn scale_half(pos: u32) -> f32 {   // pos: half index into the scale binding
     return unpack2x16float(v[(pos / 2u) % 4u])[pos % 2u];
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size({{WORKGROUP_SIZE}})
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let m_tiles = (P.M + M_TILE - 1u) / M_TILE;
     let chunk = wg.x / m_tiles;
@@ -181,7 +186,7 @@ fn column_sum(col: u32) -> f32 {
     let q = 2u * (col / 16u) + (col % 16u) / 8u;
     let c = col % 8u;
     var sum = 0.0;
-    for (var s = 0u; s < K_SLOTS; s++) {
+    for (var s = 0u; s < FINAL_SLOTS; s++) {
         for (var r = 0u; r < LANE_TERMS; r++) {
             sum += red[(s * 32u + 4u * c + r) * 2u + q / 4u][q % 4u];
         }

@@ -4,9 +4,13 @@
           and finish, submit, wait for the read-back mapping, copy out, unmap), the upload through
           a mapped buffer against queue.write_buffer, and the call before and after a large-M
           call grew the workspaces
-  m1      M=1 kernel µs over the planner's knobs: workgroup target (k-split) x quads in flight
-  small   M in 2..16 kernel µs over M_TILE (8: two m-tiles at M=16; 16: one) x quads in flight x
+  m1      M=1 kernel µs over the planner's knobs: k-slots a workgroup x workgroup target (the
+          k-split) x quads in flight
+  small   M in 2..16 kernel µs over k-slots x M_TILE (8: two m-tiles at M=16; 16: one) x
           workgroup target
+  gpu     the GPU's own clock (timestamp queries) on mm's pass, one pass a submission: the whole
+          pass and each dispatch, beside kernel_seconds (batched wall time), to tell the kernels'
+          time from what surrounds them
 
 Kernel µs is MetalBackend.kernel_seconds (batches of the plan's passes, submission and wait
 timed). Works on an older checkout too (knobs it lacks are skipped), for a same-machine baseline.
@@ -150,44 +154,62 @@ def steps(w, a, out):
 
 
 def m1(rng):
-    print("\n== M=1 kernel µs: workgroup target x quads in flight (gemv_loads)")
-    targets = (132, 264, 528, 1056, 2112)
-    loads = (1, 2, 4, 8)
+    print("\n== M=1 kernel µs: k-slots a workgroup x workgroup target x quads in flight "
+          "(target: target_workgroups; gemv aims for its GEMV_TARGET_SHARE, in 8-slot units)")
     for k, n in M1_SHAPES:
         w = weight(rng, k, n)
         a = rng.standard_normal((1, k)).astype(np.float16)
         us, plan = kernel_us(a, w)
         floor = (k * n // 2 + k * n // 64) / 3.159e12 * 1e6
         print(f"{k}x{n}: default {us:.1f} [{plan}] (floor at 3159 GB/s {floor:.1f})", flush=True)
-        if not hasattr(B, "gemv_loads"):
+        if not hasattr(B, "gemv_k_slots"):
             continue
-        for t in targets:
-            row = []
-            for lo in loads:
-                us, plan = kernel_us(a, w, target_workgroups=t, gemv_loads=lo)
-                row.append(f"l{lo} {us:6.1f} [{plan}]")
-            print(f"   target {t:5d}: " + " | ".join(row), flush=True)
+        for slots in (8, 16, 32):
+            for t in (512, 1024, 2048, 4096):
+                row = []
+                for lo in (1, 2):
+                    us, plan = kernel_us(a, w, gemv_k_slots=slots, target_workgroups=t,
+                                         gemv_loads=lo)
+                    row.append(f"l{lo} {us:6.1f} [{plan}]")
+                print(f"   slots {slots:2d} target {t:5d}: " + " | ".join(row), flush=True)
         del w
 
 
 def small(rng):
-    print("\n== M in 2..16 kernel µs: M_TILE x quads in flight x workgroup target")
+    print("\n== M in 2..16 kernel µs: k-slots x M_TILE x workgroup target")
     for k, n in SMALL_SHAPES:
         w = weight(rng, k, n)
         for m in (2, 4, 8, 16):
             a = rng.standard_normal((m, k)).astype(np.float16)
             us, plan = kernel_us(a, w)
             print(f"{k}x{n} M={m}: default {us:.1f} [{plan}]", flush=True)
-            if not hasattr(B, "gemv_loads") or (m != 16 and QUICK):
+            if not hasattr(B, "gemv_k_slots") or (m not in (4, 16) and QUICK):
                 continue
-            for tile in ((8, 16) if m == 16 else (16,)):
-                for t in (264, 528, 1056, 2112):
+            for slots in (8, 16):
+                for tile in ((8, 16) if m == 16 else (16,)):
                     row = []
-                    for lo in (1, 2):
-                        us, plan = kernel_us(a, w, vector_m_tile=tile, target_workgroups=t,
-                                             gemv_loads=lo)
-                        row.append(f"l{lo} {us:7.1f} [{plan}]")
-                    print(f"   m_tile {tile:2d} target {t:5d}: " + " | ".join(row), flush=True)
+                    for t in (512, 1024, 2048):
+                        us, plan = kernel_us(a, w, gemv_k_slots=slots, vector_m_tile=tile,
+                                             target_workgroups=t)
+                        row.append(f"t{t} {us:7.1f} [{plan}]")
+                    print(f"   slots {slots:2d} m_tile {tile:2d}: " + " | ".join(row), flush=True)
+        del w
+
+
+def gpu(rng):
+    if not getattr(B, "timestamps", False):
+        print("\n== gpu: no timestamp queries inside passes on this device")
+        return
+    print("\n== gpu: µs by GPU timestamps (median of 50 single-pass submissions) vs kernel_seconds")
+    for k, n in M1_SHAPES:
+        w = weight(rng, k, n)
+        for m in (1, 16):
+            a = rng.standard_normal((m, k)).astype(np.float16)
+            whole, *each = B.pass_gpu_seconds(a, w, 0)
+            kern = B.kernel_seconds(a, w, 0, MIN_S)
+            print(f"{k}x{n} M={m:<3d} pass {whole * 1e6:7.1f} (dispatches "
+                  + " + ".join(f"{s * 1e6:.1f}" for s in each)
+                  + f")  kernel_seconds {kern * 1e6:7.1f}  [{B.plan_summary(w, m, 0)}]", flush=True)
         del w
 
 
@@ -195,9 +217,9 @@ def main():
     info = B.info()
     print(info.device, "|", info.version)
     rng = np.random.default_rng(0)
-    parts = [p for p in sys.argv[1:] if not p.startswith("--")] or ["host", "m1", "small"]
+    parts = [p for p in sys.argv[1:] if not p.startswith("--")] or ["host", "m1", "small", "gpu"]
     for part in parts:
-        {"host": host, "m1": m1, "small": small}[part](rng)
+        {"host": host, "m1": m1, "small": small, "gpu": gpu}[part](rng)
 
 
 if __name__ == "__main__":
