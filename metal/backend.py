@@ -690,8 +690,7 @@ fn main(@builtin(local_invocation_index) li: u32) {
 
     def _staging(self, kind: str, nbytes: int) -> _Staging:
         """The "upload" or "read" staging buffer for nbytes: one per power-of-two size class, so a
-        call maps no more than twice the bytes it moves (mapping a buffer grown for the largest
-        M ever seen cost every later small call) and a few buffers serve every plan."""
+        call maps no more than twice the bytes it moves and a few buffers serve every plan."""
         size = max(256, 1 << (max(nbytes, 1) - 1).bit_length())
         staging = self._stagings.get((kind, size))
         if staging is None:

@@ -314,13 +314,15 @@ def test_mm_call_paths_agree_bit_for_bit():
     rng = np.random.default_rng(800)
     p = random_problem(rng, size_k, size_n, 64)
     w = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=64, backend="metal")
-    saved = BACKEND._native
+    saved, saved_upload = BACKEND._native, BACKEND.mapped_upload
     try:
         for m in (1, 5, 40):
             a = rng.standard_normal((m, size_k)).astype(np.float16)
             got = {}
-            for name, native in (("native", saved), ("wgpu-py", None)):
-                BACKEND._native = native
+            # the C-API path with A through the mapped upload buffer and through write_buffer
+            for name, native, mapped in (("native", saved, True), ("native write", saved, False),
+                                         ("wgpu-py", None, True)):
+                BACKEND._native, BACKEND.mapped_upload = native, mapped
                 check_mm(w, a, p.dense[0])
                 wide = poisoned(m, 2 * size_n)
                 ferrum.mm(a, w, out=wide[:, ::2])
@@ -328,8 +330,9 @@ def test_mm_call_paths_agree_bit_for_bit():
                 got[name] = ferrum.mm(a, w)
                 np.testing.assert_array_equal(got[name], wide[:, ::2])
             np.testing.assert_array_equal(got["native"], got["wgpu-py"])
+            np.testing.assert_array_equal(got["native"], got["native write"])
     finally:
-        BACKEND._native = saved
+        BACKEND._native, BACKEND.mapped_upload = saved, saved_upload
 
 
 def test_stream_bandwidth_reports_every_rate():
