@@ -43,8 +43,24 @@ HERE = Path(__file__).resolve().parent
 
 #: Largest M served by the vector kernel (gemv.wgsl); larger M uses the tiled kernel.
 VECTOR_MAX_M = 16
-#: Rows of A one gemv workgroup handles (the kernel keeps M_TILE x 8 accumulators per lane).
+#: Rows of A one gemv workgroup handles (the kernel keeps M_TILE x 8 accumulators per lane). At
+#: M = 16 two m-tiles of 8 rows beat one of 16 on an H100 (Vulkan): 8192x57344 757 against 834
+#: µs, 4096x6144 63 against 101 (tools/metal_sweep.py small): the kernel is bound by fp32
+#: arithmetic there, and 16 rows of accumulators (128 registers a lane) halve the warps an SM
+#: holds. The m-tiles of a chunk are launched side by side, so the second can find the weight in
+#: cache.
 VECTOR_M_TILE = 8
+#: Quads (16-byte loads) each gemv lane keeps in flight, by M_TILE. More is no faster on an H100
+#: (M = 1: 1 or 2 best, 4 a few % slower, 8 up to 40% slower: code size and registers), and
+#: none matters once the rows' arithmetic dominates.
+GEMV_LOADS = {1: 2, 2: 1, 4: 1, 8: 1, 16: 1}
+#: Share of the workgroup target gemv aims for, by M_TILE: fewer, longer k-splits were faster on
+#: an H100 as M grows (the k-split's partial sums and their reduction cost more rows), e.g.
+#: 8192x8192 M=16 128 µs at ~256 workgroups against 151 at ~1024; M=1 best at ~512.
+GEMV_TARGET_SHARE = {1: 0.5, 2: 0.5, 4: 0.25, 8: 0.25, 16: 0.25}
+#: k-slots per gemv workgroup (32 invocations each): more, in fewer workgroups, would let one
+#: workgroup cover all of k (gemv writes C, no reduce pass) and still fill a large GPU.
+GEMV_K_SLOTS = 8
 #: Workgroups a dispatch aims for when choosing the k-split (enough to fill a large GPU); on a
 #: CPU adapter (lavapipe) every workgroup costs scheduling, and a few per core are enough.
 TARGET_WORKGROUPS = 1024
@@ -58,6 +74,8 @@ MAX_GRID = 65535
 #: Seconds mm's wait polls the device without blocking before it blocks in the driver (a GPU
 #: adapter; a CPU adapter blocks at once). FERRUM_METAL_SPIN_US overrides it (0: always block).
 SPIN_SECONDS = 0.005
+#: Units of work (passes, copies) per command buffer when the bench times a batch (_batch).
+BATCH_UNITS = 32
 #: Plans kept per weight (one per distinct M and expert); the oldest goes first.
 PLANS_PER_WEIGHT = 64
 
@@ -141,20 +159,36 @@ TABLES = _layout_tables()
 CHUNK_CODES = (F.CHUNK_ROW.astype(np.uint32) | (F.CHUNK_COL.astype(np.uint32) << 8)).reshape(-1)
 
 
-def _gemv_blocks(m_tile: int) -> dict[str, str]:
-    """The unrolled per-row statements of gemv.wgsl for M_TILE = m_tile."""
+def _gemv_blocks(m_tile: int, loads: int, k_slots: int) -> dict[str, str]:
+    """The generated, unrolled parts of gemv.wgsl for M_TILE = m_tile rows, LOADS = loads quads
+    in flight per lane and K_SLOTS = k_slots: accumulators and A offsets per row, the loads, and
+    the per-row statements that accumulate one quad and reduce the tile."""
     decl, acc, red = [], [], []
     for m in range(m_tile):
         decl.append(f"    var acc{m}a = vec4<f32>(0.0);\n    var acc{m}b = vec4<f32>(0.0);\n"
                     f"    let arow{m} = min(m0 + {m}u, P.M - 1u) * a_row;")
+        # PRESCALE: the scaled weights of the quad times A, straight into the accumulators (one
+        # fma per weight and row: the least arithmetic a row can cost); else the column sums of
+        # the quad are scaled once per row (fewer multiplies when only 1 or 2 rows share them).
         acc.append(
             f"        {{\n"
             f"            let al = unpack2x16float(A[a_k + arow{m}]);\n"
             f"            let ah = unpack2x16float(A[a_k + arow{m} + 4u]);\n"
-            f"            acc{m}a += sa * vec4<f32>(dot(w0, al) + dot(v0, ah), dot(w1, al) + dot(v1, ah),\n"
-            f"                                      dot(w2, al) + dot(v2, ah), dot(w3, al) + dot(v3, ah));\n"
-            f"            acc{m}b += sb * vec4<f32>(dot(w4, al) + dot(v4, ah), dot(w5, al) + dot(v5, ah),\n"
-            f"                                      dot(w6, al) + dot(v6, ah), dot(w7, al) + dot(v7, ah));\n"
+            f"            if (PRESCALE) {{\n"
+            f"                acc{m}a = fma(ka0, vec4<f32>(al.x), acc{m}a);\n"
+            f"                acc{m}a = fma(ka1, vec4<f32>(al.y), acc{m}a);\n"
+            f"                acc{m}a = fma(ka8, vec4<f32>(ah.x), acc{m}a);\n"
+            f"                acc{m}a = fma(ka9, vec4<f32>(ah.y), acc{m}a);\n"
+            f"                acc{m}b = fma(kb0, vec4<f32>(al.x), acc{m}b);\n"
+            f"                acc{m}b = fma(kb1, vec4<f32>(al.y), acc{m}b);\n"
+            f"                acc{m}b = fma(kb8, vec4<f32>(ah.x), acc{m}b);\n"
+            f"                acc{m}b = fma(kb9, vec4<f32>(ah.y), acc{m}b);\n"
+            f"            }} else {{\n"
+            f"                acc{m}a = fma(sa, fma(ka9, vec4<f32>(ah.y), fma(ka8, vec4<f32>(ah.x),\n"
+            f"                          fma(ka1, vec4<f32>(al.y), ka0 * al.x))), acc{m}a);\n"
+            f"                acc{m}b = fma(sb, fma(kb9, vec4<f32>(ah.y), fma(kb8, vec4<f32>(ah.x),\n"
+            f"                          fma(kb1, vec4<f32>(al.y), kb0 * al.x))), acc{m}b);\n"
+            f"            }}\n"
             f"        }}")
         red.append(
             f"    {{\n"
@@ -166,15 +200,59 @@ def _gemv_blocks(m_tile: int) -> dict[str, str]:
             f"            rb += subgroupShuffleXor(rb, 1u);\n"
             f"            rb += subgroupShuffleXor(rb, 2u);\n"
             f"        }}\n"
+            f"        for (var half = K_SLOTS / 2u; half >= FINAL_SLOTS; half = half / 2u) {{\n"
+            f"            workgroupBarrier();\n"
+            f"            if (slot >= half && slot < 2u * half) {{\n"
+            f"                red[((slot - half) * 32u + lane) * 2u] = ra;\n"
+            f"                red[((slot - half) * 32u + lane) * 2u + 1u] = rb;\n"
+            f"            }}\n"
+            f"            workgroupBarrier();\n"
+            f"            if (slot < half) {{\n"
+            f"                ra += red[(slot * 32u + lane) * 2u];\n"
+            f"                rb += red[(slot * 32u + lane) * 2u + 1u];\n"
+            f"            }}\n"
+            f"        }}\n"
             f"        workgroupBarrier();\n"
-            f"        red[(slot * 32u + lane) * 2u] = ra;\n"
-            f"        red[(slot * 32u + lane) * 2u + 1u] = rb;\n"
+            f"        if (slot < FINAL_SLOTS) {{\n"
+            f"            red[(slot * 32u + lane) * 2u] = ra;\n"
+            f"            red[(slot * 32u + lane) * 2u + 1u] = rb;\n"
+            f"        }}\n"
             f"        workgroupBarrier();\n"
-            f"        if (li < 64u && m0 + {m}u < P.M) {{\n"
-            f"            OUT[slot_at + (m0 + {m}u) * P.n_total + col_out + li] = column_sum(li) * scale;\n"
+            f"        let row = m0 + {m}u;\n"
+            f"        if (DIRECT) {{\n"
+            f"            if (li < 32u && row < P.M) {{\n"
+            f"                OUT[P.c_base + (row * P.n_total + col_out) / 2u + li] = pack2x16float(\n"
+            f"                    vec2<f32>(column_sum(col_a), column_sum(col_a + 1u)) * scale);\n"
+            f"            }}\n"
+            f"        }} else if (li < 64u && row < P.M) {{\n"
+            f"            OUT[slot_at + row * P.n_total + col_out + li] =\n"
+            f"                bitcast<u32>(column_sum(col_a) * scale.x);\n"
             f"        }}\n"
             f"    }}")
-    return {"ACC_DECL": "\n".join(decl), "ACCUMULATE": "\n".join(acc), "REDUCE": "\n".join(red)}
+    xs = range(loads)
+    load_decl = ("".join(f"    var xn{u} = vec4<u32>(0u);\n" for u in xs)
+                 + "    if (kt < kt_hi) {\n"
+                 + "".join(f"        xn{u} = W[w_at + min(kt + K_SLOTS * {u}u, kt_last) * w_row];\n"
+                           for u in xs) + "    }")
+    load_next = ("".join(f"        let x{u} = xn{u};\n" for u in xs)
+                 + "        if (kt_next < kt_hi) {\n"
+                 + "".join(f"            xn{u} = W[w_at + min(kt_next + K_SLOTS * {u}u, kt_last)"
+                           f" * w_row];\n"
+                           for u in xs) + "        }")
+    return {"ACC_DECL": "\n".join(decl), "ACCUMULATE": "\n".join(acc), "REDUCE": "\n".join(red),
+            "LOAD_DECL": load_decl, "LOAD_NEXT": load_next, "LOADS": loads, "K_SLOTS": k_slots,
+            "WORKGROUP_SIZE": 32 * k_slots, "RED_VEC4S": 64 * max(8, k_slots // 2)}
+
+
+def _gemv_source(**subs) -> str:
+    """gemv.wgsl with its per-quad step (between the step markers) repeated once per load."""
+    text = _shader_source("gemv.wgsl", **subs)
+    begin = text.index("        //@step-begin\n")
+    end = text.index("        //@step-end\n") + len("        //@step-end\n")
+    step = text[begin:end]
+    steps = "".join(step.replace("XQ", f"x{u}").replace("KTQ", f"(kt + K_SLOTS * {u}u)")
+                    for u in range(int(subs["LOADS"])))
+    return text[:begin] + steps + text[end:]
 
 
 def _shader_source(name: str, **subs) -> str:
@@ -223,11 +301,28 @@ class _Plan:
     out_bytes: int
     a_bytes: int
     summary: str = ""       # e.g. "gemv m8 k16": kernel, rows per workgroup, k-splits (bench)
+    upload: _Staging = None  # mapped upload buffer for A (a size class of a_bytes)
+    read: _Staging = None   # read-back buffer for C (a size class of out_bytes)
     raw: list = None        # (pipeline, bind group, grid) as wgpu-native handles (_Native)
 
     def __post_init__(self):
         self.raw = [(d.pipeline._internal, d.bind_group._internal, tuple(int(g) for g in d.grid))
                     for d in self.dispatches]
+
+
+class _Staging:
+    """A host-visible buffer mm moves data through: "upload" (MAP_WRITE | COPY_SRC: A is written
+    into its mapping and copied to the A workspace on the GPU) or "read" (MAP_READ | COPY_DST: C
+    is copied into it and read from its mapping). An upload buffer is mapped again as soon as the
+    call that used it is submitted, so the next call finds it mapped (the map resolves when that
+    submission is done, which the call waits for anyway) and writes A with one memmove: no staging
+    buffer created per call, as queue.write_buffer does inside wgpu."""
+
+    def __init__(self, buffer):
+        self.buffer = buffer
+        self.size = buffer.size
+        self.request = 0            # map request pending on the buffer (0: none)
+        self.mapped = False         # mapped for writing, ready
 
 
 class _Native:
@@ -236,12 +331,13 @@ class _Native:
     wgpu-py's Python wrappers cost more than the work they wrap at small M: ``map_async`` builds
     a promise, wakes wgpu-py's poll thread and (in READ mode) submits an extra empty command
     buffer; the result then comes back through a thread hand-off; every encoder call goes
-    through an error-capturing proxy. Here the encoder calls are made directly, the read-back is
-    mapped with one callback made once, and completion is waited for on the calling thread:
-    ``wgpuDevicePoll`` without blocking in a loop (a GPU: no driver sleep on the fence) for up
-    to ``spin_seconds``, then blocking (a CPU adapter such as lavapipe: spinning would take a
-    core from the threads running the kernel, so spin_seconds is 0 there). finish and submit
-    keep wgpu-py's error-raising wrappers (``libf``), so an invalid command still raises.
+    through an error-capturing proxy. Here the encoder calls are made directly, buffers are
+    mapped with one callback made once (each request numbered, so an answer cannot be taken for
+    another's), and completion is waited for on the calling thread: ``wgpuDevicePoll`` without
+    blocking in a loop (a GPU: no driver sleep on the fence) for up to ``spin_seconds``, then
+    blocking (a CPU adapter such as lavapipe: spinning would take a core from the threads
+    running the kernel, so spin_seconds is 0 there). finish and submit keep wgpu-py's
+    error-raising wrappers (``libf``), so an invalid command still raises.
     Built only when its self-test passes; otherwise mm uses wgpu-py's public API.
     """
 
@@ -256,13 +352,16 @@ class _Native:
         self._pass_desc = ffi.new("WGPUComputePassDescriptor *")
         self._finish_desc = ffi.new("WGPUCommandBufferDescriptor *")
         self._cmds = ffi.new("WGPUCommandBuffer[1]")
+        self._wanted = set()        # map requests someone will wait for
         self._done = {}             # map request number -> status, filled by the callback
         self._requests = 0
-        done = self._done
+        wanted, done = self._wanted, self._done
 
         @ffi.callback("void(WGPUMapAsyncStatus, WGPUStringView, void *, void *)")
         def mapped(status, message, userdata1, userdata2):
-            done[int(ffi.cast("uintptr_t", userdata1))] = int(status)
+            request = int(ffi.cast("uintptr_t", userdata1))
+            if request in wanted:   # an abandoned request's answer is dropped
+                done[request] = int(status)
 
         self._callback = mapped     # kept alive as long as this object
         info = ffi.new("WGPUBufferMapCallbackInfo *")
@@ -270,19 +369,27 @@ class _Native:
         info.callback = mapped
         self._map_info = info
         self._map_read = lib.WGPUMapMode_Read
+        self._map_write = lib.WGPUMapMode_Write
         self._success = lib.WGPUMapAsyncStatus_Success
 
-    def run(self, dispatches, writes, copy, read_bytes):
-        """Write the uploads ``writes`` [(buffer, numpy array)], run ``dispatches`` [(pipeline,
-        bind group, grid)] in one compute pass, copy ``copy`` (src, dst staging buffer, bytes),
-        submit, wait and map the staging buffer; returns the mapped bytes (a cffi buffer, valid
-        until ``unmap``)."""
+    def run(self, dispatches, writes, copy, read_bytes, upload=None):
+        """Write the uploads ``writes`` [(buffer, numpy array)] through the queue, or ``upload``
+        (a _Staging upload buffer, numpy array, destination buffer) through a mapped buffer; run
+        ``dispatches`` [(pipeline, bind group, grid)] in one compute pass, copy ``copy`` (src,
+        dst read buffer, bytes), submit, wait and map the read buffer; returns the mapped bytes
+        (a cffi buffer, valid until ``unmap``)."""
         ffi, lib = self.ffi, self.lib
         for buffer, array in writes:
             lib.wgpuQueueWriteBuffer(self.queue_id, buffer._internal, 0, ffi.from_buffer(array),
                                      array.nbytes)
+        if upload is not None:
+            up, array, dst = upload
+            self._write_mapped(up, array)
         enc = lib.wgpuDeviceCreateCommandEncoder(self.device_id, self._enc_desc)
         try:
+            if upload is not None:
+                lib.wgpuCommandEncoderCopyBufferToBuffer(enc, up.buffer._internal, 0,
+                                                         dst._internal, 0, array.nbytes)
             cp = lib.wgpuCommandEncoderBeginComputePass(enc, self._pass_desc)
             for pipe, group, (x, y, z) in dispatches:
                 lib.wgpuComputePassEncoderSetPipeline(cp, pipe)
@@ -301,16 +408,39 @@ class _Native:
             self.libf.wgpuQueueSubmit(self.queue_id, 1, self._cmds)
         finally:
             lib.wgpuCommandBufferRelease(cmd)
+        if upload is not None:      # mapped again for the next call once this one is done
+            up.request = self._map_async(up.buffer, self._map_write, up.size)
         return self.map(staging, read_bytes)
 
-    def map(self, staging, nbytes):
-        """Map [0, nbytes) of a MAP_READ buffer once the queue's work is done; the bytes."""
+    def _write_mapped(self, up: _Staging, array: np.ndarray):
+        """Copy array into the upload buffer's mapping (mapping it first if it is not) and unmap."""
         ffi, lib = self.ffi, self.lib
-        done = self._done
+        if up.request:
+            request, up.request = up.request, 0
+            self._wait(request, up.buffer)
+            up.mapped = True
+        if not up.mapped:
+            self._wait(self._map_async(up.buffer, self._map_write, up.size), up.buffer)
+            up.mapped = True
+        ptr = lib.wgpuBufferGetMappedRange(up.buffer._internal, 0, up.size)
+        if ptr == ffi.NULL:
+            raise RuntimeError("the upload buffer has no mapped range")
+        ffi.memmove(ptr, ffi.from_buffer(array), array.nbytes)
+        up.mapped = False
+        lib.wgpuBufferUnmap(up.buffer._internal)
+
+    def _map_async(self, buffer, mode, nbytes) -> int:
         self._requests += 1
         request = self._requests            # the callback says which request it answers
-        self._map_info.userdata1 = ffi.cast("void *", request)
-        lib.wgpuBufferMapAsync(staging._internal, self._map_read, 0, nbytes, self._map_info[0])
+        self._wanted.add(request)
+        self._map_info.userdata1 = self.ffi.cast("void *", request)
+        self.lib.wgpuBufferMapAsync(buffer._internal, mode, 0, nbytes, self._map_info[0])
+        return request
+
+    def _wait(self, request: int, buffer) -> None:
+        """Poll until map request ``request`` (on ``buffer``) is answered; raise if it failed."""
+        ffi, lib = self.ffi, self.lib
+        done = self._done
         try:
             if request not in done and self.spin_seconds > 0:
                 clock = time.perf_counter
@@ -320,12 +450,18 @@ class _Native:
             while request not in done:
                 lib.wgpuDevicePoll(self.device_id, 1, ffi.NULL)
         except BaseException:               # e.g. KeyboardInterrupt: leave the buffer unmapped
-            lib.wgpuBufferUnmap(staging._internal)
+            self._wanted.discard(request)
+            lib.wgpuBufferUnmap(buffer._internal)
             raise
+        self._wanted.discard(request)
         status = done.pop(request)
-        done.clear()                        # answers to abandoned requests
         if status != self._success:
-            raise RuntimeError(f"could not map the read-back buffer (status {status})")
+            raise RuntimeError(f"could not map a staging buffer (status {status})")
+
+    def map(self, staging, nbytes):
+        """Map [0, nbytes) of a MAP_READ buffer once the queue's work is done; the bytes."""
+        ffi, lib = self.ffi, self.lib
+        self._wait(self._map_async(staging, self._map_read, nbytes), staging)
         ptr = lib.wgpuBufferGetConstMappedRange(staging._internal, 0, nbytes)
         if ptr == ffi.NULL:
             lib.wgpuBufferUnmap(staging._internal)
@@ -359,11 +495,18 @@ class MetalBackend(Backend):
         self.device = None
         self.adapter = None
         self.subgroups = False
+        self.timestamps = False     # the device writes GPU timestamps inside passes
         self.binding_limit = 0      # bytes one storage binding may span (the planner's limit)
         self.target_workgroups = TARGET_WORKGROUPS
+        self.vector_m_tile = VECTOR_M_TILE
+        self.gemv_loads = 0         # 0: GEMV_LOADS's choice; else quads in flight per gemv lane
+        self.gemv_k_slots = GEMV_K_SLOTS   # k-slots (32 invocations each) per gemv workgroup
+        self.max_invocations = 256  # per workgroup, on this device
         self.offset_alignment = 256
         self._pipelines: dict = {}
         self._work: dict[str, object] = {}
+        self._stagings: dict[tuple[str, int], _Staging] = {}
+        self.mapped_upload = True   # A through a mapped upload buffer (else queue.write_buffer)
         self._generation = 0
         self._codes = None
         self._native = None         # _Native once its self-test passed
@@ -395,25 +538,41 @@ class MetalBackend(Backend):
         adapter = min(native, key=lambda a: rank.get(a.info.get("adapter_type"), 4))
         limits = adapter.limits
         features = ["subgroup"] if "subgroup" in adapter.features else []
+        # GPU timestamps between dispatches, for pass_gpu_seconds (tools; mm does not use them)
+        timestamps = [f for f in ("timestamp-query", "timestamp-query-inside-passes")
+                      if f in adapter.features]
+        self.timestamps = len(timestamps) == 2
         wanted = {k: limits[k] for k in ("max-storage-buffer-binding-size", "max-buffer-size",
-                                         "max-compute-workgroup-storage-size") if k in limits}
-        device = adapter.request_device_sync(required_features=features, required_limits=wanted)
+                                         "max-compute-workgroup-storage-size",
+                                         "max-compute-invocations-per-workgroup",
+                                         "max-compute-workgroup-size-x") if k in limits}
+        device = adapter.request_device_sync(
+            required_features=features + (timestamps if self.timestamps else []),
+            required_limits=wanted)
         self.adapter, self.device = adapter, device
         dl = device.limits
         self.offset_alignment = int(dl.get("min-storage-buffer-offset-alignment", 256))
         self.max_buffer_size = int(dl["max-buffer-size"])
         self.binding_limit = int(dl["max-storage-buffer-binding-size"])
+        self.max_invocations = min(int(dl.get("max-compute-invocations-per-workgroup", 256)),
+                                   int(dl.get("max-compute-workgroup-size-x", 256)))
         override = os.environ.get("FERRUM_METAL_BINDING_LIMIT", "")
         if override:
             self.binding_limit = min(self.binding_limit, int(override))
         if int(dl.get("max-compute-workgroup-storage-size", 16384)) < 16384:
             return BackendInfo("metal", False, "adapter offers < 16 KiB of workgroup storage")
-        self.subgroups = bool(features) and self._subgroups_work()
+        self.subgroups = "subgroup" in features and self._subgroups_work()
         cpu = adapter.info.get("adapter_type") == "CPU"
         self.target_workgroups = TARGET_WORKGROUPS_CPU if cpu else TARGET_WORKGROUPS
         target = os.environ.get("FERRUM_METAL_TARGET_WORKGROUPS", "")
         if target:      # for tuning the k-split on a given GPU without editing the source
             self.target_workgroups = max(1, int(target))
+        loads = os.environ.get("FERRUM_METAL_GEMV_LOADS", "")
+        if loads:
+            self.gemv_loads = max(0, int(loads))
+        k_slots = os.environ.get("FERRUM_METAL_GEMV_K_SLOTS", "")
+        if k_slots:
+            self.gemv_k_slots = int(k_slots)
         spin = os.environ.get("FERRUM_METAL_SPIN_US", "")
         self._native = self._native_path(float(spin) * 1e-6 if spin else 0.0 if cpu
                                          else SPIN_SECONDS)
@@ -494,7 +653,8 @@ fn main(@builtin(local_invocation_index) li: u32) {
     def _pipeline(self, name: str, **subs):
         key = (name, tuple(sorted(subs.items())))
         if key not in self._pipelines:
-            self._pipelines[key] = self._compile(_shader_source(name, **subs))
+            source = _gemv_source(**subs) if name == "gemv.wgsl" else _shader_source(name, **subs)
+            self._pipelines[key] = self._compile(source)
         return self._pipelines[key]
 
     def _buffer(self, nbytes: int, usage=None):
@@ -527,6 +687,18 @@ fn main(@builtin(local_invocation_index) li: u32) {
         """Bytes of data one binding may carry once _range has aligned its start down and
         rounded its size up."""
         return self.binding_limit - self.offset_alignment - 16
+
+    def _staging(self, kind: str, nbytes: int) -> _Staging:
+        """The "upload" or "read" staging buffer for nbytes: one per power-of-two size class, so a
+        call maps no more than twice the bytes it moves and a few buffers serve every plan."""
+        size = max(256, 1 << (max(nbytes, 1) - 1).bit_length())
+        staging = self._stagings.get((kind, size))
+        if staging is None:
+            usage = (wgpu.BufferUsage.MAP_WRITE | wgpu.BufferUsage.COPY_SRC if kind == "upload"
+                     else wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+            staging = _Staging(self.device.create_buffer(size=size, usage=usage))
+            self._stagings[(kind, size)] = staging
+        return staging
 
     def _workspace(self, name: str, nbytes: int, usage=None):
         buf = self._work.get(name)
@@ -632,11 +804,15 @@ fn main(@builtin(local_invocation_index) li: u32) {
         m = a.shape[0]
         with self._lock:
             plan = self._plan(weight, m, expert)
-            staging = self._work["read"]
+            read = plan.read.buffer
             native = self._native
             if native is not None:
-                raw = native.run(plan.raw, [(self._work["a"], a)],
-                                 (self._work["c"], staging, plan.out_bytes), plan.out_bytes)
+                if self.mapped_upload:
+                    raw = native.run(plan.raw, (), (self._work["c"], read, plan.out_bytes),
+                                     plan.out_bytes, upload=(plan.upload, a, self._work["a"]))
+                else:
+                    raw = native.run(plan.raw, [(self._work["a"], a)],
+                                     (self._work["c"], read, plan.out_bytes), plan.out_bytes)
                 try:
                     result = np.frombuffer(raw, np.float16).reshape(m, -1)
                     if out is None:
@@ -645,17 +821,17 @@ fn main(@builtin(local_invocation_index) li: u32) {
                         out[...] = result
                     del result
                 finally:
-                    native.unmap(staging)
+                    native.unmap(read)
                 return out
             queue = self.device.queue
             queue.write_buffer(self._work["a"], 0, a)
             enc = self.device.create_command_encoder()
             _record_plan(enc, plan)
-            enc.copy_buffer_to_buffer(self._work["c"], 0, staging, 0, plan.out_bytes)
+            enc.copy_buffer_to_buffer(self._work["c"], 0, read, 0, plan.out_bytes)
             queue.submit([enc.finish()])
-            staging.map_sync(wgpu.MapMode.READ, 0, plan.out_bytes)
+            read.map_sync(wgpu.MapMode.READ, 0, plan.out_bytes)
             try:
-                raw = staging.read_mapped(0, plan.out_bytes, copy=False)
+                raw = read.read_mapped(0, plan.out_bytes, copy=False)
                 result = np.frombuffer(raw, np.float16).reshape(m, -1)
                 if out is None:
                     out = result.copy()
@@ -663,12 +839,13 @@ fn main(@builtin(local_invocation_index) li: u32) {
                     out[...] = result
                 del raw, result
             finally:
-                staging.unmap()
+                read.unmap()
         return out
 
     def _plan(self, weight, m: int, expert) -> _Plan:
         cache = weight._aux.setdefault("metal_plans", {})
-        key = (m, expert, self.binding_limit, self.subgroups, self.target_workgroups)
+        key = (m, expert, self.binding_limit, self.subgroups, self.target_workgroups,
+               self.vector_m_tile, self.gemv_loads, self.gemv_k_slots)
         plan = cache.get(key)
         # A plan binds the workspaces of its generation; when any grew since, bind again.
         if plan is None or plan.generation != self._generation:
@@ -683,13 +860,22 @@ fn main(@builtin(local_invocation_index) li: u32) {
         """The shape-class table: vector kernel for small M, tiled for the rest."""
         return "gemv.wgsl" if m_block <= VECTOR_MAX_M else "tiled.wgsl"
 
-    @staticmethod
-    def _m_tile(kernel: str, m_block: int) -> int:
+    def _m_tile(self, kernel: str, m_block: int) -> int:
         """Rows of A per workgroup: gemv keeps M_TILE x 8 accumulators a lane (a power of two up
-        to VECTOR_M_TILE), tiled works on 64-row tiles."""
+        to vector_m_tile), tiled works on 64-row tiles."""
         if kernel == "gemv.wgsl":
-            return min(VECTOR_M_TILE, 1 << (m_block - 1).bit_length())
+            return min(self.vector_m_tile, 1 << (m_block - 1).bit_length())
         return TILE_M
+
+    def _gemv_loads(self, m_tile: int) -> int:
+        return self.gemv_loads or GEMV_LOADS[m_tile]
+
+    def _gemv_k_slots(self) -> int:
+        """k-slots per gemv workgroup: 8, 16 or 32, as many as the device allows of those asked."""
+        if self.gemv_k_slots not in (8, 16, 32):
+            raise ValueError(f"gemv_k_slots={self.gemv_k_slots}: must be 8, 16 or 32")
+        return next(s for s in (32, 16, 8) if s <= self.gemv_k_slots
+                    and 32 * s <= self.max_invocations or s == 8)
 
     def _make_plan(self, weight, m: int, expert) -> _Plan:
         K, n = weight.size_k, weight.size_n
@@ -745,7 +931,10 @@ fn main(@builtin(local_invocation_index) li: u32) {
         base_wgs = chunks * len(experts) * math.ceil(m_block / m_tile)
         scratch_splits = max(1, limit // (k_pieces * m_block * n_total * 4))
         if kernel == "gemv.wgsl":
-            splits = max(1, min(math.ceil(self.target_workgroups / base_wgs), kt_piece // 16,
+            # the target counts 8-slot workgroups; a split keeps >= 2 kt rows per k-slot
+            k_slots = self._gemv_k_slots()
+            target = self.target_workgroups * GEMV_TARGET_SHARE[m_tile] * 8 / k_slots
+            splits = max(1, min(math.ceil(target / base_wgs), kt_piece // (2 * k_slots),
                                 scratch_splits))
             kt_per_split = math.ceil(kt_piece / splits)
         else:
@@ -754,33 +943,39 @@ fn main(@builtin(local_invocation_index) li: u32) {
             kt_per_split = _round_up(math.ceil(kt_piece / splits), 2)
         splits = math.ceil(kt_piece / kt_per_split)
         slots = k_pieces * splits
-        if chunks > MAX_GRID or splits * math.ceil(m_block / m_tile) > MAX_GRID:
+        if chunks * math.ceil(m_block / m_tile) > MAX_GRID or \
+                splits * math.ceil(m_block / m_tile) > MAX_GRID:
             raise ValueError(f"size_n={n} or M={m} exceeds the dispatch grid ({MAX_GRID})")
 
         a_buf = self._workspace("a", m * K * 2)
         c_buf = self._workspace("c", m * n_total * 2)
         s_buf = self._workspace("scratch", slots * m_block * n_total * 4)
-        self._workspace("read", m * n_total * 2,
-                        usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
 
         scale_rows_per_expert = groups
         table = "channel" if groups == 1 else "grouped"
         reduce_pipe = self._pipeline("reduce.wgsl")
         dispatches = []
+        direct_any = False
         for mb0 in range(0, m, m_block):
             mb = min(m_block, m - mb0)
             block_kernel = self._kernel_for(mb)      # a short last block may be gemv
             m_tile = self._m_tile(block_kernel, mb)
+            # one slot (no k-split, one k-piece): gemv writes C itself, no reduction pass
+            direct = block_kernel == "gemv.wgsl" and slots == 1
+            direct_any |= direct
             if block_kernel == "gemv.wgsl":
+                loads = self._gemv_loads(m_tile)
                 pipe = self._pipeline(block_kernel, TABLES=TABLES[table], M_TILE=m_tile,
                                       SUBGROUPS=str(self.subgroups).lower(),
                                       CHANNELWISE=str(groups == 1).lower(),
                                       PRESCALE=str(m_tile > PRESCALE_FROM_M_TILE).lower(),
-                                      **_gemv_blocks(m_tile))
+                                      DIRECT=str(direct).lower(),
+                                      **_gemv_blocks(m_tile, loads, self._gemv_k_slots()))
             else:
                 pipe = self._pipeline(block_kernel, TABLES=TABLES[table])
             a_entry, a_base = self._range(a_buf, mb0 * K * 2, mb * K * 2, 4)
             s_entry, out_base = self._range(s_buf, 0, slots * mb * n_total * 4, 4)
+            c_entry, c_base = self._range(c_buf, mb0 * n_total * 2, mb * n_total * 2, 4)
             for e0, ecount, kt0, ktc, kp in pieces:
                 w_off = (e0 * kt_rows + kt0) * row_bytes
                 w_len = ((ecount - 1) * kt_rows + ktc) * row_bytes
@@ -796,13 +991,18 @@ fn main(@builtin(local_invocation_index) li: u32) {
                     kt_per_split=kt_per_split, splits=splits, group_shift=group_shift,
                     g_begin=g0, w_base=w_base, w_expert=kt_rows * 2 * n, s_base=sc_base,
                     s_expert=scale_rows_per_expert * n, a_base=a_base, col_base=col_base,
-                    slot_base=kp * splits, slot_stride=mb * n_total, out_base=out_base, c_base=0)
+                    slot_base=kp * splits, slot_stride=mb * n_total, out_base=out_base,
+                    c_base=c_base)
                 ubuf = self._uniform(params)
                 bg = self._bind_group(pipe, [(ubuf, 0, ubuf.size), w_entry, sc_entry, a_entry,
-                                             s_entry])
-                grid = (chunks, splits * math.ceil(mb / m_tile), ecount)
+                                             c_entry if direct else s_entry])
+                if block_kernel == "gemv.wgsl":     # m-tiles of a chunk side by side in x
+                    grid = (chunks * math.ceil(mb / m_tile), splits, ecount)
+                else:
+                    grid = (chunks, splits * math.ceil(mb / m_tile), ecount)
                 dispatches.append(_Dispatch(pipe, bg, grid))
-            c_entry, c_base = self._range(c_buf, mb0 * n_total * 2, mb * n_total * 2, 4)
+            if direct:
+                continue
             params = _pack_params(M=mb, n_total=n_total, splits=slots, slot_stride=mb * n_total,
                                   out_base=out_base, c_base=c_base)
             ubuf = self._uniform(params)
@@ -811,9 +1011,15 @@ fn main(@builtin(local_invocation_index) li: u32) {
             dispatches.append(_Dispatch(reduce_pipe, bg,
                                         (math.ceil(n_total / 2 / 256), mb, 1)))
         summary = (f"{kernel.split('.')[0]} m{self._m_tile(kernel, m_block)} k{slots}"
+                   + (f" l{self._gemv_loads(self._m_tile(kernel, m_block))}"
+                      + (f" s{self._gemv_k_slots()}" if self._gemv_k_slots() != 8 else "")
+                      if kernel == "gemv.wgsl" else "")
+                   + (" direct" if direct_any else "")
                    + (f" p{len(pieces)}" if len(pieces) > 1 else "")
                    + (f" b{math.ceil(m / m_block)}" if m_block < m else ""))
-        return _Plan(self._generation, dispatches, m * n_total * 2, m * K * 2, summary)
+        return _Plan(self._generation, dispatches, m * n_total * 2, m * K * 2, summary,
+                     upload=self._staging("upload", m * K * 2),
+                     read=self._staging("read", m * n_total * 2))
 
     # --- measurement (bench) ----------------------------------------------------------------------
     def plan_summary(self, weight, m: int, expert) -> str:
@@ -832,13 +1038,50 @@ fn main(@builtin(local_invocation_index) li: u32) {
             plan = self._plan(weight, a.shape[0], expert)
             self.device.queue.write_buffer(self._work["a"], 0, a)
 
-            def build(reps):
-                enc = self.device.create_command_encoder()
-                for _ in range(reps):
+            def record(enc, count):
+                for _ in range(count):
                     _record_plan(enc, plan)
-                return self._fenced(enc)
 
-            return self._time_batches(build, min_seconds)
+            return self._time_batches(record, min_seconds)
+
+    def pass_gpu_seconds(self, a: np.ndarray, weight, expert, reps: int = 50) -> list[float]:
+        """GPU seconds of mm's compute pass by the GPU's own clock (timestamp queries), one pass a
+        submission as in mm: [whole pass, then each dispatch from the end of the one before],
+        medians over reps passes. Needs self.timestamps."""
+        self._ready()
+        if not self.timestamps:
+            raise RuntimeError("this device has no timestamp queries inside passes")
+        if weight.perm is not None:
+            a = a[:, weight.perm]
+        a = np.ascontiguousarray(a, dtype=np.float16)
+        with self._lock:
+            plan = self._plan(weight, a.shape[0], expert)
+            self.device.queue.write_buffer(self._work["a"], 0, a)
+            stamps = len(plan.dispatches) + 1
+            query = self.device.create_query_set(type="timestamp", count=stamps)
+            resolved = self.device.create_buffer(
+                size=8 * stamps, usage=wgpu.BufferUsage.QUERY_RESOLVE | wgpu.BufferUsage.COPY_SRC)
+            period = self._native.lib.wgpuQueueGetTimestampPeriod(
+                self.device.queue._internal) if self._native is not None else 1.0
+            times = []
+            for _ in range(reps):
+                enc = self.device.create_command_encoder()
+                cp = enc.begin_compute_pass()
+                cp._write_timestamp(query, 0)
+                for i, d in enumerate(plan.dispatches):
+                    cp.set_pipeline(d.pipeline)
+                    cp.set_bind_group(0, d.bind_group)
+                    cp.dispatch_workgroups(*d.grid)
+                    cp._write_timestamp(query, i + 1)
+                cp.end()
+                enc.resolve_query_set(query, 0, stamps, resolved, 0)
+                self.device.queue.submit([enc.finish()])
+                ticks = np.frombuffer(self.device.queue.read_buffer(resolved), np.uint64)
+                steps = np.diff(ticks.astype(np.float64)) * period * 1e-9
+                times.append([steps.sum(), *steps])
+            query.destroy()
+            resolved.destroy()
+            return [float(v) for v in np.median(np.array(times), axis=0)]
 
     def copy_bandwidth(self, nbytes: int, min_seconds: float = 0.3) -> float:
         """Bytes per second moved (read + write) by copy_buffer_to_buffer on this adapter."""
@@ -861,12 +1104,10 @@ fn main(@builtin(local_invocation_index) li: u32) {
             src, dst = self._buffer(size), self._buffer(size)
             try:
                 if "buffer copy" in kinds:
-                    def build(reps):
-                        enc = self.device.create_command_encoder()
-                        for _ in range(reps):
+                    def record(enc, count):
+                        for _ in range(count):
                             enc.copy_buffer_to_buffer(src, 0, dst, 0, size)
-                        return self._fenced(enc)
-                    out["buffer copy"] = 2 * size / self._time_batches(build, min_seconds)
+                    out["buffer copy"] = 2 * size / self._time_batches(record, min_seconds)
                 for kind, copy in (("shader copy", True), ("shader read", False)):
                     if kind not in kinds:
                         continue
@@ -876,35 +1117,44 @@ fn main(@builtin(local_invocation_index) li: u32) {
                     groups = max(1, min(MAX_GRID, size // 16 // 256 // 4,
                                         self.target_workgroups * 16))
 
-                    def build(reps, pipe=pipe, bg=bg, groups=groups):
-                        enc = self.device.create_command_encoder()
+                    def record(enc, count, pipe=pipe, bg=bg, groups=groups):
                         cp = enc.begin_compute_pass()
                         cp.set_pipeline(pipe)
                         cp.set_bind_group(0, bg)
-                        for _ in range(reps):
+                        for _ in range(count):
                             cp.dispatch_workgroups(groups)
                         cp.end()
-                        return self._fenced(enc)
-                    out[kind] = (2 if copy else 1) * size / self._time_batches(build, min_seconds)
+                    out[kind] = (2 if copy else 1) * size / self._time_batches(record,
+                                                                               min_seconds)
             finally:
                 src.destroy()
                 dst.destroy()
         out["bytes"] = size
         return out
 
-    def _fenced(self, enc):
-        """Finish enc after a 16-byte copy into the fence buffer, whose mapping then says when
-        the GPU is done (the queue's on_submitted_work_done is not dependable across wgpu-native
-        versions)."""
+    def _batch(self, record, reps: int) -> list:
+        """Command buffers holding reps units of record(encoder, count), at most BATCH_UNITS a
+        buffer, the last finished behind a 16-byte copy into the fence buffer, whose mapping
+        then says when the GPU is done (the queue's on_submitted_work_done is not dependable
+        across wgpu-native versions). Bounded buffers, because wgpu reuses a command encoder
+        once its work is done, and one that ever held thousands of passes made every later
+        submission slower for the rest of the process (lavapipe: a bare round trip 120 -> 2800
+        µs after one 4000-pass buffer), which inflated every mm call timed after a bench probe."""
         fence = self._workspace("fence", 256,
                                 usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
         source = self._workspace("a", 256)
-        enc.copy_buffer_to_buffer(source, 0, fence, 0, 16)
-        return enc.finish()
+        buffers = []
+        for start in range(0, reps, BATCH_UNITS):
+            enc = self.device.create_command_encoder()
+            record(enc, min(BATCH_UNITS, reps - start))
+            if start + BATCH_UNITS >= reps:
+                enc.copy_buffer_to_buffer(source, 0, fence, 0, 16)
+            buffers.append(enc.finish())
+        return buffers
 
-    def _run_and_wait(self, command_buffer):
-        """Submit a command buffer made by _fenced and block until the GPU is done."""
-        self.device.queue.submit([command_buffer])
+    def _run_and_wait(self, command_buffers):
+        """Submit command buffers made by _batch and block until the GPU is done."""
+        self.device.queue.submit(command_buffers)
         fence = self._work["fence"]
         if self._native is not None:
             self._native.map(fence, 16)
@@ -913,17 +1163,17 @@ fn main(@builtin(local_invocation_index) li: u32) {
             fence.map_sync(wgpu.MapMode.READ, 0, 16)
             fence.unmap()
 
-    def _time_batches(self, build, min_seconds: float) -> float:
-        """Seconds per unit of build(reps), a command buffer of reps units of work: warm up, then
-        grow the batch until it lasts long enough that submission and wake-up costs are small
-        beside it. Only the submission and the wait are timed: the commands are recorded before
-        the clock starts (recording is host work the GPU would otherwise be idle for)."""
-        self._run_and_wait(build(1))
+    def _time_batches(self, record, min_seconds: float) -> float:
+        """Seconds per unit of record(encoder, count), which records count units of work: warm
+        up, then grow the batch until it lasts long enough that submission and wake-up costs are
+        small beside it. Only the submission and the wait are timed: the commands are recorded
+        before the clock starts (recording is host work the GPU would otherwise be idle for)."""
+        self._run_and_wait(self._batch(record, 1))
         reps = 1
         while True:
-            command_buffer = build(reps)
+            command_buffers = self._batch(record, reps)
             start = time.perf_counter()
-            self._run_and_wait(command_buffer)
+            self._run_and_wait(command_buffers)
             elapsed = time.perf_counter() - start
             if elapsed >= min_seconds or reps >= 4096:
                 return elapsed / reps

@@ -1,11 +1,14 @@
 // Small-M kernel: C[m, col] partial sums over one k-split, for M_TILE rows of A at a time.
 //
-// One workgroup = one 64-column Marlin chunk of one expert x one k-split x one m-tile.
-// Its 256 invocations are 8 k-slots x 32 lanes. Lane t reads word quad 4t..4t+3 of the chunk row
+// One workgroup = one 64-column Marlin chunk of one expert x one k-split x one m-tile. The m-tiles
+// of a chunk are neighbours in grid x (x = chunk * m_tiles + tile), launched side by side, so all
+// but the first can find the chunk's weight in cache.
+// Its 32 * K_SLOTS invocations are K_SLOTS k-slots (8, 16 or 32) x 32 lanes. Lane t reads word quad 4t..4t+3 of the chunk row
 // as one vec4<u32> (16 bytes; the 32 lanes of a slot read 512 contiguous bytes). That quad is the
 // B fragment Marlin's lane t owns: k rows {r0, r0+1, r0+8, r0+9} (r0 = 2*(t%4)) and columns
 // {c, c+8} (c = t/4) of each of the 4 n-tiles j (word j of the quad), so the lane needs only two
-// words of A per row m: halves (r0, r0+1) and (r0+8, r0+9). Slot s walks kt = kt_lo+s, +8, ...
+// words of A per row m: halves (r0, r0+1) and (r0+8, r0+9). Slot s walks kt = kt_lo + s,
+// + K_SLOTS, ...
 //
 // Dequantization: nibble pair p = (p, p+4) of a word is the same column, k rows (r, r+1)
 // (NIB_DR/NIB_DC and the NIB_PAIR_* indices come from ferrum.format), so each pair dots with the
@@ -19,8 +22,10 @@
 // Channelwise scales (one group) are applied once, after the k loop.
 //
 // Reduction: lanes t with equal t/4 share columns; first over t%4 (subgroup shuffles, or
-// workgroup memory), then over the 8 k-slots in workgroup memory. The 64 column sums go to the
-// fp32 scratch slot of this split; reduce.wgsl adds the slots and writes fp16.
+// workgroup memory), then over the k-slots in workgroup memory: more than 8 are folded in halves
+// down to 8 (slots s + half add into slot s), and column_sum adds the last 8. The 64 column sums
+// go to the fp32 scratch slot of this split (reduce.wgsl adds the slots and writes fp16), or
+// with DIRECT straight to C.
 
 {{PARAMS}}
 {{TABLES}}
@@ -29,7 +34,12 @@ const M_TILE: u32 = {{M_TILE}}u;
 const SUBGROUPS: bool = {{SUBGROUPS}};
 const CHANNELWISE: bool = {{CHANNELWISE}};
 const PRESCALE: bool = {{PRESCALE}};
-const K_SLOTS: u32 = 8u;
+// DIRECT: this dispatch is the whole k range (one k-split, one weight piece), so the column sums
+// are final: written to C as fp16 pairs, with no scratch and no reduce.wgsl pass.
+const DIRECT: bool = {{DIRECT}};
+const LOADS: u32 = {{LOADS}}u;
+const K_SLOTS: u32 = {{K_SLOTS}}u;
+const FINAL_SLOTS: u32 = 8u;                  // k-slots column_sum adds (after the folds)
 // lanes t%4 = 0..3 to add in workgroup memory (1 when subgroup shuffles added them already)
 const LANE_TERMS: u32 = select(4u, 1u, SUBGROUPS);
 
@@ -37,9 +47,11 @@ const LANE_TERMS: u32 = select(4u, 1u, SUBGROUPS);
 @group(0) @binding(1) var<storage, read> W: array<vec4<u32>>;
 @group(0) @binding(2) var<storage, read> S: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read> A: array<u32>;
-@group(0) @binding(4) var<storage, read_write> OUT: array<f32>;
+// fp32 partial sums (bit patterns) in the scratch slots, or (DIRECT) fp16 pairs of C
+@group(0) @binding(4) var<storage, read_write> OUT: array<u32>;
 
-var<workgroup> red: array<vec4<f32>, 512>;   // [k-slot 8][lane 32][columns q/4][q%4]
+// [k-slot][lane 32][columns q/4][q%4]: the 8 final slots, or the upper half of the first fold
+var<workgroup> red: array<vec4<f32>, {{RED_VEC4S}}>;
 
 fn dequant_pair(x: u32, p: u32) -> vec2<f32> {
     // Nibbles p and p + 4, OR'd into the mantissa of 2^23: the float 2^23 + q, exact.
@@ -53,11 +65,12 @@ fn scale_half(pos: u32) -> f32 {   // pos: half index into the scale binding
     return unpack2x16float(v[(pos / 2u) % 4u])[pos % 2u];
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size({{WORKGROUP_SIZE}})
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let chunk = wg.x;
-    let split = wg.y % P.splits;
-    let m0 = (wg.y / P.splits) * M_TILE;
+    let m_tiles = (P.M + M_TILE - 1u) / M_TILE;
+    let chunk = wg.x / m_tiles;
+    let m0 = (wg.x % m_tiles) * M_TILE;
+    let split = wg.y;
     let e_local = wg.z;
     let lane = li % 32u;
     let slot = li / 32u;
@@ -77,16 +90,24 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     // unrolled, so every accumulator is a register on every compiler.
 {{ACC_DECL}}
 
-    // Software pipelined: the next quad is in flight while this one is dequantized.
+    // Software pipelined: each lane keeps LOADS quads in flight at once (kt rows kt, kt + 8, ...
+    // of its k-slot: independent 16-byte loads, so enough bytes are in flight even when the grid
+    // is small), and the next batch is loaded while this one is dequantized. Past kt_hi the last
+    // valid row is re-read (cached) and not used.
+    let kt_last = max(kt_hi, 1u) - 1u;
     var kt = kt_lo + slot;
-    var x_next = vec4<u32>(0u);
-    if (kt < kt_hi) { x_next = W[w_at + kt * w_row]; }
+{{LOAD_DECL}}
     loop {
         if (kt >= kt_hi) { break; }
-        let x = x_next;
-        let kt_next = kt + K_SLOTS;
-        if (kt_next < kt_hi) { x_next = W[w_at + kt_next * w_row]; }
-        let ktg = P.kt_begin + kt;                            // kt within the expert
+        let kt_next = kt + K_SLOTS * LOADS;
+{{LOAD_NEXT}}
+        // One quad: dequantize lane's quad XQ of kt row KTQ and accumulate it into every row of
+        // the tile. The host repeats this block (between the step markers) once per load u, with
+        // XQ = x{u}, KTQ = kt + 8u (its kt row), skipping rows past kt_hi.
+        //@step-begin
+        if (KTQ < kt_hi) {
+        let x = XQ;
+        let ktg = P.kt_begin + KTQ;                           // kt within the expert
         var sc = vec4<u32>(0x3C003C00u);                      // 1.0 halves (channelwise)
         if (!CHANNELWISE) {
             sc = S[s_at + ((ktg >> P.group_shift) - P.g_begin) * s_row];
@@ -130,17 +151,32 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             sa = vec4<f32>(s0, s1);
             sb = vec4<f32>(s2, s3);
         }
+        // The quad by k row: k{a,b}{d} = columns q 0..3 (a) or 4..7 (b) at k row r0 + d.
+        let ka0 = vec4<f32>(w0.x, w1.x, w2.x, w3.x);
+        let ka1 = vec4<f32>(w0.y, w1.y, w2.y, w3.y);
+        let ka8 = vec4<f32>(v0.x, v1.x, v2.x, v3.x);
+        let ka9 = vec4<f32>(v0.y, v1.y, v2.y, v3.y);
+        let kb0 = vec4<f32>(w4.x, w5.x, w6.x, w7.x);
+        let kb1 = vec4<f32>(w4.y, w5.y, w6.y, w7.y);
+        let kb8 = vec4<f32>(v4.x, v5.x, v6.x, v7.x);
+        let kb9 = vec4<f32>(v4.y, v5.y, v6.y, v7.y);
         let a_k = P.a_base + ktg * 8u + t4;                   // u32 of halves (16kt + r0, +1)
 {{ACCUMULATE}}
+        }
+        //@step-end
         kt = kt_next;
     }
 
-    // Reduce and write, row by row of the tile.
+    // Reduce and write, row by row of the tile. Invocation li < 64 writes column li of the chunk
+    // to the scratch slot, or (DIRECT) li < 32 writes columns 2li, 2li + 1 as one u32 of C.
     let col_out = P.col_base + e_local * P.n + chunk * 64u;
     let slot_at = P.out_base + (P.slot_base + split) * P.slot_stride;
-    var scale = 1.0;
+    let col_a = select(li, 2u * li, DIRECT);
+    var scale = vec2<f32>(1.0);
     if (CHANNELWISE && li < 64u) {
-        scale = scale_half(P.s_base + e_local * P.s_expert + chunk * 64u + SCALE_POS[li]);
+        let s_first = P.s_base + e_local * P.s_expert + chunk * 64u;
+        scale = vec2<f32>(scale_half(s_first + SCALE_POS[col_a % 64u]),
+                          scale_half(s_first + SCALE_POS[(col_a + 1u) % 64u]));
     }
 {{REDUCE}}
 }
@@ -150,7 +186,7 @@ fn column_sum(col: u32) -> f32 {
     let q = 2u * (col / 16u) + (col % 16u) / 8u;
     let c = col % 8u;
     var sum = 0.0;
-    for (var s = 0u; s < K_SLOTS; s++) {
+    for (var s = 0u; s < FINAL_SLOTS; s++) {
         for (var r = 0u; r < LANE_TERMS; r++) {
             sum += red[(s * 32u + 4u * c + r) * 2u + q / 4u][q % 4u];
         }

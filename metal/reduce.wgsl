@@ -1,5 +1,7 @@
 // Finish: C[m, 2i..2i+1] = fp16(sum over the k-split slots of the fp32 partial sums), written as
-// one u32 of two halves (the output is [M, n_total] float16 viewed as u32 pairs).
+// one u32 of two halves (the output is [M, n_total] float16 viewed as u32 pairs). Slots are read
+// four at a time, four independent loads in flight, so the pass does not wait on memory once per
+// slot.
 
 {{PARAMS}}
 
@@ -15,8 +17,17 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (pair >= pairs) { return; }
     var sum = vec2<f32>(0.0);
     let at = P.out_base / 2u + row * pairs + pair;
-    for (var s = 0u; s < P.splits; s++) {
-        sum += PART[at + s * (P.slot_stride / 2u)];
+    let stride = P.slot_stride / 2u;
+    var s = 0u;
+    for (; s + 4u <= P.splits; s += 4u) {
+        let p0 = PART[at + s * stride];
+        let p1 = PART[at + (s + 1u) * stride];
+        let p2 = PART[at + (s + 2u) * stride];
+        let p3 = PART[at + (s + 3u) * stride];
+        sum += (p0 + p1) + (p2 + p3);
+    }
+    for (; s < P.splits; s++) {
+        sum += PART[at + s * stride];
     }
     C[P.c_base + row * pairs + pair] = pack2x16float(sum);
 }

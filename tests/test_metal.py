@@ -185,6 +185,69 @@ def test_mm_split_over_k_as_on_a_large_gpu(group_size):
             assert main_grid[1] > 1, f"M={m}: no k-split ({main_grid})"
 
 
+def planner(**values):
+    """Override several planner knobs at once (vector_m_tile, gemv_loads, target_workgroups)."""
+    stack = contextlib.ExitStack()
+    for name, value in values.items():
+        stack.enter_context(_overridden(name, value))
+    return stack
+
+
+@pytest.mark.parametrize("group_size", [-1, 128])
+def test_mm_vector_kernel_every_m_up_to_16(group_size):
+    # gemv serves every M <= 16 (odd M too: rows past M re-read row M - 1 and are never written),
+    # in one m-tile of up to 16 rows or in tiles of 8, with one k-split (C written by gemv, no
+    # reduce pass) or several, 1, 2 or 4 quads in flight per lane, and 8, 16 or 32 k-slots.
+    size_k, size_n = 512, 192
+    rng = np.random.default_rng(900 + group_size)
+    p = random_problem(rng, size_k, size_n, group_size)
+    w = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=group_size,
+                                      backend="metal")
+    variants = [dict(vector_m_tile=16, gemv_loads=1, target_workgroups=1),
+                dict(vector_m_tile=8, gemv_loads=2, target_workgroups=1024),
+                dict(vector_m_tile=16, gemv_loads=4, target_workgroups=64),
+                # 16 or 32 k-slots a workgroup: the k-slots folded in halves before the last 8
+                dict(vector_m_tile=8, gemv_loads=1, target_workgroups=4096, gemv_k_slots=32),
+                dict(vector_m_tile=16, gemv_loads=2, target_workgroups=1, gemv_k_slots=16)]
+    seen = set()
+    for knobs in variants:
+        with planner(**knobs):
+            for m in range(1, 17):
+                check_mm(w, rng.standard_normal((m, size_k)).astype(np.float16), p.dense[0])
+                plan = last_plan(w)
+                assert plan.summary.startswith("gemv"), plan.summary
+                seen.add(("direct" in plan.summary, len(plan.dispatches)))
+    # both ways of finishing ran: gemv alone writing C, and gemv + reduce over k-splits
+    assert (True, 1) in seen and any(not direct and n == 2 for direct, n in seen), seen
+
+
+def test_mm_vector_kernel_direct_write_for_stacked_experts():
+    # gemv writing C itself (one k-slot) for every expert at once and for one, next to the
+    # k-split + reduce path of the same shapes
+    size_k, size_n, experts = 1024, 128, 3     # 64 kt rows: room for a k-split
+    rng = np.random.default_rng(950)
+    p = random_problem(rng, size_k, size_n, 64, experts=experts)
+    w = ferrum.load_stacked(p.qweights, p.scales, group_size=64, backend="metal")
+    for target in (1, 4096):
+        with planner(target_workgroups=target):
+            for m in (1, 5, 16):
+                a = rng.standard_normal((m, size_k)).astype(np.float16)
+                check_mm(w, a, np.concatenate(p.dense, axis=1))
+                assert ("direct" in last_plan(w).summary) == (target == 1)
+                check_mm(w, a, p.dense[2], expert=2)
+
+
+def test_bench_batches_are_bounded_command_buffers():
+    # the bench's timed batches are cut into command buffers of at most BATCH_UNITS units (wgpu
+    # reuses encoders, and one that held thousands of passes slowed every later submission)
+    from ferrum.metal import backend as MB
+    counts = []
+    with BACKEND._lock:
+        buffers = BACKEND._batch(lambda enc, count: counts.append(count), 2 * MB.BATCH_UNITS + 3)
+        BACKEND._run_and_wait(buffers)
+    assert len(buffers) == 3 and counts == [MB.BATCH_UNITS, MB.BATCH_UNITS, 3]
+
+
 def test_mm_without_subgroups_matches_reference():
     size_k, size_n = 512, 128
     rng = np.random.default_rng(400)
@@ -251,13 +314,15 @@ def test_mm_call_paths_agree_bit_for_bit():
     rng = np.random.default_rng(800)
     p = random_problem(rng, size_k, size_n, 64)
     w = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=64, backend="metal")
-    saved = BACKEND._native
+    saved, saved_upload = BACKEND._native, BACKEND.mapped_upload
     try:
         for m in (1, 5, 40):
             a = rng.standard_normal((m, size_k)).astype(np.float16)
             got = {}
-            for name, native in (("native", saved), ("wgpu-py", None)):
-                BACKEND._native = native
+            # the C-API path with A through the mapped upload buffer and through write_buffer
+            for name, native, mapped in (("native", saved, True), ("native write", saved, False),
+                                         ("wgpu-py", None, True)):
+                BACKEND._native, BACKEND.mapped_upload = native, mapped
                 check_mm(w, a, p.dense[0])
                 wide = poisoned(m, 2 * size_n)
                 ferrum.mm(a, w, out=wide[:, ::2])
@@ -265,8 +330,9 @@ def test_mm_call_paths_agree_bit_for_bit():
                 got[name] = ferrum.mm(a, w)
                 np.testing.assert_array_equal(got[name], wide[:, ::2])
             np.testing.assert_array_equal(got["native"], got["wgpu-py"])
+            np.testing.assert_array_equal(got["native"], got["native write"])
     finally:
-        BACKEND._native = saved
+        BACKEND._native, BACKEND.mapped_upload = saved, saved_upload
 
 
 def test_stream_bandwidth_reports_every_rate():
