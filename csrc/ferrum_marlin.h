@@ -48,6 +48,9 @@ typedef struct ferrum_mm_plan_info {
     int grid;                /* thread blocks launched */
     size_t counter_bytes;    /* zero-initialised lock/counter buffer (ferrum leaves it zero) */
     size_t data_bytes;       /* FP32 split-K partials + the act-order permuted copy of A */
+    int cluster_reduce;      /* 1: the splits of a C tile run as one thread block cluster and
+                                add their partials through distributed shared memory (sm_90;
+                                no partials in the workspace); FERRUM_NO_CLUSTER=1 turns it off */
 } ferrum_mm_plan_info;
 
 const char *ferrum_get_last_error(void);

@@ -321,6 +321,49 @@ static int prepare_kernel(const DeviceProps &dev, int tile, int mb, bool grouped
     return FERRUM_OK;
 }
 
+// FERRUM_NO_CLUSTER=1 keeps split-K on the workspace reduction (for comparisons).
+static const bool g_clusters_enabled = [] {
+    const char *v = getenv("FERRUM_NO_CLUSTER");
+    return !(v && v[0] && v[0] != '0');
+}();
+
+// How many blocks of a kernel run at once when its grid is made of clusters of `size` blocks
+// (clusters must fit a GPC, so this can be less than SMs x blocks per SM). 0: none fit.
+static std::atomic<int> g_cluster_slots[kMaxDevices][6][8][2][kMaxClusterSplits + 1];   // slots + 1; 0 = unknown
+
+static int cluster_slots(const DeviceProps &dev, int tile, int mb, bool grouped, int size, int *slots) {
+    std::atomic<int> *slot = nullptr;
+    if (dev.device >= 0 && dev.device < kMaxDevices) {
+        slot = &g_cluster_slots[dev.device][tile - 1][mb - 1][grouped ? 1 : 0][size];
+        const int known = slot->load(std::memory_order_relaxed);
+        if (known > 0) {   // stored as slots + 1
+            *slots = known - 1;
+            return FERRUM_OK;
+        }
+    }
+    const KernelEntry k = select_kernel(tile, mb, grouped);
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(size * dev.sm_count);
+    config.blockDim = dim3(256);
+    config.dynamicSmemBytes = k.smem_bytes;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = size;
+    attribute[0].val.clusterDim.y = 1;
+    attribute[0].val.clusterDim.z = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    int clusters = 0;
+    const cudaError_t err = cudaOccupancyMaxActiveClusters(&clusters, k.fn, &config);
+    if (err != cudaSuccess) {   // e.g. clusters unsupported: treat as no cluster fits
+        cudaGetLastError();
+        clusters = 0;
+    }
+    *slots = clusters * size;
+    if (slot) slot->store(*slots + 1, std::memory_order_relaxed);
+    return FERRUM_OK;
+}
+
 static size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
 // Rows handled by one launch: bounds the act-order copy of A and the partial sums.
@@ -341,6 +384,10 @@ constexpr int kWgmmaMinRows = 33;
 // Split-K choice for one (tile, m_blocks): the fewest waves x (k-tiles per block x cost of a
 // k-tile + fixed cost + partial-sum traffic) + a reduction tail per split, over the splits that
 // keep the partials small. Constants fitted to tools/tune.py runs on an H100. Returns the cost.
+// Cost of the partials' exchange through distributed shared memory, as a share of the
+// workspace path's (a guess to be fitted: SM-to-SM traffic, no L2 round trip).
+constexpr double kClusterPartialShare = 0.25;
+
 struct SplitModel {
     double kt_cost;      // one k-tile of one block, relative
     double fixed;        // prologue + epilogue of a block, in k-tiles
@@ -349,7 +396,8 @@ struct SplitModel {
 };
 
 static double choose_splits(const DeviceProps &dev, int occ, int size_m, int size_k, int size_n,
-                            int num_experts, int tile, int mb, const SplitModel &model, int *splits) {
+                            int num_experts, int tile, int mb, bool grouped, const SplitModel &model,
+                            int *splits, int *cluster) {
     const int tk = tile_k(tile), tn = tile_n(tile);
     const long long tiles = (long long)((size_m + 16 * mb - 1) / (16 * mb)) * num_experts *
                             ((size_n + tn - 1) / tn);
@@ -359,6 +407,7 @@ static double choose_splits(const DeviceProps &dev, int occ, int size_m, int siz
     const double live_rows = std::min(size_m, 16 * mb);
     double best_cost = 1e300;
     *splits = 1;
+    *cluster = 0;
     // Split K only while the grid does not fill the GPU: beyond, a split adds partial traffic
     // and a serial tail for nothing (the wave count alone misjudges this near 1-2 waves).
     const int max_splits = tiles >= slots ? 1 : std::min(k_tiles, 32);
@@ -375,6 +424,24 @@ static double choose_splits(const DeviceProps &dev, int occ, int size_m, int siz
         if (cost < best_cost * model.hysteresis) {
             best_cost = cost;
             *splits = s;
+            *cluster = 0;
+        }
+        // The same split as clusters (sm_90): the partials cross distributed shared memory
+        // instead of L2, and the sum is spread over the cluster (no serial tail); but clusters
+        // must fit in a GPC, which can leave SMs idle.
+        if (s > 1 && s <= kMaxClusterSplits && g_clusters_enabled && dev.major >= 9) {
+            int cslots = 0;
+            if (cluster_slots(dev, tile, mb, grouped, s, &cslots) != FERRUM_OK) cslots = 0;
+            if (cslots > 0) {
+                const long long cwaves = (tiles * s + cslots - 1) / cslots;
+                const double ccost = cwaves * ((k_tiles + s - 1) / s * model.kt_cost + model.fixed +
+                                               kClusterPartialShare * partial_cost);
+                if (ccost < best_cost * model.hysteresis) {
+                    best_cost = ccost;
+                    *splits = s;
+                    *cluster = 1;
+                }
+            }
         }
     }
     return best_cost;
@@ -429,7 +496,7 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
     }
     FERRUM_REQUIRE(n_candidates > 0, "ferrum_mm: no kernel for tile=%d m_blocks=%d", cfg.tile, cfg.m_blocks);
     double best_cost = 1e300;
-    int best_splits = 1;
+    int best_splits = 1, best_cluster = 0;
     Candidate best = candidates[0];
     for (int i = 0; i < n_candidates; ++i) {
         const Candidate c = candidates[i];
@@ -441,18 +508,27 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
         SplitModel model{1.0, 2.0, 0.25, 0.97};   // mma.sync
         if (c.tile >= 4)
             model = SplitModel{(c.tile == 6 || c.mb == 8 ? 1.0 : 0.65) * tile_k(c.tile) / 128.0, 1.0, 0.5, 1.0};
-        int splits = 1;
+        int splits = 1, cluster = 0;
         const double cost = choose_splits(dev, occ, size_m, size_k, size_n, num_experts, c.tile, c.mb,
-                                          model, &splits);
+                                          grouped, model, &splits, &cluster);
         if (cost < best_cost) {
             best_cost = cost;
             best = c;
             best_splits = splits;
+            best_cluster = cluster;
         }
     }
     cfg.tile = best.tile;
     cfg.m_blocks = best.mb;
-    if (cfg.splits == 0) cfg.splits = best_splits;
+    if (cfg.splits == 0) {
+        cfg.splits = best_splits;
+    } else {   // splits asked for: as clusters wherever they fit one
+        int cslots = 0;
+        if (cfg.splits > 1 && cfg.splits <= kMaxClusterSplits && g_clusters_enabled && dev.major >= 9 &&
+            cluster_slots(dev, cfg.tile, cfg.m_blocks, grouped, cfg.splits, &cslots) != FERRUM_OK)
+            cslots = 0;
+        best_cluster = cfg.splits > 1 && cfg.splits <= kMaxClusterSplits && cslots > 0;
+    }
     const int tk = tile_k(cfg.tile), tn = tile_n(cfg.tile);
     const int m_slices = (size_m + 16 * cfg.m_blocks - 1) / (16 * cfg.m_blocks);
     const long long tiles = (long long)m_slices * num_experts * ((size_n + tn - 1) / tn);
@@ -463,8 +539,10 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
     plan->config = cfg;
     plan->m_slices = m_slices;
     plan->grid = static_cast<int>(tiles * cfg.splits);
-    plan->counter_bytes = cfg.splits > 1 ? align_up(tiles * sizeof(int), 256) : 0;
-    const size_t partial_bytes = cfg.splits > 1 ? align_up(tiles * cfg.splits * tile_bytes, 256) : 0;
+    plan->cluster_reduce = cfg.splits > 1 && best_cluster;
+    const bool workspace = cfg.splits > 1 && !plan->cluster_reduce;
+    plan->counter_bytes = workspace ? align_up(tiles * sizeof(int), 256) : 0;
+    const size_t partial_bytes = workspace ? align_up(tiles * cfg.splits * tile_bytes, 256) : 0;
     const size_t a_bytes = act_order ? align_up(size_t(size_m) * size_k * 2, 256) : 0;
     plan->data_bytes = partial_bytes + a_bytes;
     return FERRUM_OK;
@@ -558,7 +636,7 @@ extern "C" int ferrum_mm(const void *a, const void *b, const void *scales, void 
         const ferrum_mm_plan_info &plan = rows == full_rows ? full : last;
         const int tile = plan.config.tile, mb = plan.config.m_blocks;
         const half *a_rows = static_cast<const half *>(a) + (long long)row0 * size_k;
-        const size_t partial_bytes = plan.config.splits > 1
+        const size_t partial_bytes = plan.config.splits > 1 && !plan.cluster_reduce
             ? align_up((size_t)plan.grid * 16 * mb * tile_n(tile) * sizeof(float), 256) : 0;
         if (perm) {
             void *a_perm = static_cast<char *>(data) + partial_bytes;
@@ -581,6 +659,7 @@ extern "C" int ferrum_mm(const void *a, const void *b, const void *scales, void 
         p.n_tiles_total = p.tiles_per_expert * num_experts;
         p.m_slices = plan.m_slices;
         p.splits = plan.config.splits;
+        p.cluster_reduce = plan.cluster_reduce;
         p.k_tiles = size_k / tile_k(tile);
         p.group_shift = grouped ? group_shift_of(group_size) : 0;
         p.b_expert_int4 = (long long)(size_k / 16) * 2 * size_n / 4;

@@ -4,12 +4,15 @@
 // mm_wgmma.cu the wgmma kernel (sm_90a, many rows).
 #pragma once
 
+#include <cooperative_groups.h>
 #include <cuda_fp16.h>
 
 #include "common.cuh"
 #include "ptx.cuh"
 
 namespace ferrum {
+
+constexpr int kMaxClusterSplits = 8;   // the portable cluster size
 
 struct MmParams {
     const half *a;          // [M, K] row-major, this launch's rows
@@ -26,13 +29,16 @@ struct MmParams {
     int splits;             // split-K factor
     int k_tiles;            // K / TK
     int group_shift;        // log2(group size) for grouped scales
+    int cluster_reduce;     // 1: the splits of a C tile are one thread block cluster and add
+                            // their partials through distributed shared memory (sm_90)
     long long b_expert_int4;    // Marlin int4 per expert: (K/16) * 2N / 4
     long long s_expert_halves;  // scale entries per expert: groups * N
 };
 
 // Which C tile and which K range a block owns. Block order: m slice fastest, so the blocks
 // that read the same B tile run together and share it through L2; then column tile; split-K
-// slowest.
+// slowest. With cluster_reduce, split fastest: the splits of a tile are consecutive blocks,
+// one cluster, and a block's rank in its cluster is its split.
 struct BlockWork {
     int m_slice, ntile, split, e_local, n0, m0, kt_begin, iters;
     const int4 *B;     // this expert's Marlin words
@@ -42,10 +48,17 @@ struct BlockWork {
 __device__ __forceinline__ BlockWork block_work(const MmParams &p, int rows_per_block, int tn) {
     BlockWork w;
     int bid = blockIdx.x;
-    w.m_slice = bid % p.m_slices;
-    bid /= p.m_slices;
-    w.ntile = bid % p.n_tiles_total;
-    w.split = bid / p.n_tiles_total;
+    if (p.cluster_reduce) {
+        w.split = bid % p.splits;
+        bid /= p.splits;
+        w.m_slice = bid % p.m_slices;
+        w.ntile = bid / p.m_slices;
+    } else {
+        w.m_slice = bid % p.m_slices;
+        bid /= p.m_slices;
+        w.ntile = bid % p.n_tiles_total;
+        w.split = bid / p.n_tiles_total;
+    }
     w.e_local = w.ntile / p.tiles_per_expert;
     w.n0 = (w.ntile % p.tiles_per_expert) * tn;     // first column inside the expert
     w.m0 = w.m_slice * rows_per_block;
@@ -144,10 +157,16 @@ __device__ __forceinline__ int channel_scale_index(int n) {
 }
 
 // The block's FP32 C tile (ROWS x TN, row stride C_STRIDE floats, in shared memory, complete
-// for every thread after a barrier) -> fp16 C. With split-K, every block writes its partial to
-// the workspace and bumps a per-tile counter; the block that finds itself last sums the
-// partials split 0, 1, 2, ... and writes C. The sum is deterministic and no block ever waits
-// for another. Channelwise scales multiply the FP32 sums here.
+// for every thread after a barrier) -> fp16 C. With split-K, either
+//   * (cluster_reduce) the splits of the tile are one cluster: after a cluster barrier, block
+//     q sums rows q, q + splits, ... of all the splits' tiles, read from their shared memory
+//     (split 0, 1, 2, ... in order), and writes them; no workspace, and the reduction is
+//     spread over the cluster instead of left to one block; or
+//   * every block writes its partial to the workspace and bumps a per-tile counter; the block
+//     that finds itself last sums the partials split 0, 1, 2, ... and writes C; no block
+//     ever waits for another.
+// Both sums are deterministic, and the same: 0 + p0 + p1 + ... in FP32. Channelwise scales
+// multiply the FP32 sums here.
 template <int ROWS, int TN, int C_STRIDE, int THREADS, bool GROUPED>
 __device__ __forceinline__ void write_c_tile(const MmParams &p, const BlockWork &w,
                                              const float *ctile) {
@@ -181,6 +200,34 @@ __device__ __forceinline__ void write_c_tile(const MmParams &p, const BlockWork 
             v[4] = hi.x; v[5] = hi.y; v[6] = hi.z; v[7] = hi.w;
             store_out(r, c8, v);
         }
+        return;
+    }
+
+    if (p.cluster_reduce) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        namespace cg = cooperative_groups;
+        cg::cluster_group cluster = cg::this_cluster();
+        cluster.sync();   // every split's C tile is complete in its shared memory
+        const int my_rows = rows > w.split ? (rows - w.split + p.splits - 1) / p.splits : 0;
+        for (int i = tid; i < my_rows * kVecsPerRow; i += THREADS) {
+            const int r = w.split + p.splits * (i / kVecsPerRow), c8 = 8 * (i % kVecsPerRow);
+            if (c8 >= cols) continue;
+            float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int q = 0; q < kMaxClusterSplits; ++q) {   // fixed order: deterministic
+                if (q >= p.splits) break;
+                const float *src = cluster.map_shared_rank(ctile + r * C_STRIDE + c8, q);
+                const float4 lo = *reinterpret_cast<const float4 *>(src);
+                const float4 hi = *reinterpret_cast<const float4 *>(src + 4);
+                v[0] += lo.x; v[1] += lo.y; v[2] += lo.z; v[3] += lo.w;
+                v[4] += hi.x; v[5] += hi.y; v[6] += hi.z; v[7] += hi.w;
+            }
+            store_out(r, c8, v);
+        }
+        cluster.sync();   // no block leaves (freeing its shared memory) while others read it
+#else
+        __trap();   // the planner asks for clusters on sm_90 and later only
+#endif
         return;
     }
 
@@ -242,7 +289,8 @@ struct KernelEntry {
     int (*launch)(const MmParams &, int grid, cudaStream_t stream, bool pdl);
 };
 
-// Launch `kernel` with programmatic dependent launch when asked (sm_90+).
+// Launch `kernel` with programmatic dependent launch when asked (sm_90+), and the splits of
+// each tile as one cluster when p.cluster_reduce.
 template <int THREADS, int SMEM_BYTES>
 inline int launch_mm(void (*kernel)(const MmParams), const MmParams &p, int grid,
                      cudaStream_t stream, bool pdl) {
@@ -251,11 +299,20 @@ inline int launch_mm(void (*kernel)(const MmParams), const MmParams &p, int grid
     config.blockDim = dim3(THREADS);
     config.dynamicSmemBytes = SMEM_BYTES;
     config.stream = stream;
-    cudaLaunchAttribute attribute[1];
-    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchAttribute attribute[2];
+    int n = 0;
+    if (pdl) {
+        attribute[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attribute[n++].val.programmaticStreamSerializationAllowed = 1;
+    }
+    if (p.cluster_reduce) {
+        attribute[n].id = cudaLaunchAttributeClusterDimension;
+        attribute[n].val.clusterDim.x = p.splits;
+        attribute[n].val.clusterDim.y = 1;
+        attribute[n++].val.clusterDim.z = 1;
+    }
     config.attrs = attribute;
-    config.numAttrs = pdl ? 1 : 0;
+    config.numAttrs = n;
     FERRUM_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
     return FERRUM_OK;
 }

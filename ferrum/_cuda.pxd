@@ -68,6 +68,7 @@ cdef extern from "ferrum_marlin.h" nogil:
         int grid
         size_t counter_bytes
         size_t data_bytes
+        int cluster_reduce
 
     const char *ferrum_get_last_error()
     int ferrum_get_last_cuda_status()

@@ -337,7 +337,8 @@ def mm_plan(int size_m, int size_k, int size_n, int num_experts=1, bint act_orde
     check_ferrum(ferrum_mm_plan(size_m, size_k, size_n, num_experts, act_order, &cfg, &plan))
     return {"tile": plan.config.tile, "m_blocks": plan.config.m_blocks,
             "splits": plan.config.splits, "m_slices": plan.m_slices, "grid": plan.grid,
-            "counter_bytes": plan.counter_bytes, "data_bytes": plan.data_bytes}
+            "counter_bytes": plan.counter_bytes, "data_bytes": plan.data_bytes,
+            "cluster": bool(plan.cluster_reduce)}
 
 
 # Workspaces, one per (device, stream): a zeroed counter buffer (the kernels leave it zero) and

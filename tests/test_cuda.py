@@ -167,6 +167,26 @@ def test_mm_wgmma_act_order_stacked_and_deterministic(rng):
     assert _rel_err(got1, a.astype(np.float64) @ stacked.dense[1]) <= TOL
 
 
+def test_mm_split_k_paths(rng):
+    """Split-K through a thread block cluster (sm_90, up to 8 splits; no workspace partials)
+    and through the workspace (more splits, or older GPUs) both match float64."""
+    import os
+    problem = random_problem(rng, 4096, 320, 128)
+    weight = _weight(problem)
+    a = _activations(rng, 40, 4096)
+    ref = a.astype(np.float64) @ problem.dense[0]
+    hopper = ferrum._cuda.probe()["major"] >= 9
+    clusters = hopper and os.environ.get("FERRUM_NO_CLUSTER", "0") in ("", "0")
+    for tile in (2, 5) if _wgmma_planned() else (2,):
+        for splits in (2, 8, 12):
+            plan = ferrum._cuda.mm_plan(40, 4096, 320, tile=tile, splits=splits)
+            assert plan["cluster"] == (clusters and splits <= 8), (tile, splits, plan)
+            if plan["cluster"]:
+                assert plan["data_bytes"] == 0 and plan["counter_bytes"] == 0
+            got = ferrum.cuda.BACKEND.mm(a, weight, 0, None, tile=tile, splits=splits)
+            assert _rel_err(got, ref) <= TOL, (tile, splits)
+
+
 def test_mm_split_k_is_deterministic(rng):
     problem = random_problem(rng, 4096, 256, 128)
     weight = _weight(problem)
