@@ -364,6 +364,14 @@ static int cluster_slots(const DeviceProps &dev, int tile, int mb, bool grouped,
     return FERRUM_OK;
 }
 
+// Split-K as clusters: for the wgmma kernel (many rows, where the partials are large) on
+// sm_90. Measured on an H100 (FERRUM_NO_CLUSTER A/B): 8B o M=256 34.3 -> 25.9 us, 70B o M=256
+// 84.6 -> 74.8; but the mma.sync kernel at M <= 16 lost (70B down M=16 56 -> 75 us): its
+// partials are a few rows, and a cluster waits for its slowest block.
+static bool cluster_eligible(const DeviceProps &dev, int tile) {
+    return g_clusters_enabled && dev.major >= 9 && tile >= 4;
+}
+
 static size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
 // Rows handled by one launch: bounds the act-order copy of A and the partial sums.
@@ -426,10 +434,10 @@ static double choose_splits(const DeviceProps &dev, int occ, int size_m, int siz
             *splits = s;
             *cluster = 0;
         }
-        // The same split as clusters (sm_90): the partials cross distributed shared memory
-        // instead of L2, and the sum is spread over the cluster (no serial tail); but clusters
-        // must fit in a GPC, which can leave SMs idle.
-        if (s > 1 && s <= kMaxClusterSplits && g_clusters_enabled && dev.major >= 9) {
+        // The same split as clusters: the partials cross distributed shared memory instead of
+        // L2, and the sum is spread over the cluster (no serial tail); but clusters must fit
+        // in a GPC, which can leave SMs idle.
+        if (s > 1 && s <= kMaxClusterSplits && cluster_eligible(dev, tile)) {
             int cslots = 0;
             if (cluster_slots(dev, tile, mb, grouped, s, &cslots) != FERRUM_OK) cslots = 0;
             if (cslots > 0) {
@@ -522,12 +530,12 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
     cfg.m_blocks = best.mb;
     if (cfg.splits == 0) {
         cfg.splits = best_splits;
-    } else {   // splits asked for: as clusters wherever they fit one
+    } else {   // splits asked for: as clusters wherever they may and fit one
         int cslots = 0;
-        if (cfg.splits > 1 && cfg.splits <= kMaxClusterSplits && g_clusters_enabled && dev.major >= 9 &&
-            cluster_slots(dev, cfg.tile, cfg.m_blocks, grouped, cfg.splits, &cslots) != FERRUM_OK)
+        const bool eligible = cfg.splits > 1 && cfg.splits <= kMaxClusterSplits && cluster_eligible(dev, cfg.tile);
+        if (eligible && cluster_slots(dev, cfg.tile, cfg.m_blocks, grouped, cfg.splits, &cslots) != FERRUM_OK)
             cslots = 0;
-        best_cluster = cfg.splits > 1 && cfg.splits <= kMaxClusterSplits && cslots > 0;
+        best_cluster = eligible && cslots > 0;
     }
     const int tk = tile_k(cfg.tile), tn = tile_n(cfg.tile);
     const int m_slices = (size_m + 16 * cfg.m_blocks - 1) / (16 * cfg.m_blocks);
