@@ -1028,15 +1028,21 @@ fn main(@builtin(local_invocation_index) li: u32) {
         with self._lock:
             return self._plan(weight, m, expert).summary
 
-    def kernel_seconds(self, a: np.ndarray, weight, expert, min_seconds: float = 0.5) -> float:
-        """Seconds per mm's dispatches alone (no upload, no read-back), submitted back to back."""
-        self._ready()
+    def _timing_plan(self, a: np.ndarray, weight, expert):
+        """For the timing tools (lock held): mm's plan for a, with a (act-order permuted) uploaded
+        where mm's dispatches read it."""
         if weight.perm is not None:
             a = a[:, weight.perm]
         a = np.ascontiguousarray(a, dtype=np.float16)
+        plan = self._plan(weight, a.shape[0], expert)
+        self.device.queue.write_buffer(self._work["a"], 0, a)
+        return plan
+
+    def kernel_seconds(self, a: np.ndarray, weight, expert, min_seconds: float = 0.5) -> float:
+        """Seconds per mm's dispatches alone (no upload, no read-back), submitted back to back."""
+        self._ready()
         with self._lock:
-            plan = self._plan(weight, a.shape[0], expert)
-            self.device.queue.write_buffer(self._work["a"], 0, a)
+            plan = self._timing_plan(a, weight, expert)
 
             def record(enc, count):
                 for _ in range(count):
@@ -1051,12 +1057,8 @@ fn main(@builtin(local_invocation_index) li: u32) {
         self._ready()
         if not self.timestamps:
             raise RuntimeError("this device has no timestamp queries inside passes")
-        if weight.perm is not None:
-            a = a[:, weight.perm]
-        a = np.ascontiguousarray(a, dtype=np.float16)
         with self._lock:
-            plan = self._plan(weight, a.shape[0], expert)
-            self.device.queue.write_buffer(self._work["a"], 0, a)
+            plan = self._timing_plan(a, weight, expert)
             stamps = len(plan.dispatches) + 1
             query = self.device.create_query_set(type="timestamp", count=stamps)
             resolved = self.device.create_buffer(
