@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
+#include <cmath>
 #include <cstdlib>
 
 #include "common.cuh"
@@ -61,8 +62,12 @@ struct Tile {
 
     // Block reduce: one k-group's accumulators, laid out [register][warp column][lane] so
     // that a warp's 32 lanes touch 32 consecutive floats (no bank conflicts).
+    // The k-groups fold in halves (groups [h, 2h) add into [0, h), h = kKGroups/2 .. 1), so
+    // the buffer holds kKGroups/2 of them at once.
     static constexpr int kAccPerThread = MB * 8 * 4;       // MB m-tiles x 8 n8 tiles x 4
-    static constexpr int kRedBytes = kAccPerThread * kChunks * 32 * 4;
+    static constexpr int kRedFloats = kAccPerThread * kChunks * 32;   // one k-group
+    static constexpr int kRedBytes = kRedFloats * 4 * (kKGroups > 1 ? kKGroups / 2 : 1);
+    static_assert((kKGroups & (kKGroups - 1)) == 0, "k-groups fold in halves");
     // C tile in FP32, rows padded by 8 floats so that the float2 writes of one half-warp
     // (rows g = 0..3, columns 2i) fall in 16 different bank pairs.
     static constexpr int kCStride = TN + 8;
@@ -205,28 +210,31 @@ __global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
     cp_async_wait<0>();
     __syncthreads();
 
-    // ---- stage 3: block reduce -- k-groups 1.. add into k-group 0 through shared memory ---
+    // ---- stage 3: block reduce -- the k-groups fold in halves through shared memory --------
+    // (groups [h, 2h) add into [0, h) for h = kKGroups/2, ..., 1: log2 rounds, a fixed order)
     float *red = reinterpret_cast<float *>(smem);
 #pragma unroll
-    for (int g = T::kKGroups - 1; g >= 1; --g) {
-        if (kgroup == g) {
+    for (int h = T::kKGroups / 2; h >= 1; h /= 2) {
+        if (kgroup >= h && kgroup < 2 * h) {
+            float *slot = red + (kgroup - h) * T::kRedFloats;
 #pragma unroll
             for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
                 for (int j = 0; j < 8; ++j)
 #pragma unroll
                     for (int v = 0; v < 4; ++v)
-                        red[((mb * 8 + j) * 4 + v) * (T::kChunks * 32) + chunk * 32 + lane] = acc[mb][j][v];
+                        slot[((mb * 8 + j) * 4 + v) * (T::kChunks * 32) + chunk * 32 + lane] = acc[mb][j][v];
         }
         __syncthreads();
-        if (kgroup == 0) {
+        if (kgroup < h) {
+            const float *slot = red + kgroup * T::kRedFloats;
 #pragma unroll
             for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
                 for (int j = 0; j < 8; ++j)
 #pragma unroll
                     for (int v = 0; v < 4; ++v)
-                        acc[mb][j][v] += red[((mb * 8 + j) * 4 + v) * (T::kChunks * 32) + chunk * 32 + lane];
+                        acc[mb][j][v] += slot[((mb * 8 + j) * 4 + v) * (T::kChunks * 32) + chunk * 32 + lane];
         }
         __syncthreads();
     }
@@ -271,7 +279,12 @@ struct Instance {
 // tiles 4, 5, 6: the wgmma kernel (mm_wgmma.cu), k=64 / k=128 / k=128 x n=256, 64 or 128 rows
 // (m_blocks 4 or 8; tile 6: 64 rows, two blocks per SM);
 // tile 2: k=128 x n=256 (more rows: each A fragment feeds more columns, 4 k-tiles per warp
-//         between barriers); tile 3: k=64 x n=256 (half the shared memory of tile 2).
+//         between barriers); tile 3: k=64 x n=256 (half the shared memory of tile 2);
+// tile 7: k=256 x n=64 (one 64-column chunk, the 8 warps split K: four times the column tiles
+//         of tile 2, so fewer splits and smaller partials for the same grid).
+constexpr int kTiles = 7;
+static bool is_wgmma_tile(int tile) { return tile >= 4 && tile <= 6; }
+
 template <int TK_BLOCKS, int TN_BLOCKS, bool GROUPED>
 static KernelEntry entry_for_mb(int mb) {
     switch (mb) {
@@ -283,19 +296,20 @@ static KernelEntry entry_for_mb(int mb) {
 }
 
 static KernelEntry select_kernel(int tile, int mb, bool grouped) {
-    if (tile >= 4) return wgmma_entry(tile, mb, grouped);
+    if (is_wgmma_tile(tile)) return wgmma_entry(tile, mb, grouped);
+    if (tile == 7) return grouped ? entry_for_mb<16, 4, true>(mb) : entry_for_mb<16, 4, false>(mb);
     if (tile == 1) return grouped ? entry_for_mb<8, 8, true>(mb) : entry_for_mb<8, 8, false>(mb);
     if (tile == 2) return grouped ? entry_for_mb<8, 16, true>(mb) : entry_for_mb<8, 16, false>(mb);
     return grouped ? entry_for_mb<4, 16, true>(mb) : entry_for_mb<4, 16, false>(mb);
 }
 
-static int tile_k(int tile) { return tile == 3 || tile == 4 ? 64 : 128; }   // tiles 1, 2, 5, 6: 128
-static int tile_n(int tile) { return tile == 1 ? 128 : tile >= 4 ? kWgmmaTileN : 256; }
+static int tile_k(int tile) { return tile == 3 || tile == 4 ? 64 : tile == 7 ? 256 : 128; }   // 1, 2, 5, 6: 128
+static int tile_n(int tile) { return tile == 1 ? 128 : tile == 7 ? 64 : tile >= 4 ? kWgmmaTileN : 256; }
 
 // Per device and kernel instance: the dynamic shared memory limit is raised once, and the
 // number of blocks an SM holds is measured once (the heuristic needs it).
 constexpr int kMaxDevices = 64;
-static std::atomic<int> g_occupancy[kMaxDevices][6][8][2];   // 0 = not yet known
+static std::atomic<int> g_occupancy[kMaxDevices][kTiles][8][2];   // 0 = not yet known
 
 static int prepare_kernel(const DeviceProps &dev, int tile, int mb, bool grouped, int *blocks_per_sm) {
     std::atomic<int> *slot = nullptr;
@@ -329,7 +343,7 @@ static const bool g_clusters_enabled = [] {
 
 // How many blocks of a kernel run at once when its grid is made of clusters of `size` blocks
 // (clusters must fit a GPC, so this can be less than SMs x blocks per SM). 0: none fit.
-static std::atomic<int> g_cluster_slots[kMaxDevices][6][8][2][kMaxClusterSplits + 1];   // slots + 1; 0 = unknown
+static std::atomic<int> g_cluster_slots[kMaxDevices][kTiles][8][2][kMaxClusterSplits + 1];   // slots + 1; 0 = unknown
 
 static int cluster_slots(const DeviceProps &dev, int tile, int mb, bool grouped, int size, int *slots) {
     std::atomic<int> *slot = nullptr;
@@ -366,10 +380,11 @@ static int cluster_slots(const DeviceProps &dev, int tile, int mb, bool grouped,
 
 // Split-K as clusters: for the wgmma kernel (many rows, where the partials are large) on
 // sm_90. Measured on an H100 (FERRUM_NO_CLUSTER A/B): 8B o M=256 34.3 -> 25.9 us, 70B o M=256
-// 84.6 -> 74.8; but the mma.sync kernel at M <= 16 lost (70B down M=16 56 -> 75 us): its
+// 84.6 -> 74.8; but the mma.sync kernel at M <= 16 lost, twice (70B down M=16 56 -> 75 us;
+// later 8B o M=1 tile 7 with 4 splits 8.8 -> 12.4, 70B down M=16 52.5 -> 73.8 at best): its
 // partials are a few rows, and a cluster waits for its slowest block.
 static bool cluster_eligible(const DeviceProps &dev, int tile) {
-    return g_clusters_enabled && dev.major >= 9 && tile >= 4;
+    return g_clusters_enabled && dev.major >= 9 && is_wgmma_tile(tile);
 }
 
 static size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
@@ -455,23 +470,83 @@ static double choose_splits(const DeviceProps &dev, int occ, int size_m, int siz
     return best_cost;
 }
 
+// The mma.sync kernel's cost model: estimated µs of one launch of (tile, m_blocks, splits),
+// with constants fitted to 567 tools/tune.py timings of tiles 1, 2 and 7 on an H100 (M 1-32,
+// the eight Llama layer shapes; the fit picks, for every one of the 21 problems, a config
+// within 1.6% of the measured best). Only its ranking of configs is used. A launch takes the
+// longest of three streams -- all weights from DRAM, all weights plus every block's A tiles
+// from L2, and one block's own bytes at what one block sustains (per wave) -- plus a cost per
+// pipeline iteration and per block, plus the split-K exchange: the partials written, and the
+// last block's serial read of all of them.
+struct MmaCostModel {
+    static constexpr double kDramKBPerUs = 2440;    // ~ the H100's measured copy bandwidth
+    static constexpr double kL2KBPerUs = 3106;
+    static constexpr double kBlockKBPerUs = 14.45;  // one block's weight (+A) stream
+    static constexpr double kAShare = 0.863;        // an A byte in a block's stream, vs a weight byte
+    static constexpr double kPerIter = 0.193;       // a pipeline iteration (barrier, waits)
+    static constexpr double kPerBlock = 1.843;      // a block's prologue and epilogue, per wave
+    static constexpr double kSplit = 0.757;         // the counter round trip of a split tile
+    static constexpr double kPartialRead = 0.0505;  // per KB the last block sums
+    static constexpr double kPartialWrite = 0.1615; // per KB of a block's partial
+};
+
+static double mma_cost(const DeviceProps &dev, int occ, int size_m, int size_k, int size_n,
+                       int num_experts, int tile, int mb, int s) {
+    using C = MmaCostModel;
+    const int tk = tile_k(tile), tn = tile_n(tile);
+    const double tiles = (double)((size_m + 16 * mb - 1) / (16 * mb)) * num_experts * ((size_n + tn - 1) / tn);
+    const double blocks = tiles * s;
+    const double waves = std::ceil(blocks / ((double)dev.sm_count * occ));
+    const double iters = (size_k / tk + s - 1) / s;
+    const double live = std::min(size_m, 16 * mb);
+    const double w_kb = tk * tn / 2 / 1024.0, a_kb = live * tk * 2 / 1024.0, p_kb = live * tn * 4 / 1024.0;
+    const double total_w_kb = (double)size_k * size_n * num_experts / 2 / 1024.0;
+    const double stream = std::max({total_w_kb / C::kDramKBPerUs,
+                                    (total_w_kb + blocks * iters * a_kb) / C::kL2KBPerUs,
+                                    waves * iters * (w_kb + C::kAShare * a_kb) / C::kBlockKBPerUs});
+    const double split = s == 1 ? 0.0 : C::kSplit + C::kPartialRead * s * p_kb + C::kPartialWrite * p_kb;
+    return stream + waves * (C::kPerIter * iters + C::kPerBlock) + split;
+}
+
+// The mma.sync kernel's split-K: the cheapest by mma_cost, a larger split winning by 1% at least.
+static double mma_choose_splits(const DeviceProps &dev, int occ, int size_m, int size_k, int size_n,
+                                int num_experts, int tile, int mb, int *splits) {
+    const int tn = tile_n(tile);
+    const long long tiles = (long long)((size_m + 16 * mb - 1) / (16 * mb)) * num_experts *
+                            ((size_n + tn - 1) / tn);
+    const size_t tile_bytes = size_t(16) * mb * tn * sizeof(float);
+    const int max_splits = tiles >= (long long)dev.sm_count * occ ? 1 : std::min(size_k / tile_k(tile), 32);
+    double best = 1e300;
+    *splits = 1;
+    for (int s = 1; s <= max_splits; ++s) {
+        if (s > 1 && tiles * s * tile_bytes > kMaxPartialBytes) break;
+        const double cost = mma_cost(dev, occ, size_m, size_k, size_n, num_experts, tile, mb, s);
+        if (cost < best * 0.99) {
+            best = cost;
+            *splits = s;
+        }
+    }
+    return best;
+}
+
 // The heuristic, readable as a table (measured on an H100, tools/tune.py):
-//   rows M               kernel, block tile (k x n)   rows per block (m_blocks), splits
-//   1..32 (or no sm_90a) mma.sync, 128 x 256          16*ceil(M/16), at most 64
-//   >= 33 on sm_90a      wgmma, 128 x 256             whichever of tile 5 with 64 or 128 rows and
-//                                                     tile 6 (64 rows, two blocks per SM) the
-//                                                     split model costs least
-// with the split-K model's constants per kernel: a k-tile of a 64-row wgmma block costs 0.65 of
-// a 128-row one on its own SM, 1.0 when it shares the SM; fitted to 90 tune and bench timings
-// on an H100 (the fit picks the measured best, within 3%, on 20 of 24 shapes). Any field of
-// `requested` overrides (tiles 1: 128 x 128, 3: 64 x 256 and 4: wgmma 64 x 256 are there for
-// tuning).
+//   rows M               kernel, block tile (k x n)         rows per block (m_blocks), splits
+//   1..32 (or no sm_90a) mma.sync: tile 2 (128 x 256), and  16*ceil(M/16), at most 64; tile and
+//                        for M <= 64 also tiles 1           splits by mma_cost
+//                        (128 x 128) and 7 (256 x 64)
+//   >= 33 on sm_90a      wgmma, 128 x 256                   whichever of tile 5 with 64 or 128 rows
+//                                                           and tile 6 (64 rows, two blocks per SM)
+//                                                           the split model costs least
+// with the wgmma split model's constants: a k-tile of a 64-row wgmma block costs 0.65 of a
+// 128-row one on its own SM, 1.0 when it shares the SM; fitted to 90 tune and bench timings on
+// an H100 (the fit picks the measured best, within 3%, on 20 of 24 shapes). Any field of
+// `requested` overrides (tiles 3: 64 x 256 and 4: wgmma 64 x 256 are there for tuning).
 static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, int num_experts,
                     int act_order, const ferrum_mm_config *req, bool grouped,
                     ferrum_mm_plan_info *plan) {
     ferrum_mm_config cfg = req ? *req : ferrum_mm_config{0, 0, 0};
-    FERRUM_REQUIRE(cfg.tile >= 0 && cfg.tile <= 6, "ferrum_mm: tile=%d (use 0..6)", cfg.tile);
-    const bool wgmma = cfg.tile >= 4 || (cfg.tile == 0 && wgmma_available(dev) && size_m >= kWgmmaMinRows);
+    FERRUM_REQUIRE(cfg.tile >= 0 && cfg.tile <= kTiles, "ferrum_mm: tile=%d (use 0..%d)", cfg.tile, kTiles);
+    const bool wgmma = is_wgmma_tile(cfg.tile) || (cfg.tile == 0 && wgmma_available(dev) && size_m >= kWgmmaMinRows);
     if (wgmma) {
         FERRUM_REQUIRE(wgmma_available(dev),
                        "ferrum_mm: tile=%d (wgmma) needs a compute capability 9.0 GPU and a build "
@@ -480,20 +555,26 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
                        "ferrum_mm: m_blocks=%d (tiles 4 and 5 take 0, 4 or 8; tile 6 0 or 4)",
                        cfg.m_blocks);
     } else {
-        if (cfg.tile == 0) cfg.tile = 2;
         if (cfg.m_blocks == 0) cfg.m_blocks = std::min(4, (size_m + 15) / 16);
         FERRUM_REQUIRE(cfg.m_blocks >= 1 && cfg.m_blocks <= 4, "ferrum_mm: m_blocks=%d (use 0..4)",
                        cfg.m_blocks);
     }
 
     // Candidate (tile, m_blocks) pairs: what was asked for, the rest filled in.
+    // Left to the planner: wgmma tiles 5 (64 and 128 rows) and 6; mma.sync tile 2, and for
+    // few rows (one slice) also tiles 1 and 7 where K fits them.
     struct Candidate { int tile, mb; };
     Candidate candidates[3];
     int n_candidates = 0;
+    const bool few_rows = size_m <= 64;
+    const int mmb = cfg.m_blocks;
     for (const Candidate c : {Candidate{5, 4}, Candidate{5, 8}, Candidate{6, 4}, Candidate{4, 4},
-                              Candidate{4, 8}, Candidate{cfg.tile, cfg.m_blocks}}) {
+                              Candidate{4, 8}, Candidate{2, mmb}, Candidate{1, mmb}, Candidate{7, mmb},
+                              Candidate{cfg.tile, cfg.m_blocks}}) {
         if (n_candidates == 3) break;
-        const bool tile_ok = cfg.tile ? c.tile == cfg.tile : (wgmma ? c.tile == 5 || c.tile == 6 : false);
+        const bool auto_mma = !wgmma && (c.tile == 2 || (few_rows && c.tile == 1) ||
+                                         (few_rows && c.tile == 7 && size_k % tile_k(7) == 0));
+        const bool tile_ok = cfg.tile ? c.tile == cfg.tile : (wgmma ? c.tile == 5 || c.tile == 6 : auto_mma);
         const bool mb_ok = cfg.m_blocks ? c.mb == cfg.m_blocks : true;
         if (c.tile > 0 && c.mb > 0 && tile_ok && mb_ok) {
             bool seen = false;
@@ -513,12 +594,15 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
         int occ = 1;
         int status = prepare_kernel(dev, c.tile, c.mb, grouped, &occ);
         if (status != FERRUM_OK) return status;
-        SplitModel model{1.0, 2.0, 0.25, 0.97};   // mma.sync
-        if (c.tile >= 4)
-            model = SplitModel{(c.tile == 6 || c.mb == 8 ? 1.0 : 0.65) * tile_k(c.tile) / 128.0, 1.0, 0.5, 1.0};
         int splits = 1, cluster = 0;
-        const double cost = choose_splits(dev, occ, size_m, size_k, size_n, num_experts, c.tile, c.mb,
-                                          grouped, model, &splits, &cluster);
+        double cost;
+        if (is_wgmma_tile(c.tile)) {
+            const SplitModel model{(c.tile == 6 || c.mb == 8 ? 1.0 : 0.65) * tile_k(c.tile) / 128.0, 1.0, 0.5, 1.0};
+            cost = choose_splits(dev, occ, size_m, size_k, size_n, num_experts, c.tile, c.mb, grouped,
+                                 model, &splits, &cluster);
+        } else {
+            cost = mma_choose_splits(dev, occ, size_m, size_k, size_n, num_experts, c.tile, c.mb, &splits);
+        }
         if (cost < best_cost) {
             best_cost = cost;
             best = c;

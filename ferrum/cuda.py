@@ -227,8 +227,8 @@ class CudaBackend(Backend):
             return r
 
     def mm(self, a, weight, expert, out, stream=None, tile=0, m_blocks=0, splits=0):
-        """C = A @ W. Options: stream; tile (1: k128 x n128, 2: k128 x n256, 3: k64 x n256, all
-        mma.sync; 4, 5, 6: wgmma k64 / k128 / k128 with two blocks per SM, x n256, compute
+        """C = A @ W. Options: stream; tile (1: k128 x n128, 2: k128 x n256, 3: k64 x n256,
+        7: k256 x n64, all mma.sync; 4, 5, 6: wgmma k64 / k128 / k128 with two blocks per SM, x n256, compute
         capability 9.0 only), m_blocks (rows of 16 per block: 1..4; 4 or 8 for wgmma) and splits (split-K) override the heuristic.
 
         The hot path (device arrays, out= given) is kept to a few attribute reads: this is

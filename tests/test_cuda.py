@@ -110,12 +110,23 @@ def test_mm_many_rows(m, rng):
 
 
 @pytest.mark.parametrize("tile,m_blocks,splits", [(1, 1, 1), (1, 2, 3), (2, 1, 7), (2, 4, 2),
-                                                  (1, 4, 16), (2, 3, 5)])
+                                                  (1, 4, 16), (2, 3, 5), (7, 1, 1), (7, 2, 4),
+                                                  (7, 4, 3), (7, 3, 8)])
 def test_mm_tile_overrides(tile, m_blocks, splits, rng):
     problem = random_problem(rng, 2048, 320, 64)   # 320: the last 256-wide tile is partial
     weight = _weight(problem)
     a = _activations(rng, 70, 2048)
     got = ferrum.cuda.BACKEND.mm(a, weight, 0, None, tile=tile, m_blocks=m_blocks, splits=splits)
+    assert _rel_err(got, a.astype(np.float64) @ problem.dense[0]) <= TOL
+
+
+def test_mm_tile7_needs_k_multiple_of_256(rng):
+    problem = random_problem(rng, 384, 128, 128)
+    weight = _weight(problem)
+    a = _activations(rng, 2, 384)
+    with pytest.raises(ValueError, match="size_k=384 is not a multiple of 256"):
+        ferrum.cuda.BACKEND.mm(a, weight, 0, None, tile=7)
+    got = ferrum.mm(a, weight)   # the planner never picks a tile K does not fit
     assert _rel_err(got, a.astype(np.float64) @ problem.dense[0]) <= TOL
 
 

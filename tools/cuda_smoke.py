@@ -45,7 +45,9 @@ for k, n, g, act in cases:
         check(f"K{k} N{n} G{g} act={act} M{m}", ferrum.mm(a, w), ref)
         check(f"K{k} N{n} G{g} act={act} M{m} split", ferrum.cuda.BACKEND.mm(a, w, 0, None, splits=3), ref)
         check(f"K{k} N{n} G{g} act={act} M{m} tile1", ferrum.cuda.BACKEND.mm(a, w, 0, None, tile=1, splits=2), ref)
-        if m == 70 and ferrum._cuda.mm_plan(256, 1024, 256)["tile"] >= 4:   # the wgmma kernel's tiles
+        if k % 256 == 0:
+            check(f"K{k} N{n} G{g} act={act} M{m} tile7", ferrum.cuda.BACKEND.mm(a, w, 0, None, tile=7, splits=2), ref)
+        if m == 70 and ferrum._cuda.mm_plan(256, 1024, 256)["tile"] in (4, 5, 6):   # the wgmma kernel's tiles
             for tile, mb, s in ((4, 8, 2), (5, 4, 3), (6, 4, 2)):
                 check(f"K{k} N{n} G{g} act={act} M{m} tile{tile}/mb{mb}/s{s}",
                       ferrum.cuda.BACKEND.mm(a, w, 0, None, tile=tile, m_blocks=mb, splits=s), ref)

@@ -1,5 +1,5 @@
 """Time mm variants (tile, m_blocks, splits) on chosen shapes: graph-replayed bursts over
-weight copies that together exceed 4x L2. usage: python tune.py "K,N,M" ... [--all]"""
+weight copies that together exceed 4x L2. usage: python tune.py "K,N,M" ... [--tiles=..] [--mbs=..] [--splits=..] [--raw]"""
 import itertools
 import math
 import sys
@@ -33,7 +33,7 @@ for spec in [s for s in sys.argv[1:] if not s.startswith("--")]:
           f"(floor {wbytes / 3.0e12 * 1e6:.1f} us at 3.0 TB/s)", flush=True)
     mbs = [min(4, (m + 15) // 16)] if m <= 64 else [2, 3, 4]
     splits_list = (1, 2, 4, 8) if m > 64 else (1, 2, 4, 6, 8, 12)
-    tiles = (1, 2, 3, 4, 5, 6)   # 4-6: the wgmma kernel, where the GPU and build have it
+    tiles = (1, 2, 3, 4, 5, 6, 7)   # 4-6: the wgmma kernel, where the GPU and build have it
     for opt in sys.argv[1:]:       # --mbs=1,2,4 --splits=1,2 --tiles=2 override the sweep
         name, _, values = opt.partition("=")
         if name in ("--mbs", "--splits", "--tiles"):
@@ -43,7 +43,7 @@ for spec in [s for s in sys.argv[1:] if not s.startswith("--")]:
                                        "--tiles": (mbs, splits_list, parsed)}[name]
     results = []
     for tile, mb, splits in itertools.product(tiles, sorted(set(mbs) | {4, 8}), splits_list):
-        if not ((tile >= 4 and mb in (4, 8)) or (tile < 4 and mb in mbs)):
+        if not ((4 <= tile <= 6 and mb in (4, 8)) or (tile in (1, 2, 3, 7) and mb in mbs)):
             continue   # tiles 4-6 take 64 or 128 rows per block (m_blocks 4, 8); the others 1..4
         try:
             tt = time_variant(weights, a, out, tile=tile, m_blocks=mb, splits=splits)
@@ -51,6 +51,9 @@ for spec in [s for s in sys.argv[1:] if not s.startswith("--")]:
             continue
         results.append((tt, tile, mb, splits))
     results.sort()
+    if "--raw" in sys.argv:   # every variant, one line each: K N M tile m_blocks splits us
+        for tt, ti, mb, sp in results:
+            print(f"RAW {k} {n} {m} {ti} {mb} {sp} {tt:.2f}")
     print("   best: " + ", ".join(f"t{ti}/mb{mb}/s{s}={tt:.1f}" for tt, ti, mb, s in results[:6]), flush=True)
     del weights
     torch.cuda.empty_cache()
