@@ -197,15 +197,23 @@ __global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
         if (s < iters) fetch_acts(s, kt_begin + s);
         cp_async_commit();
     }
-    int read_stage = 0, write_stage = kStages - 1;
-    for (int it = 0; it < iters; ++it) {
-        cp_async_wait<kStages - 2>();   // stage `it` has landed
-        __syncthreads();                // ... for every thread; and stage it-1 is consumed
-        if (it + kStages - 1 < iters) fetch_stage(write_stage, kt_begin + it + kStages - 1);
-        cp_async_commit();
-        compute_stage(read_stage, kt_begin + it);
-        read_stage = read_stage == kStages - 1 ? 0 : read_stage + 1;
-        write_stage = write_stage == kStages - 1 ? 0 : write_stage + 1;
+    // The loop is unrolled over the stages, so that each stage's shared-memory offsets are
+    // constants: iteration `it` reads stage it % kStages and refills stage (it - 1) % kStages.
+    // (At few rows the kernel is bound by instruction issue; the per-stage address arithmetic
+    // was a large share of it.)
+    for (int it0 = 0; it0 < iters; it0 += kStages) {
+#pragma unroll
+        for (int st = 0; st < kStages; ++st) {
+            const int it = it0 + st;
+            if (it < iters) {
+                cp_async_wait<kStages - 2>();   // stage `it` has landed
+                __syncthreads();                // ... for every thread; and stage it-1 is consumed
+                if (it + kStages - 1 < iters)
+                    fetch_stage((st + kStages - 1) % kStages, kt_begin + it + kStages - 1);
+                cp_async_commit();
+                compute_stage(st, kt_begin + it);
+            }
+        }
     }
     cp_async_wait<0>();
     __syncthreads();
