@@ -52,10 +52,14 @@ struct WgTile {
     static constexpr int kStageBudget = (BLOCKS_PER_SM == 2 ? 105 : 200) * 1024;
     static constexpr int kStages = kStageBudget / kStageBytes > 8 ? 8 : kStageBudget / kStageBytes;
     static_assert(kStages >= 3, "pipeline depth");
-    // Stages fetched ahead of the one computed. With group scales every stage ends with its
-    // wgmmas drained (see compute_stage), so the slot computed last iteration is free again;
-    // without, its last wgmma may still read it, so one slot more stays untouched.
-    static constexpr int kAhead = GROUPED ? kStages - 1 : kStages - 2;
+    // With group scales ptxas (CUDA 13.0) serializes every wgmma (warning C7515) when one is in
+    // flight across the pipeline loop's back edge. The loop is unrolled over the stages, so
+    // the grouped kernels drain at the back edge only, once per kStages stages; except with
+    // only 3 stages (tile 6), which rather keep two stages in flight and drain every stage.
+    static constexpr bool kDrainEachStage = GROUPED && kStages < 4;
+    // Stages fetched ahead of the one computed: where a stage's last wgmma may still run into
+    // the next stage, the slot computed last iteration stays untouched too.
+    static constexpr int kAhead = kDrainEachStage ? kStages - 1 : kStages - 2;
     static constexpr int kPipeBytes = kStages * kStageBytes;
     // FP32 C tile [kRows][TN], rows padded by 4 floats: the accumulator stores of one warp
     // (8 weight columns x rows 2i, i = 0..3) then hit 32 different banks.
@@ -166,10 +170,6 @@ __global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(con
 #pragma unroll
                 for (int i = 0; i < T::kAcc; ++i) fence_operand(acc[j][i]);
         }
-        // With group scales, ptxas (CUDA 13.0) serializes every wgmma (warning C7515) when one
-        // is still in flight across the loop's back edge; draining here keeps the overlap
-        // inside the stage (all steps but the last) instead of losing all of it.
-        if constexpr (GROUPED) wgmma_wait<0>();
     };
 
     // ---- the pipeline: kAhead stages in flight while one is computed -----------------------
@@ -186,19 +186,27 @@ __global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(con
         if (s < iters) fetch_acts(s, kt_begin + s);
         cp_async_commit();
     }
-    int read_stage = 0, write_stage = kAhead;
-    for (int it = 0; it < iters; ++it) {
-        cp_async_wait<kAhead - 1>();    // stage `it` has landed (this thread's copies) ...
-        fence_proxy_async_shared();     // ... is visible to the tensor cores' reads ...
-        __syncthreads();                // ... for every thread's copies; the slot to refill is free
-        if (it + kAhead < iters) {
-            fetch_acts(write_stage, kt_begin + it + kAhead);
-            fetch_weights(write_stage, kt_begin + it + kAhead);
+    // Unrolled over the stages (iteration `it` reads stage it % kStages), so that stage offsets
+    // are constants and a stage's last wgmma stays in flight into the next stage; the grouped
+    // kernels drain at the back edge (see kDrainEachStage).
+    for (int it0 = 0; it0 < iters; it0 += kStages) {
+#pragma unroll
+        for (int st = 0; st < kStages; ++st) {
+            const int it = it0 + st;
+            if (it < iters) {
+                cp_async_wait<kAhead - 1>();    // stage `it` has landed (this thread's copies) ...
+                fence_proxy_async_shared();     // ... is visible to the tensor cores' reads ...
+                __syncthreads();                // ... for every thread's copies; the slot to refill is free
+                if (it + kAhead < iters) {
+                    fetch_acts((st + kAhead) % kStages, kt_begin + it + kAhead);
+                    fetch_weights((st + kAhead) % kStages, kt_begin + it + kAhead);
+                }
+                cp_async_commit();
+                compute_stage(st, kt_begin + it);
+                if constexpr (T::kDrainEachStage) wgmma_wait<0>();
+            }
         }
-        cp_async_commit();
-        compute_stage(read_stage, kt_begin + it);
-        read_stage = read_stage == kStages - 1 ? 0 : read_stage + 1;
-        write_stage = write_stage == kStages - 1 ? 0 : write_stage + 1;
+        if constexpr (GROUPED && !T::kDrainEachStage) wgmma_wait<0>();
     }
     wgmma_wait<0>();
 #pragma unroll
