@@ -19,8 +19,8 @@ for step in $STEPS; do
     smoke) (cd /tmp && timeout 300 python3 $ROOT/tools/cuda_smoke.py 2>&1 | tee $OUT/smoke.log | tail -8) ;;
     test) (cd /tmp && timeout 240 python3 -m pytest -q -x -p no:cacheprovider $ROOT/tests/test_cuda.py 2>&1 | tee $OUT/test.log | tail -30) ;;
     sanitize)
-      (cd /tmp && timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 python3 $ROOT/tools/cuda_smoke.py > $OUT/memcheck.log 2>&1; echo "memcheck rc=$?"; tail -4 $OUT/memcheck.log)
-      (cd /tmp && timeout 200 compute-sanitizer --tool racecheck --error-exitcode 9 python3 $ROOT/tools/cuda_smoke.py > $OUT/racecheck.log 2>&1; echo "racecheck rc=$?"; tail -4 $OUT/racecheck.log) ;;
+      (cd /tmp && timeout ${SAN_TIMEOUT:-150} compute-sanitizer --tool memcheck --error-exitcode 9 python3 $ROOT/tools/cuda_smoke.py ${SMOKE_ARGS} > $OUT/memcheck.log 2>&1; echo "memcheck rc=$?"; tail -4 $OUT/memcheck.log)
+      (cd /tmp && timeout ${SAN_TIMEOUT:-200} compute-sanitizer --tool racecheck --error-exitcode 9 python3 $ROOT/tools/cuda_smoke.py ${SMOKE_ARGS} > $OUT/racecheck.log 2>&1; echo "racecheck rc=$?"; tail -4 $OUT/racecheck.log) ;;
     tune) (cd /tmp && timeout ${TUNE_TIMEOUT:-200} python3 $ROOT/tools/tune.py ${TUNE_SHAPES} 2>&1 | tee $OUT/tune.log) ;;
     ncu) for shape in ${NCU_SHAPES}; do f=$OUT/ncu_${shape//,/_}.log; (cd /tmp && timeout 150 ncu --kernel-name regex:marlin_mm --launch-skip 3 --launch-count 1 --section SpeedOfLight --section WarpStateStats --section LaunchStats --section Occupancy --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' python3 $ROOT/tools/ncu_target.py $shape > $f 2>&1; echo "ncu $shape rc=$?"; grep -E "Duration|DRAM Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|Grid Size|Dynamic Shared" $f | head -12; grep -E "issue_stalled" $f | awk '{print $NF, $1}' | sort -rn | head -8); done ;;
     check) (cd /tmp && timeout 200 python3 -m ferrum check --backend cuda 2>&1 | tee $OUT/check.log | tail -12) ;;
