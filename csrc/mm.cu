@@ -608,7 +608,7 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
         int splits = 1, cluster = 0;
         double cost;
         if (is_wgmma_tile(c.tile)) {
-            const SplitModel model{(c.tile == 6 || c.mb == 8 ? 1.0 : 0.65) * tile_k(c.tile) / 128.0, 1.0, 0.5, 1.0};
+            const SplitModel model{(c.tile == 6 ? 1.0 : c.mb == 8 ? 0.9 : 0.65) * tile_k(c.tile) / 128.0, 1.0, 0.5, 1.0};
             cost = choose_splits(dev, occ, size_m, size_k, size_n, num_experts, c.tile, c.mb, grouped,
                                  model, &splits, &cluster);
         } else {
