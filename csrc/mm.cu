@@ -548,9 +548,11 @@ static double mma_choose_splits(const DeviceProps &dev, int occ, int size_m, int
 //   >= 33 on sm_90a      wgmma, 128 x 256                   whichever of tile 5 with 64 or 128 rows
 //                                                           and tile 6 (64 rows, two blocks per SM)
 //                                                           the split model costs least
-// with the wgmma split model's constants: a k-tile of a 64-row wgmma block costs 0.65 of a
-// 128-row one on its own SM, 1.0 when it shares the SM; fitted to 90 tune and bench timings on
-// an H100 (the fit picks the measured best, within 3%, on 20 of 24 shapes). Any field of
+// with the wgmma split model's constants, per k-tile: 0.65 for a 64-row tile-5 block, 1.0 for a
+// tile-6 one (it shares its SM), fitted to 90 tune and bench timings on an H100 (the fit picks
+// the measured best, within 3%, on 20 of 24 shapes); 0.9 for a 128-row tile-5 block (1.0
+// before its stages stopped draining; an H100 A/B of the cells that changed plan won 6 of 7 by
+// 10-31% and lost 8B o M=256 by 12%). Any field of
 // `requested` overrides (tiles 3: 64 x 256 and 4: wgmma 64 x 256 are there for tuning).
 static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, int num_experts,
                     int act_order, const ferrum_mm_config *req, bool grouped,
