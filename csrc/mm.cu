@@ -600,10 +600,16 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
     double best_cost = 1e300;
     int best_splits = 1, best_cluster = 0;
     Candidate best = candidates[0];
+    bool any_fits = false;
     for (int i = 0; i < n_candidates; ++i) {
         const Candidate c = candidates[i];
         FERRUM_REQUIRE(size_k % tile_k(c.tile) == 0, "ferrum_mm: size_k=%d is not a multiple of %d",
                        size_k, tile_k(c.tile));
+        // The planner's own choices: only kernels this GPU's shared memory holds (tiles 1 and 7
+        // need 102-106 KB, more than sm_86/sm_89 give a block). A tile asked for is prepared
+        // regardless and fails with the sizes if it does not fit.
+        if (!cfg.tile && select_kernel(c.tile, c.mb, grouped).smem_bytes > dev.max_smem_optin) continue;
+        any_fits = true;
         int occ = 1;
         int status = prepare_kernel(dev, c.tile, c.mb, grouped, &occ);
         if (status != FERRUM_OK) return status;
@@ -622,6 +628,11 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
             best_splits = splits;
             best_cluster = cluster;
         }
+    }
+    if (!any_fits) {   // nothing the planner may choose fits: report the sizes of the first
+        int occ = 1;
+        const int status = prepare_kernel(dev, candidates[0].tile, candidates[0].mb, grouped, &occ);
+        if (status != FERRUM_OK) return status;
     }
     cfg.tile = best.tile;
     cfg.m_blocks = best.mb;
