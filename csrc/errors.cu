@@ -4,6 +4,8 @@
 
 #include <mutex>
 
+#include <cstdlib>
+
 #include "common.cuh"
 
 namespace ferrum {
@@ -56,6 +58,12 @@ int current_device_props(DeviceProps *props) {
     FERRUM_CUDA_CHECK(cudaDeviceGetAttribute(&p.minor, cudaDevAttrComputeCapabilityMinor, device));
     FERRUM_CUDA_CHECK(cudaDeviceGetAttribute(&p.max_smem_optin,
                                              cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    // FERRUM_MAX_SMEM=bytes caps the shared memory the planner may give a block: a test of
+    // the plans for GPUs that hold less (sm_80: 166912, sm_86/sm_89: 101376) on one that holds more.
+    if (const char *cap = getenv("FERRUM_MAX_SMEM")) {
+        const long v = strtol(cap, nullptr, 10);
+        if (v > 0 && v < p.max_smem_optin) p.max_smem_optin = static_cast<int>(v);
+    }
     if (device >= 0 && device < kMaxDevices) {
         std::lock_guard<std::mutex> guard(g_props_mutex);
         g_props[device] = p;

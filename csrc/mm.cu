@@ -41,8 +41,9 @@ struct Tile {
     static constexpr int kStageBytes = 16 * MB * TK * 2 + TK * TN / 2 + (GROUPED ? (TK / 32) * TN * 2 : 0);
     // As many stages as fit the shared memory of the blocks an SM holds (2 for few rows,
     // where the weight stream is the whole cost and bytes in flight set the speed; 1 for
-    // many rows), between 3 and 8.
-    static constexpr int kStageBudget = (MB <= 2 ? 108 : 200) * 1024;
+    // many rows), between 3 and 8. Tile 3 (k=64) is the planner's fallback on GPUs that hold
+    // less (sm_86 and sm_89 allow 99 KB per block, sm_80 163 KB): 96 KB whatever the rows.
+    static constexpr int kStageBudget = (TK == 64 ? 96 : MB <= 2 ? 108 : 200) * 1024;
     static constexpr int kStages = kStageBudget / kStageBytes < 3 ? 3
                                  : (kStageBudget / kStageBytes > 8 ? 8 : kStageBudget / kStageBytes);
     static constexpr int kChunks = TN / 64;                 // 64-column chunks = warp columns
@@ -559,7 +560,9 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
                     ferrum_mm_plan_info *plan) {
     ferrum_mm_config cfg = req ? *req : ferrum_mm_config{0, 0, 0};
     FERRUM_REQUIRE(cfg.tile >= 0 && cfg.tile <= kTiles, "ferrum_mm: tile=%d (use 0..%d)", cfg.tile, kTiles);
-    const bool wgmma = is_wgmma_tile(cfg.tile) || (cfg.tile == 0 && wgmma_available(dev) && size_m >= kWgmmaMinRows);
+    const bool wgmma = is_wgmma_tile(cfg.tile) ||
+                       (cfg.tile == 0 && wgmma_available(dev) && size_m >= kWgmmaMinRows &&
+                        select_kernel(6, 4, grouped).smem_bytes <= dev.max_smem_optin);
     if (wgmma) {
         FERRUM_REQUIRE(wgmma_available(dev),
                        "ferrum_mm: tile=%d (wgmma) needs a compute capability 9.0 GPU and a build "
@@ -575,17 +578,18 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
 
     // Candidate (tile, m_blocks) pairs: what was asked for, the rest filled in.
     // Left to the planner: wgmma tiles 5 (64 and 128 rows) and 6; mma.sync tile 2, and for
-    // few rows (one slice) also tiles 1 and 7 where K fits them.
+    // few rows (one slice) also tiles 1 and 7 where K fits them; tile 3 where none of those
+    // fits the GPU's shared memory.
     struct Candidate { int tile, mb; };
-    Candidate candidates[3];
+    Candidate candidates[4];
     int n_candidates = 0;
     const bool few_rows = size_m <= 64;
     const int mmb = cfg.m_blocks;
     for (const Candidate c : {Candidate{5, 4}, Candidate{5, 8}, Candidate{6, 4}, Candidate{4, 4},
                               Candidate{4, 8}, Candidate{2, mmb}, Candidate{1, mmb}, Candidate{7, mmb},
-                              Candidate{cfg.tile, cfg.m_blocks}}) {
-        if (n_candidates == 3) break;
-        const bool auto_mma = !wgmma && (c.tile == 2 || (few_rows && c.tile == 1) ||
+                              Candidate{3, mmb}, Candidate{cfg.tile, cfg.m_blocks}}) {
+        if (n_candidates == 4) break;
+        const bool auto_mma = !wgmma && (c.tile == 2 || c.tile == 3 || (few_rows && c.tile == 1) ||
                                          (few_rows && c.tile == 7 && size_k % tile_k(7) == 0));
         const bool tile_ok = cfg.tile ? c.tile == cfg.tile : (wgmma ? c.tile == 5 || c.tile == 6 : auto_mma);
         const bool mb_ok = cfg.m_blocks ? c.mb == cfg.m_blocks : true;
@@ -606,9 +610,13 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
         FERRUM_REQUIRE(size_k % tile_k(c.tile) == 0, "ferrum_mm: size_k=%d is not a multiple of %d",
                        size_k, tile_k(c.tile));
         // The planner's own choices: only kernels this GPU's shared memory holds (tiles 1 and 7
-        // need 102-106 KB, more than sm_86/sm_89 give a block). A tile asked for is prepared
-        // regardless and fails with the sizes if it does not fit.
-        if (!cfg.tile && select_kernel(c.tile, c.mb, grouped).smem_bytes > dev.max_smem_optin) continue;
+        // need 102-106 KB, more than sm_86/sm_89 give a block), and tile 3 only where nothing
+        // before it fits. A tile asked for is prepared regardless and fails with the sizes if it
+        // does not fit.
+        if (!cfg.tile) {
+            if (c.tile == 3 && any_fits) continue;
+            if (select_kernel(c.tile, c.mb, grouped).smem_bytes > dev.max_smem_optin) continue;
+        }
         any_fits = true;
         int occ = 1;
         int status = prepare_kernel(dev, c.tile, c.mb, grouped, &occ);

@@ -130,6 +130,44 @@ def test_mm_tile7_needs_k_multiple_of_256(rng):
     assert _rel_err(got, a.astype(np.float64) @ problem.dense[0]) <= TOL
 
 
+_SMALL_SMEM_SCRIPT = """
+import numpy as np, ferrum, sys
+from ferrum.check import random_problem
+cap = int(sys.argv[1])
+rng = np.random.default_rng(7)
+for g in (-1, 128):
+    problem = random_problem(rng, 1024, 320, g)
+    w = ferrum.MarlinWeight.from_gptq(problem.qweights[0], problem.scales[0], group_size=g, backend="cuda")
+    for m in (1, 16, 20, 40, 70, 200):
+        plan = ferrum._cuda.mm_plan(m, 1024, 320)
+        if cap < 101376 + 1:      # sm_86 / sm_89: tile 2 holds one 16-row slice, tile 3 more
+            assert plan["tile"] == (2 if m <= 16 else 3), (m, plan)
+        else:                     # sm_80: tiles 1, 2, 7 up to 32 rows, then tile 3 (or, on an
+                                  # H100 posing as one, tile 6: the one wgmma tile that fits)
+            assert plan["tile"] in ((1, 2, 7) if m <= 32 else (3, 6)), (m, plan)
+        a = rng.standard_normal((m, 1024)).astype(np.float16)
+        got = ferrum.mm(a, w).astype(np.float64)
+        ref = a.astype(np.float64) @ problem.dense[0]
+        assert np.isfinite(got).all()
+        err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+        assert err <= 1e-3, (g, m, err)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("cap", [166912, 101376])   # sm_80; sm_86 and sm_89
+def test_mm_plans_for_gpus_with_less_shared_memory(cap):
+    """FERRUM_MAX_SMEM makes the planner plan as for a GPU whose blocks may hold `cap` bytes of
+    shared memory (A100; RTX 30xx/40xx, L4): every planned kernel fits, the larger tiles give
+    way to tile 3, and the products are right. (A fresh process: device properties are cached.)"""
+    import os
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-c", _SMALL_SMEM_SCRIPT, str(cap)], capture_output=True,
+                         text=True, env={**os.environ, "FERRUM_MAX_SMEM": str(cap)}, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
+
+
 def _wgmma_planned():
     """Whether this GPU and build run the wgmma kernel (tiles 4, 5, 6): compute capability 9.0
     and a build with sm_90a. The planner picks it for many rows only there."""
