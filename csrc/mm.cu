@@ -106,10 +106,6 @@ __global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
     auto fetch_weights = [&](int stage, int kt) {
         copy.weights(b_sh + stage * T::kBStageVecs, s_sh + stage * T::kSStageVecs, kt);
     };
-    auto fetch_stage = [&](int stage, int kt) {
-        fetch_acts(stage, kt);
-        fetch_weights(stage, kt);
-    };
 
     float acc[MB][8][4];
 #pragma unroll
@@ -182,40 +178,9 @@ __global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
         }
     };
 
-    // ---- the pipeline: kStages-1 stages in flight while one is computed --------------------
-    // Programmatic dependent launch (sm_90): let the next kernel on the stream start as soon
-    // as every block of this one runs, and start streaming this call's weights before the
-    // previous kernel has finished; A, C and the workspace are touched only after the wait.
-    // (Commit groups still complete in order: group 0 holds the weights of every prologue
-    // stage and the activations of stage 0.)
-    grid_dependents_launch();
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s)
-        if (s < iters) fetch_weights(s, kt_begin + s);
-    grid_dependency_wait();
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-        if (s < iters) fetch_acts(s, kt_begin + s);
-        cp_async_commit();
-    }
-    // The loop is unrolled over the stages, so that each stage's shared-memory offsets are
-    // constants: iteration `it` reads stage it % kStages and refills stage (it - 1) % kStages.
-    // (At few rows the kernel is bound by instruction issue; the per-stage address arithmetic
-    // was a large share of it.)
-    for (int it0 = 0; it0 < iters; it0 += kStages) {
-#pragma unroll
-        for (int st = 0; st < kStages; ++st) {
-            const int it = it0 + st;
-            if (it < iters) {
-                cp_async_wait<kStages - 2>();   // stage `it` has landed
-                __syncthreads();                // ... for every thread; and stage it-1 is consumed
-                if (it + kStages - 1 < iters)
-                    fetch_stage((st + kStages - 1) % kStages, kt_begin + it + kStages - 1);
-                cp_async_commit();
-                compute_stage(st, kt_begin + it);
-            }
-        }
-    }
+    // ---- the pipeline: kStages-1 stages in flight while one is computed (mm_common.cuh) ----
+    run_pipeline<kStages, kStages - 1, false>(iters, kt_begin, fetch_acts, fetch_weights, compute_stage,
+                                              [] {});
     cp_async_wait<0>();
     __syncthreads();
 

@@ -149,6 +149,54 @@ struct StageCopy {
     }
 };
 
+// The pipeline both kernels run: kAhead stages of A, B and scales in flight while one is
+// computed, unrolled over the kStages shared-memory slots so that each slot's offsets are
+// constants: iteration `it` computes slot it % kStages and refills slot (it + kAhead) % kStages.
+// (At few rows the mma.sync kernel is bound by instruction issue, and the per-stage address
+// arithmetic was a large share of it; the wgmma kernel keeps a stage's last wgmma in flight
+// into the next stage, with no loop back edge in between.)
+// Programmatic dependent launch (sm_90): the next kernel on the stream may launch at once, and
+// the weights of the prologue stages stream before the previous kernel has finished; A, C and
+// the workspace are touched only after the wait. (Commit groups still complete in order: group
+// 0 holds the weights of every prologue stage and the activations of stage 0.)
+// ASYNC_PROXY: the tensor cores read the stages (wgmma), so the cp.async writes are fenced to
+// the async proxy before the barrier. end_of_round() runs before each loop back edge.
+template <int kStages, int kAhead, bool ASYNC_PROXY, class FetchActs, class FetchWeights, class Compute,
+          class EndOfRound>
+__device__ __forceinline__ void run_pipeline(int iters, int kt_begin, FetchActs fetch_acts,
+                                             FetchWeights fetch_weights, Compute compute_stage,
+                                             EndOfRound end_of_round) {
+    static_assert(kAhead >= 1 && kAhead < kStages, "stages in flight");
+    grid_dependents_launch();
+#pragma unroll
+    for (int s = 0; s < kAhead; ++s)
+        if (s < iters) fetch_weights(s, kt_begin + s);
+    grid_dependency_wait();
+#pragma unroll
+    for (int s = 0; s < kAhead; ++s) {
+        if (s < iters) fetch_acts(s, kt_begin + s);
+        cp_async_commit();
+    }
+    for (int it0 = 0; it0 < iters; it0 += kStages) {
+#pragma unroll
+        for (int st = 0; st < kStages; ++st) {
+            const int it = it0 + st;
+            if (it < iters) {
+                cp_async_wait<kAhead - 1>();   // stage `it` has landed (this thread's copies) ...
+                if constexpr (ASYNC_PROXY) fence_proxy_async_shared();   // ... for the tensor cores ...
+                __syncthreads();               // ... for every thread's copies; the slot to refill is free
+                if (it + kAhead < iters) {
+                    fetch_acts((st + kAhead) % kStages, kt_begin + it + kAhead);
+                    fetch_weights((st + kAhead) % kStages, kt_begin + it + kAhead);
+                }
+                cp_async_commit();
+                compute_stage(st, kt_begin + it);
+            }
+        }
+        end_of_round();
+    }
+}
+
 // Where the scale of original column n sits in a channelwise (one group) permuted row: within
 // each 32 columns, permuted 8i + jj holds 2i + [0, 1, 8, 9, 16, 17, 24, 25][jj] (format.py).
 __device__ __forceinline__ int channel_scale_index(int n) {

@@ -172,42 +172,16 @@ __global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(con
         }
     };
 
-    // ---- the pipeline: kAhead stages in flight while one is computed -----------------------
-    // Programmatic dependent launch as in mm.cu: weights of the prologue stream before the
-    // previous kernel on the stream ends; A, C and the workspace only after the wait.
-    constexpr int kAhead = T::kAhead;
-    grid_dependents_launch();
-#pragma unroll
-    for (int s = 0; s < kAhead; ++s)
-        if (s < iters) fetch_weights(s, kt_begin + s);
-    grid_dependency_wait();
-#pragma unroll
-    for (int s = 0; s < kAhead; ++s) {
-        if (s < iters) fetch_acts(s, kt_begin + s);
-        cp_async_commit();
-    }
-    // Unrolled over the stages (iteration `it` reads stage it % kStages), so that stage offsets
-    // are constants and a stage's last wgmma stays in flight into the next stage; the grouped
-    // kernels drain at the back edge (see kDrainEachStage).
-    for (int it0 = 0; it0 < iters; it0 += kStages) {
-#pragma unroll
-        for (int st = 0; st < kStages; ++st) {
-            const int it = it0 + st;
-            if (it < iters) {
-                cp_async_wait<kAhead - 1>();    // stage `it` has landed (this thread's copies) ...
-                fence_proxy_async_shared();     // ... is visible to the tensor cores' reads ...
-                __syncthreads();                // ... for every thread's copies; the slot to refill is free
-                if (it + kAhead < iters) {
-                    fetch_acts((st + kAhead) % kStages, kt_begin + it + kAhead);
-                    fetch_weights((st + kAhead) % kStages, kt_begin + it + kAhead);
-                }
-                cp_async_commit();
-                compute_stage(st, kt_begin + it);
-                if constexpr (T::kDrainEachStage) wgmma_wait<0>();
-            }
-        }
+    // ---- the pipeline (mm_common.cuh): kAhead stages in flight while one is computed; a
+    // stage's last wgmma runs into the next stage, and the grouped kernels drain at the loop's
+    // back edge (see kDrainEachStage) --------------------------------------------------------
+    auto compute_and_drain = [&](int stage, int kt) {
+        compute_stage(stage, kt);
+        if constexpr (T::kDrainEachStage) wgmma_wait<0>();
+    };
+    run_pipeline<kStages, T::kAhead, true>(iters, kt_begin, fetch_acts, fetch_weights, compute_and_drain, [] {
         if constexpr (GROUPED && !T::kDrainEachStage) wgmma_wait<0>();
-    }
+    });
     wgmma_wait<0>();
 #pragma unroll
     for (int j = 0; j < 2; ++j)

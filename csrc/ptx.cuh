@@ -49,6 +49,14 @@ __device__ __forceinline__ void grid_dependents_launch() {
 #endif
 }
 
+// Shared memory written through the generic proxy (cp.async, st.shared) becomes visible to
+// the async proxy (e.g. wgmma's operand reads) after this fence in the writing thread + a barrier.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 // Wait until at most `pending` committed groups are still in flight.

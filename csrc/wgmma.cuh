@@ -49,14 +49,6 @@ __device__ __forceinline__ void wgmma_wait() {
 #endif
 }
 
-// Shared memory written through the generic proxy (cp.async, st.shared) becomes visible to
-// the async proxy (wgmma's operand reads) after this fence in the writing thread + a barrier.
-__device__ __forceinline__ void fence_proxy_async_shared() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-}
-
 // Keep the compiler from moving accesses of `x` across this point (accumulators stay in
 // place while a wgmma that reads and writes them is in flight).
 __device__ __forceinline__ void fence_operand(float &x) { asm volatile("" : "+f"(x)::"memory"); }
