@@ -39,6 +39,10 @@ typedef struct ferrum_mm_config {
     int m_blocks;    /* 0 auto; rows of 16 per block (a "slice" of M): 1..4; 4 or 8 for tiles
                         4 and 5; 4 for tile 6 */
     int splits;      /* 0 auto; >= 1: split-K factor (partials reduced in FP32, in order) */
+    int weights_pending;  /* 0: b and scales were complete before the previous kernel on the
+                        stream began, so on sm_90 the kernel may start reading them before that
+                        kernel ends (programmatic dependent launch); 1: that kernel may have
+                        written them, so they are read only after it has finished */
 } ferrum_mm_config;
 
 /* What ferrum_mm will do for a problem: the resolved config and the workspace it needs. */

@@ -179,7 +179,7 @@ __global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
     };
 
     // ---- the pipeline: kStages-1 stages in flight while one is computed (mm_common.cuh) ----
-    run_pipeline<kStages, kStages - 1, false>(iters, kt_begin, fetch_acts, fetch_weights, compute_stage,
+    run_pipeline<kStages, kStages - 1, false>(iters, kt_begin, p.weights_early, fetch_acts, fetch_weights, compute_stage,
                                               [] {});
     cp_async_wait<0>();
     __syncthreads();
@@ -523,7 +523,7 @@ static double mma_choose_splits(const DeviceProps &dev, int occ, int size_m, int
 static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, int num_experts,
                     int act_order, const ferrum_mm_config *req, bool grouped,
                     ferrum_mm_plan_info *plan) {
-    ferrum_mm_config cfg = req ? *req : ferrum_mm_config{0, 0, 0};
+    ferrum_mm_config cfg = req ? *req : ferrum_mm_config{0, 0, 0, 0};
     FERRUM_REQUIRE(cfg.tile >= 0 && cfg.tile <= kTiles, "ferrum_mm: tile=%d (use 0..%d)", cfg.tile, kTiles);
     const bool wgmma = is_wgmma_tile(cfg.tile) ||
                        (cfg.tile == 0 && wgmma_available(dev) && size_m >= kWgmmaMinRows &&
@@ -749,6 +749,7 @@ extern "C" int ferrum_mm(const void *a, const void *b, const void *scales, void 
         p.m_slices = plan.m_slices;
         p.splits = plan.config.splits;
         p.cluster_reduce = plan.cluster_reduce;
+        p.weights_early = !(requested && requested->weights_pending);
         p.k_tiles = size_k / tile_k(tile);
         p.group_shift = grouped ? group_shift_of(group_size) : 0;
         p.b_expert_int4 = (long long)(size_k / 16) * 2 * size_n / 4;

@@ -31,6 +31,7 @@ struct MmParams {
     int group_shift;        // log2(group size) for grouped scales
     int cluster_reduce;     // 1: the splits of a C tile are one thread block cluster and add
                             // their partials through distributed shared memory (sm_90)
+    int weights_early;      // 1: the prologue's weight copies start before griddepcontrol.wait
     long long b_expert_int4;    // Marlin int4 per expert: (K/16) * 2N / 4
     long long s_expert_halves;  // scale entries per expert: groups * N
 };
@@ -156,22 +157,30 @@ struct StageCopy {
 // arithmetic was a large share of it; the wgmma kernel keeps a stage's last wgmma in flight
 // into the next stage, with no loop back edge in between.)
 // Programmatic dependent launch (sm_90): the next kernel on the stream may launch at once, and
-// the weights of the prologue stages stream before the previous kernel has finished; A, C and
-// the workspace are touched only after the wait. (Commit groups still complete in order: group
+// (weights_early: unless the caller says the previous kernel may have written them) the weights
+// of the prologue stages stream before the previous kernel has finished; A, C and the
+// workspace are touched only after the wait. (Commit groups still complete in order: group
 // 0 holds the weights of every prologue stage and the activations of stage 0.)
 // ASYNC_PROXY: the tensor cores read the stages (wgmma), so the cp.async writes are fenced to
 // the async proxy before the barrier. end_of_round() runs before each loop back edge.
 template <int kStages, int kAhead, bool ASYNC_PROXY, class FetchActs, class FetchWeights, class Compute,
           class EndOfRound>
-__device__ __forceinline__ void run_pipeline(int iters, int kt_begin, FetchActs fetch_acts,
+__device__ __forceinline__ void run_pipeline(int iters, int kt_begin, bool weights_early, FetchActs fetch_acts,
                                              FetchWeights fetch_weights, Compute compute_stage,
                                              EndOfRound end_of_round) {
     static_assert(kAhead >= 1 && kAhead < kStages, "stages in flight");
     grid_dependents_launch();
+    if (weights_early) {
 #pragma unroll
-    for (int s = 0; s < kAhead; ++s)
-        if (s < iters) fetch_weights(s, kt_begin + s);
+        for (int s = 0; s < kAhead; ++s)
+            if (s < iters) fetch_weights(s, kt_begin + s);
+    }
     grid_dependency_wait();
+    if (!weights_early) {
+#pragma unroll
+        for (int s = 0; s < kAhead; ++s)
+            if (s < iters) fetch_weights(s, kt_begin + s);
+    }
 #pragma unroll
     for (int s = 0; s < kAhead; ++s) {
         if (s < iters) fetch_acts(s, kt_begin + s);

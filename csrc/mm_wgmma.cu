@@ -179,7 +179,7 @@ __global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(con
         compute_stage(stage, kt);
         if constexpr (T::kDrainEachStage) wgmma_wait<0>();
     };
-    run_pipeline<kStages, T::kAhead, true>(iters, kt_begin, fetch_acts, fetch_weights, compute_and_drain, [] {
+    run_pipeline<kStages, T::kAhead, true>(iters, kt_begin, p.weights_early, fetch_acts, fetch_weights, compute_and_drain, [] {
         if constexpr (GROUPED && !T::kDrainEachStage) wgmma_wait<0>();
     });
     wgmma_wait<0>();

@@ -61,6 +61,7 @@ cdef extern from "ferrum_marlin.h" nogil:
         int tile
         int m_blocks
         int splits
+        int weights_pending
 
     ctypedef struct ferrum_mm_plan_info:
         ferrum_mm_config config

@@ -334,6 +334,7 @@ def mm_plan(int size_m, int size_k, int size_n, int num_experts=1, bint act_orde
     cdef ferrum_mm_config cfg
     cdef ferrum_mm_plan_info plan
     cfg.tile, cfg.m_blocks, cfg.splits = tile, m_blocks, splits
+    cfg.weights_pending = 0
     check_ferrum(ferrum_mm_plan(size_m, size_k, size_n, num_experts, act_order, &cfg, &plan))
     return {"tile": plan.config.tile, "m_blocks": plan.config.m_blocks,
             "splits": plan.config.splits, "m_slices": plan.m_slices, "grid": plan.grid,
@@ -373,14 +374,16 @@ def release_workspaces():
 
 def mm(size_t a, size_t b, size_t scales, size_t c, size_t perm, int size_m, int size_k,
        int size_n, int expert0, int num_experts, int num_groups, int group_size, int ldc,
-       size_t stream=0, int tile=0, int m_blocks=0, int splits=0):
-    """Launch C = A @ W for experts expert0 .. expert0+num_experts-1 (all pointers on device)."""
+       size_t stream=0, int tile=0, int m_blocks=0, int splits=0, int weights_pending=0):
+    """Launch C = A @ W for experts expert0 .. expert0+num_experts-1 (all pointers on device).
+    weights_pending=1: the kernel just before on the stream may have written b or scales."""
     cdef ferrum_mm_config cfg
     cdef ferrum_mm_plan_info plan
     cdef int status
     cdef size_t cptr = 0, cbytes = 0, dptr = 0, dbytes = 0
     cdef DeviceArray arr
     cfg.tile, cfg.m_blocks, cfg.splits = tile, m_blocks, splits
+    cfg.weights_pending = weights_pending
     ws = _workspaces.get((current_device(), stream))
     for attempt in range(2):
         if ws is not None:

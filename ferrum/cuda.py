@@ -9,6 +9,12 @@ default is the legacy default stream. A generic ``__cuda_array_interface__`` inp
 ``stream`` field names another stream is waited for (CAI v3); PyTorch and CuPy arrays are read
 through their fast attributes, so work queued on another stream must be ordered by the caller
 (pass ``stream=``).
+
+On sm_90 an mm starts streaming its weights before the kernel before it on the stream has
+finished (programmatic dependent launch; A, C and the workspace wait for it). The weights must
+therefore not be written by that kernel: a MarlinWeight's first call waits, since its arrays may
+have just been made on the device; a weight rewritten in place on the device later needs a new
+MarlinWeight (or ``FERRUM_NO_PDL=1``).
 """
 
 from __future__ import annotations
@@ -115,7 +121,7 @@ def _empty_like_lib(a: Any, shape: tuple) -> Any:
 class _Resident:
     """Device pointers and sizes of one MarlinWeight, cached in weight._aux["cuda"]."""
     __slots__ = ("b", "s", "perm", "perm_array", "keep", "size_k", "size_n", "groups",
-                 "group_size", "num_experts")
+                 "group_size", "num_experts", "pending")
 
 
 class CudaBackend(Backend):
@@ -223,6 +229,7 @@ class CudaBackend(Backend):
             r.groups = weight.num_groups
             r.group_size = weight.size_k if r.groups == 1 else weight.group_size
             r.num_experts = weight.num_experts
+            r.pending = 1   # the first call reads the weights only after the previous kernel
             weight._aux["cuda"] = r
             return r
 
@@ -258,8 +265,10 @@ class CudaBackend(Backend):
         else:
             result = c_target = out
         c_ptr, _, c_keep = _fast_view(c_target, s, writable=True)
+        pending = r.pending
         _cuda.mm(a_ptr, r.b, r.s, c_ptr, r.perm, size_m, r.size_k, r.size_n, expert0, experts,
-                 r.groups, r.group_size, cols, s, tile, m_blocks, splits)
+                 r.groups, r.group_size, cols, s, tile, m_blocks, splits, pending)
+        r.pending = 0
         if type(c_target) is DeviceArray:
             c_target.stream = s
         if host_out is not None:
