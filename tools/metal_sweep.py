@@ -8,6 +8,9 @@
           k-split) x quads in flight
   small   M in 2..16 kernel µs over k-slots x M_TILE (8: two m-tiles at M=16; 16: one) x
           workgroup target
+  kernels every kernel's settings on the bench's 8 shapes: M=1 and M=4 (gemv against skinny's
+          shapes and k-split targets), M=16 (skinny's shapes x m-tile x target), M=64 and M=256
+          (tiled's TM x BK x target); one line per candidate, % of the read floor at M=1
   gpu     the GPU's own clock (timestamp queries) on mm's pass, one pass a submission: the whole
           pass and each dispatch, beside kernel_seconds (batched wall time), to tell the kernels'
           time from what surrounds them
@@ -31,11 +34,14 @@ M1_SHAPES = [(8192, 10240), (8192, 8192), (8192, 57344), (28672, 8192), (4096, 4
 SMALL_SHAPES = [(4096, 6144), (8192, 8192), (8192, 57344), (28672, 8192)]
 HOST_SHAPES = [(4096, 4096), (8192, 8192)]
 BIG_SHAPE = (8192, 28672)
+BENCH_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (8192, 10240),
+                (8192, 8192), (8192, 57344), (28672, 8192)]
 QUICK = "--quick" in sys.argv
 MIN_S = 0.05 if QUICK else 0.1
 if "--tiny" in sys.argv:        # a smoke test of this script on a CPU adapter
     M1_SHAPES, SMALL_SHAPES, HOST_SHAPES = [(512, 256)], [(512, 256)], [(256, 128)]
     BIG_SHAPE, MIN_S = (512, 512), 0.01
+    BENCH_SHAPES = [(512, 256), (1024, 128)]
 
 
 def weight(rng, k, n):
@@ -196,6 +202,46 @@ def small(rng):
         del w
 
 
+def kernels(rng):
+    """Candidate settings of every kernel, per bench shape; the planner's default first."""
+    rates = B.stream_bandwidth(64 << 20 if "--tiny" in sys.argv else 512 << 20, min_seconds=0.2)
+    read = rates["shader read"]
+    print(f"\n== kernels: kernel µs per candidate (shader read {read / 1e9:.0f} GB/s)", flush=True)
+    m1 = [dict(skinny_from_m=1, skinny_shape=sh, target_workgroups=t)
+          for sh in ((4, 8, 2), (4, 8, 4), (2, 4, 4), (2, 8, 4), (1, 2, 8), (1, 4, 4), (1, 8, 4))
+          for t in (1024, 4096)] + [
+        # one k-split, the kernel writing C (no reduce pass): big workgroups instead
+        dict(skinny_from_m=1, skinny_shape=sh, target_workgroups=1)
+        for sh in ((1, 8, 4), (2, 8, 4), (4, 32, 2))] + [
+        dict(gemv_k_slots=32, target_workgroups=1)]
+    m4 = [dict(skinny_shape=sh) for sh in ((4, 8, 2), (2, 4, 4), (1, 4, 4))] + [
+        dict(skinny_from_m=17)]
+    m16 = [dict(skinny_shape=sh, skinny_m_tile=mt, target_workgroups=t)
+           for sh in ((1, 2, 8), (1, 4, 4), (2, 2, 8), (2, 4, 4), (4, 2, 8), (4, 8, 2))
+           for mt in (16, 8) for t in (1024, 4096)] + [dict(skinny_from_m=17)]
+    m64 = [dict(tiled_tm=tm, tiled_bk=bk, target_workgroups=t)
+           for tm in (4, 8) for bk in (16, 32) for t in (1024, 4096)] + [
+        dict(tiled_tm=2, tiled_bk=32, target_workgroups=1024)]
+    m256 = [dict(tiled_tm=tm, tiled_bk=bk, target_workgroups=1024)
+            for tm in (4, 8) for bk in (16, 32)] + [
+        dict(tiled_tm=8, tiled_bk=16, target_workgroups=4096)]
+    for k, n in BENCH_SHAPES:
+        w = weight(rng, k, n)
+        for m, cands in ((1, m1), (4, m4), (16, m16), (64, m64), (256, m256)):
+            a = rng.standard_normal((m, k)).astype(np.float16)
+            floor = (k * n // 2 + k * n // 64 + 2 * m * (k + n)) / read * 1e6
+            for c in [{}] + cands:
+                try:
+                    us, plan = kernel_us(a, w, **c)
+                except Exception as exc:        # report, go on with the next candidate
+                    print(f"{k}x{n} M={m} {c}: failed {type(exc).__name__}: {exc}", flush=True)
+                    continue
+                knobs_text = " ".join(f"{key}={v}" for key, v in c.items()) or "default"
+                print(f"{k:>6d}x{n:<6d} M={m:<3d} {us:9.1f} us {100 * floor / us:5.1f}% "
+                      f"[{plan}] {knobs_text}", flush=True)
+        del w
+
+
 def gpu(rng):
     if not getattr(B, "timestamps", False):
         print("\n== gpu: no timestamp queries inside passes on this device")
@@ -219,7 +265,7 @@ def main():
     rng = np.random.default_rng(0)
     parts = [p for p in sys.argv[1:] if not p.startswith("--")] or ["host", "m1", "small", "gpu"]
     for part in parts:
-        {"host": host, "m1": m1, "small": small, "gpu": gpu}[part](rng)
+        {"host": host, "m1": m1, "small": small, "gpu": gpu, "kernels": kernels}[part](rng)
 
 
 if __name__ == "__main__":
