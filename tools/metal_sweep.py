@@ -208,23 +208,24 @@ def kernels(rng):
     read = rates["shader read"]
     print(f"\n== kernels: kernel µs per candidate (shader read {read / 1e9:.0f} GB/s)", flush=True)
     m1 = [dict(skinny_from_m=1, skinny_shape=sh, target_workgroups=t)
-          for sh in ((4, 8, 2), (4, 8, 4), (2, 4, 4), (2, 8, 4), (1, 2, 8), (1, 4, 4), (1, 8, 4))
-          for t in (1024, 4096)] + [
+          for sh in ((4, 8, 2), (4, 8, 4), (2, 8, 4), (1, 4, 4)) for t in (1024, 4096)] + [
         # one k-split, the kernel writing C (no reduce pass): big workgroups instead
         dict(skinny_from_m=1, skinny_shape=sh, target_workgroups=1)
         for sh in ((1, 8, 4), (2, 8, 4), (4, 32, 2))] + [
         dict(gemv_k_slots=32, target_workgroups=1)]
     m4 = [dict(skinny_shape=sh) for sh in ((4, 8, 2), (2, 4, 4), (1, 4, 4))] + [
         dict(skinny_from_m=17)]
-    m16 = [dict(skinny_shape=sh, skinny_m_tile=mt, target_workgroups=t)
-           for sh in ((1, 2, 8), (1, 4, 4), (2, 2, 8), (2, 4, 4), (4, 2, 8), (4, 8, 2))
-           for mt in (16, 8) for t in (1024, 4096)] + [dict(skinny_from_m=17)]
-    m64 = [dict(tiled_tm=tm, tiled_bk=bk, target_workgroups=t)
-           for tm in (4, 8) for bk in (16, 32) for t in (1024, 4096)] + [
+    m16 = [dict(skinny_shape=sh, skinny_m_tile=mt, target_workgroups=1024)
+           for sh in ((1, 4, 4), (2, 4, 4), (2, 2, 8), (4, 8, 2)) for mt in (16, 8)] + [
+        dict(skinny_shape=sh, target_workgroups=4096) for sh in ((1, 4, 4), (2, 4, 4))] + [
+        dict(skinny_from_m=17)]
+    m64 = [dict(tiled_tm=tm, tiled_bk=bk, target_workgroups=1024)
+           for tm in (4, 8) for bk in (16, 32)] + [
+        dict(tiled_tm=4, tiled_bk=32, target_workgroups=4096),
+        dict(tiled_tm=8, tiled_bk=16, target_workgroups=4096),
         dict(tiled_tm=2, tiled_bk=32, target_workgroups=1024)]
     m256 = [dict(tiled_tm=tm, tiled_bk=bk, target_workgroups=1024)
-            for tm in (4, 8) for bk in (16, 32)] + [
-        dict(tiled_tm=8, tiled_bk=16, target_workgroups=4096)]
+            for tm in (4, 8) for bk in (16, 32)]
     for k, n in BENCH_SHAPES:
         w = weight(rng, k, n)
         for m, cands in ((1, m1), (4, m4), (16, m16), (64, m64), (256, m256)):
