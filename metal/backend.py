@@ -61,6 +61,13 @@ GEMV_TARGET_SHARE = {1: 0.5, 2: 0.5, 4: 0.25, 8: 0.25, 16: 0.25}
 #: k-slots per gemv workgroup (32 invocations each): more, in fewer workgroups, would let one
 #: workgroup cover all of k (gemv writes C, no reduce pass) and still fill a large GPU.
 GEMV_K_SLOTS = 8
+#: M = 1 when the chunk workgroups number between these shares of the workgroup target (96 to
+#: 128 of an H100's 1024): 32 k-slots a workgroup and no k-split, so gemv writes C itself (no
+#: reduce pass, ~10 µs on the H100) and the 1024-invocation workgroups still fill the GPU in one
+#: wave (H100: 8192x8192 31.4 against 35.8 µs, 28672x8192 81.8 against 90.1, 4096x6144 22.3
+#: against 30.3; with fewer chunks SMs idle, with more a second wave: 8192x10240's 160 chunks
+#: 53.9 against 42.5).
+GEMV_WIDE_SHARE = (3 / 32, 1 / 8)
 #: Workgroups a dispatch aims for when choosing the k-split (enough to fill a large GPU); on a
 #: CPU adapter (lavapipe) every workgroup costs scheduling, and a few per core are enough.
 TARGET_WORKGROUPS = 1024
@@ -68,22 +75,16 @@ TARGET_WORKGROUPS_CPU = 32
 #: gemv scales the dequantized pairs once (shared by the rows) above this M_TILE, and the column
 #: sums of each row at or below it (fewer multiplies for M = 1, 2).
 PRESCALE_FROM_M_TILE = 2
-#: skinny.wgsl (A staged in workgroup memory, each weight dequantized once for all the rows of
-#: its m-tile) serves M from SKINNY_FROM_M up to VECTOR_MAX_M; gemv.wgsl the M below.
-SKINNY_FROM_M = 2
-#: Largest m-tile of skinny.wgsl (M up to it runs in one m-tile: the weight is read and
-#: dequantized once).
-SKINNY_M_TILE = 16
-#: skinny.wgsl's shape by m-tile (the largest m-tile listed that is >= it): J words a lane,
-#: K_SLOTS k-slots a workgroup, ROWS kt rows a slot per stage of A.
-SKINNY_SHAPE = ((2, (4, 8, 2)), (8, (2, 4, 2)), (16, (2, 4, 4)))
-#: Share of the workgroup target (in 256-invocation units) skinny.wgsl's k-split aims for.
-SKINNY_TARGET_SHARE = 0.25
 #: tiled.wgsl: rows per invocation (TM; a workgroup's tile is 16 TM rows x 64 columns) by the
 #: largest M of the m-block it serves, and k per step (BK) by TM. Larger tiles reuse each
 #: dequantized weight and each A value for more fmas; smaller ones waste less on rows past M.
+#: H100 (Vulkan, tools/metal_sweep.py kernels): M=64 8192x8192 TM=4 BK=16 547 µs, BK=32 601,
+#: TM=8 872 (half its rows wasted), TM=2 809; M=256 TM=8 BK=16 1724, BK=32 1905, TM=4 2114.
 TILED_TM = ((32, 2), (64, 4), (1 << 30, 8))
-TILED_BK = {2: 32, 4: 32, 8: 16}
+TILED_BK = {2: 32, 4: 16, 8: 16}
+#: tiled.wgsl's loop over the BK k of a step written out by the host (constant workgroup-memory
+#: offsets, loads free to move ahead of the fmas) instead of a WGSL loop.
+TILED_UNROLL = False
 #: Share of the workgroup target the tiled kernel's k-split aims for.
 TILED_TARGET_SHARE = 0.5
 #: Workgroup memory every kernel keeps within: WebGPU's guaranteed minimum (Apple GPUs and
@@ -279,133 +280,27 @@ def _gemv_blocks(m_tile: int, loads: int, k_slots: int) -> dict[str, str]:
             "WORKGROUP_SIZE": 32 * k_slots, "RED_VEC4S": 64 * max(8, k_slots // 2)}
 
 
-def _skinny_blocks(m_tile: int, j: int, k_slots: int, rows: int, subgroups: bool,
-                   channelwise: bool, prescale: bool, storage: int) -> dict[str, str]:
-    """The generated, unrolled parts of skinny.wgsl for M_TILE = m_tile rows, J = j words a lane,
-    K_SLOTS = k_slots, ROWS = rows kt rows a slot per stage: accumulators, the weight loads, one
-    block per kt row of the stage (dequantize the lane's words, then every row of the tile), and
-    the reduction in rounds of rows that fit ``storage`` bytes of workgroup memory."""
-    vec4s = storage // 16
-    lane_terms = 1 if subgroups else 4
-    stage = k_slots * rows * 4 * m_tile
-    per_row = k_slots * lane_terms * 16                      # vec4s of sh one reduced row takes
-    if stage > vec4s or per_row > vec4s:
-        raise ValueError(f"skinny: m_tile={m_tile}, k_slots={k_slots}, rows={rows} exceed "
-                         f"{storage} bytes of workgroup memory")
-    red_rows = min(m_tile, vec4s // per_row)
-    wvec = "u32" if j == 1 else f"vec{j}<u32>"
-    comp = (lambda name, u: name) if j == 1 else (lambda name, u: f"{name}.{'xyzw'[u]}")
-    us = range(j)
-    decl = [f"    var acc{m}_{u} = vec2<f32>(0.0);" for m in range(m_tile) for u in us]
-    load_decl = ("".join(f"    var xn{i} = {wvec}(0u);\n" for i in range(rows))
-                 + "    if (stages > 0u) {\n"
-                 + "".join(f"        xn{i} = W[w_at + min(kt_lo + slot + K_SLOTS * {i}u, kt_last)"
-                           f" * w_row];\n" for i in range(rows)) + "    }")
-    load_take = "".join(f"        let x{i} = xn{i};\n" for i in range(rows)).rstrip("\n")
-    load_next = ("        if (st + 1u < stages) {\n"
-                 + "".join(f"            xn{i} = W[w_at + min(kt_next + slot + K_SLOTS * {i}u, "
-                           f"kt_last) * w_row];\n" for i in range(rows)) + "        }")
-    steps = []
-    for i in range(rows):
-        b = [f"        {{",
-             f"            let kt_l = slot + K_SLOTS * {i}u;",
-             f"            let kt = kt0 + kt_l;",
-             f"            if (kt < kt_hi) {{",
-             f"                let x = x{i};"]
-        if not channelwise:
-            b.append(f"                let sv = S[s_at + (((P.kt_begin + kt) >> P.group_shift)"
-                     f" - P.g_begin) * s_row];")
-        b.append(f"                let a_at = (kt_l * 4u + t4) * M_TILE;")
-        for u in us:
-            sc = "vec2<f32>(1.0)" if channelwise else f"unpack2x16float({comp('sv', u)})"
-            b += [f"                let s{u} = {sc};",
-                  f"                let xw{u} = {comp('x', u)};",
-                  f"                let lo0_{u} = pair(xw{u}, NIB_PAIR_LO_H0);",
-                  f"                let hi0_{u} = pair(xw{u}, NIB_PAIR_HI_H0);",
-                  f"                let lo1_{u} = pair(xw{u}, NIB_PAIR_LO_H1);",
-                  f"                let hi1_{u} = pair(xw{u}, NIB_PAIR_HI_H1);"]
-            ks = {"0": f"vec2<f32>(lo0_{u}.x, lo1_{u}.x)", "1": f"vec2<f32>(lo0_{u}.y, lo1_{u}.y)",
-                  "8": f"vec2<f32>(hi0_{u}.x, hi1_{u}.x)", "9": f"vec2<f32>(hi0_{u}.y, hi1_{u}.y)"}
-            if prescale:
-                b.append(f"                let nb{u} = s{u} * -1032.0;")
-                for d, v in ks.items():
-                    b.append(f"                let k{d}_{u} = fma({v}, s{u}, nb{u});")
-            else:
-                for d, v in ks.items():
-                    b.append(f"                let k{d}_{u} = {v};")
-        for m in range(m_tile):
-            b.append(f"                {{")
-            b.append(f"                    let a = sh[a_at + {m}u];")
-            if not prescale:
-                b.append(f"                    let off = vec2<f32>(-1032.0 * ((a.x + a.y) + (a.z + a.w)));")
-            for u in us:
-                chain = (f"fma(k0_{u}, vec2<f32>(a.x), fma(k1_{u}, vec2<f32>(a.y), "
-                         f"fma(k8_{u}, vec2<f32>(a.z), fma(k9_{u}, vec2<f32>(a.w), ")
-                if prescale:
-                    b.append(f"                    acc{m}_{u} = {chain}acc{m}_{u}))));")
-                else:
-                    b.append(f"                    acc{m}_{u} = fma(s{u}, {chain}off)))), "
-                             f"acc{m}_{u});")
-            b.append(f"                }}")
-        b += ["            }", "        }"]
-        steps.append("\n".join(b))
-    red = []
-    if subgroups:
-        for m in range(m_tile):
-            for u in us:
-                red.append(f"    acc{m}_{u} += subgroupShuffleXor(acc{m}_{u}, 1u);\n"
-                           f"    acc{m}_{u} += subgroupShuffleXor(acc{m}_{u}, 2u);")
-    red.append("    let t4r = select(t4, 0u, SUBGROUPS);          // this lane's term\n"
-               "    let writes = !SUBGROUPS || t4 == 0u;")
-    for first in range(0, m_tile, red_rows):
-        n_rows = min(red_rows, m_tile - first)
-        r = ["    workgroupBarrier();", "    if (writes) {"]
-        for m in range(first, first + n_rows):
-            r.append(f"        {{\n            let base = ((slot * LANE_TERMS + t4r) * {n_rows}u"
-                     f" + {m - first}u) * 64u;")
-            for u in us:
-                r.append(f"            red_add(base + 16u * (j0 + {u}u) + c, acc{m}_{u}.x);\n"
-                         f"            red_add(base + 16u * (j0 + {u}u) + c + 8u, acc{m}_{u}.y);")
-            r.append("        }")
-        r += ["    }", "    workgroupBarrier();",
-              f"    if (DIRECT) {{",
-              f"        for (var i = li; i < {n_rows}u * 32u; i += INVOCATIONS) {{",
-              f"            let row = m0 + {first}u + i / 32u;",
-              f"            if (row < P.M) {{",
-              f"                let col = 2u * (i % 32u);",
-              f"                OUT[P.c_base + (row * P.n_total + col_out + col) / 2u] = pack2x16float(",
-              f"                    vec2<f32>(column_out(i / 32u, col, {n_rows}u, s_first),",
-              f"                              column_out(i / 32u, col + 1u, {n_rows}u, s_first)));",
-              f"            }}",
-              f"        }}",
-              f"    }} else {{",
-              f"        for (var i = li; i < {n_rows}u * 64u; i += INVOCATIONS) {{",
-              f"            let row = m0 + {first}u + i / 64u;",
-              f"            if (row < P.M) {{",
-              f"                OUT[slot_at + row * P.n_total + col_out + i % 64u] =",
-              f"                    bitcast<u32>(column_out(i / 64u, i % 64u, {n_rows}u, s_first));",
-              f"            }}",
-              f"        }}",
-              f"    }}"]
-        red.append("\n".join(r))
-    s_word = "    return S[i];" if j == 1 else "    return S[i / J][i % J];"
-    return {"M_TILE": m_tile, "J": j, "K_SLOTS": k_slots, "ROWS": rows, "WVEC": wvec,
-            "SH_VEC4S": max(stage, per_row * red_rows), "S_WORD": s_word,
-            "WORKGROUP_SIZE": 128 // j * k_slots, "ACC_DECL": "\n".join(decl),
-            "LOAD_DECL": load_decl, "LOAD_TAKE": load_take, "LOAD_NEXT": load_next,
-            "STEPS": "\n".join(steps), "REDUCE": "\n".join(red),
-            "SUBGROUPS": str(subgroups).lower(), "CHANNELWISE": str(channelwise).lower(),
-            "PRESCALE": str(prescale).lower()}
-
-
-def _tiled_blocks(tm: int, bk: int) -> dict[str, str]:
+def _tiled_blocks(tm: int, bk: int, unroll: bool = False) -> dict[str, str]:
     """The generated, unrolled parts of tiled.wgsl for TM = tm rows per invocation and BK = bk:
-    the accumulators (one vec4 of 4 columns per row), the fmas of one k and the writes."""
+    the accumulators (one vec4 of 4 columns per row), the multiply stage (a loop over k whose
+    body is the fmas of one k, or with ``unroll`` every k written out) and the writes."""
     aw = min(tm, 4)
     decl = "\n".join(f"    var acc{r} = vec4<f32>(0.0);" for r in range(tm))
-    fma = [f"            let a{i} = As[a_at + {i}u];" for i in range(tm // aw)]
-    for r in range(tm):
-        fma.append(f"            acc{r} = fma(vec4<f32>(a{r // aw}.{'xyzw'[r % aw]}), b, acc{r});")
+
+    def one_k(k: str, pad: str) -> list[str]:
+        lines = [f"{pad}let b = Bs[{k} * 16u + tn];",
+                 f"{pad}let a_at = ({k} * BM + tm * TM) / AW;"]
+        lines += [f"{pad}let a{i} = As[a_at + {i}u];" for i in range(tm // aw)]
+        lines += [f"{pad}acc{r} = fma(vec4<f32>(a{r // aw}.{'xyzw'[r % aw]}), b, acc{r});"
+                  for r in range(tm)]
+        return lines
+    if unroll:
+        fma = []
+        for k in range(bk):
+            fma += ["        {"] + one_k(f"{k}u", "            ") + ["        }"]
+    else:
+        fma = (["        for (var k = 0u; k < BK; k++) {"] + one_k("k", "            ")
+               + ["        }"])
     write = []
     for r in range(tm):
         write.append(
@@ -691,11 +586,10 @@ class MetalBackend(Backend):
         self.vector_m_tile = VECTOR_M_TILE
         self.gemv_loads = 0         # 0: GEMV_LOADS's choice; else quads in flight per gemv lane
         self.gemv_k_slots = GEMV_K_SLOTS   # k-slots (32 invocations each) per gemv workgroup
+        self.gemv_wide = True       # M = 1: 32 k-slots, no k-split where GEMV_WIDE_SHARE says
         self.tiled_tm = 0           # 0: TILED_TM's choice; else tiled.wgsl's rows per invocation
-        self.skinny_from_m = SKINNY_FROM_M   # smallest M skinny.wgsl serves (gemv.wgsl below)
-        self.skinny_m_tile = SKINNY_M_TILE   # largest skinny.wgsl m-tile
-        self.skinny_shape = None    # None: SKINNY_SHAPE's choice; else (J, K_SLOTS, ROWS)
         self.tiled_bk = 0           # 0: TILED_BK's choice; else tiled.wgsl's k per step
+        self.tiled_unroll = TILED_UNROLL   # tiled.wgsl's k loop written out (generated)
         self.workgroup_storage = WORKGROUP_STORAGE   # bytes of workgroup memory, this device
         self.max_invocations = 256  # per workgroup, on this device
         self.offset_alignment = 256
@@ -767,6 +661,9 @@ class MetalBackend(Backend):
         loads = os.environ.get("FERRUM_METAL_GEMV_LOADS", "")
         if loads:
             self.gemv_loads = max(0, int(loads))
+        unroll = os.environ.get("FERRUM_METAL_TILED_UNROLL", "")
+        if unroll:
+            self.tiled_unroll = unroll != "0"
         k_slots = os.environ.get("FERRUM_METAL_GEMV_K_SLOTS", "")
         if k_slots:
             self.gemv_k_slots = int(k_slots)
@@ -1042,8 +939,8 @@ fn main(@builtin(local_invocation_index) li: u32) {
     def _plan(self, weight, m: int, expert) -> _Plan:
         cache = weight._aux.setdefault("metal_plans", {})
         key = (m, expert, self.binding_limit, self.subgroups, self.target_workgroups,
-               self.vector_m_tile, self.gemv_loads, self.gemv_k_slots, self.tiled_tm,
-               self.tiled_bk, self.skinny_from_m, self.skinny_m_tile, self.skinny_shape)
+               self.vector_m_tile, self.gemv_loads, self.gemv_k_slots, self.gemv_wide,
+               self.tiled_tm, self.tiled_bk, self.tiled_unroll)
         plan = cache.get(key)
         # A plan binds the workspaces of its generation; when any grew since, bind again.
         if plan is None or plan.generation != self._generation:
@@ -1055,44 +952,15 @@ fn main(@builtin(local_invocation_index) li: u32) {
         return plan
 
     def _kernel_for(self, m_block: int) -> str:
-        """The shape-class table:
-
-            M < skinny_from_m                 gemv.wgsl    A from global memory, M_TILE rows
-            skinny_from_m <= M <= 16          skinny.wgsl  A staged in workgroup memory
-            M > 16                            tiled.wgsl   register-blocked tiles
-        """
-        if m_block > VECTOR_MAX_M:
-            return "tiled.wgsl"
-        return "skinny.wgsl" if m_block >= self.skinny_from_m else "gemv.wgsl"
+        """The shape-class table: vector kernel for small M, tiled for the rest."""
+        return "gemv.wgsl" if m_block <= VECTOR_MAX_M else "tiled.wgsl"
 
     def _m_tile(self, kernel: str, m_block: int) -> int:
         """Rows of A per workgroup: gemv keeps M_TILE x 8 accumulators a lane (a power of two up
-        to vector_m_tile); skinny splits M evenly into m-tiles of at most skinny_m_tile rows;
-        tiled works on tiles of 16 TM rows."""
+        to vector_m_tile), tiled works on tiles of 16 TM rows."""
         if kernel == "gemv.wgsl":
             return min(self.vector_m_tile, 1 << (m_block - 1).bit_length())
-        if kernel == "skinny.wgsl":
-            if not 1 <= self.skinny_m_tile <= VECTOR_MAX_M:
-                raise ValueError(f"skinny_m_tile={self.skinny_m_tile}: must be 1..{VECTOR_MAX_M}")
-            return math.ceil(m_block / math.ceil(m_block / self.skinny_m_tile))
         return 16 * self._tiled_tm(m_block)
-
-    def _skinny_shape(self, m_tile: int) -> tuple[int, int, int]:
-        """skinny.wgsl's (J, K_SLOTS, ROWS) for an m-tile, cut to what the device allows: at most
-        max_invocations a workgroup, A's stage and the reduction within 16 KiB."""
-        j, k_slots, rows = self.skinny_shape or next(
-            shape for top, shape in SKINNY_SHAPE if m_tile <= top or top == SKINNY_SHAPE[-1][0])
-        if j not in (1, 2, 4) or k_slots not in (1, 2, 4, 8, 16, 32) or rows < 1:
-            raise ValueError(f"skinny shape (J={j}, K_SLOTS={k_slots}, ROWS={rows}): J must be "
-                             f"1, 2 or 4, K_SLOTS a power of two up to 32, ROWS >= 1")
-        vec4s = WORKGROUP_STORAGE // 16
-        lane_terms = 1 if self.subgroups else 4
-        while k_slots > 1 and (128 // j * k_slots > self.max_invocations
-                               or k_slots * lane_terms * 16 > vec4s
-                               or k_slots * 4 * m_tile > vec4s):
-            k_slots //= 2
-        rows = max(1, min(rows, vec4s // (k_slots * 4 * m_tile)))
-        return j, k_slots, rows
 
     def _tiled_tm(self, m_block: int) -> int:
         """tiled.wgsl's rows per invocation for an m-block of m_block rows."""
@@ -1175,17 +1043,16 @@ fn main(@builtin(local_invocation_index) li: u32) {
         m_tile = self._m_tile(kernel, m_block)
         base_wgs = chunks * len(experts) * math.ceil(m_block / m_tile)
         scratch_splits = max(1, limit // (k_pieces * m_block * n_total * 4))
-        if kernel == "gemv.wgsl":
+        k_slots = self._gemv_k_slots()
+        wide = (kernel == "gemv.wgsl" and self.gemv_wide and m_block == 1 and k_pieces == 1
+                and 32 * 32 <= self.max_invocations
+                and GEMV_WIDE_SHARE[0] * self.target_workgroups <= base_wgs
+                <= GEMV_WIDE_SHARE[1] * self.target_workgroups)
+        if wide:            # one 32-slot workgroup a chunk over all of k: gemv writes C
+            k_slots, splits, kt_per_split = 32, 1, kt_piece
+        elif kernel == "gemv.wgsl":
             # the target counts 8-slot workgroups; a split keeps >= 2 kt rows per k-slot
-            k_slots = self._gemv_k_slots()
             target = self.target_workgroups * GEMV_TARGET_SHARE[m_tile] * 8 / k_slots
-            splits = max(1, min(math.ceil(target / base_wgs), kt_piece // (2 * k_slots),
-                                scratch_splits))
-            kt_per_split = math.ceil(kt_piece / splits)
-        elif kernel == "skinny.wgsl":
-            # the target counts 256-invocation workgroups; a split keeps >= 2 kt rows per k-slot
-            j, k_slots, rows = self._skinny_shape(m_tile)
-            target = self.target_workgroups * SKINNY_TARGET_SHARE * 256 / (128 // j * k_slots)
             splits = max(1, min(math.ceil(target / base_wgs), kt_piece // (2 * k_slots),
                                 scratch_splits))
             kt_per_split = math.ceil(kt_piece / splits)
@@ -1222,19 +1089,13 @@ fn main(@builtin(local_invocation_index) li: u32) {
                                       CHANNELWISE=str(groups == 1).lower(),
                                       PRESCALE=str(m_tile > PRESCALE_FROM_M_TILE).lower(),
                                       DIRECT=str(direct).lower(),
-                                      **_gemv_blocks(m_tile, loads, self._gemv_k_slots()))
-            elif block_kernel == "skinny.wgsl":
-                j, k_slots, rows = self._skinny_shape(m_tile)
-                pipe = self._pipeline(block_kernel, TABLES=TABLES[table],
-                                      DIRECT=str(direct).lower(),
-                                      **_skinny_blocks(m_tile, j, k_slots, rows, self.subgroups,
-                                                       groups == 1, m_tile > PRESCALE_FROM_M_TILE,
-                                                       WORKGROUP_STORAGE))
+                                      **_gemv_blocks(m_tile, loads, k_slots))
             else:
                 tm = self._tiled_tm(mb)
                 pipe = self._pipeline(block_kernel, TABLES=TABLES[table],
                                       DIRECT=str(direct).lower(),
-                                      **_tiled_blocks(tm, self._tiled_bk(tm)))
+                                      **_tiled_blocks(tm, self._tiled_bk(tm),
+                                                      self.tiled_unroll))
             a_entry, a_base = self._range(a_buf, mb0 * K * 2, mb * K * 2, 4)
             s_entry, out_base = self._range(s_buf, 0, slots * mb * n_total * 4, 4)
             c_entry, c_base = self._range(c_buf, mb0 * n_total * 2, mb * n_total * 2, 4)
@@ -1258,7 +1119,7 @@ fn main(@builtin(local_invocation_index) li: u32) {
                 ubuf = self._uniform(params)
                 bg = self._bind_group(pipe, [(ubuf, 0, ubuf.size), w_entry, sc_entry, a_entry,
                                              c_entry if direct else s_entry])
-                if block_kernel != "tiled.wgsl":    # m-tiles of a chunk side by side in x
+                if block_kernel == "gemv.wgsl":     # m-tiles of a chunk side by side in x
                     grid = (chunks * math.ceil(mb / m_tile), splits, ecount)
                 else:
                     grid = (chunks, splits * math.ceil(mb / m_tile), ecount)
@@ -1274,10 +1135,9 @@ fn main(@builtin(local_invocation_index) li: u32) {
                                         (math.ceil(n_total / 2 / 256), mb, 1)))
         summary = (f"{kernel.split('.')[0]} m{self._m_tile(kernel, m_block)} k{slots}"
                    + (f" l{self._gemv_loads(self._m_tile(kernel, m_block))}"
-                      + (f" s{self._gemv_k_slots()}" if self._gemv_k_slots() != 8 else "")
+                      + (f" s{k_slots}" if k_slots != 8 else "")
                       if kernel == "gemv.wgsl" else
-                      " j{} s{} r{}".format(*self._skinny_shape(self._m_tile(kernel, m_block))) if kernel == "skinny.wgsl"
-                      else f" bk{self._tiled_bk(self._tiled_tm(m_block))}")
+                      f" bk{self._tiled_bk(self._tiled_tm(m_block))}")
                    + (" direct" if direct_any else "")
                    + (f" p{len(pieces)}" if len(pieces) > 1 else "")
                    + (f" b{math.ceil(m / m_block)}" if m_block < m else ""))

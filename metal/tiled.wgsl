@@ -118,12 +118,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             fetch_a(&pa, kt_next, m0, li, a_row);
             if (li < B_WORDS) { pb = W[w_at + (kt_next + b_kt) * 2u * P.n]; }
         }
-        // multiply: BK rank-1 updates of the TM x 4 block
-        for (var k = 0u; k < BK; k++) {
-            let b = Bs[k * 16u + tn];
-            let a_at = (k * BM + tm * TM) / AW;
+        // multiply: BK rank-1 updates of the TM x 4 block (generated: a loop, or written out)
 {{FMA}}
-        }
     }
 
     // write: fp32 partial sums to this split's scratch slot, or (DIRECT) fp16 pairs of C

@@ -203,14 +203,12 @@ def test_mm_vector_kernel_every_m_up_to_16(group_size):
     p = random_problem(rng, size_k, size_n, group_size)
     w = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=group_size,
                                       backend="metal")
-    # (skinny_from_m=17: gemv for every M <= 16; the planner gives M >= 2 to skinny.wgsl)
     variants = [dict(vector_m_tile=16, gemv_loads=1, target_workgroups=1),
                 dict(vector_m_tile=8, gemv_loads=2, target_workgroups=1024),
                 dict(vector_m_tile=16, gemv_loads=4, target_workgroups=64),
                 # 16 or 32 k-slots a workgroup: the k-slots folded in halves before the last 8
                 dict(vector_m_tile=8, gemv_loads=1, target_workgroups=4096, gemv_k_slots=32),
                 dict(vector_m_tile=16, gemv_loads=2, target_workgroups=1, gemv_k_slots=16)]
-    variants = [dict(v, skinny_from_m=17) for v in variants]
     seen = set()
     for knobs in variants:
         with planner(**knobs):
@@ -223,16 +221,15 @@ def test_mm_vector_kernel_every_m_up_to_16(group_size):
     assert (True, 1) in seen and any(not direct and n == 2 for direct, n in seen), seen
 
 
-@pytest.mark.parametrize("from_m", [1, 17])
-def test_mm_vector_kernel_direct_write_for_stacked_experts(from_m):
-    # gemv or skinny writing C itself (one k-slot) for every expert at once and for one, next to
-    # the k-split + reduce path of the same shapes
+def test_mm_vector_kernel_direct_write_for_stacked_experts():
+    # gemv writing C itself (one k-slot) for every expert at once and for one, next to the
+    # k-split + reduce path of the same shapes
     size_k, size_n, experts = 1024, 128, 3     # 64 kt rows: room for a k-split
     rng = np.random.default_rng(950)
     p = random_problem(rng, size_k, size_n, 64, experts=experts)
     w = ferrum.load_stacked(p.qweights, p.scales, group_size=64, backend="metal")
     for target in (1, 4096):
-        with planner(target_workgroups=target, skinny_from_m=from_m):
+        with planner(target_workgroups=target):
             for m in (1, 5, 16):
                 a = rng.standard_normal((m, size_k)).astype(np.float16)
                 check_mm(w, a, np.concatenate(p.dense, axis=1))
@@ -259,12 +256,6 @@ def test_mm_without_subgroups_matches_reference():
     with subgroups(False):
         for m in (1, 9):
             check_mm(w, rng.standard_normal((m, size_k)).astype(np.float16), p.dense[0])
-        # skinny.wgsl adds the four lanes sharing a column in workgroup memory instead
-        for shape in ((1, 2, 2), (4, 4, 1)):
-            with planner(skinny_from_m=1, skinny_shape=shape):
-                for m in (1, 6, 16):
-                    check_mm(w, rng.standard_normal((m, size_k)).astype(np.float16), p.dense[0])
-                    assert last_plan(w).summary.startswith("skinny"), last_plan(w).summary
 
 
 @pytest.mark.parametrize("group_size,limit_kib,m_values", [
@@ -392,43 +383,34 @@ def test_mm_tiled_default_plan_every_m_block():
         assert " b" in last_plan(w).summary, last_plan(w).summary
 
 
-@pytest.mark.parametrize("group_size", [-1, 64])
-def test_mm_skinny_kernel_every_shape(group_size):
-    # skinny.wgsl (A staged in workgroup memory) for every M <= 16: J = 1, 2 or 4 words a lane,
-    # 1 to 8 k-slots, 1 to 4 kt rows a slot per stage, m-tiles of up to 16 or 5 rows (M = 16 in
-    # four tiles of 4, M = 11 in three of 4, 4, 3), without scaling per weight (m-tiles of 1 or 2
-    # rows) and with, one k-split (the kernel writes C) and several (scratch + reduce).
-    size_k, size_n = 1024, 128       # 64 kt rows: several stages a split
-    rng = np.random.default_rng(1200 + group_size)
-    p = random_problem(rng, size_k, size_n, group_size)
-    w = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=group_size,
-                                      backend="metal")
-    seen = set()
-    for shape, m_tile, target in (((1, 2, 4), 16, 1), ((2, 4, 2), 16, 4096), ((4, 8, 1), 5, 64),
-                                  ((4, 1, 3), 16, 1), ((1, 1, 1), 5, 4096)):
-        with planner(skinny_from_m=1, skinny_shape=shape, skinny_m_tile=m_tile,
-                     target_workgroups=target):
-            for m in (1, 2, 3, 7, 11, 16):
-                check_mm(w, rng.standard_normal((m, size_k)).astype(np.float16), p.dense[0])
-                plan = last_plan(w)
-                assert plan.summary.startswith("skinny"), plan.summary
-                seen.add("direct" in plan.summary)
-    assert seen == {True, False}, seen
+
+def test_mm_tiled_kernel_k_loop_written_out():
+    # the multiply stage with every k of a step written out by the host (tiled_unroll)
+    size_k, size_n = 512, 128
+    rng = np.random.default_rng(1400)
+    p = random_problem(rng, size_k, size_n, 64)
+    w = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=64, backend="metal")
+    for unroll in (True, False):
+        for tm, bk in ((2, 32), (4, 16), (8, 16)):
+            with planner(tiled_unroll=unroll, tiled_tm=tm, tiled_bk=bk):
+                for m in (17, 70):
+                    check_mm(w, rng.standard_normal((m, size_k)).astype(np.float16), p.dense[0])
 
 
-def test_mm_skinny_stacked_and_split_weight():
-    # skinny.wgsl on every expert and one, and on a weight cut into kt pieces (binding limit)
-    size_k, size_n, experts = 1024, 128, 2
-    rng = np.random.default_rng(1300)
-    p = random_problem(rng, size_k, size_n, 32, experts=experts)
-    w = ferrum.load_stacked(p.qweights, p.scales, group_size=32, backend="metal")
-    for m in (2, 9, 16):
-        a = rng.standard_normal((m, size_k)).astype(np.float16)
-        check_mm(w, a, np.concatenate(p.dense, axis=1))
-        check_mm(w, a, p.dense[1], expert=1)
-        assert last_plan(w).summary.startswith("skinny"), last_plan(w).summary
-    with binding_limit(32 * 1024 + BACKEND.offset_alignment):
-        for m in (3, 16):
-            a = rng.standard_normal((m, size_k)).astype(np.float16)
-            check_mm(w, a, p.dense[0], expert=0)
-            assert " p" in last_plan(w).summary, last_plan(w).summary
+def test_mm_vector_kernel_wide_workgroups_at_m1():
+    # M = 1 where the chunks number between GEMV_WIDE_SHARE of the workgroup target: 32 k-slots a
+    # workgroup, no k-split, gemv writing C; outside the range (or turned off) the usual plan
+    from ferrum.metal import backend as MB
+    size_k, size_n = 1024, 256      # 4 chunks
+    rng = np.random.default_rng(1500)
+    p = random_problem(rng, size_k, size_n, 128)
+    w = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=128, backend="metal")
+    a = rng.standard_normal((1, size_k)).astype(np.float16)
+    target = int(4 / MB.GEMV_WIDE_SHARE[1])        # 4 chunks: the top of the range
+    for knobs, wide in ((dict(target_workgroups=target), True),
+                        (dict(target_workgroups=target, gemv_wide=False), False),
+                        (dict(target_workgroups=4 * target), False)):
+        with planner(**knobs):
+            check_mm(w, a, p.dense[0])
+            summary = last_plan(w).summary
+            assert ("s32" in summary and "direct" in summary) == wide, summary

@@ -8,9 +8,10 @@
           k-split) x quads in flight
   small   M in 2..16 kernel µs over k-slots x M_TILE (8: two m-tiles at M=16; 16: one) x
           workgroup target
-  kernels every kernel's settings on the bench's 8 shapes: M=1 and M=4 (gemv against skinny's
-          shapes and k-split targets), M=16 (skinny's shapes x m-tile x target), M=64 and M=256
-          (tiled's TM x BK x target); one line per candidate, % of the read floor at M=1
+  kernels the planner's default against other settings on the bench's 8 shapes: M=1 (gemv's
+          wide workgroups off, or always), M=16 (one 16-row m-tile, a smaller k-split target),
+          M=32, 64, 256 (tiled's TM, BK, the k loop written out); one line per candidate, %
+          of the read floor
   gpu     the GPU's own clock (timestamp queries) on mm's pass, one pass a submission: the whole
           pass and each dispatch, beside kernel_seconds (batched wall time), to tell the kernels'
           time from what surrounds them
@@ -207,28 +208,15 @@ def kernels(rng):
     rates = B.stream_bandwidth(64 << 20 if "--tiny" in sys.argv else 512 << 20, min_seconds=0.2)
     read = rates["shader read"]
     print(f"\n== kernels: kernel µs per candidate (shader read {read / 1e9:.0f} GB/s)", flush=True)
-    m1 = [dict(skinny_from_m=1, skinny_shape=sh, target_workgroups=t)
-          for sh in ((4, 8, 2), (4, 8, 4), (2, 8, 4), (1, 4, 4)) for t in (1024, 4096)] + [
-        # one k-split, the kernel writing C (no reduce pass): big workgroups instead
-        dict(skinny_from_m=1, skinny_shape=sh, target_workgroups=1)
-        for sh in ((1, 8, 4), (2, 8, 4), (4, 32, 2))] + [
-        dict(gemv_k_slots=32, target_workgroups=1)]
-    m4 = [dict(skinny_shape=sh) for sh in ((4, 8, 2), (2, 4, 4), (1, 4, 4))] + [
-        dict(skinny_from_m=17)]
-    m16 = [dict(skinny_shape=sh, skinny_m_tile=mt, target_workgroups=1024)
-           for sh in ((1, 4, 4), (2, 4, 4), (2, 2, 8), (4, 8, 2)) for mt in (16, 8)] + [
-        dict(skinny_shape=sh, target_workgroups=4096) for sh in ((1, 4, 4), (2, 4, 4))] + [
-        dict(skinny_from_m=17)]
-    m64 = [dict(tiled_tm=tm, tiled_bk=bk, target_workgroups=1024)
-           for tm in (4, 8) for bk in (16, 32)] + [
-        dict(tiled_tm=4, tiled_bk=32, target_workgroups=4096),
-        dict(tiled_tm=8, tiled_bk=16, target_workgroups=4096),
-        dict(tiled_tm=2, tiled_bk=32, target_workgroups=1024)]
-    m256 = [dict(tiled_tm=tm, tiled_bk=bk, target_workgroups=1024)
-            for tm in (4, 8) for bk in (16, 32)]
+    m1 = [dict(gemv_wide=False), dict(gemv_k_slots=32, target_workgroups=1)]
+    m16 = [dict(vector_m_tile=16), dict(target_workgroups=512)]
+    m32 = [dict(tiled_tm=4), dict(tiled_unroll=True), dict(tiled_tm=4, tiled_unroll=True)]
+    m64 = [dict(tiled_unroll=True), dict(tiled_bk=32), dict(tiled_bk=32, tiled_unroll=True),
+           dict(tiled_tm=8, tiled_unroll=True)]
+    m256 = [dict(tiled_unroll=True), dict(tiled_bk=32, tiled_unroll=True)]
     for k, n in BENCH_SHAPES:
         w = weight(rng, k, n)
-        for m, cands in ((1, m1), (4, m4), (16, m16), (64, m64), (256, m256)):
+        for m, cands in ((1, m1), (16, m16), (32, m32), (64, m64), (256, m256)):
             a = rng.standard_normal((m, k)).astype(np.float16)
             floor = (k * n // 2 + k * n // 64 + 2 * m * (k + n)) / read * 1e6
             for c in [{}] + cands:
