@@ -13,11 +13,14 @@
 //            (consecutive invocations, consecutive words: coalesced).
 //   store    A converted to fp32, k-major (As[k][m]: consecutive invocations store consecutive
 //            m, no bank conflicts). B dequantized: word w = 4t + j holds, per nibble pair p
-//            (nibbles p, p+4), k rows (r, r+1), r = 2*(t%4) + NIB_DR[p], of column
-//            16j + t/4 + NIB_DC[p]; OR'd into the mantissa of fp16 1024 both nibbles become
-//            1024 + q exactly, minus 1032 = uint4b8's q - 8, times the column's scale (fp32),
-//            stored k-major in original column order (Bs[k][n]).
-//   multiply BK rank-1 updates of the register block.
+//            (nibbles p, p+4), k rows (r, r+1) of one column: r = 2*(t%4) (+8 for the HI pairs),
+//            column 16j + t/4 (+8 for the H1 pairs) (the NIB_PAIR_* constants come from
+//            ferrum.format); OR'd into the mantissa of fp16 1024 both nibbles become 1024 + q
+//            exactly, minus 1032 = uint4b8's q - 8, times the column's scale (its permuted
+//            place computed by scale_pos, checked by the host), stored k-major in original
+//            column order (Bs[k][n]).
+//   multiply BK rank-1 updates of the register block (the host writes the k loop out, or
+//            leaves it a loop: TILED_UNROLL).
 // Then fp32 partial sums go to this split's scratch slot (reduce.wgsl finishes), or with DIRECT
 // (one k-split, one weight piece) straight to C as fp16 pairs.
 // Workgroup memory: (BM + 64) * BK * 4 bytes (the host checks it against the device's limit).
