@@ -3,12 +3,14 @@
 Host side of the kernels in this folder. Shapes are classified in one place, ``_kernel_for``:
 
     M <= VECTOR_MAX_M   gemv.wgsl   stream the packed weight once per M_TILE rows, split over k
-    M >  VECTOR_MAX_M   tiled.wgsl  64 x 64 output tiles, A and dequantized B in workgroup memory
+    M >  VECTOR_MAX_M   tiled.wgsl  register-blocked 16 TM x 64 tiles (TM = 2, 4, 8 by M), A and
+                                    dequantized B staged in workgroup memory
 
 Both write fp32 partial sums per k-split ("slot") into a scratch buffer, and reduce.wgsl adds the
-slots and writes fp16. Everything a call needs (bind groups, uniform parameters, dispatch grids)
-is planned once per (weight, M, expert) and cached in ``weight._aux``; workspace buffers (A,
-scratch, C, read-back) are kept by the backend and only grow.
+slots and writes fp16; with one k-split (and one weight piece) the kernel writes C itself.
+Everything a call needs (bind groups, uniform parameters, dispatch grids) is planned once per
+(weight, M, expert) and cached in ``weight._aux``; workspace buffers (A, scratch, C, read-back)
+are kept by the backend and only grow.
 
 Storage bindings are limited (``maxStorageBufferBindingSize``, 128 MiB on many adapters): a
 weight whose experts or kt rows do not fit one binding is cut into pieces, each bound as its own
@@ -61,6 +63,13 @@ GEMV_TARGET_SHARE = {1: 0.5, 2: 0.5, 4: 0.25, 8: 0.25, 16: 0.25}
 #: k-slots per gemv workgroup (32 invocations each): more, in fewer workgroups, would let one
 #: workgroup cover all of k (gemv writes C, no reduce pass) and still fill a large GPU.
 GEMV_K_SLOTS = 8
+#: M = 1 when the chunk workgroups number between these shares of the workgroup target (96 to
+#: 128 of an H100's 1024): 32 k-slots a workgroup and no k-split, so gemv writes C itself (no
+#: reduce pass, ~10 µs on the H100) and the 1024-invocation workgroups still fill the GPU in one
+#: wave (H100: 8192x8192 31.4 against 35.8 µs, 28672x8192 81.8 against 90.1, 4096x6144 22.3
+#: against 30.3; with fewer chunks SMs idle, with more a second wave: 8192x10240's 160 chunks
+#: 53.9 against 42.5).
+GEMV_WIDE_SHARE = (3 / 32, 1 / 8)
 #: Workgroups a dispatch aims for when choosing the k-split (enough to fill a large GPU); on a
 #: CPU adapter (lavapipe) every workgroup costs scheduling, and a few per core are enough.
 TARGET_WORKGROUPS = 1024
@@ -68,7 +77,25 @@ TARGET_WORKGROUPS_CPU = 32
 #: gemv scales the dequantized pairs once (shared by the rows) above this M_TILE, and the column
 #: sums of each row at or below it (fewer multiplies for M = 1, 2).
 PRESCALE_FROM_M_TILE = 2
-TILE_M = 64
+#: tiled.wgsl: rows per invocation (TM; a workgroup's tile is 16 TM rows x 64 columns) by the
+#: largest M of the m-block it serves, and k per step (BK) by TM. Larger tiles reuse each
+#: dequantized weight and each A value for more fmas; smaller ones waste less on rows past M.
+#: H100 (Vulkan, tools/metal_sweep.py kernels, k loop as a WGSL loop): M=64 8192x8192 TM=4 BK=16
+#: 547 µs, BK=32 601, TM=8 872 (half its rows wasted), TM=2 809; M=256 TM=8 BK=16 1724, BK=32
+#: 1905, TM=4 2114. Written out (TILED_UNROLL): M=32 TM=2 317 against TM=4 424, M=64 TM=4
+#: BK=16 440 against BK=32 474.
+TILED_TM = ((32, 2), (64, 4), (1 << 30, 8))
+TILED_BK = {2: 32, 4: 16, 8: 16}
+#: tiled.wgsl's loop over the BK k of a step written out by the host (constant workgroup-memory
+#: offsets, loads free to move ahead of the fmas) instead of a WGSL loop: 10-25% faster on every
+#: bench shape on the H100 (8192x8192 M=32 317 against 417 µs, M=64 440 against 544, M=256 1481
+#: against 1723).
+TILED_UNROLL = True
+#: Share of the workgroup target the tiled kernel's k-split aims for.
+TILED_TARGET_SHARE = 0.5
+#: Workgroup memory every kernel keeps within: WebGPU's guaranteed minimum (Apple GPUs and
+#: lavapipe offer 32 KiB; a tile that needs more is used only where the device allows it).
+WORKGROUP_STORAGE = 16384
 #: Workgroups per grid dimension WebGPU guarantees (maxComputeWorkgroupsPerDimension).
 MAX_GRID = 65535
 #: Seconds mm's wait polls the device without blocking before it blocks in the driver (a GPU
@@ -139,6 +166,21 @@ def _layout_tables() -> dict[str, str]:
             for h in range(2):
                 assert inv_grouped[16 * j + c + 8 * h] == 8 * c + 2 * j + h
 
+    # scale_pos(col): where column col of a 64-column chunk finds its scale in a permuted row
+    # (tiled.wgsl and gemv.wgsl compute it; no per-invocation table), checked against format.
+    def grouped_pos(col):
+        return 8 * (col % 8) + 2 * (col // 16) + (col // 8) % 2
+
+    def channel_pos(col):
+        return 32 * (col // 32) + 8 * ((col % 8) // 2) + 2 * ((col // 8) % 4) + col % 2
+    for col in range(64):
+        assert grouped_pos(col) == inv_grouped[col] and channel_pos(col) == inv_channel[col]
+    grouped_fn = ("fn scale_pos(col: u32) -> u32 {\n"
+                  "    return 8u * (col % 8u) + 2u * (col / 16u) + (col / 8u) % 2u;\n}")
+    channel_fn = ("fn scale_pos(col: u32) -> u32 {\n"
+                  "    return 32u * (col / 32u) + 8u * ((col % 8u) / 2u) + 2u * ((col / 8u) % 4u)"
+                  " + col % 2u;\n}")
+
     def arr(name, values, kind="private"):
         body = ", ".join(f"{int(v)}u" for v in values)
         return f"var<{kind}> {name}: array<u32, {len(values)}> = array<u32, {len(values)}>({body});"
@@ -150,8 +192,8 @@ def _layout_tables() -> dict[str, str]:
         f"const NIB_PAIR_LO_H1: u32 = {pair[(0, 8)]}u;",
         f"const NIB_PAIR_HI_H1: u32 = {pair[(8, 8)]}u;",
     ])
-    return {"grouped": common + "\n" + arr("SCALE_POS", inv_grouped),
-            "channel": common + "\n" + arr("SCALE_POS", inv_channel)}
+    return {"grouped": common + "\n" + arr("SCALE_POS", inv_grouped) + "\n" + grouped_fn,
+            "channel": common + "\n" + arr("SCALE_POS", inv_channel) + "\n" + channel_fn}
 
 
 TABLES = _layout_tables()
@@ -242,6 +284,55 @@ def _gemv_blocks(m_tile: int, loads: int, k_slots: int) -> dict[str, str]:
     return {"ACC_DECL": "\n".join(decl), "ACCUMULATE": "\n".join(acc), "REDUCE": "\n".join(red),
             "LOAD_DECL": load_decl, "LOAD_NEXT": load_next, "LOADS": loads, "K_SLOTS": k_slots,
             "WORKGROUP_SIZE": 32 * k_slots, "RED_VEC4S": 64 * max(8, k_slots // 2)}
+
+
+def _tiled_blocks(tm: int, bk: int, unroll: bool = False) -> dict[str, str]:
+    """The generated, unrolled parts of tiled.wgsl for TM = tm rows per invocation and BK = bk:
+    the accumulators (one vec4 of 4 columns per row), the multiply stage (a loop over k whose
+    body is the fmas of one k, or with ``unroll`` every k written out) and the writes."""
+    aw = min(tm, 4)
+    decl = "\n".join(f"    var acc{r} = vec4<f32>(0.0);" for r in range(tm))
+
+    def one_k(k: str, pad: str) -> list[str]:
+        lines = [f"{pad}let b = Bs[{k} * 16u + tn];",
+                 f"{pad}let a_at = ({k} * BM + tm * TM) / AW;"]
+        lines += [f"{pad}let a{i} = As[a_at + {i}u];" for i in range(tm // aw)]
+        lines += [f"{pad}acc{r} = fma(vec4<f32>(a{r // aw}.{'xyzw'[r % aw]}), b, acc{r});"
+                  for r in range(tm)]
+        return lines
+    if unroll:
+        fma = []
+        for k in range(bk):
+            fma += ["        {"] + one_k(f"{k}u", "            ") + ["        }"]
+    else:
+        fma = (["        for (var k = 0u; k < BK; k++) {"] + one_k("k", "            ")
+               + ["        }"])
+    write = []
+    for r in range(tm):
+        write.append(
+            f"    {{\n"
+            f"        let row = m0 + tm * TM + {r}u;\n"
+            f"        if (row < P.M) {{\n"
+            f"            if (DIRECT) {{\n"
+            f"                let at = P.c_base + (row * P.n_total + col_out) / 2u;\n"
+            f"                OUT[at] = pack2x16float(acc{r}.xy);\n"
+            f"                OUT[at + 1u] = pack2x16float(acc{r}.zw);\n"
+            f"            }} else {{\n"
+            f"                let at = slot_at + row * P.n_total + col_out;\n"
+            f"                OUT[at] = bitcast<u32>(acc{r}.x);\n"
+            f"                OUT[at + 1u] = bitcast<u32>(acc{r}.y);\n"
+            f"                OUT[at + 2u] = bitcast<u32>(acc{r}.z);\n"
+            f"                OUT[at + 3u] = bitcast<u32>(acc{r}.w);\n"
+            f"            }}\n"
+            f"        }}\n"
+            f"    }}")
+    return {"TM": tm, "BK": bk, "AW": aw, "AS_LEN": bk * 16 * tm // aw, "BS_LEN": bk * 16,
+            "ACC_DECL": decl, "FMA": "\n".join(fma), "WRITE": "\n".join(write)}
+
+
+def _tiled_storage(tm: int, bk: int) -> int:
+    """Bytes of workgroup memory tiled.wgsl takes for TM = tm, BK = bk (As + Bs, fp32)."""
+    return (16 * tm + 64) * bk * 4
 
 
 def _gemv_source(**subs) -> str:
@@ -501,6 +592,11 @@ class MetalBackend(Backend):
         self.vector_m_tile = VECTOR_M_TILE
         self.gemv_loads = 0         # 0: GEMV_LOADS's choice; else quads in flight per gemv lane
         self.gemv_k_slots = GEMV_K_SLOTS   # k-slots (32 invocations each) per gemv workgroup
+        self.gemv_wide = True       # M = 1: 32 k-slots, no k-split where GEMV_WIDE_SHARE says
+        self.tiled_tm = 0           # 0: TILED_TM's choice; else tiled.wgsl's rows per invocation
+        self.tiled_bk = 0           # 0: TILED_BK's choice; else tiled.wgsl's k per step
+        self.tiled_unroll = TILED_UNROLL   # tiled.wgsl's k loop written out (generated)
+        self.workgroup_storage = WORKGROUP_STORAGE   # bytes of workgroup memory, this device
         self.max_invocations = 256  # per workgroup, on this device
         self.offset_alignment = 256
         self._pipelines: dict = {}
@@ -559,7 +655,8 @@ class MetalBackend(Backend):
         override = os.environ.get("FERRUM_METAL_BINDING_LIMIT", "")
         if override:
             self.binding_limit = min(self.binding_limit, int(override))
-        if int(dl.get("max-compute-workgroup-storage-size", 16384)) < 16384:
+        self.workgroup_storage = int(dl.get("max-compute-workgroup-storage-size", 16384))
+        if self.workgroup_storage < WORKGROUP_STORAGE:
             return BackendInfo("metal", False, "adapter offers < 16 KiB of workgroup storage")
         self.subgroups = "subgroup" in features and self._subgroups_work()
         cpu = adapter.info.get("adapter_type") == "CPU"
@@ -570,6 +667,9 @@ class MetalBackend(Backend):
         loads = os.environ.get("FERRUM_METAL_GEMV_LOADS", "")
         if loads:
             self.gemv_loads = max(0, int(loads))
+        unroll = os.environ.get("FERRUM_METAL_TILED_UNROLL", "")
+        if unroll:
+            self.tiled_unroll = unroll != "0"
         k_slots = os.environ.get("FERRUM_METAL_GEMV_K_SLOTS", "")
         if k_slots:
             self.gemv_k_slots = int(k_slots)
@@ -845,7 +945,8 @@ fn main(@builtin(local_invocation_index) li: u32) {
     def _plan(self, weight, m: int, expert) -> _Plan:
         cache = weight._aux.setdefault("metal_plans", {})
         key = (m, expert, self.binding_limit, self.subgroups, self.target_workgroups,
-               self.vector_m_tile, self.gemv_loads, self.gemv_k_slots)
+               self.vector_m_tile, self.gemv_loads, self.gemv_k_slots, self.gemv_wide,
+               self.tiled_tm, self.tiled_bk, self.tiled_unroll)
         plan = cache.get(key)
         # A plan binds the workspaces of its generation; when any grew since, bind again.
         if plan is None or plan.generation != self._generation:
@@ -862,10 +963,28 @@ fn main(@builtin(local_invocation_index) li: u32) {
 
     def _m_tile(self, kernel: str, m_block: int) -> int:
         """Rows of A per workgroup: gemv keeps M_TILE x 8 accumulators a lane (a power of two up
-        to vector_m_tile), tiled works on 64-row tiles."""
+        to vector_m_tile), tiled works on tiles of 16 TM rows."""
         if kernel == "gemv.wgsl":
             return min(self.vector_m_tile, 1 << (m_block - 1).bit_length())
-        return TILE_M
+        return 16 * self._tiled_tm(m_block)
+
+    def _tiled_tm(self, m_block: int) -> int:
+        """tiled.wgsl's rows per invocation for an m-block of m_block rows."""
+        if self.tiled_tm:
+            if self.tiled_tm not in (2, 4, 8):
+                raise ValueError(f"tiled_tm={self.tiled_tm}: must be 2, 4 or 8")
+            return self.tiled_tm
+        return next(tm for top, tm in TILED_TM if m_block <= top)
+
+    def _tiled_bk(self, tm: int) -> int:
+        """tiled.wgsl's k per step for TM = tm: the asked or tabled one, cut to 16 when its
+        workgroup memory would exceed the device's."""
+        bk = self.tiled_bk or TILED_BK[tm]
+        if bk not in (16, 32):
+            raise ValueError(f"tiled_bk={bk}: must be 16 or 32")
+        if _tiled_storage(tm, bk) > self.workgroup_storage:
+            bk = 16
+        return bk
 
     def _gemv_loads(self, m_tile: int) -> int:
         return self.gemv_loads or GEMV_LOADS[m_tile]
@@ -930,16 +1049,22 @@ fn main(@builtin(local_invocation_index) li: u32) {
         m_tile = self._m_tile(kernel, m_block)
         base_wgs = chunks * len(experts) * math.ceil(m_block / m_tile)
         scratch_splits = max(1, limit // (k_pieces * m_block * n_total * 4))
-        if kernel == "gemv.wgsl":
+        k_slots = self._gemv_k_slots()
+        wide = (kernel == "gemv.wgsl" and self.gemv_wide and m_block == 1 and k_pieces == 1
+                and 32 * 32 <= self.max_invocations
+                and GEMV_WIDE_SHARE[0] * self.target_workgroups <= base_wgs
+                <= GEMV_WIDE_SHARE[1] * self.target_workgroups)
+        if wide:            # one 32-slot workgroup a chunk over all of k: gemv writes C
+            k_slots, splits, kt_per_split = 32, 1, kt_piece
+        elif kernel == "gemv.wgsl":
             # the target counts 8-slot workgroups; a split keeps >= 2 kt rows per k-slot
-            k_slots = self._gemv_k_slots()
             target = self.target_workgroups * GEMV_TARGET_SHARE[m_tile] * 8 / k_slots
             splits = max(1, min(math.ceil(target / base_wgs), kt_piece // (2 * k_slots),
                                 scratch_splits))
             kt_per_split = math.ceil(kt_piece / splits)
         else:
-            splits = max(1, min(math.ceil(self.target_workgroups / 4 / base_wgs), kt_piece // 8,
-                                scratch_splits))
+            splits = max(1, min(math.ceil(self.target_workgroups * TILED_TARGET_SHARE / base_wgs),
+                                kt_piece // 8, scratch_splits))
             kt_per_split = _round_up(math.ceil(kt_piece / splits), 2)
         splits = math.ceil(kt_piece / kt_per_split)
         slots = k_pieces * splits
@@ -960,8 +1085,8 @@ fn main(@builtin(local_invocation_index) li: u32) {
             mb = min(m_block, m - mb0)
             block_kernel = self._kernel_for(mb)      # a short last block may be gemv
             m_tile = self._m_tile(block_kernel, mb)
-            # one slot (no k-split, one k-piece): gemv writes C itself, no reduction pass
-            direct = block_kernel == "gemv.wgsl" and slots == 1
+            # one slot (no k-split, one k-piece): the kernel writes C itself, no reduction pass
+            direct = slots == 1
             direct_any |= direct
             if block_kernel == "gemv.wgsl":
                 loads = self._gemv_loads(m_tile)
@@ -970,9 +1095,13 @@ fn main(@builtin(local_invocation_index) li: u32) {
                                       CHANNELWISE=str(groups == 1).lower(),
                                       PRESCALE=str(m_tile > PRESCALE_FROM_M_TILE).lower(),
                                       DIRECT=str(direct).lower(),
-                                      **_gemv_blocks(m_tile, loads, self._gemv_k_slots()))
+                                      **_gemv_blocks(m_tile, loads, k_slots))
             else:
-                pipe = self._pipeline(block_kernel, TABLES=TABLES[table])
+                tm = self._tiled_tm(mb)
+                pipe = self._pipeline(block_kernel, TABLES=TABLES[table],
+                                      DIRECT=str(direct).lower(),
+                                      **_tiled_blocks(tm, self._tiled_bk(tm),
+                                                      self.tiled_unroll))
             a_entry, a_base = self._range(a_buf, mb0 * K * 2, mb * K * 2, 4)
             s_entry, out_base = self._range(s_buf, 0, slots * mb * n_total * 4, 4)
             c_entry, c_base = self._range(c_buf, mb0 * n_total * 2, mb * n_total * 2, 4)
@@ -1012,8 +1141,9 @@ fn main(@builtin(local_invocation_index) li: u32) {
                                         (math.ceil(n_total / 2 / 256), mb, 1)))
         summary = (f"{kernel.split('.')[0]} m{self._m_tile(kernel, m_block)} k{slots}"
                    + (f" l{self._gemv_loads(self._m_tile(kernel, m_block))}"
-                      + (f" s{self._gemv_k_slots()}" if self._gemv_k_slots() != 8 else "")
-                      if kernel == "gemv.wgsl" else "")
+                      + (f" s{k_slots}" if k_slots != 8 else "")
+                      if kernel == "gemv.wgsl" else
+                      f" bk{self._tiled_bk(self._tiled_tm(m_block))}")
                    + (" direct" if direct_any else "")
                    + (f" p{len(pieces)}" if len(pieces) > 1 else "")
                    + (f" b{math.ceil(m / m_block)}" if m_block < m else ""))

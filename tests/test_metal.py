@@ -340,3 +340,77 @@ def test_stream_bandwidth_reports_every_rate():
     assert rates["bytes"] == 1 << 20
     for kind in ("buffer copy", "shader copy", "shader read"):
         assert rates[kind] > 0
+
+
+@pytest.mark.parametrize("group_size", [-1, 32, 128])
+def test_mm_tiled_kernel_every_tile_and_step(group_size):
+    # tiled.wgsl for M > 16: TM = 2, 4 or 8 rows per invocation (tiles of 32, 64, 128 rows), BK =
+    # 16 or 32 k per step, M on both sides of the tile edges (rows past M are read as zero and
+    # never written), one k-split (the kernel writes C) and several (scratch + reduce).
+    size_k, size_n = 512, 128
+    rng = np.random.default_rng(1000 + group_size)
+    p = random_problem(rng, size_k, size_n, group_size)
+    w = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=group_size,
+                                      backend="metal")
+    seen = set()
+    for tm, bk in ((2, 32), (4, 16), (4, 32), (8, 16), (8, 32)):
+        for target in (1, 1024):
+            with planner(tiled_tm=tm, tiled_bk=bk, target_workgroups=target):
+                for m in (17, 33, 63, 65, 130):
+                    check_mm(w, rng.standard_normal((m, size_k)).astype(np.float16), p.dense[0])
+                    plan = last_plan(w)
+                    assert plan.summary.startswith(f"tiled m{16 * tm} "), plan.summary
+                    seen.add(("direct" in plan.summary, plan.summary.split()[-1]))
+    # both finishes ran, and each k step (BK 32 may be cut to 16 where memory is short)
+    assert {d for d, _ in seen} == {True, False}, seen
+    assert "bk16" in {s for _, s in seen}, seen
+
+
+def test_mm_tiled_default_plan_every_m_block():
+    # the planner's own tile choice across the M classes (32-, 64- and 128-row tiles), with the
+    # large-M path cut into m-blocks by a small binding limit
+    size_k, size_n = 256, 192
+    rng = np.random.default_rng(1100)
+    p = random_problem(rng, size_k, size_n, 64)
+    w = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=64, backend="metal")
+    tiles = set()
+    for m in (17, 32, 40, 64, 65, 300):
+        check_mm(w, rng.standard_normal((m, size_k)).astype(np.float16), p.dense[0])
+        tiles.add(last_plan(w).summary.split()[1])
+    assert tiles == {"m32", "m64", "m128"}, tiles
+    with binding_limit(64 * 1024 + BACKEND.offset_alignment):
+        check_mm(w, rng.standard_normal((300, size_k)).astype(np.float16), p.dense[0])
+        assert " b" in last_plan(w).summary, last_plan(w).summary
+
+
+
+def test_mm_tiled_kernel_k_loop_written_out():
+    # the multiply stage with every k of a step written out by the host (tiled_unroll)
+    size_k, size_n = 512, 128
+    rng = np.random.default_rng(1400)
+    p = random_problem(rng, size_k, size_n, 64)
+    w = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=64, backend="metal")
+    for unroll in (True, False):
+        for tm, bk in ((2, 32), (4, 16), (8, 16)):
+            with planner(tiled_unroll=unroll, tiled_tm=tm, tiled_bk=bk):
+                for m in (17, 70):
+                    check_mm(w, rng.standard_normal((m, size_k)).astype(np.float16), p.dense[0])
+
+
+def test_mm_vector_kernel_wide_workgroups_at_m1():
+    # M = 1 where the chunks number between GEMV_WIDE_SHARE of the workgroup target: 32 k-slots a
+    # workgroup, no k-split, gemv writing C; outside the range (or turned off) the usual plan
+    from ferrum.metal import backend as MB
+    size_k, size_n = 1024, 256      # 4 chunks
+    rng = np.random.default_rng(1500)
+    p = random_problem(rng, size_k, size_n, 128)
+    w = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=128, backend="metal")
+    a = rng.standard_normal((1, size_k)).astype(np.float16)
+    target = int(4 / MB.GEMV_WIDE_SHARE[1])        # 4 chunks: the top of the range
+    for knobs, wide in ((dict(target_workgroups=target), True),
+                        (dict(target_workgroups=target, gemv_wide=False), False),
+                        (dict(target_workgroups=4 * target), False)):
+        with planner(**knobs):
+            check_mm(w, a, p.dense[0])
+            summary = last_plan(w).summary
+            assert ("s32" in summary and "direct" in summary) == wide, summary

@@ -8,6 +8,10 @@
           k-split) x quads in flight
   small   M in 2..16 kernel µs over k-slots x M_TILE (8: two m-tiles at M=16; 16: one) x
           workgroup target
+  kernels the planner's default against other settings on the bench's 8 shapes: M=1 (gemv's
+          wide workgroups off, or always), M=16 (one 16-row m-tile, a smaller k-split target),
+          M=32, 64, 256 (tiled's TM, BK, the k loop written out); one line per candidate, %
+          of the read floor
   gpu     the GPU's own clock (timestamp queries) on mm's pass, one pass a submission: the whole
           pass and each dispatch, beside kernel_seconds (batched wall time), to tell the kernels'
           time from what surrounds them
@@ -31,11 +35,14 @@ M1_SHAPES = [(8192, 10240), (8192, 8192), (8192, 57344), (28672, 8192), (4096, 4
 SMALL_SHAPES = [(4096, 6144), (8192, 8192), (8192, 57344), (28672, 8192)]
 HOST_SHAPES = [(4096, 4096), (8192, 8192)]
 BIG_SHAPE = (8192, 28672)
+BENCH_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (8192, 10240),
+                (8192, 8192), (8192, 57344), (28672, 8192)]
 QUICK = "--quick" in sys.argv
 MIN_S = 0.05 if QUICK else 0.1
 if "--tiny" in sys.argv:        # a smoke test of this script on a CPU adapter
     M1_SHAPES, SMALL_SHAPES, HOST_SHAPES = [(512, 256)], [(512, 256)], [(256, 128)]
     BIG_SHAPE, MIN_S = (512, 512), 0.01
+    BENCH_SHAPES = [(512, 256), (1024, 128)]
 
 
 def weight(rng, k, n):
@@ -196,6 +203,34 @@ def small(rng):
         del w
 
 
+def kernels(rng):
+    """Candidate settings of every kernel, per bench shape; the planner's default first."""
+    rates = B.stream_bandwidth(64 << 20 if "--tiny" in sys.argv else 512 << 20, min_seconds=0.2)
+    read = rates["shader read"]
+    print(f"\n== kernels: kernel µs per candidate (shader read {read / 1e9:.0f} GB/s)", flush=True)
+    m1 = [dict(gemv_wide=False), dict(gemv_k_slots=32, target_workgroups=1)]
+    m16 = [dict(vector_m_tile=16), dict(target_workgroups=512)]
+    m32 = [dict(tiled_tm=4), dict(tiled_unroll=True), dict(tiled_tm=4, tiled_unroll=True)]
+    m64 = [dict(tiled_unroll=True), dict(tiled_bk=32), dict(tiled_bk=32, tiled_unroll=True),
+           dict(tiled_tm=8, tiled_unroll=True)]
+    m256 = [dict(tiled_unroll=True), dict(tiled_bk=32, tiled_unroll=True)]
+    for k, n in BENCH_SHAPES:
+        w = weight(rng, k, n)
+        for m, cands in ((1, m1), (16, m16), (32, m32), (64, m64), (256, m256)):
+            a = rng.standard_normal((m, k)).astype(np.float16)
+            floor = (k * n // 2 + k * n // 64 + 2 * m * (k + n)) / read * 1e6
+            for c in [{}] + cands:
+                try:
+                    us, plan = kernel_us(a, w, **c)
+                except Exception as exc:        # report, go on with the next candidate
+                    print(f"{k}x{n} M={m} {c}: failed {type(exc).__name__}: {exc}", flush=True)
+                    continue
+                knobs_text = " ".join(f"{key}={v}" for key, v in c.items()) or "default"
+                print(f"{k:>6d}x{n:<6d} M={m:<3d} {us:9.1f} us {100 * floor / us:5.1f}% "
+                      f"[{plan}] {knobs_text}", flush=True)
+        del w
+
+
 def gpu(rng):
     if not getattr(B, "timestamps", False):
         print("\n== gpu: no timestamp queries inside passes on this device")
@@ -219,7 +254,7 @@ def main():
     rng = np.random.default_rng(0)
     parts = [p for p in sys.argv[1:] if not p.startswith("--")] or ["host", "m1", "small", "gpu"]
     for part in parts:
-        {"host": host, "m1": m1, "small": small, "gpu": gpu}[part](rng)
+        {"host": host, "m1": m1, "small": small, "gpu": gpu, "kernels": kernels}[part](rng)
 
 
 if __name__ == "__main__":
