@@ -46,6 +46,16 @@ def check_mm(weight, a: np.ndarray, dense: np.ndarray, expert=None):
     assert err < TOLERANCE, f"relative Frobenius error {err:.2e}"
 
 
+def metal_problem(seed: int, size_k: int, size_n: int, group_size: int, act_order=False):
+    """(rng, problem, its weight on metal): a random problem from a seeded generator, which the
+    test goes on drawing activations from."""
+    rng = np.random.default_rng(seed)
+    p = random_problem(rng, size_k, size_n, group_size, act_order=act_order)
+    w = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=group_size,
+                                      g_idx=p.g_idx, backend="metal")
+    return rng, p, w
+
+
 @contextlib.contextmanager
 def _overridden(attribute: str, value: int):
     saved = getattr(BACKEND, attribute)
@@ -136,10 +146,7 @@ def test_repack_larger_than_one_binding(act_order):
                                                (384, 128), (512, 128), (384, 384)])
 def test_mm_every_group_size(size_k, group_size):
     size_n = 192
-    rng = np.random.default_rng(size_k + group_size)
-    p = random_problem(rng, size_k, size_n, group_size)
-    w = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=group_size,
-                                      backend="metal")
+    rng, p, w = metal_problem(size_k + group_size, size_k, size_n, group_size)
     for m in M_VALUES:
         check_mm(w, rng.standard_normal((m, size_k)).astype(np.float16), p.dense[0])
 
@@ -147,10 +154,7 @@ def test_mm_every_group_size(size_k, group_size):
 @pytest.mark.parametrize("group_size", [32, 128])
 def test_mm_act_order(group_size):
     size_k, size_n = 512, 128
-    rng = np.random.default_rng(200 + group_size)
-    p = random_problem(rng, size_k, size_n, group_size, act_order=True)
-    w = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=group_size,
-                                      g_idx=p.g_idx, backend="metal")
+    rng, p, w = metal_problem(200 + group_size, size_k, size_n, group_size, act_order=True)
     assert w.perm is not None
     for m in (1, 5, 40):
         check_mm(w, rng.standard_normal((m, size_k)).astype(np.float16), p.dense[0])
@@ -174,10 +178,7 @@ def test_mm_stacked_experts_one_and_all(group_size):
 def test_mm_split_over_k_as_on_a_large_gpu(group_size):
     # The k-splits a large GPU gets (many workgroups per layer), on a small layer.
     size_k, size_n = 1024, 128
-    rng = np.random.default_rng(800 + group_size)
-    p = random_problem(rng, size_k, size_n, group_size)
-    w = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=group_size,
-                                      backend="metal")
+    rng, p, w = metal_problem(800 + group_size, size_k, size_n, group_size)
     with target_workgroups(1024):
         for m in (1, 6, 16, 50):
             check_mm(w, rng.standard_normal((m, size_k)).astype(np.float16), p.dense[0])
@@ -199,10 +200,7 @@ def test_mm_vector_kernel_every_m_up_to_16(group_size):
     # in one m-tile of up to 16 rows or in tiles of 8, with one k-split (C written by gemv, no
     # reduce pass) or several, 1, 2 or 4 quads in flight per lane, and 8, 16 or 32 k-slots.
     size_k, size_n = 512, 192
-    rng = np.random.default_rng(900 + group_size)
-    p = random_problem(rng, size_k, size_n, group_size)
-    w = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=group_size,
-                                      backend="metal")
+    rng, p, w = metal_problem(900 + group_size, size_k, size_n, group_size)
     variants = [dict(vector_m_tile=16, gemv_loads=1, target_workgroups=1),
                 dict(vector_m_tile=8, gemv_loads=2, target_workgroups=1024),
                 dict(vector_m_tile=16, gemv_loads=4, target_workgroups=64),
@@ -265,10 +263,7 @@ def test_mm_without_subgroups_matches_reference():
 ])
 def test_mm_weight_larger_than_one_binding(group_size, limit_kib, m_values):
     size_k, size_n = 1024, 256       # 128 KiB of packed weight
-    rng = np.random.default_rng(500 + group_size)
-    p = random_problem(rng, size_k, size_n, group_size)
-    w = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=group_size,
-                                      backend="metal")
+    rng, p, w = metal_problem(500 + group_size, size_k, size_n, group_size)
     with binding_limit(limit_kib * 1024 + BACKEND.offset_alignment):
         for m in m_values:
             check_mm(w, rng.standard_normal((m, size_k)).astype(np.float16), p.dense[0])
@@ -348,10 +343,7 @@ def test_mm_tiled_kernel_every_tile_and_step(group_size):
     # 16 or 32 k per step, M on both sides of the tile edges (rows past M are read as zero and
     # never written), one k-split (the kernel writes C) and several (scratch + reduce).
     size_k, size_n = 512, 128
-    rng = np.random.default_rng(1000 + group_size)
-    p = random_problem(rng, size_k, size_n, group_size)
-    w = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=group_size,
-                                      backend="metal")
+    rng, p, w = metal_problem(1000 + group_size, size_k, size_n, group_size)
     seen = set()
     for tm, bk in ((2, 32), (4, 16), (4, 32), (8, 16), (8, 32)):
         for target in (1, 1024):
