@@ -28,9 +28,11 @@ namespace ferrum {
 
 
 // Compile-time geometry of one kernel instance. Every constant that shapes shared memory or
-// the warp layout lives here.
-template <int MB, int TK_BLOCKS, int TN_BLOCKS, bool GROUPED>
+// the warp layout lives here. SWAP8 > 0: the swapped kernel (one 16-row slice, SWAP8 blocks of
+// 8 rows used; see marlin_mm_kernel).
+template <int MB, int TK_BLOCKS, int TN_BLOCKS, bool GROUPED, int SWAP8 = 0>
 struct Tile {
+    static_assert(SWAP8 == 0 || (MB == 1 && SWAP8 <= 2), "the swapped kernel takes one 16-row slice");
     static constexpr int kThreads = 256;
     static constexpr int kWarps = kThreads / 32;
     static constexpr int kRows = 16 * MB;
@@ -65,7 +67,8 @@ struct Tile {
     // that a warp's 32 lanes touch 32 consecutive floats (no bank conflicts).
     // The k-groups fold in halves (groups [h, 2h) add into [0, h), h = kKGroups/2 .. 1), so
     // the buffer holds kKGroups/2 of them at once.
-    static constexpr int kAccPerThread = MB * 8 * 4;       // MB m-tiles x 8 n8 tiles x 4
+    // MB m-tiles x 8 n8 tiles x 4; swapped: SWAP8 m8 blocks x 4 n16 tiles x 4
+    static constexpr int kAccPerThread = SWAP8 ? SWAP8 * 4 * 4 : MB * 8 * 4;
     static constexpr int kRedFloats = kAccPerThread * kChunks * 32;   // one k-group
     static constexpr int kRedBytes = kRedFloats * 4 * (kKGroups > 1 ? kKGroups / 2 : 1);
     static_assert((kKGroups & (kKGroups - 1)) == 0, "k-groups fold in halves");
@@ -81,11 +84,21 @@ struct Tile {
     static constexpr int kMinBlocksPerSm = MB <= 2 ? 2 : 1;
 };
 
-template <int MB, int TK_BLOCKS, int TN_BLOCKS, bool GROUPED>
+// The kernel. With SWAP8 > 0 (one slice of at most 8 * SWAP8 rows of A; built for SWAP8 = 1) the
+// weights are the A operand of mma.m16n8k16 and the rows of A its B operand (n = 8 rows): one Marlin
+// word then makes exactly one A fragment (columns 16j + c and 16j + 8 + c, k rows 2i.., 2i+8..),
+// so a word costs one mma per 8 rows instead of two per 16. Its nibbles are not debiased and not
+// scaled in fp16 (nibbles_plus64: 64 + v, one lop3 a pair); instead each warp sums a run of its
+// k-tiles in FP32, adds -72 x (the rows' sum of A over the run) -- one more mma a k-tile, with a
+// constant -72 weight -- and multiplies the run by its group's scales in FP32 when the group or
+// the run ends. Fewer instructions per weight than the fp16 dequantize-and-scale path (the
+// kernel is issue-bound at few rows), and the scales are applied in FP32, not fp16.
+template <int MB, int TK_BLOCKS, int TN_BLOCKS, bool GROUPED, int SWAP8>
 __global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
     marlin_mm_kernel(const MmParams p) {
-    using T = Tile<MB, TK_BLOCKS, TN_BLOCKS, GROUPED>;
-    constexpr int TK = T::TK, TN = T::TN, kStages = T::kStages;
+    using T = Tile<MB, TK_BLOCKS, TN_BLOCKS, GROUPED, SWAP8>;
+    constexpr int TK = T::TK, TN = T::TN, kStages = T::kStages, kAcc = T::kAccPerThread;
+    constexpr int kRun = T::kKTilesPerWarp;   // k-tiles a warp computes per stage
     extern __shared__ int4 smem[];
     int4 *const a_sh = smem;
     int4 *const b_sh = a_sh + kStages * T::kAStageVecs;
@@ -107,25 +120,35 @@ __global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
         copy.weights(b_sh + stage * T::kBStageVecs, s_sh + stage * T::kSStageVecs, kt);
     };
 
-    float acc[MB][8][4];
+    // acc[(mb * 8 + j) * 4 + v]: m-tile mb, n8 tile j, mma register v; swapped:
+    // acc[(h * 4 + j) * 4 + v]: rows 8h.., n16 tile j (columns 16j + g, 16j + 8 + g), register v.
+    float acc[kAcc];
 #pragma unroll
-    for (int mb = 0; mb < MB; ++mb)
+    for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
+    // Swapped, grouped: the current run's sums (64 + v weights) and its -72 x sum-of-A terms.
+    // Channelwise, the run is the whole K range: the sums go straight into acc.
+    constexpr int kRunAcc = SWAP8 && GROUPED ? kAcc : 1;
+    float run[kRunAcc];
+    float corr[SWAP8 ? SWAP8 * 4 : 1];
 #pragma unroll
-        for (int j = 0; j < 8; ++j)
+    for (int i = 0; i < kRunAcc; ++i) run[i] = 0.f;
 #pragma unroll
-            for (int v = 0; v < 4; ++v) acc[mb][j][v] = 0.f;
+    for (int i = 0; i < (SWAP8 ? SWAP8 * 4 : 1); ++i) corr[i] = 0.f;
 
     // ---- stage 2: shared -> registers -> tensor cores for one pipeline stage ---------------
     // Fragments are double-buffered in registers: the loads of k-tile kk+1 are issued before
     // the mma of k-tile kk, so shared-memory latency hides behind tensor-core work (the asm
     // statements are volatile, so the compiler keeps them in this order).
+    // A warp's k-tiles of a stage: interleaved (kgroup, kgroup + kKGroups, ...); swapped, a
+    // contiguous run (kgroup * kRun, ...), so that a run meets as few group ends as possible.
     struct Frags {
         uint32_t a[MB][4];
         int4 q;       // lane t's 16 bytes: words 4t..4t+3 of the chunk, one per n-tile
-        int4 s;       // grouped scales of the lane's 8 n8 columns
+        int4 s;       // grouped scales of the lane's 8 n8 columns (not swapped)
     };
+    auto kt16_of = [&](int kk) { return SWAP8 ? kgroup * kRun + kk : kgroup + T::kKGroups * kk; };
     auto load_frags = [&](Frags &f, int stage, int kt, int kk) {
-        const int kt16 = kgroup + T::kKGroups * kk;   // 16-row k-tile inside the stage
+        const int kt16 = kt16_of(kk);   // 16-row k-tile inside the stage
         const int4 *a_src = a_sh + stage * T::kAStageVecs;
 #pragma unroll
         for (int mb = 0; mb < MB; ++mb) {
@@ -136,7 +159,7 @@ __global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
             ldmatrix_x4(f.a[mb], a_src + r * T::kARowVecs + (v ^ (r & 7)));
         }
         f.q = b_sh[stage * T::kBStageVecs + (kt16 * T::kChunks + chunk) * 32 + lane];
-        if constexpr (GROUPED) {
+        if constexpr (GROUPED && !SWAP8) {
             const int k = kt * TK + 16 * kt16;
             const int g_row = (k >> p.group_shift) - ((kt * TK) >> p.group_shift);
             // Grouped permuted scales: within 64 columns, permuted 8c..8c+7 hold columns
@@ -162,9 +185,61 @@ __global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
             }
 #pragma unroll
             for (int mb = 0; mb < MB; ++mb) {
-                mma_m16n8k16(f.a[mb], b_lo, acc[mb][2 * j]);
-                mma_m16n8k16(f.a[mb], b_hi, acc[mb][2 * j + 1]);
+                mma_m16n8k16(f.a[mb], b_lo, *reinterpret_cast<float(*)[4]>(&acc[(mb * 8 + 2 * j) * 4]));
+                mma_m16n8k16(f.a[mb], b_hi, *reinterpret_cast<float(*)[4]>(&acc[(mb * 8 + 2 * j + 1) * 4]));
             }
+        }
+    };
+    // Swapped: one k-tile into the run (fresh: the run starts here, at zero).
+    auto mma_swapped = [&](const Frags &f, bool fresh) {
+        const uint32_t words[4] = {(uint32_t)f.q.x, (uint32_t)f.q.y, (uint32_t)f.q.z, (uint32_t)f.q.w};
+        // The B operand, rows 8h..8h+7 of A: b0 = k 2i.. (ldmatrix matrix h), b1 = k 2i+8..
+        uint32_t rows[2][2] = {{f.a[0][0], f.a[0][2]}, {f.a[0][1], f.a[0][3]}};
+        float *sums = GROUPED ? run : acc;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            uint32_t x[4];
+            nibbles_plus64(words[j], x);
+            // A fragment: rows g, g+8 = columns 16j + c, 16j + 8 + c; k 2i.. then 2i+8..
+            const uint32_t w[4] = {x[0], x[2], x[1], x[3]};
+#pragma unroll
+            for (int h = 0; h < SWAP8; ++h) {
+                float(&d)[4] = *reinterpret_cast<float(*)[4]>(&sums[(h * 4 + j) * 4]);
+                if (GROUPED && fresh) mma_m16n8k16_fresh(w, rows[h], d);
+                else mma_m16n8k16(w, rows[h], d);
+            }
+        }
+        constexpr uint32_t kMinus72 = 0xd480d480u;   // fp16 -72 in both halves: -(64 + 8)
+        const uint32_t bias[4] = {kMinus72, kMinus72, kMinus72, kMinus72};
+#pragma unroll
+        for (int h = 0; h < SWAP8; ++h) {
+            float(&d)[4] = *reinterpret_cast<float(*)[4]>(&corr[h * 4]);
+            if (GROUPED && fresh) mma_m16n8k16_fresh(bias, rows[h], d);
+            else mma_m16n8k16(bias, rows[h], d);
+        }
+    };
+    // Swapped, grouped: acc += the run x its group's scales (FP32), for the run ending at
+    // k-tile kk of the stage; `clear` when the stage's next k-tile starts a new run.
+    auto close_run = [&](int stage, int kt, int kk, bool clear) {
+        const int k = kt * TK + 16 * kt16_of(kk);
+        const int g_row = (k >> p.group_shift) - ((kt * TK) >> p.group_shift);
+        const int4 sv = s_sh[stage * T::kSStageVecs + g_row * (TN / 8) + chunk * 8 + lane / 4];
+        const half *sh = reinterpret_cast<const half *>(&sv);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float s_lo = __half2float(sh[2 * j]), s_hi = __half2float(sh[2 * j + 1]);
+#pragma unroll
+            for (int h = 0; h < SWAP8; ++h)
+#pragma unroll
+                for (int v = 0; v < 4; ++v) {
+                    const int i = (h * 4 + j) * 4 + v;
+                    acc[i] = fmaf(v < 2 ? s_lo : s_hi, run[i] + corr[h * 4 + v], acc[i]);
+                    if (clear) run[i] = 0.f;
+                }
+        }
+        if (clear) {
+#pragma unroll
+            for (int i = 0; i < SWAP8 * 4; ++i) corr[i] = 0.f;
         }
     };
     auto compute_stage = [&](int stage, int kt) {
@@ -172,9 +247,20 @@ __global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
         Frags f[2];
         load_frags(f[0], stage, kt, 0);
 #pragma unroll
-        for (int kk = 0; kk < T::kKTilesPerWarp; ++kk) {
-            if (kk + 1 < T::kKTilesPerWarp) load_frags(f[(kk + 1) & 1], stage, kt, kk + 1);
-            mma_frags(f[kk & 1]);
+        for (int kk = 0; kk < kRun; ++kk) {
+            if (kk + 1 < kRun) load_frags(f[(kk + 1) & 1], stage, kt, kk + 1);
+            if constexpr (SWAP8 && GROUPED) {
+                // A run ends where its group does, and at the end of the warp's k-tiles of the
+                // stage (the next start with a fresh mma, no clearing needed).
+                mma_swapped(f[kk & 1], kk == 0);
+                const int k_next = kt * TK + 16 * (kt16_of(kk) + 1);
+                if (kk + 1 == kRun) close_run(stage, kt, kk, false);
+                else if ((k_next & ((1 << p.group_shift) - 1)) == 0) close_run(stage, kt, kk, true);
+            } else if constexpr (SWAP8) {
+                mma_swapped(f[kk & 1], false);
+            } else {
+                mma_frags(f[kk & 1]);
+            }
         }
     };
 
@@ -183,6 +269,14 @@ __global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
                                               [] {});
     cp_async_wait<0>();
     __syncthreads();
+    if constexpr (SWAP8 && !GROUPED) {   // channelwise: one run over the block's K range
+#pragma unroll
+        for (int h = 0; h < SWAP8; ++h)
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int v = 0; v < 4; ++v) acc[(h * 4 + j) * 4 + v] += corr[h * 4 + v];
+    }
 
     // ---- stage 3: block reduce -- the k-groups fold in halves through shared memory --------
     // (groups [h, 2h) add into [0, h) for h = kKGroups/2, ..., 1: log2 rounds, a fixed order)
@@ -192,23 +286,13 @@ __global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
         if (kgroup >= h && kgroup < 2 * h) {
             float *slot = red + (kgroup - h) * T::kRedFloats;
 #pragma unroll
-            for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-                for (int j = 0; j < 8; ++j)
-#pragma unroll
-                    for (int v = 0; v < 4; ++v)
-                        slot[((mb * 8 + j) * 4 + v) * (T::kChunks * 32) + chunk * 32 + lane] = acc[mb][j][v];
+            for (int i = 0; i < kAcc; ++i) slot[i * (T::kChunks * 32) + chunk * 32 + lane] = acc[i];
         }
         __syncthreads();
         if (kgroup < h) {
             const float *slot = red + kgroup * T::kRedFloats;
 #pragma unroll
-            for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-                for (int j = 0; j < 8; ++j)
-#pragma unroll
-                    for (int v = 0; v < 4; ++v)
-                        acc[mb][j][v] += slot[((mb * 8 + j) * 4 + v) * (T::kChunks * 32) + chunk * 32 + lane];
+            for (int i = 0; i < kAcc; ++i) acc[i] += slot[i * (T::kChunks * 32) + chunk * 32 + lane];
         }
         __syncthreads();
     }
@@ -216,17 +300,30 @@ __global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
     // The block's partial C tile, FP32, in shared memory (row-major, padded rows).
     float *ctile = reinterpret_cast<float *>(smem);
     if (kgroup == 0) {
+        if constexpr (SWAP8) {   // register v: row 8h + 2i + v%2, column 16j + g + 8(v/2)
 #pragma unroll
-        for (int mb = 0; mb < MB; ++mb)
+            for (int h = 0; h < SWAP8; ++h)
 #pragma unroll
-            for (int j = 0; j < 8; ++j)
+                for (int j = 0; j < 4; ++j)
 #pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int row = 16 * mb + lane / 4 + 8 * h;
-                    const int col = 64 * chunk + 8 * j + 2 * (lane % 4);
-                    *reinterpret_cast<float2 *>(&ctile[row * T::kCStride + col]) =
-                        make_float2(acc[mb][j][2 * h], acc[mb][j][2 * h + 1]);
-                }
+                    for (int v = 0; v < 4; ++v) {
+                        const int row = 8 * h + 2 * (lane % 4) + (v & 1);
+                        const int col = 64 * chunk + 16 * j + lane / 4 + 8 * (v >> 1);
+                        ctile[row * T::kCStride + col] = acc[(h * 4 + j) * 4 + v];
+                    }
+        } else {
+#pragma unroll
+            for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+                for (int j = 0; j < 8; ++j)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const int row = 16 * mb + lane / 4 + 8 * h;
+                        const int col = 64 * chunk + 8 * j + 2 * (lane % 4);
+                        *reinterpret_cast<float2 *>(&ctile[row * T::kCStride + col]) =
+                            make_float2(acc[(mb * 8 + j) * 4 + 2 * h], acc[(mb * 8 + j) * 4 + 2 * h + 1]);
+                    }
+        }
     }
     __syncthreads();
 
@@ -236,15 +333,15 @@ __global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
 
 // ---- host side: one entry per kernel instance ----------------------------------------------
 
-template <int MB, int TK_BLOCKS, int TN_BLOCKS, bool GROUPED>
+template <int MB, int TK_BLOCKS, int TN_BLOCKS, bool GROUPED, int SWAP8 = 0>
 struct Instance {
-    using T = Tile<MB, TK_BLOCKS, TN_BLOCKS, GROUPED>;
+    using T = Tile<MB, TK_BLOCKS, TN_BLOCKS, GROUPED, SWAP8>;
     static int launch(const MmParams &p, int grid, cudaStream_t stream, bool pdl) {
-        return launch_mm<T::kThreads, T::kSmemBytes>(marlin_mm_kernel<MB, TK_BLOCKS, TN_BLOCKS, GROUPED>,
-                                                     p, grid, stream, pdl);
+        return launch_mm<T::kThreads, T::kSmemBytes>(
+            marlin_mm_kernel<MB, TK_BLOCKS, TN_BLOCKS, GROUPED, SWAP8>, p, grid, stream, pdl);
     }
     static KernelEntry entry() {
-        return {reinterpret_cast<const void *>(&marlin_mm_kernel<MB, TK_BLOCKS, TN_BLOCKS, GROUPED>),
+        return {reinterpret_cast<const void *>(&marlin_mm_kernel<MB, TK_BLOCKS, TN_BLOCKS, GROUPED, SWAP8>),
                 T::kSmemBytes, &launch};
     }
 };
@@ -260,7 +357,8 @@ constexpr int kTiles = 7;
 static bool is_wgmma_tile(int tile) { return tile >= 4 && tile <= 6; }
 
 template <int TK_BLOCKS, int TN_BLOCKS, bool GROUPED>
-static KernelEntry entry_for_mb(int mb) {
+static KernelEntry entry_for_mb(int mb, int swap8) {
+    if (swap8) return Instance<1, TK_BLOCKS, TN_BLOCKS, GROUPED, 1>::entry();
     switch (mb) {
         case 1: return Instance<1, TK_BLOCKS, TN_BLOCKS, GROUPED>::entry();
         case 2: return Instance<2, TK_BLOCKS, TN_BLOCKS, GROUPED>::entry();
@@ -269,12 +367,29 @@ static KernelEntry entry_for_mb(int mb) {
     }
 }
 
-static KernelEntry select_kernel(int tile, int mb, bool grouped) {
+// swap8: the swapped kernel (mma.sync tiles, m_blocks 1) for blocks of up to 8 rows.
+static KernelEntry select_kernel(int tile, int mb, bool grouped, int swap8 = 0) {
     if (is_wgmma_tile(tile)) return wgmma_entry(tile, mb, grouped);
-    if (tile == 7) return grouped ? entry_for_mb<16, 4, true>(mb) : entry_for_mb<16, 4, false>(mb);
-    if (tile == 1) return grouped ? entry_for_mb<8, 8, true>(mb) : entry_for_mb<8, 8, false>(mb);
-    if (tile == 2) return grouped ? entry_for_mb<8, 16, true>(mb) : entry_for_mb<8, 16, false>(mb);
-    return grouped ? entry_for_mb<4, 16, true>(mb) : entry_for_mb<4, 16, false>(mb);
+    if (tile == 7) return grouped ? entry_for_mb<16, 4, true>(mb, swap8) : entry_for_mb<16, 4, false>(mb, swap8);
+    if (tile == 1) return grouped ? entry_for_mb<8, 8, true>(mb, swap8) : entry_for_mb<8, 8, false>(mb, swap8);
+    if (tile == 2) return grouped ? entry_for_mb<8, 16, true>(mb, swap8) : entry_for_mb<8, 16, false>(mb, swap8);
+    return grouped ? entry_for_mb<4, 16, true>(mb, swap8) : entry_for_mb<4, 16, false>(mb, swap8);
+}
+
+// FERRUM_NO_SWAP=1 keeps one-slice launches on the fp16 dequantize-and-scale path (for
+// comparisons).
+static const bool g_swap_enabled = [] {
+    const char *v = getenv("FERRUM_NO_SWAP");
+    return !(v && v[0] && v[0] != '0');
+}();
+
+// Whether a launch of `rows` rows with (tile, m_blocks) takes the swapped kernel: up to 8 rows
+// (one 8-row block). H200, same-machine A/B (tools/ab.py, FERRUM_NO_SWAP=1), µs at M = 1 / 8:
+// 70B gate_up 91.3 -> 82.0 / 93.3 -> 85.9, 70B down 44.5 -> 40.4 / 46.6 -> 42.5, 8B o 8.2 -> 7.7 /
+// 8.5 -> 8.4. Two 8-row blocks (M = 9..16) lost 10-16% (70B gate_up M=16 98.3 -> 112.3): the
+// second block's run sums take the kernel to the 128-register cap of two blocks per SM.
+static int swap8_for(int tile, int mb, int rows) {
+    return g_swap_enabled && !is_wgmma_tile(tile) && mb == 1 && rows <= 8 ? 1 : 0;
 }
 
 static int tile_k(int tile) { return tile == 3 || tile == 4 ? 64 : tile == 7 ? 256 : 128; }   // 1, 2, 5, 6: 128
@@ -301,6 +416,14 @@ static int prepare_kernel(const DeviceProps &dev, int tile, int mb, bool grouped
                    k.smem_bytes, dev.max_smem_optin);
     FERRUM_CUDA_CHECK(cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            k.smem_bytes));
+    if (!is_wgmma_tile(tile) && mb == 1) {   // the swapped kernels launch in this one's place
+        const KernelEntry ks = select_kernel(tile, mb, grouped, 1);
+        FERRUM_REQUIRE(ks.smem_bytes <= dev.max_smem_optin,
+                       "ferrum_mm: the tile needs %d bytes of shared memory, the device allows %d",
+                       ks.smem_bytes, dev.max_smem_optin);
+        FERRUM_CUDA_CHECK(cudaFuncSetAttribute(ks.fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               ks.smem_bytes));
+    }
     int occ = 0;
     FERRUM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, k.fn, 256, k.smem_bytes));   // both kernels: 256 threads
     if (occ < 1) occ = 1;
@@ -754,7 +877,7 @@ extern "C" int ferrum_mm(const void *a, const void *b, const void *scales, void 
         p.group_shift = grouped ? group_shift_of(group_size) : 0;
         p.b_expert_int4 = (long long)(size_k / 16) * 2 * size_n / 4;
         p.s_expert_halves = (long long)(grouped ? num_groups : 1) * size_n;
-        const KernelEntry k = select_kernel(tile, mb, grouped);
+        const KernelEntry k = select_kernel(tile, mb, grouped, swap8_for(tile, mb, rows));
         if ((status = k.launch(p, plan.grid, stream, dev.major >= 9 && g_pdl_enabled))) return status;
     }
     return FERRUM_OK;

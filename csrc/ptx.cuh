@@ -86,6 +86,16 @@ __device__ __forceinline__ void mma_m16n8k16(const uint32_t (&a)[4], const uint3
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// The same with C = 0 (a fresh sum): D = A * B.
+__device__ __forceinline__ void mma_m16n8k16_fresh(const uint32_t (&a)[4], const uint32_t (&b)[2],
+                                                   float (&d)[4]) {
+    const float zero = 0.f;
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(zero));
+}
+
 // Any 3-input bitwise function in one instruction; lut is the truth table over
 // (a = 0xF0, b = 0xCC, c = 0xAA).
 template <int lut>
@@ -115,6 +125,21 @@ __device__ __forceinline__ void dequant_u4b8(uint32_t q, uint32_t (&b)[2]) {
     const half2 kMinus72 = as_half2(0xd480d480u);   // -(1024/16 + 8)
     b[0] = as_u32(__hsub2(as_half2(lo), k1032));
     b[1] = as_u32(__hfma2(as_half2(hi), kSixteenth, kMinus72));
+}
+
+// The eight nibbles of one word as fp16 64 + v, bias left in: OR-ing a nibble into mantissa bits
+// 4-7 of fp16 64 (0x5400, whose mantissa step is 1/16) gives exactly 64 + v, so each pair costs
+// one lop3 (after a shift) and no fp16 arithmetic. x[0] = nibbles 0 and 4, x[1] = 1 and 5,
+// x[2] = 2 and 6, x[3] = 3 and 7 (low half first). The 64 + 8 this leaves in every weight is
+// taken out of the fp32 sums, once per row (see the swapped kernel in mm.cu).
+__device__ __forceinline__ void nibbles_plus64(uint32_t q, uint32_t (&x)[4]) {
+    constexpr uint32_t kMask = 0x00f000f0u;
+    constexpr uint32_t kExp64 = 0x54005400u;     // fp16 64.0 in both halves
+    constexpr int kAndOr = (0xF0 & 0xCC) | 0xAA; // lop3 table of (a & b) | c
+    x[0] = lop3<kAndOr>(q << 4, kMask, kExp64);
+    x[1] = lop3<kAndOr>(q, kMask, kExp64);
+    x[2] = lop3<kAndOr>(q >> 4, kMask, kExp64);
+    x[3] = lop3<kAndOr>(q >> 8, kMask, kExp64);
 }
 
 }  // namespace ferrum

@@ -120,6 +120,55 @@ def test_mm_tile_overrides(tile, m_blocks, splits, rng):
     assert _rel_err(got, a.astype(np.float64) @ problem.dense[0]) <= TOL
 
 
+@pytest.mark.parametrize("m", [1, 5, 8, 9, 16])
+@pytest.mark.parametrize("tile", [1, 2, 3, 7])
+@pytest.mark.parametrize("g", [-1, 32, 64, 128, 1024])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_mm_one_slice(m, tile, g, splits, rng):
+    """Up to 8 rows take the swapped kernel (weights as the mma's A operand, scales in FP32 per
+    run of k-tiles), 9 to 16 the fp16 path: every mma.sync tile, channelwise, every group size
+    and G == K, with and without split-K (runs end at group ends, stage ends and splits)."""
+    problem = random_problem(rng, 1024, 320, g)
+    weight = _weight(problem)
+    a = _activations(rng, m, 1024)
+    got = ferrum.cuda.BACKEND.mm(a, weight, 0, None, tile=tile, m_blocks=1, splits=splits)
+    assert _rel_err(got, a.astype(np.float64) @ problem.dense[0]) <= TOL
+
+
+_NO_SWAP_SCRIPT = """
+import numpy as np, ferrum
+from ferrum.check import random_problem
+rng = np.random.default_rng(11)
+for g in (-1, 32, 128):
+    problem = random_problem(rng, 1024, 320, g, act_order=g == 32)
+    w = ferrum.MarlinWeight.from_gptq(problem.qweights[0], problem.scales[0], group_size=g,
+                                      g_idx=problem.g_idx,
+                                      backend="cuda")
+    for m in (1, 9, 16, 40):
+        for tile, splits in ((1, 2), (2, 1), (7, 3)):
+            a = rng.standard_normal((m, 1024)).astype(np.float16)
+            got = ferrum.cuda.BACKEND.mm(a, w, 0, None, tile=tile, m_blocks=1, splits=splits)
+            ref = a.astype(np.float64) @ problem.dense[0]
+            got = got.astype(np.float64)
+            assert np.isfinite(got).all()
+            err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+            assert err <= 1e-3, (g, m, tile, splits, err)
+print("ok")
+"""
+
+
+def test_mm_fp16_scale_path():
+    """FERRUM_NO_SWAP=1 keeps one-slice launches on the fp16 dequantize-and-scale kernel (the one
+    many-row slices use): still right at 1 to 40 rows (a fresh process: the switch is read
+    once)."""
+    import os
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-c", _NO_SWAP_SCRIPT], capture_output=True, text=True,
+                         env={**os.environ, "FERRUM_NO_SWAP": "1"}, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
+
+
 def test_mm_tile7_needs_k_multiple_of_256(rng):
     problem = random_problem(rng, 384, 128, 128)
     weight = _weight(problem)

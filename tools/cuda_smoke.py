@@ -2,8 +2,9 @@
 
 numpy only (no torch import under the sanitizer): repack with and without perm, mm for every
 group-size kind, act-order, stacked experts, split-K forced on, partial column tiles, several M.
-Exits non-zero if any result is off. --quick: three of the problems and M 1 and 70 only (every
-kernel kind still runs: tiles 1, 2, 7, the wgmma tiles, split-K, act-order, stacked).
+Exits non-zero if any result is off. --quick: three of the problems and M 1, 12 and 70 only (every
+kernel kind still runs: the swapped kernel (M <= 8), tiles 1, 2, 7, the wgmma tiles, split-K,
+act-order, stacked).
 """
 import sys
 
@@ -43,7 +44,7 @@ for k, n, g, act in cases:
     pr = random_problem(rng, k, n, g, act_order=act)
     w = ferrum.MarlinWeight.from_gptq(pr.qweights[0], pr.scales[0], group_size=g, g_idx=pr.g_idx,
                                       backend="cuda")
-    for m in (1, 70) if quick else (1, 20, 70):
+    for m in (1, 12, 70) if quick else (1, 12, 20, 70):
         a = rng.standard_normal((m, k)).astype(np.float16)
         ref = a.astype(np.float64) @ pr.dense[0]
         check(f"K{k} N{n} G{g} act={act} M{m}", ferrum.mm(a, w), ref)
