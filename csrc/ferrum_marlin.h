@@ -38,11 +38,16 @@ typedef struct ferrum_mm_config {
                         9.0 with an sm_90a build only) */
     int m_blocks;    /* 0 auto; rows of 16 per block (a "slice" of M): 1..4; 4 or 8 for tiles
                         4 and 5; 4 for tile 6 */
-    int splits;      /* 0 auto; >= 1: split-K factor (partials reduced in FP32, in order) */
+    int splits;      /* 0 auto; >= 1: split-K factor (partials reduced in FP32, in order);
+                        with stream-K, resolved to the most blocks that share one C tile */
     int weights_pending;  /* 0: b and scales were complete before the previous kernel on the
                         stream began, so on sm_90 the kernel may start reading them before that
                         kernel ends (programmatic dependent launch); 1: that kernel may have
                         written them, so they are read only after it has finished */
+    int stream_k;    /* 0 auto; -1 off (split-K as `splits` says); 1 on: the (tile, k-tile)
+                        iterations are cut into equal runs, one per block of one wave on the
+                        GPU, a run crossing tile ends where it must (mma.sync tiles only);
+                        n >= 2: on, with n blocks. Resolved: -1 or the blocks (grid) */
 } ferrum_mm_config;
 
 /* What ferrum_mm will do for a problem: the resolved config and the workspace it needs. */
@@ -55,6 +60,7 @@ typedef struct ferrum_mm_plan_info {
     int cluster_reduce;      /* 1: the splits of a C tile run as one thread block cluster and
                                 add their partials through distributed shared memory (sm_90;
                                 no partials in the workspace); FERRUM_NO_CLUSTER=1 turns it off */
+    int sk_iters;            /* stream-K: (tile, k-tile) iterations per block; 0: split-K */
 } ferrum_mm_plan_info;
 
 const char *ferrum_get_last_error(void);

@@ -93,19 +93,15 @@ struct Tile {
 // constant -72 weight -- and multiplies the run by its group's scales in FP32 when the group or
 // the run ends. Fewer instructions per weight than the fp16 dequantize-and-scale path (the
 // kernel is issue-bound at few rows), and the scales are applied in FP32, not fp16.
+// One C tile's K range (`work`): the whole kernel but for which work it is (marlin_mm_kernel).
 template <int MB, int TK_BLOCKS, int TN_BLOCKS, bool GROUPED, int SWAP8>
-__global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
-    marlin_mm_kernel(const MmParams p) {
+__device__ __forceinline__ void mm_tile(const MmParams &p, const BlockWork &work, int4 *smem) {
     using T = Tile<MB, TK_BLOCKS, TN_BLOCKS, GROUPED, SWAP8>;
     constexpr int TK = T::TK, TN = T::TN, kStages = T::kStages, kAcc = T::kAccPerThread;
     constexpr int kRun = T::kKTilesPerWarp;   // k-tiles a warp computes per stage
-    extern __shared__ int4 smem[];
     int4 *const a_sh = smem;
     int4 *const b_sh = a_sh + kStages * T::kAStageVecs;
     int4 *const s_sh = b_sh + kStages * T::kBStageVecs;
-
-    // ---- which C tile and which K range this block owns -----------------------------------
-    const BlockWork work = block_work(p, 16 * MB, TN);
     const int n0 = work.n0, kt_begin = work.kt_begin, iters = work.iters;
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -331,17 +327,39 @@ __global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
     write_c_tile<16 * MB, TN, T::kCStride, T::kThreads, GROUPED>(p, work, ctile);
 }
 
+// The kernel: one tile's K range per block (split-K), or with stream-K (SK, p.sk_iters) a run
+// of iterations that may cover the end of one tile and the start of the next: one mm_tile each.
+// (SK is its own instance: the loop around the body costs the split-K kernel ~15 registers.)
+template <int MB, int TK_BLOCKS, int TN_BLOCKS, bool GROUPED, int SWAP8, bool SK>
+__global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
+    marlin_mm_kernel(const MmParams p) {
+    extern __shared__ int4 smem[];
+    constexpr int kRows = 16 * MB, TN = 16 * TN_BLOCKS;
+    if constexpr (!SK) {
+        mm_tile<MB, TK_BLOCKS, TN_BLOCKS, GROUPED, SWAP8>(p, block_work(p, kRows, TN), smem);
+    } else {
+        long long it = (long long)blockIdx.x * p.sk_iters;
+        const long long end = min(it + p.sk_iters, (long long)p.m_slices * p.n_tiles_total * p.k_tiles);
+        while (it < end) {
+            const BlockWork work = stream_k_work(p, kRows, TN, it, end);
+            mm_tile<MB, TK_BLOCKS, TN_BLOCKS, GROUPED, SWAP8>(p, work, smem);
+            it += work.iters;
+            if (it < end) __syncthreads();   // the next segment's copies overwrite what this one read
+        }
+    }
+}
+
 // ---- host side: one entry per kernel instance ----------------------------------------------
 
-template <int MB, int TK_BLOCKS, int TN_BLOCKS, bool GROUPED, int SWAP8 = 0>
+template <int MB, int TK_BLOCKS, int TN_BLOCKS, bool GROUPED, int SWAP8 = 0, bool SK = false>
 struct Instance {
     using T = Tile<MB, TK_BLOCKS, TN_BLOCKS, GROUPED, SWAP8>;
     static int launch(const MmParams &p, int grid, cudaStream_t stream, bool pdl) {
         return launch_mm<T::kThreads, T::kSmemBytes>(
-            marlin_mm_kernel<MB, TK_BLOCKS, TN_BLOCKS, GROUPED, SWAP8>, p, grid, stream, pdl);
+            marlin_mm_kernel<MB, TK_BLOCKS, TN_BLOCKS, GROUPED, SWAP8, SK>, p, grid, stream, pdl);
     }
     static KernelEntry entry() {
-        return {reinterpret_cast<const void *>(&marlin_mm_kernel<MB, TK_BLOCKS, TN_BLOCKS, GROUPED, SWAP8>),
+        return {reinterpret_cast<const void *>(&marlin_mm_kernel<MB, TK_BLOCKS, TN_BLOCKS, GROUPED, SWAP8, SK>),
                 T::kSmemBytes, &launch};
     }
 };
@@ -357,7 +375,9 @@ constexpr int kTiles = 7;
 static bool is_wgmma_tile(int tile) { return tile >= 4 && tile <= 6; }
 
 template <int TK_BLOCKS, int TN_BLOCKS, bool GROUPED>
-static KernelEntry entry_for_mb(int mb, int swap8) {
+static KernelEntry entry_for_mb(int mb, int swap8, bool sk) {
+    if (sk) return swap8 ? Instance<1, TK_BLOCKS, TN_BLOCKS, GROUPED, 1, true>::entry()
+                         : Instance<1, TK_BLOCKS, TN_BLOCKS, GROUPED, 0, true>::entry();
     if (swap8) return Instance<1, TK_BLOCKS, TN_BLOCKS, GROUPED, 1>::entry();
     switch (mb) {
         case 1: return Instance<1, TK_BLOCKS, TN_BLOCKS, GROUPED>::entry();
@@ -367,13 +387,14 @@ static KernelEntry entry_for_mb(int mb, int swap8) {
     }
 }
 
-// swap8: the swapped kernel (mma.sync tiles, m_blocks 1) for blocks of up to 8 rows.
-static KernelEntry select_kernel(int tile, int mb, bool grouped, int swap8 = 0) {
+// swap8: the swapped kernel (mma.sync tiles, m_blocks 1) for blocks of up to 8 rows; sk: the
+// stream-K instance (mma.sync tiles, m_blocks 1).
+static KernelEntry select_kernel(int tile, int mb, bool grouped, int swap8 = 0, bool sk = false) {
     if (is_wgmma_tile(tile)) return wgmma_entry(tile, mb, grouped);
-    if (tile == 7) return grouped ? entry_for_mb<16, 4, true>(mb, swap8) : entry_for_mb<16, 4, false>(mb, swap8);
-    if (tile == 1) return grouped ? entry_for_mb<8, 8, true>(mb, swap8) : entry_for_mb<8, 8, false>(mb, swap8);
-    if (tile == 2) return grouped ? entry_for_mb<8, 16, true>(mb, swap8) : entry_for_mb<8, 16, false>(mb, swap8);
-    return grouped ? entry_for_mb<4, 16, true>(mb, swap8) : entry_for_mb<4, 16, false>(mb, swap8);
+    if (tile == 7) return grouped ? entry_for_mb<16, 4, true>(mb, swap8, sk) : entry_for_mb<16, 4, false>(mb, swap8, sk);
+    if (tile == 1) return grouped ? entry_for_mb<8, 8, true>(mb, swap8, sk) : entry_for_mb<8, 8, false>(mb, swap8, sk);
+    if (tile == 2) return grouped ? entry_for_mb<8, 16, true>(mb, swap8, sk) : entry_for_mb<8, 16, false>(mb, swap8, sk);
+    return grouped ? entry_for_mb<4, 16, true>(mb, swap8, sk) : entry_for_mb<4, 16, false>(mb, swap8, sk);
 }
 
 // FERRUM_NO_SWAP=1 keeps one-slice launches on the fp16 dequantize-and-scale path (for
@@ -416,13 +437,15 @@ static int prepare_kernel(const DeviceProps &dev, int tile, int mb, bool grouped
                    k.smem_bytes, dev.max_smem_optin);
     FERRUM_CUDA_CHECK(cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            k.smem_bytes));
-    if (!is_wgmma_tile(tile) && mb == 1) {   // the swapped kernels launch in this one's place
-        const KernelEntry ks = select_kernel(tile, mb, grouped, 1);
-        FERRUM_REQUIRE(ks.smem_bytes <= dev.max_smem_optin,
-                       "ferrum_mm: the tile needs %d bytes of shared memory, the device allows %d",
-                       ks.smem_bytes, dev.max_smem_optin);
-        FERRUM_CUDA_CHECK(cudaFuncSetAttribute(ks.fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               ks.smem_bytes));
+    if (!is_wgmma_tile(tile) && mb == 1) {   // the swapped and stream-K kernels launch in its place
+        for (int variant = 1; variant < 4; ++variant) {
+            const KernelEntry kv = select_kernel(tile, mb, grouped, variant & 1, variant & 2);
+            FERRUM_REQUIRE(kv.smem_bytes <= dev.max_smem_optin,
+                           "ferrum_mm: the tile needs %d bytes of shared memory, the device allows %d",
+                           kv.smem_bytes, dev.max_smem_optin);
+            FERRUM_CUDA_CHECK(cudaFuncSetAttribute(kv.fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                   kv.smem_bytes));
+        }
     }
     int occ = 0;
     FERRUM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, k.fn, 256, k.smem_bytes));   // both kernels: 256 threads
@@ -646,7 +669,7 @@ static double mma_choose_splits(const DeviceProps &dev, int occ, int size_m, int
 static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, int num_experts,
                     int act_order, const ferrum_mm_config *req, bool grouped,
                     ferrum_mm_plan_info *plan) {
-    ferrum_mm_config cfg = req ? *req : ferrum_mm_config{0, 0, 0, 0};
+    ferrum_mm_config cfg = req ? *req : ferrum_mm_config{0, 0, 0, 0, 0};
     FERRUM_REQUIRE(cfg.tile >= 0 && cfg.tile <= kTiles, "ferrum_mm: tile=%d (use 0..%d)", cfg.tile, kTiles);
     const bool wgmma = is_wgmma_tile(cfg.tile) ||
                        (cfg.tile == 0 && wgmma_available(dev) && size_m >= kWgmmaMinRows &&
@@ -732,6 +755,7 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
     }
     cfg.tile = best.tile;
     cfg.m_blocks = best.mb;
+    const bool splits_auto = cfg.splits == 0;
     if (cfg.splits == 0) {
         cfg.splits = best_splits;
     } else {   // splits asked for: as clusters wherever they may and fit one
@@ -748,9 +772,44 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
     const size_t tile_bytes = size_t(16) * cfg.m_blocks * tn * sizeof(float);
     cfg.splits = std::max(1, std::min(cfg.splits, k_tiles));
     FERRUM_REQUIRE(tiles * cfg.splits < INT_MAX, "ferrum_mm: grid too large");
+
+    // Stream-K (mma.sync tiles, one slice): asked for, or (splits left to the planner) where one
+    // split's tiles leave more than a tenth of the block slots idle and every tile is a long run
+    // (>= 32 k-tiles): there one wave of blocks with equal runs beat every split-K plan. H200,
+    // tools/tune.py: 70B gate_up (224 tiles of 64 k-tiles, 264 slots) M=1 76.7 against 81.1 µs
+    // for the best split-K plan, M=16 93.8 against 97.9. Elsewhere the best split-K plan was as
+    // fast or faster (8B gate_up M=1 25.3 against 24.9 µs, 70B qkv 20.4 against 19.0): a stream-K
+    // block crosses tile ends (a prologue and a partial each) and takes ~15 more registers.
+    FERRUM_REQUIRE(cfg.stream_k <= 0 || (!is_wgmma_tile(cfg.tile) && cfg.m_blocks == 1),
+                   "ferrum_mm: stream_k=%d applies to the mma.sync tiles (1, 2, 3, 7) with m_blocks=1, "
+                   "not tile %d with m_blocks=%d", cfg.stream_k, cfg.tile, cfg.m_blocks);
+    long long sk_iters = 0, sk_blocks = 0;
+    if (cfg.stream_k >= 0 && !is_wgmma_tile(cfg.tile) && cfg.m_blocks == 1) {
+        int occ = 1;
+        const int status = prepare_kernel(dev, cfg.tile, cfg.m_blocks, grouped, &occ);
+        if (status != FERRUM_OK) return status;
+        const long long total = tiles * k_tiles;
+        const long long slots = (long long)dev.sm_count * occ;
+        const long long want = cfg.stream_k >= 2 ? cfg.stream_k : slots;
+        const long long iters = (total + want - 1) / want;
+        const long long blocks = (total + iters - 1) / iters;
+        // the most blocks one tile's k-tiles can meet (at least one k-tile each)
+        const int shared_by = (int)std::min<long long>(std::min<long long>(blocks, k_tiles), (k_tiles - 1) / iters + 2);
+        const bool use = cfg.stream_k >= 1 ||
+                         (splits_auto && cfg.splits == 1 && tiles < 0.9 * slots && k_tiles >= 32 &&
+                          tiles * shared_by * tile_bytes <= kMaxPartialBytes);
+        if (use) {
+            sk_iters = iters;
+            sk_blocks = blocks;
+            cfg.splits = shared_by;
+            best_cluster = 0;
+        }
+    }
+    cfg.stream_k = sk_blocks ? static_cast<int>(sk_blocks) : -1;
     plan->config = cfg;
     plan->m_slices = m_slices;
-    plan->grid = static_cast<int>(tiles * cfg.splits);
+    plan->grid = sk_blocks ? static_cast<int>(sk_blocks) : static_cast<int>(tiles * cfg.splits);
+    plan->sk_iters = static_cast<int>(sk_iters);
     plan->cluster_reduce = cfg.splits > 1 && best_cluster;
     const bool workspace = cfg.splits > 1 && !plan->cluster_reduce;
     plan->counter_bytes = workspace ? align_up(tiles * sizeof(int), 256) : 0;
@@ -848,8 +907,10 @@ extern "C" int ferrum_mm(const void *a, const void *b, const void *scales, void 
         const ferrum_mm_plan_info &plan = rows == full_rows ? full : last;
         const int tile = plan.config.tile, mb = plan.config.m_blocks;
         const half *a_rows = static_cast<const half *>(a) + (long long)row0 * size_k;
+        const int tiles_per_expert = (size_n + tile_n(tile) - 1) / tile_n(tile);
         const size_t partial_bytes = plan.config.splits > 1 && !plan.cluster_reduce
-            ? align_up((size_t)plan.grid * 16 * mb * tile_n(tile) * sizeof(float), 256) : 0;
+            ? align_up((size_t)plan.m_slices * num_experts * tiles_per_expert * plan.config.splits *
+                       16 * mb * tile_n(tile) * sizeof(float), 256) : 0;
         if (perm) {
             void *a_perm = static_cast<char *>(data) + partial_bytes;
             if ((status = ferrum_permute_cols(a_rows, perm, a_perm, rows, size_k, stream))) return status;
@@ -867,17 +928,18 @@ extern "C" int ferrum_mm(const void *a, const void *b, const void *scales, void 
         p.N = size_n;
         p.ldc = ldc;
         p.expert0 = expert0;
-        p.tiles_per_expert = (size_n + tile_n(tile) - 1) / tile_n(tile);
+        p.tiles_per_expert = tiles_per_expert;
         p.n_tiles_total = p.tiles_per_expert * num_experts;
         p.m_slices = plan.m_slices;
         p.splits = plan.config.splits;
         p.cluster_reduce = plan.cluster_reduce;
         p.weights_early = !(requested && requested->weights_pending);
+        p.sk_iters = plan.sk_iters;
         p.k_tiles = size_k / tile_k(tile);
         p.group_shift = grouped ? group_shift_of(group_size) : 0;
         p.b_expert_int4 = (long long)(size_k / 16) * 2 * size_n / 4;
         p.s_expert_halves = (long long)(grouped ? num_groups : 1) * size_n;
-        const KernelEntry k = select_kernel(tile, mb, grouped, swap8_for(tile, mb, rows));
+        const KernelEntry k = select_kernel(tile, mb, grouped, swap8_for(tile, mb, rows), plan.sk_iters > 0);
         if ((status = k.launch(p, plan.grid, stream, dev.major >= 9 && g_pdl_enabled))) return status;
     }
     return FERRUM_OK;

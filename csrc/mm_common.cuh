@@ -32,6 +32,9 @@ struct MmParams {
     int cluster_reduce;     // 1: the splits of a C tile are one thread block cluster and add
                             // their partials through distributed shared memory (sm_90)
     int weights_early;      // 1: the prologue's weight copies start before griddepcontrol.wait
+    int sk_iters;           // > 0: stream-K -- block b computes iterations [b, b+1) * sk_iters of
+                            // the (tile, k-tile) sequence (tile-major), see stream_k_work; then
+                            // splits is the most blocks any tile is shared by
     long long b_expert_int4;    // Marlin int4 per expert: (K/16) * 2N / 4
     long long s_expert_halves;  // scale entries per expert: groups * N
 };
@@ -39,12 +42,22 @@ struct MmParams {
 // Which C tile and which K range a block owns. Block order: m slice fastest, so the blocks
 // that read the same B tile run together and share it through L2; then column tile; split-K
 // slowest. With cluster_reduce, split fastest: the splits of a tile are consecutive blocks,
-// one cluster, and a block's rank in its cluster is its split.
+// one cluster, and a block's rank in its cluster is its split. `split` is the block's place
+// among the `contributors` blocks that share the tile (their partials are added in that order).
 struct BlockWork {
-    int m_slice, ntile, split, e_local, n0, m0, kt_begin, iters;
+    int m_slice, ntile, split, contributors, e_local, n0, m0, kt_begin, iters;
     const int4 *B;     // this expert's Marlin words
     const half *S;     // this expert's scales
 };
+
+// The tile's place: expert, first column and row, and the expert's weights and scales.
+__device__ __forceinline__ void locate_tile(const MmParams &p, int rows_per_block, int tn, BlockWork &w) {
+    w.e_local = w.ntile / p.tiles_per_expert;
+    w.n0 = (w.ntile % p.tiles_per_expert) * tn;     // first column inside the expert
+    w.m0 = w.m_slice * rows_per_block;
+    w.B = p.b + (long long)(p.expert0 + w.e_local) * p.b_expert_int4;
+    w.S = p.scales + (long long)(p.expert0 + w.e_local) * p.s_expert_halves;
+}
 
 __device__ __forceinline__ BlockWork block_work(const MmParams &p, int rows_per_block, int tn) {
     BlockWork w;
@@ -60,14 +73,32 @@ __device__ __forceinline__ BlockWork block_work(const MmParams &p, int rows_per_
         w.ntile = bid % p.n_tiles_total;
         w.split = bid / p.n_tiles_total;
     }
-    w.e_local = w.ntile / p.tiles_per_expert;
-    w.n0 = (w.ntile % p.tiles_per_expert) * tn;     // first column inside the expert
-    w.m0 = w.m_slice * rows_per_block;
-    w.B = p.b + (long long)(p.expert0 + w.e_local) * p.b_expert_int4;
-    w.S = p.scales + (long long)(p.expert0 + w.e_local) * p.s_expert_halves;
+    locate_tile(p, rows_per_block, tn, w);
+    w.contributors = p.splits;
     w.kt_begin = (int)((long long)w.split * p.k_tiles / p.splits);
     const int kt_end = (int)((long long)(w.split + 1) * p.k_tiles / p.splits);
     w.iters = kt_end - w.kt_begin;
+    return w;
+}
+
+// Stream-K: the (tile, k-tile) iterations in order (tile-major; tile t = m_slice + m_slices *
+// ntile, as the partials index them) are cut into equal runs of p.sk_iters, one a block, so
+// every block has the same work however the tiles divide among the SMs. A block's run may
+// cross into the next tile: one segment per tile it touches, from iteration `it` (< end) on.
+// The blocks that share a tile add their partials in block order.
+__device__ __forceinline__ BlockWork stream_k_work(const MmParams &p, int rows_per_block, int tn,
+                                                   long long it, long long end) {
+    BlockWork w;
+    const int t = (int)(it / p.k_tiles);
+    w.m_slice = t % p.m_slices;
+    w.ntile = t / p.m_slices;
+    locate_tile(p, rows_per_block, tn, w);
+    w.kt_begin = (int)(it % p.k_tiles);
+    w.iters = (int)min((long long)(p.k_tiles - w.kt_begin), end - it);
+    const long long first = (long long)t * p.k_tiles / p.sk_iters;
+    const long long last = ((long long)(t + 1) * p.k_tiles - 1) / p.sk_iters;
+    w.split = (int)(blockIdx.x - first);
+    w.contributors = (int)(last - first + 1);
     return w;
 }
 
@@ -246,7 +277,7 @@ __device__ __forceinline__ void write_c_tile(const MmParams &p, const BlockWork 
         *reinterpret_cast<int4 *>(C + (long long)r * p.ldc + c8) = *reinterpret_cast<int4 *>(h);
     };
 
-    if (p.splits == 1) {
+    if (w.contributors == 1) {
         for (int i = tid; i < rows * kVecsPerRow; i += THREADS) {
             const int r = i / kVecsPerRow, c8 = 8 * (i % kVecsPerRow);
             if (c8 >= cols) continue;
@@ -301,7 +332,7 @@ __device__ __forceinline__ void write_c_tile(const MmParams &p, const BlockWork 
     }
     __threadfence();   // our partial is visible device-wide before the counter says so
     __syncthreads();
-    if (tid == 0) s_is_last = atomicAdd(&p.counters[tile_id], 1) == p.splits - 1;
+    if (tid == 0) s_is_last = atomicAdd(&p.counters[tile_id], 1) == w.contributors - 1;
     __syncthreads();
     if (!s_is_last) return;
     __threadfence();
@@ -316,7 +347,7 @@ __device__ __forceinline__ void write_c_tile(const MmParams &p, const BlockWork 
 #pragma unroll
             for (int x = 0; x < 8; ++x) v[u][x] = 0.f;
 #pragma unroll 4
-        for (int s = 0; s < p.splits; ++s) {   // fixed order: the sum is deterministic
+        for (int s = 0; s < w.contributors; ++s) {   // fixed order: the sum is deterministic
 #pragma unroll
             for (int u = 0; u < kBatch; ++u) {
                 const int i = i0 + u * THREADS;

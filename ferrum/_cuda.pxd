@@ -62,6 +62,7 @@ cdef extern from "ferrum_marlin.h" nogil:
         int m_blocks
         int splits
         int weights_pending
+        int stream_k
 
     ctypedef struct ferrum_mm_plan_info:
         ferrum_mm_config config
@@ -70,6 +71,7 @@ cdef extern from "ferrum_marlin.h" nogil:
         size_t counter_bytes
         size_t data_bytes
         int cluster_reduce
+        int sk_iters
 
     const char *ferrum_get_last_error()
     int ferrum_get_last_cuda_status()

@@ -329,15 +329,16 @@ def permute_cols(size_t a, size_t perm, size_t out, int size_m, int size_k, size
 
 
 def mm_plan(int size_m, int size_k, int size_n, int num_experts=1, bint act_order=False,
-            int tile=0, int m_blocks=0, int splits=0):
+            int tile=0, int m_blocks=0, int splits=0, int stream_k=0):
     """The config and workspace the heuristic picks (or completes from the given fields)."""
     cdef ferrum_mm_config cfg
     cdef ferrum_mm_plan_info plan
-    cfg.tile, cfg.m_blocks, cfg.splits = tile, m_blocks, splits
+    cfg.tile, cfg.m_blocks, cfg.splits, cfg.stream_k = tile, m_blocks, splits, stream_k
     cfg.weights_pending = 0
     check_ferrum(ferrum_mm_plan(size_m, size_k, size_n, num_experts, act_order, &cfg, &plan))
     return {"tile": plan.config.tile, "m_blocks": plan.config.m_blocks,
             "splits": plan.config.splits, "m_slices": plan.m_slices, "grid": plan.grid,
+            "stream_k": plan.sk_iters > 0, "sk_iters": plan.sk_iters,
             "counter_bytes": plan.counter_bytes, "data_bytes": plan.data_bytes,
             "cluster": bool(plan.cluster_reduce)}
 
@@ -374,7 +375,8 @@ def release_workspaces():
 
 def mm(size_t a, size_t b, size_t scales, size_t c, size_t perm, int size_m, int size_k,
        int size_n, int expert0, int num_experts, int num_groups, int group_size, int ldc,
-       size_t stream=0, int tile=0, int m_blocks=0, int splits=0, int weights_pending=0):
+       size_t stream=0, int tile=0, int m_blocks=0, int splits=0, int weights_pending=0,
+       int stream_k=0):
     """Launch C = A @ W for experts expert0 .. expert0+num_experts-1 (all pointers on device).
     weights_pending=1: the kernel just before on the stream may have written b or scales."""
     cdef ferrum_mm_config cfg
@@ -382,7 +384,7 @@ def mm(size_t a, size_t b, size_t scales, size_t c, size_t perm, int size_m, int
     cdef int status
     cdef size_t cptr = 0, cbytes = 0, dptr = 0, dbytes = 0
     cdef DeviceArray arr
-    cfg.tile, cfg.m_blocks, cfg.splits = tile, m_blocks, splits
+    cfg.tile, cfg.m_blocks, cfg.splits, cfg.stream_k = tile, m_blocks, splits, stream_k
     cfg.weights_pending = weights_pending
     ws = _workspaces.get((current_device(), stream))
     for attempt in range(2):

@@ -151,7 +151,9 @@ def run(options: dict) -> None:
                               max(dense_copies, 4), bursts)
             floor = (wbytes + m * k * 2 + m * n * 2) / bw * 1e6
             plan = ferrum._cuda.mm_plan(m, k, n)
-            cfg = f"tile{plan['tile']} mb{plan['m_blocks']} splits{plan['splits']} grid{plan['grid']}"
+            cfg = (f"tile{plan['tile']} mb{plan['m_blocks']} "
+                   + (f"streamK{plan['sk_iters']}" if plan["stream_k"] else f"splits{plan['splits']}")
+                   + f" grid{plan['grid']}")
             rows.append((name, k, n, m, t_f, t_c))
             print(f"{name:12s} {k:6d} {n:6d} {m:5d} {t_f:9.1f} {t_c:9.1f} {t_c / t_f:6.2f} "
                   f"{floor:8.1f} {100 * floor / t_f:6.0f}%  {cfg}", flush=True)

@@ -233,10 +233,12 @@ class CudaBackend(Backend):
             weight._aux["cuda"] = r
             return r
 
-    def mm(self, a, weight, expert, out, stream=None, tile=0, m_blocks=0, splits=0):
+    def mm(self, a, weight, expert, out, stream=None, tile=0, m_blocks=0, splits=0, stream_k=0):
         """C = A @ W. Options: stream; tile (1: k128 x n128, 2: k128 x n256, 3: k64 x n256,
         7: k256 x n64, all mma.sync; 4, 5, 6: wgmma k64 / k128 / k128 with two blocks per SM, x n256, compute
-        capability 9.0 only), m_blocks (rows of 16 per block: 1..4; 4 or 8 for wgmma) and splits (split-K) override the heuristic.
+        capability 9.0 only), m_blocks (rows of 16 per block: 1..4; 4 or 8 for wgmma), splits (split-K)
+        and stream_k (-1 off, 1 on with one wave of blocks, n >= 2 on with n blocks; mma.sync tiles)
+        override the heuristic.
 
         The hot path (device arrays, out= given) is kept to a few attribute reads: this is
         what bounds the host overhead of one call (measured by `ferrum bench`)."""
@@ -267,7 +269,7 @@ class CudaBackend(Backend):
         c_ptr, _, c_keep = _fast_view(c_target, s, writable=True)
         pending = r.pending
         _cuda.mm(a_ptr, r.b, r.s, c_ptr, r.perm, size_m, r.size_k, r.size_n, expert0, experts,
-                 r.groups, r.group_size, cols, s, tile, m_blocks, splits, pending)
+                 r.groups, r.group_size, cols, s, tile, m_blocks, splits, pending, stream_k)
         r.pending = 0
         if type(c_target) is DeviceArray:
             c_target.stream = s

@@ -135,6 +135,45 @@ def test_mm_one_slice(m, tile, g, splits, rng):
     assert _rel_err(got, a.astype(np.float64) @ problem.dense[0]) <= TOL
 
 
+@pytest.mark.parametrize("m", [1, 8, 13])
+@pytest.mark.parametrize("tile", [1, 2, 3, 7])
+@pytest.mark.parametrize("g", [-1, 32, 128])
+@pytest.mark.parametrize("blocks", [1, 3, 7, 20, 1000])
+def test_mm_stream_k(m, tile, g, blocks, rng):
+    """Stream-K: the (tile, k-tile) iterations in equal runs, one a block. 3 and 7 blocks make
+    runs that end inside tiles and cross into the next one (two or three blocks add their partials
+    for a tile), 20 and 1000 runs of one iteration (every k-tile a partial), 1 one wave of the GPU.
+    The sum is in block order, so the result repeats bit for bit."""
+    problem = random_problem(rng, 1024, 320, g)
+    weight = _weight(problem)
+    a = _activations(rng, m, 1024)
+    plan = ferrum._cuda.mm_plan(m, 1024, 320, tile=tile, m_blocks=1, stream_k=blocks)
+    assert plan["stream_k"] and plan["grid"] <= (blocks if blocks > 1 else plan["grid"])
+    got = ferrum.cuda.BACKEND.mm(a, weight, 0, None, tile=tile, m_blocks=1, stream_k=blocks)
+    assert _rel_err(got, a.astype(np.float64) @ problem.dense[0]) <= TOL
+    again = ferrum.cuda.BACKEND.mm(a, weight, 0, None, tile=tile, m_blocks=1, stream_k=blocks)
+    np.testing.assert_array_equal(again, got)
+
+
+def test_mm_stream_k_experts_act_order_and_limits(rng):
+    stacked = random_problem(rng, 512, 192, 128, experts=3)
+    sw = _weight(stacked, stacked=True)
+    a = _activations(rng, 5, 512)
+    got = ferrum.cuda.BACKEND.mm(a, sw, None, None, tile=1, stream_k=4)   # all experts: 6 tiles
+    ref = np.concatenate([a.astype(np.float64) @ d for d in stacked.dense], 1)
+    assert _rel_err(got, ref) <= TOL
+    got = ferrum.cuda.BACKEND.mm(a, sw, 2, None, tile=7, stream_k=3)
+    assert _rel_err(got, a.astype(np.float64) @ stacked.dense[2]) <= TOL
+    act = random_problem(rng, 1024, 256, 64, act_order=True)
+    w = _weight(act)
+    a = _activations(rng, 3, 1024)
+    got = ferrum.cuda.BACKEND.mm(a, w, 0, None, tile=2, stream_k=5)
+    assert _rel_err(got, a.astype(np.float64) @ act.dense[0]) <= TOL
+    assert not ferrum._cuda.mm_plan(1, 4096, 28672, stream_k=-1)["stream_k"]
+    with pytest.raises(ValueError, match="stream_k=2 applies to the mma.sync tiles"):
+        ferrum.cuda.BACKEND.mm(_activations(rng, 40, 1024), w, 0, None, tile=2, m_blocks=3, stream_k=2)
+
+
 _NO_SWAP_SCRIPT = """
 import numpy as np, ferrum
 from ferrum.check import random_problem

@@ -4,7 +4,7 @@ numpy only (no torch import under the sanitizer): repack with and without perm, 
 group-size kind, act-order, stacked experts, split-K forced on, partial column tiles, several M.
 Exits non-zero if any result is off. --quick: three of the problems and M 1, 12 and 70 only (every
 kernel kind still runs: the swapped kernel (M <= 8), tiles 1, 2, 7, the wgmma tiles, split-K,
-act-order, stacked).
+stream-K, act-order, stacked).
 """
 import sys
 
@@ -52,6 +52,8 @@ for k, n, g, act in cases:
         check(f"K{k} N{n} G{g} act={act} M{m} tile1", ferrum.cuda.BACKEND.mm(a, w, 0, None, tile=1, splits=2), ref)
         if k % 256 == 0:
             check(f"K{k} N{n} G{g} act={act} M{m} tile7", ferrum.cuda.BACKEND.mm(a, w, 0, None, tile=7, splits=2), ref)
+        if m <= 16:   # stream-K: runs that cross tile ends
+            check(f"K{k} N{n} G{g} act={act} M{m} stream-K", ferrum.cuda.BACKEND.mm(a, w, 0, None, tile=1, m_blocks=1, stream_k=3), ref)
         if m == 70 and ferrum._cuda.mm_plan(256, 1024, 256)["tile"] in (4, 5, 6):   # the wgmma kernel's tiles
             for tile, mb, s in ((4, 8, 2), (5, 4, 3), (6, 4, 2)):
                 check(f"K{k} N{n} G{g} act={act} M{m} tile{tile}/mb{mb}/s{s}",

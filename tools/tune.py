@@ -1,5 +1,6 @@
 """Time mm variants (tile, m_blocks, splits) on chosen shapes: graph-replayed bursts over
-weight copies that together exceed 4x L2. usage: python tune.py "K,N,M" ... [--tiles=..] [--mbs=..] [--splits=..] [--raw]"""
+weight copies that together exceed 4x L2. usage: python tune.py "K,N,M" ... [--tiles=..] [--mbs=..] [--splits=..] [--raw]
+Splits "sK": stream-K with one wave of blocks (tried for every mma.sync tile at M <= 16)."""
 import itertools
 import math
 import sys
@@ -29,7 +30,8 @@ for spec in [s for s in sys.argv[1:] if not s.startswith("--")]:
     out = torch.empty(m, n, device="cuda", dtype=torch.float16)
     auto = ferrum._cuda.mm_plan(m, k, n)
     t = time_variant(weights, a, out)
-    print(f"K{k} N{n} M{m}: auto {auto['tile']}/{auto['m_blocks']}/{auto['splits']} -> {t:.1f} us "
+    print(f"K{k} N{n} M{m}: auto {auto['tile']}/{auto['m_blocks']}/"
+          f"{'K' if auto.get('stream_k') else auto['splits']} -> {t:.1f} us "
           f"(floor {wbytes / 3.0e12 * 1e6:.1f} us at 3.0 TB/s)", flush=True)
     mbs = [min(4, (m + 15) // 16)] if m <= 64 else [2, 3, 4]
     splits_list = (1, 2, 4, 8) if m > 64 else (1, 2, 4, 6, 8, 12)
@@ -50,7 +52,10 @@ for spec in [s for s in sys.argv[1:] if not s.startswith("--")]:
         except ValueError:   # tiles 4-6 where the GPU or build has no wgmma kernel (or tile 6, mb 8)
             continue
         results.append((tt, tile, mb, splits))
-    results.sort()
+    for tile in tiles:   # stream-K, one wave of blocks (mma.sync tiles, one 16-row slice)
+        if tile in (1, 2, 3, 7) and 1 in mbs and m <= 16 and k % (256 if tile == 7 else 128) == 0:
+            results.append((time_variant(weights, a, out, tile=tile, m_blocks=1, stream_k=1), tile, 1, "K"))
+    results.sort(key=lambda r: r[0])
     if "--raw" in sys.argv:   # every variant, one line each: K N M tile m_blocks splits us
         for tt, ti, mb, sp in results:
             print(f"RAW {k} {n} {m} {ti} {mb} {sp} {tt:.2f}")
