@@ -135,15 +135,16 @@ def test_mm_one_slice(m, tile, g, splits, rng):
     assert _rel_err(got, a.astype(np.float64) @ problem.dense[0]) <= TOL
 
 
-@pytest.mark.parametrize("m", [1, 8, 13])
+@pytest.mark.parametrize("m", [1, 8, 13, 40])
 @pytest.mark.parametrize("tile", [1, 2, 3, 7])
 @pytest.mark.parametrize("g", [-1, 32, 128])
 @pytest.mark.parametrize("blocks", [1, 3, 7, 20, 1000])
 def test_mm_stream_k(m, tile, g, blocks, rng):
     """Stream-K: the (tile, k-tile) iterations in equal runs, one a block. 3 and 7 blocks make
     runs that end inside tiles and cross into the next one (two or three blocks add their partials
-    for a tile), 20 and 1000 runs of one iteration (every k-tile a partial), 1 one wave of the GPU.
-    The sum is in block order, so the result repeats bit for bit."""
+    for a tile), 20 and 1000 runs of one iteration (every k-tile a partial), 1 one wave of the GPU;
+    40 rows are three 16-row slices. The sum is in block order, so the result repeats bit for
+    bit."""
     problem = random_problem(rng, 1024, 320, g)
     weight = _weight(problem)
     a = _activations(rng, m, 1024)
