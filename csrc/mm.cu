@@ -12,7 +12,10 @@
 //     reduce), and blocks that shared a C tile add their FP32 partials in a fixed order: every
 //     block writes its partial to the workspace and bumps a per-tile counter; the block that
 //     finds itself last sums the partials split 0, 1, 2, ... and writes C (global reduce). The
-//     sum is deterministic and no block ever waits for another.
+//     sum is deterministic and no block ever waits for another;
+//   * up to 8 rows, the weights are the mma's A operand instead (the swapped kernel, mm_tile);
+//   * one-slice launches may run as stream-K: equal runs of (tile, k-tile) iterations, one per
+//     block of a single wave, reduced the same way (marlin_mm_kernel, stream_k_work).
 #include <cuda_fp16.h>
 
 #include <algorithm>
@@ -84,7 +87,7 @@ struct Tile {
     static constexpr int kMinBlocksPerSm = MB <= 2 ? 2 : 1;
 };
 
-// The kernel. With SWAP8 > 0 (one slice of at most 8 * SWAP8 rows of A; built for SWAP8 = 1) the
+// The kernel body. With SWAP8 > 0 (one slice of at most 8 * SWAP8 rows of A; built for SWAP8 = 1) the
 // weights are the A operand of mma.m16n8k16 and the rows of A its B operand (n = 8 rows): one Marlin
 // word then makes exactly one A fragment (columns 16j + c and 16j + 8 + c, k rows 2i.., 2i+8..),
 // so a word costs one mma per 8 rows instead of two per 16. Its nibbles are not debiased and not
@@ -93,7 +96,8 @@ struct Tile {
 // constant -72 weight -- and multiplies the run by its group's scales in FP32 when the group or
 // the run ends. Fewer instructions per weight than the fp16 dequantize-and-scale path (the
 // kernel is issue-bound at few rows), and the scales are applied in FP32, not fp16.
-// One C tile's K range (`work`): the whole kernel but for which work it is (marlin_mm_kernel).
+// mm_tile computes one C tile's K range (`work`): all of the kernel but the choice of work
+// (marlin_mm_kernel).
 template <int MB, int TK_BLOCKS, int TN_BLOCKS, bool GROUPED, int SWAP8>
 __device__ __forceinline__ void mm_tile(const MmParams &p, const BlockWork &work, int4 *smem) {
     using T = Tile<MB, TK_BLOCKS, TN_BLOCKS, GROUPED, SWAP8>;
