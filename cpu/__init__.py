@@ -24,7 +24,9 @@ from .._registry import Backend, BackendInfo  # noqa: E402
 
 #: Largest M served by the fused kernel; above it, dequantize + BLAS. Measured by
 #: `python -m ferrum bench --backend cpu` (which prints both paths) on a 2-core x86 machine.
-FUSED_MAX_M = 8
+FUSED_MAX_M = 16
+#: Widest slice of the fused kernel, in 64-column chunks (8 KB of each k-tile row).
+MAX_SLICE_CHUNKS = 8
 #: Rows of weight dequantized per BLAS call on the large-M path (bounds the float32 scratch).
 DEQUANT_BLOCK_K = 1024
 
@@ -32,6 +34,15 @@ DEQUANT_BLOCK_K = 1024
 _HALF_TABLE = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 _ROWS = np.ascontiguousarray(F.CHUNK_ROW)
 _COLS = np.ascontiguousarray(F.CHUNK_COL)
+
+
+def _slice_chunks(size_n: int) -> int:
+    """Chunks (64 columns each) per parallel task of the fused kernel: up to MAX_SLICE_CHUNKS,
+    since wider slices read longer contiguous runs of each k-tile row, but no fewer than two
+    tasks per thread where N allows."""
+    import numba
+    chunks = size_n // 64
+    return max(1, min(MAX_SLICE_CHUNKS, chunks // (2 * numba.get_num_threads())))
 
 
 def _kernels():
@@ -140,7 +151,8 @@ class CpuBackend(Backend):
                 marlin = marlin.view(np.int32)      # arithmetic shifts are fine under "& 15"
                 inv = self._scale_inverse(n, weight.num_groups)
                 rows = F.effective_group_size(weight.size_k, weight.group_size)
-                _kernels().mm_fused(a32, marlin, scales, inv, rows, out32, slot * n)
+                _kernels().mm_fused(a32, marlin, scales, inv, rows, out32, slot * n,
+                                    _slice_chunks(n))
             else:
                 self._mm_blas(a32, weight, e, out32[:, slot * n:(slot + 1) * n])
         result = out if out is not None and out.flags.c_contiguous else np.empty(
@@ -185,7 +197,8 @@ class CpuBackend(Backend):
             end = min(kt + step, k_tiles)
             block = scratch[:(end - kt) * F.TILE * weight.size_n].reshape(-1, weight.size_n)
             _kernels().dequantize_word_order(marlin, scales_p, rows, kt, end, block)
-            product = a32[:, kt * F.TILE:end * F.TILE] @ block
+            with np.errstate(invalid="ignore"):     # inf * 0 in a is NaN, as in float64; no warning
+                product = a32[:, kt * F.TILE:end * F.TILE] @ block
             if kt == 0:
                 acc = product
             else:

@@ -94,7 +94,7 @@ def run(options) -> None:
     header = (f"{'M':>5s} {'ferrum us':>11s} {'path':>6s} {'fused us':>11s} {'deq+blas us':>12s} "
               f"{'naive us':>11s} {'x naive':>8s} {'f32 blas us':>12s} {'/ blas':>7s}")
     print(header)
-    for m in (1, 4, 8, 16, 256) if not quick else (1, 16, 64):
+    for m in (1, 4, 8, 16, 32, 256) if not quick else (1, 16, 64):
         a = rng.standard_normal((m, size_k)).astype(np.float16)
         a32 = a.astype(np.float32)
         repeats = 20 if m <= 16 else 5

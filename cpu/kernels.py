@@ -62,77 +62,89 @@ def dequantize(marlin, scales, scale_inv, group_rows, kt_begin, kt_end, out):
                 out[r + 9, n + 8] = (np.float32(word >> np.uint32(28)) - np.float32(8.0)) * s8
 
 
-#: Chunks (64 columns, 128 words) per parallel task of mm_fused.
-SLICE_CHUNKS = 4
+#: Words per block of mm_fused's inner loops: 64 contiguous words, whose activation rows repeat
+#: every 16 words (see below). Long enough that LLVM's vector loops and their runtime alias
+#: checks pay off, short enough that the decoded block stays in L1.
+BLOCK_WORDS = 64
 
 
-@njit(parallel=True, fastmath=True, **_opts)
-def mm_fused(a, marlin, scales, scale_inv, group_rows, out, col0):
+@njit(parallel=True, fastmath={"contract"}, **_opts)
+def mm_fused(a, marlin, scales, scale_inv, group_rows, out, col0, slice_chunks):
     """out[:, col0:col0+N] = a @ W for small M, reading the packed tiles directly.
 
     a float32 [M, K] (already in Marlin row order); marlin int32 [K/16, 2N]; out float32
-    [M, >= col0 + N]. Word w = 4t + j of a chunk row feeds rows {r, r+1, r+8, r+9} of the k-tile
-    (r = 2*(t % 4)) and columns {c, c+8} (c = t // 4) of n-tile j (see ferrum.format). For a fixed
-    t % 4 the four rows of a are scalars, and the words with that t % 4 come in runs of four, so
-    the inner loop is a plain vector loop: each word's two column sums are accumulated in place
-    (acc0, acc8 per word). At the end of each scale group the four words of a column are summed,
-    the uint4b8 offset removed (sum a*(q-8) = sum a*q - 8*sum a) and the group's scale applied.
+    [M, >= col0 + N]; each parallel task takes ``slice_chunks`` chunks (64 columns, 128 words).
+    Word i of a chunk row (t = i // 4) holds rows {r, r+8, r+1, r+9} of the k-tile (r =
+    2*(t % 4)) in nibbles (0, 1, 4, 5) for column c = t // 4 of n-tile i % 4, and nibbles
+    (2, 3, 6, 7) for column c + 8 (see ferrum.format). So which rows of a a word needs depends
+    on i % 16 only: per k-tile the four rows are laid out once as 64-lane patterns (``xs``), and
+    a block of 64 words is decoded once into eight 64-lane rows of q - 8 (``q``, exact in
+    float32) and multiplied into each row of a with plain vector loops. Each word's two column
+    sums accumulate in place (acc0, acc8) over a scale group; at its end the four words of a
+    column are added and the group's scale applied.
     """
     M, K = a.shape
     chunks = marlin.shape[1] // 128
     k_tiles = K // 16
     tiles_per_group = group_rows // 16
-    n_slices = (chunks + SLICE_CHUNKS - 1) // SLICE_CHUNKS
+    n_slices = (chunks + slice_chunks - 1) // slice_chunks
     for sl in prange(n_slices):
-        c_begin = sl * SLICE_CHUNKS
-        c_end = min(chunks, c_begin + SLICE_CHUNKS)
+        c_begin = sl * slice_chunks
+        c_end = min(chunks, c_begin + slice_chunks)
         n_words = (c_end - c_begin) * 128
         acc0 = np.zeros((M, n_words), dtype=np.float32)
         acc8 = np.zeros((M, n_words), dtype=np.float32)
         result = np.zeros((M, n_words // 2), dtype=np.float32)
+        xs = np.empty((M, 4, BLOCK_WORDS), dtype=np.float32)
+        q = np.empty((8, BLOCK_WORDS), dtype=np.float32)
         for kt in range(k_tiles):
             k0 = kt * 16
             words = marlin[kt, c_begin * 128:c_end * 128]
             for m in range(M):
-                for v in range(4):
-                    x0 = a[m, k0 + 2 * v]
-                    x1 = a[m, k0 + 2 * v + 1]
-                    x8 = a[m, k0 + 2 * v + 8]
-                    x9 = a[m, k0 + 2 * v + 9]
-                    for b in range(n_words // 16):
-                        for j in range(4):
-                            i = 16 * b + 4 * v + j
-                            w = words[i]
-                            acc0[m, i] += (x0 * np.float32(w & 15) + x8 * np.float32((w >> 4) & 15)
-                                           + x1 * np.float32((w >> 16) & 15)
-                                           + x9 * np.float32((w >> 20) & 15))
-                            acc8[m, i] += (x0 * np.float32((w >> 8) & 15)
-                                           + x8 * np.float32((w >> 12) & 15)
-                                           + x1 * np.float32((w >> 24) & 15)
-                                           + x9 * np.float32((w >> 28) & 15))
-            if (kt + 1) % tiles_per_group == 0:
-                g = (kt * 16) // group_rows
-                k_first = (kt + 1 - tiles_per_group) * 16
+                for i in range(BLOCK_WORDS):
+                    r = k0 + 2 * ((i >> 2) & 3)
+                    xs[m, 0, i] = a[m, r]
+                    xs[m, 1, i] = a[m, r + 8]
+                    xs[m, 2, i] = a[m, r + 1]
+                    xs[m, 3, i] = a[m, r + 9]
+            for i0 in range(0, n_words, BLOCK_WORDS):
+                # np.int32 keeps the nibbles 32-bit (Numba widens integer arithmetic to 64 bits,
+                # and int64 -> float32 does not vectorize without AVX-512).
+                for i in range(BLOCK_WORDS):
+                    w = words[i0 + i]
+                    q[0, i] = np.float32(np.int32(w & 15)) - np.float32(8.0)
+                    q[1, i] = np.float32(np.int32((w >> 4) & 15)) - np.float32(8.0)
+                    q[2, i] = np.float32(np.int32((w >> 16) & 15)) - np.float32(8.0)
+                    q[3, i] = np.float32(np.int32((w >> 20) & 15)) - np.float32(8.0)
+                    q[4, i] = np.float32(np.int32((w >> 8) & 15)) - np.float32(8.0)
+                    q[5, i] = np.float32(np.int32((w >> 12) & 15)) - np.float32(8.0)
+                    q[6, i] = np.float32(np.int32((w >> 24) & 15)) - np.float32(8.0)
+                    q[7, i] = np.float32(np.int32((w >> 28) & 15)) - np.float32(8.0)
                 for m in range(M):
-                    offset = np.float32(0.0)
-                    for k in range(k_first, k0 + 16):
-                        offset += a[m, k]
-                    offset *= np.float32(8.0)
+                    x = xs[m]
+                    s0 = acc0[m, i0:i0 + BLOCK_WORDS]
+                    s8 = acc8[m, i0:i0 + BLOCK_WORDS]
+                    for i in range(BLOCK_WORDS):
+                        s0[i] += x[0, i] * q[0, i] + x[1, i] * q[1, i] + x[2, i] * q[2, i] + x[3, i] * q[3, i]
+                        s8[i] += x[0, i] * q[4, i] + x[1, i] * q[5, i] + x[2, i] * q[6, i] + x[3, i] * q[7, i]
+            if (kt + 1) % tiles_per_group == 0:
+                g = k0 // group_rows
+                base = c_begin * 64
+                for m in range(M):
                     for c in range(c_end - c_begin):
                         for c4 in range(8):
                             for j in range(4):
-                                s0 = np.float32(0.0)
-                                s8 = np.float32(0.0)
+                                t0 = np.float32(0.0)
+                                t8 = np.float32(0.0)
                                 for v in range(4):
                                     i = c * 128 + 16 * c4 + 4 * v + j
-                                    s0 += acc0[m, i]
-                                    s8 += acc8[m, i]
+                                    t0 += acc0[m, i]
+                                    t8 += acc8[m, i]
                                     acc0[m, i] = 0.0
                                     acc8[m, i] = 0.0
                                 n = c * 64 + c4 + 16 * j
-                                base = c_begin * 64
-                                result[m, n] += (s0 - offset) * scales[g, scale_inv[base + n]]
-                                result[m, n + 8] += (s8 - offset) * scales[g, scale_inv[base + n + 8]]
+                                result[m, n] += t0 * scales[g, scale_inv[base + n]]
+                                result[m, n + 8] += t8 * scales[g, scale_inv[base + n + 8]]
         for m in range(M):
             for n in range(n_words // 2):
                 out[m, col0 + c_begin * 64 + n] = result[m, n]
@@ -164,8 +176,8 @@ def dequantize_word_order(marlin, scales_p, group_rows, kt_begin, kt_end, out):
                     for j in range(4):
                         w = words[16 * b + 4 * v + j]
                         p = 8 * b + 2 * j
-                        dst[p] = (np.float32((w >> sh0) & 15) - np.float32(8.0)) * scales_p[g, p]
-                        dst[p + 1] = (np.float32((w >> sh1) & 15) - np.float32(8.0)) * scales_p[g, p + 1]
+                        dst[p] = (np.float32(np.int32((w >> sh0) & 15)) - np.float32(8.0)) * scales_p[g, p]
+                        dst[p + 1] = (np.float32(np.int32((w >> sh1) & 15)) - np.float32(8.0)) * scales_p[g, p + 1]
 
 
 # Float16 conversions. Numba has no float16 arithmetic and numpy converts element by element

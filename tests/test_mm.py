@@ -157,6 +157,43 @@ def test_weight_moves_and_keeps_its_values(rng):
     assert "MarlinWeight(size_k=128" in repr(weight)
 
 
+@pytest.mark.parametrize("slice_chunks", [1, 2, 3, 8])
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+def test_fused_kernel_any_slice_width(rng, slice_chunks, group_size):
+    # The backend picks the slice width from the thread count; every width, with a remainder
+    # slice (5 chunks), must give the same product, written at a column offset.
+    from ferrum.cpu import kernels
+    k, n, m = 512, 320, 3
+    prob = random_problem(rng, k, n, group_size)
+    weight = make_weight(prob)
+    marlin, scales = CPU._expert_arrays(weight, 0)
+    inv = CPU._scale_inverse(n, weight.num_groups)
+    a = rng.standard_normal((m, k)).astype(np.float16)
+    out = np.full((m, n + 64), np.nan, np.float32)
+    kernels.mm_fused(a.astype(np.float32), marlin.view(np.int32), scales, inv,
+                     F.effective_group_size(k, group_size), out, 64, slice_chunks)
+    assert np.isnan(out[:, :64]).all(), "wrote outside its columns"
+    assert np.isfinite(out[:, 64:]).all(), "an output element was not written"
+    assert rel_error(out[:, 64:], a.astype(np.float64) @ prob.dense[0]) <= 1e-5
+
+
+@pytest.mark.parametrize("path", ["fused", "blas"])
+def test_non_finite_activations_propagate_as_in_float64(rng, path):
+    # inf times a zero weight (q == 8) is NaN, times any other weight an inf of the product's
+    # sign; NaN spreads along its row. The reference must say what IEEE arithmetic says.
+    prob = random_problem(rng, 256, 128, 64)
+    weight = make_weight(prob)
+    a = rng.standard_normal((4, 256)).astype(np.float16)
+    a[0, 5], a[1, 7], a[2, 9] = np.inf, -np.inf, np.nan
+    with np.errstate(invalid="ignore"):
+        ref = a.astype(np.float64) @ prob.dense[0]
+    assert np.isinf(ref).any() and np.isnan(ref[:2]).any()      # the data exercises both cases
+    got = CPU.mm(a, weight, 0, poisoned((4, 128)), path=path).astype(np.float64)
+    assert np.array_equal(np.isnan(got), np.isnan(ref))
+    assert np.array_equal(got[np.isinf(ref)], ref[np.isinf(ref)])
+    assert rel_error(got[3:], ref[3:]) <= TOL
+
+
 def test_cpu_half_conversions_are_exact(rng):
     from ferrum.cpu import _HALF_TABLE, kernels
     halfs = _HALF_TABLE[np.isfinite(_HALF_TABLE)].astype(np.float64)
