@@ -107,7 +107,8 @@ def mm_fused(a, marlin, scales, scale_inv, group_rows, out, col0, slice_chunks):
                     xs[m, 1, i] = a[m, r + 8]
                     xs[m, 2, i] = a[m, r + 1]
                     xs[m, 3, i] = a[m, r + 9]
-            for i0 in range(0, n_words, BLOCK_WORDS):
+            for b in range(n_words // BLOCK_WORDS):     # (a stepped range vectorizes worse)
+                i0 = b * BLOCK_WORDS
                 # np.int32 keeps the nibbles 32-bit (Numba widens integer arithmetic to 64 bits,
                 # and int64 -> float32 does not vectorize without AVX-512).
                 for i in range(BLOCK_WORDS):
