@@ -217,13 +217,27 @@ def permute_scales(scales, size_k, size_n, group_size):
     groups = F.num_groups(k, g)
     _check_array("scales", scales, [np.float16, np.float32], shape=(groups, n))
     s = _host("scales", scales)
-    _check_finite("scales", s)
+    _check_scales("scales", s)
     return F.permute_scales_reference(s, k, n, g)
 
 
 def _check_finite(argument: str, x: np.ndarray):
     if not np.isfinite(x).all():
         _fail(argument, x, "must be finite (contains NaN or inf)")
+
+
+_F16_MAX = float(np.finfo(np.float16).max)
+
+
+def _check_scales(argument: str, s: np.ndarray):
+    """Scales are stored as float16 (the Marlin format's), so they must be finite and fit it."""
+    _check_finite(argument, s)
+    if s.dtype != np.float16 and s.size:
+        # Values of 65520 and above round to inf in float16.
+        top = float(np.abs(s).max())
+        if top >= 65520.0:
+            _fail(argument, s, f"must fit float16, the format's scale type (|scale| <= "
+                  f"{_F16_MAX:g}); the largest is {top:g}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -261,6 +275,8 @@ class MarlinWeight:
             experts = 1
             _check_array("qweight", qweight, [np.int32, np.uint32], shape=(k // F.TILE, 2 * n))
             _check_array("scales", scales, [np.float16], shape=(groups, n))
+        if isinstance(scales, np.ndarray):
+            _check_finite("scales", scales)
         self.perm = None if perm is None else _check_perm("perm", perm, k)
         if self.perm is not None and stacked:
             _fail("perm", perm, "act-order is supported for single layers, not stacked experts")
@@ -276,7 +292,10 @@ class MarlinWeight:
 
     @staticmethod
     def _resident(be, argument, x, dtype):
-        if be.owns(x):
+        """x on backend ``be``: a device array the backend owns is used as it is (no copy, as
+        for a slice of a larger allocation); a host array is copied, so that the weight never
+        shares memory with its caller's arrays."""
+        if not isinstance(x, np.ndarray) and be.owns(x):
             return x
         if _is_device_array(x):
             _fail(argument, x, f"is a GPU array; backend={be.name!r} takes host arrays", TypeError)
@@ -298,7 +317,7 @@ class MarlinWeight:
         name = _default_backend(backend, qweight)
         perm = None if g_idx is None else _perm_from_g_idx(g_idx, k, g)
         scales_host = _host("scales", scales)
-        _check_finite("scales", scales_host)
+        _check_scales("scales", scales_host)
         marlin = repack(qweight, k, n, perm=perm, backend=name)
         return cls(marlin, F.permute_scales_reference(scales_host, k, n, g), size_k=k, size_n=n,
                    group_size=g, perm=perm, backend=name, stacked=False)
@@ -369,7 +388,7 @@ def load_stacked(qweights, scales, *, group_size, bits=4, backend=None) -> Marli
     permuted = []
     for e, s in enumerate(s_list):
         s_host = _host(f"scales[{e}]", s)
-        _check_finite(f"scales[{e}]", s_host)
+        _check_scales(f"scales[{e}]", s_host)
         permuted.append(F.permute_scales_reference(s_host, k, n, g))
     return MarlinWeight(marlin, np.stack(permuted), size_k=k, size_n=n, group_size=g,
                         backend=name, stacked=True)
@@ -443,8 +462,13 @@ def _mm_checked(a, weight, expert, out, backend, stream):
     cols = weight.size_n * (weight.num_experts if expert is None else 1)
     if out is not None:
         o_shape, _ = _check_array("out", out, [np.float16], shape=(a_shape[0], cols))
-        if _is_device_array(out) and not be.owns(out):
-            _fail("out", out, f"is a GPU array but the weight lives on {weight.backend!r}", TypeError)
+        if _is_device_array(out):
+            if not be.owns(out):
+                _fail("out", out, f"is a GPU array but the weight lives on {weight.backend!r}",
+                      TypeError)
+        elif not isinstance(out, np.ndarray):
+            _fail("out", out, "must be a numpy array (or a GPU array of the weight's backend), "
+                  "since the result is written into it", TypeError)
         if isinstance(out, np.ndarray) and not out.flags.writeable:
             _fail("out", out, "must be writable")
         if (isinstance(out, np.ndarray) and isinstance(a, np.ndarray)

@@ -104,6 +104,37 @@ def test_scales_checks(layer):
         ferrum.MarlinWeight.from_gptq(prob.qweights[0], bad, group_size=64)
     with raises(ValueError, "scales"):
         ferrum.permute_scales(np.ones((4, N, 1), np.float16), K, N, 64)
+    # float32 scales are stored as float16 (the format's type): beyond its range is an error,
+    # not an inf in every product.
+    big = prob.scales[0].astype(np.float32)
+    big[0, 1] = 1e5
+    with raises(ValueError, "scales") as err:
+        ferrum.MarlinWeight.from_gptq(prob.qweights[0], big, group_size=64)
+    assert "float16" in str(err.value)
+    with raises(ValueError, "scales"):
+        ferrum.permute_scales(big, K, N, 64)
+    with raises(ValueError, r"scales\[1\]"):
+        ferrum.load_stacked(prob.qweights * 2, [prob.scales[0], big], group_size=64)
+    big[0, 1] = 65504.0                     # the float16 maximum itself is fine
+    ferrum.MarlinWeight.from_gptq(prob.qweights[0], big, group_size=64)
+
+
+def test_constructor_checks_scales_and_copies_host_arrays(layer):
+    prob, weight = layer
+    marlin, scales = weight.qweight.copy(), weight.scales.copy()
+    bad = scales.copy()
+    bad[0, 3] = np.inf
+    with raises(ValueError, "scales"):
+        ferrum.MarlinWeight(marlin, bad, size_k=K, size_n=N, group_size=64)
+    # The weight owns its memory: changing the caller's arrays afterwards changes nothing.
+    own = ferrum.MarlinWeight(marlin.view(np.uint32), scales, size_k=K, size_n=N, group_size=64)
+    assert own.qweight.dtype == np.int32 and own.qweight.flags.c_contiguous
+    a = np.ones((2, K), np.float16)
+    before = ferrum.mm(a, own)
+    scales *= 2
+    marlin[:] = 0
+    assert np.array_equal(ferrum.mm(a, own), before)
+    assert np.array_equal(ferrum.dequantize(own), ferrum.dequantize(weight))
 
 
 # --- permutations and act-order groupings ------------------------------------------------------
@@ -186,6 +217,10 @@ def test_mm_out_checks(layer, stack):
     ro.flags.writeable = False
     with raises(ValueError, "out"):
         ferrum.mm(a, weight, out=ro)
+    with raises(TypeError, "out"):     # written in place, so it must be an array to write to
+        ferrum.mm(a, weight, out=memoryview(np.empty((3, N), np.float16)))
+    with raises(TypeError, "out"):
+        ferrum.mm(a, weight, out=np.empty((3, N), np.float16).tolist())
     _, stacked = stack
     with raises(ValueError, "out"):
         ferrum.mm(a, stacked, out=np.empty((3, N), np.float16))     # all experts: [M, 3N]
