@@ -59,6 +59,11 @@ class CpuBackend(Backend):
         self._lock = threading.Lock()
         self._local = threading.local()     # per-thread dequantize scratch, reused across calls
         self._identity = np.arange(0, dtype=np.int32)
+        # Numba's "workqueue" threading layer (its fallback where neither OpenMP nor TBB loads)
+        # aborts the process when two threads enter parallel kernels at once; under it every
+        # kernel call is serialized. None until the first kernel call has chosen the layer.
+        self._serial: bool | None = None
+        self._kernel_lock = threading.Lock()
 
     def info(self) -> BackendInfo:
         try:
@@ -70,6 +75,21 @@ class CpuBackend(Backend):
         return BackendInfo("cpu", True, "", f"{platform.machine()} CPU, {cores} cores, "
                            f"{numba.get_num_threads()} numba threads",
                            f"numba {numba.__version__}, numpy {np.__version__}")
+
+    def _run(self, name, *args):
+        """Call kernel ``name``; serialized where the threading layer cannot take concurrency."""
+        kernel = getattr(_kernels(), name)
+        if self._serial is False:
+            kernel(*args)
+            return
+        with self._kernel_lock:
+            kernel(*args)
+            if self._serial is None:
+                import numba
+                try:
+                    self._serial = numba.threading_layer() == "workqueue"
+                except ValueError:          # no parallel region has run yet
+                    pass
 
     # --- memory: host arrays are resident here --------------------------------------------------
     def from_host(self, array):
@@ -87,7 +107,7 @@ class CpuBackend(Backend):
         order = np.arange(size_k, dtype=np.int32) if perm is None else np.ascontiguousarray(
             perm, dtype=np.int32)
         out = np.empty((size_k // F.TILE, 2 * size_n), dtype=np.uint32)
-        _kernels().repack(qweight, order, _ROWS, _COLS, out)
+        self._run("repack", qweight, order, _ROWS, _COLS, out)
         return out.view(np.int32)
 
     def _scale_inverse(self, size_n, groups):
@@ -114,7 +134,7 @@ class CpuBackend(Backend):
             out = np.empty(((kt_end - kt_begin) * F.TILE, weight.size_n), dtype=np.float32)
         inv = self._scale_inverse(weight.size_n, weight.num_groups)
         rows = F.effective_group_size(weight.size_k, weight.group_size)
-        _kernels().dequantize(marlin, scales, inv, rows, kt_begin, kt_end, out)
+        self._run("dequantize", marlin, scales, inv, rows, kt_begin, kt_end, out)
         return out
 
     def dequantize(self, weight, e):
@@ -135,7 +155,7 @@ class CpuBackend(Backend):
                     self._identity = np.arange(K, dtype=np.int32)
             perm = self._identity[:K]
         a32 = np.empty(bits.shape, dtype=np.float32)
-        _kernels().half_to_float(bits, _HALF_TABLE, perm, a32)
+        self._run("half_to_float", bits, _HALF_TABLE, perm, a32)
         return a32
 
     def mm(self, a, weight, expert, out, path=None):
@@ -151,13 +171,13 @@ class CpuBackend(Backend):
                 marlin = marlin.view(np.int32)      # arithmetic shifts are fine under "& 15"
                 inv = self._scale_inverse(n, weight.num_groups)
                 rows = F.effective_group_size(weight.size_k, weight.group_size)
-                _kernels().mm_fused(a32, marlin, scales, inv, rows, out32, slot * n,
+                self._run("mm_fused", a32, marlin, scales, inv, rows, out32, slot * n,
                                     _slice_chunks(n))
             else:
                 self._mm_blas(a32, weight, e, out32[:, slot * n:(slot + 1) * n])
         result = out if out is not None and out.flags.c_contiguous else np.empty(
             out32.shape, dtype=np.float16)
-        _kernels().float_to_half(out32, out32.view(np.uint32), result.view(np.uint16))
+        self._run("float_to_half", out32, out32.view(np.uint32), result.view(np.uint16))
         if out is not None and result is not out:
             out[...] = result
             return out
@@ -196,7 +216,7 @@ class CpuBackend(Backend):
         for kt in range(0, k_tiles, step):
             end = min(kt + step, k_tiles)
             block = scratch[:(end - kt) * F.TILE * weight.size_n].reshape(-1, weight.size_n)
-            _kernels().dequantize_word_order(marlin, scales_p, rows, kt, end, block)
+            self._run("dequantize_word_order", marlin, scales_p, rows, kt, end, block)
             with np.errstate(invalid="ignore"):     # inf * 0 in a is NaN, as in float64; no warning
                 product = a32[:, kt * F.TILE:end * F.TILE] @ block
             if kt == 0:

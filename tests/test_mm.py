@@ -218,3 +218,41 @@ def test_cpu_half_conversions_are_exact(rng):
     perm = rng.permutation(512).astype(np.int32)
     kernels.half_to_float(bits, _HALF_TABLE, perm, back)
     assert np.array_equal(back, bits.view(np.float16).astype(np.float32)[:, perm], equal_nan=True)
+
+
+_THREADS_SCRIPT = """
+import threading, numpy as np, ferrum
+from ferrum.check import random_problem
+p = random_problem(np.random.default_rng(0), 512, 256, 128)
+w = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=128)
+inputs = [np.random.default_rng(i).standard_normal((m, 512)).astype(np.float16)
+          for i, m in enumerate((1, 5, 16, 40) * 3)]
+want = [ferrum.mm(a, w) for a in inputs]
+got = [None] * len(inputs)
+def work(i):
+    for _ in range(5):
+        got[i] = ferrum.mm(inputs[i], w)
+threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+for t in threads: t.start()
+for t in threads: t.join()
+import numba
+print(numba.threading_layer(), all(np.array_equal(x, y) for x, y in zip(got, want)))
+"""
+
+
+@pytest.mark.parametrize("layer", ["workqueue", "default"])
+def test_concurrent_calls_from_threads(layer):
+    # Numba's workqueue layer (its fallback without OpenMP or TBB) aborts the process when two
+    # threads run parallel kernels at once; the backend must serialize there, and stay correct.
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ)
+    if layer == "workqueue":
+        env["NUMBA_THREADING_LAYER"] = "workqueue"
+    done = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    used, same = done.stdout.split()[-2:]
+    assert same == "True"
+    assert layer == "default" or used == "workqueue"
