@@ -28,11 +28,17 @@ def _check(args) -> int:
     import ferrum
     from ferrum.check import format_table
     names = args.backend or None
-    available = [n for n, i in ferrum.backends().items() if i.available]
+    infos = ferrum.backends()
+    missing = [n for n in names or () if not infos[n].available]
+    if missing:
+        for n in missing:
+            print(f"backend {n!r} is not available: {infos[n].reason}")
+        return 2
+    available = [n for n, i in infos.items() if i.available]
     print(f"ferrum check: backends available: {', '.join(available) or 'none'}"
           + (f"; checking {', '.join(names)}" if names else ""))
-    for n, i in ferrum.backends().items():
-        if not i.available:
+    for n, i in infos.items():
+        if not i.available and not names:
             print(f"  (skipping {n}: {i.reason})")
     t0 = time.perf_counter()
     results = ferrum.crosscheck(names, seed=args.seed, quick=args.quick,
@@ -47,6 +53,9 @@ def _check(args) -> int:
 def _bench(args) -> int:
     import ferrum
     from ferrum import _registry
+    if args.backend and len(args.backend) > 1:
+        print(f"bench runs one backend at a time; got --backend {' --backend '.join(args.backend)}")
+        return 2
     name = args.backend[0] if args.backend else "cpu"
     info = ferrum.backends()[name]
     if not info.available:

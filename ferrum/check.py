@@ -97,14 +97,22 @@ def _poisoned(shape) -> np.ndarray:
 
 
 def crosscheck(backends=None, *, seed=None, quick=False, m_values=None, log=None) -> list[Result]:
-    """Run the validation problems on each available backend (default: all of them).
+    """Run the validation problems on each available backend (default: all of them), or on the
+    backends named (a name or a list of names; each must be available: ValueError otherwise).
 
     Returns a list of Result; ``all(r.passed for r in results)`` is the verdict.
     """
     from . import api
-    names = list(_registry.BACKEND_MODULES) if backends is None else [
-        _registry.check_name(b, "backends") for b in backends]
-    names = [n for n in names if _registry.info(n).available]
+    if backends is None:
+        names = [n for n in _registry.BACKEND_MODULES if _registry.info(n).available]
+    else:
+        names = [_registry.check_name(b, "backends") for b in
+                 ([backends] if isinstance(backends, str) else backends)]
+        for n in names:
+            info = _registry.info(n)
+            if not info.available:
+                raise ValueError(f"backends={backends!r}: {n!r} is not available here "
+                                 f"({info.reason})")
     if "cpu" not in names:
         names.insert(0, "cpu")          # the reference every backend is compared with
     rng = np.random.default_rng(seed)

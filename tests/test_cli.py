@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import ferrum
 from ferrum.check import Result, format_table
 
@@ -42,3 +44,23 @@ def test_bench_refuses_an_unavailable_backend():
         if not info.available:
             done = run("bench", "--backend", name)
             assert done.returncode == 2 and "not available" in done.stdout
+
+
+def test_check_refuses_a_named_backend_it_cannot_run():
+    # Named explicitly, a backend that is not available fails the check instead of vanishing.
+    for name, info in ferrum.backends().items():
+        if not info.available:
+            done = run("check", "--backend", name, "--quick")
+            assert done.returncode == 2 and "not available" in done.stdout, done.stdout
+            with pytest.raises(ValueError, match="not available"):
+                ferrum.crosscheck([name], quick=True)
+
+
+def test_crosscheck_takes_one_name_as_a_string():
+    results = ferrum.crosscheck("cpu", quick=True, m_values=(3,))
+    assert results and {r.backend for r in results} == {"cpu"} and all(r.passed for r in results)
+
+
+def test_bench_takes_one_backend():
+    done = run("bench", "--backend", "cpu", "--backend", "cpu", "--quick")
+    assert done.returncode == 2 and "one backend at a time" in done.stdout
