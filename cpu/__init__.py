@@ -171,8 +171,10 @@ class CpuBackend(Backend):
                 marlin = marlin.view(np.int32)      # arithmetic shifts are fine under "& 15"
                 inv = self._scale_inverse(n, weight.num_groups)
                 rows = F.effective_group_size(weight.size_k, weight.group_size)
-                self._run("mm_fused", a32, marlin, scales, inv, rows, out32, slot * n,
-                                    _slice_chunks(n))
+                # One row: the kernel that takes two k-tiles a pass (groups hold an even number).
+                kernel = "mm_fused_row" if M == 1 and (rows // F.TILE) % 2 == 0 else "mm_fused"
+                self._run(kernel, a32, marlin, scales, inv, rows, out32, slot * n,
+                          _slice_chunks(n))
             else:
                 self._mm_blas(a32, weight, e, out32[:, slot * n:(slot + 1) * n])
         result = out if out is not None and out.flags.c_contiguous else np.empty(

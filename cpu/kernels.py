@@ -68,6 +68,29 @@ def dequantize(marlin, scales, scale_inv, group_rows, kt_begin, kt_end, out):
 BLOCK_WORDS = 64
 
 
+@njit(**_opts)
+def _close_group(acc0, acc8, result, group_scales, scale_inv, c_begin, c_end):
+    """At a scale group's end: add the four words of each column (acc0: column c, acc8: c + 8;
+    word i = 128 c' + 16 c4 + 4 v + j of the slice holds column c4 of n-tile j), scale the sums
+    by the group's scales into result, and clear the accumulators for the next group."""
+    base = c_begin * 64
+    for m in range(acc0.shape[0]):
+        for c in range(c_end - c_begin):
+            for c4 in range(8):
+                for j in range(4):
+                    t0 = np.float32(0.0)
+                    t8 = np.float32(0.0)
+                    for v in range(4):
+                        i = c * 128 + 16 * c4 + 4 * v + j
+                        t0 += acc0[m, i]
+                        t8 += acc8[m, i]
+                        acc0[m, i] = 0.0
+                        acc8[m, i] = 0.0
+                    n = c * 64 + c4 + 16 * j
+                    result[m, n] += t0 * group_scales[scale_inv[base + n]]
+                    result[m, n + 8] += t8 * group_scales[scale_inv[base + n + 8]]
+
+
 @njit(parallel=True, fastmath={"contract"}, **_opts)
 def mm_fused(a, marlin, scales, scale_inv, group_rows, out, col0, slice_chunks):
     """out[:, col0:col0+N] = a @ W for small M, reading the packed tiles directly.
@@ -129,26 +152,69 @@ def mm_fused(a, marlin, scales, scale_inv, group_rows, out, col0, slice_chunks):
                         s0[i] += x[0, i] * q[0, i] + x[1, i] * q[1, i] + x[2, i] * q[2, i] + x[3, i] * q[3, i]
                         s8[i] += x[0, i] * q[4, i] + x[1, i] * q[5, i] + x[2, i] * q[6, i] + x[3, i] * q[7, i]
             if (kt + 1) % tiles_per_group == 0:
-                g = k0 // group_rows
-                base = c_begin * 64
-                for m in range(M):
-                    for c in range(c_end - c_begin):
-                        for c4 in range(8):
-                            for j in range(4):
-                                t0 = np.float32(0.0)
-                                t8 = np.float32(0.0)
-                                for v in range(4):
-                                    i = c * 128 + 16 * c4 + 4 * v + j
-                                    t0 += acc0[m, i]
-                                    t8 += acc8[m, i]
-                                    acc0[m, i] = 0.0
-                                    acc8[m, i] = 0.0
-                                n = c * 64 + c4 + 16 * j
-                                result[m, n] += t0 * scales[g, scale_inv[base + n]]
-                                result[m, n + 8] += t8 * scales[g, scale_inv[base + n + 8]]
+                _close_group(acc0, acc8, result, scales[k0 // group_rows], scale_inv, c_begin, c_end)
         for m in range(M):
             for n in range(n_words // 2):
                 out[m, col0 + c_begin * 64 + n] = result[m, n]
+
+
+@njit(parallel=True, fastmath={"contract"}, **_opts)
+def mm_fused_row(a, marlin, scales, scale_inv, group_rows, out, col0, slice_chunks):
+    """mm_fused for one row of a (M == 1, the decode step), in one loop per block: each word is
+    decoded where it is multiplied, and two k-tiles go into the accumulators per pass (every
+    scale group holds an even number of k-tiles), which halves their loads and stores."""
+    K = a.shape[1]
+    chunks = marlin.shape[1] // 128
+    k_tiles = K // 16
+    tiles_per_group = group_rows // 16
+    n_slices = (chunks + slice_chunks - 1) // slice_chunks
+    for sl in prange(n_slices):
+        c_begin = sl * slice_chunks
+        c_end = min(chunks, c_begin + slice_chunks)
+        n_words = (c_end - c_begin) * 128
+        acc0 = np.zeros((1, n_words), dtype=np.float32)
+        acc8 = np.zeros((1, n_words), dtype=np.float32)
+        result = np.zeros((1, n_words // 2), dtype=np.float32)
+        xs = np.empty((8, BLOCK_WORDS), dtype=np.float32)    # rows 0-3: k-tile kt, 4-7: kt + 1
+        eight = np.float32(8.0)
+        for kt in range(0, k_tiles, 2):
+            k0 = kt * 16
+            for i in range(BLOCK_WORDS):
+                r = k0 + 2 * ((i >> 2) & 3)
+                for t in range(2):
+                    xs[4 * t, i] = a[0, r + 16 * t]
+                    xs[4 * t + 1, i] = a[0, r + 16 * t + 8]
+                    xs[4 * t + 2, i] = a[0, r + 16 * t + 1]
+                    xs[4 * t + 3, i] = a[0, r + 16 * t + 9]
+            w_lo = marlin[kt, c_begin * 128:c_end * 128]
+            w_hi = marlin[kt + 1, c_begin * 128:c_end * 128]
+            for b in range(n_words // BLOCK_WORDS):
+                i0 = b * BLOCK_WORDS
+                s0 = acc0[0, i0:i0 + BLOCK_WORDS]
+                s8 = acc8[0, i0:i0 + BLOCK_WORDS]
+                for i in range(BLOCK_WORDS):
+                    w = w_lo[i0 + i]
+                    u = w_hi[i0 + i]
+                    s0[i] += (xs[0, i] * (np.float32(np.int32(w & 15)) - eight)
+                              + xs[1, i] * (np.float32(np.int32((w >> 4) & 15)) - eight)
+                              + xs[2, i] * (np.float32(np.int32((w >> 16) & 15)) - eight)
+                              + xs[3, i] * (np.float32(np.int32((w >> 20) & 15)) - eight)
+                              + xs[4, i] * (np.float32(np.int32(u & 15)) - eight)
+                              + xs[5, i] * (np.float32(np.int32((u >> 4) & 15)) - eight)
+                              + xs[6, i] * (np.float32(np.int32((u >> 16) & 15)) - eight)
+                              + xs[7, i] * (np.float32(np.int32((u >> 20) & 15)) - eight))
+                    s8[i] += (xs[0, i] * (np.float32(np.int32((w >> 8) & 15)) - eight)
+                              + xs[1, i] * (np.float32(np.int32((w >> 12) & 15)) - eight)
+                              + xs[2, i] * (np.float32(np.int32((w >> 24) & 15)) - eight)
+                              + xs[3, i] * (np.float32(np.int32((w >> 28) & 15)) - eight)
+                              + xs[4, i] * (np.float32(np.int32((u >> 8) & 15)) - eight)
+                              + xs[5, i] * (np.float32(np.int32((u >> 12) & 15)) - eight)
+                              + xs[6, i] * (np.float32(np.int32((u >> 24) & 15)) - eight)
+                              + xs[7, i] * (np.float32(np.int32((u >> 28) & 15)) - eight))
+            if (kt + 2) % tiles_per_group == 0:
+                _close_group(acc0, acc8, result, scales[k0 // group_rows], scale_inv, c_begin, c_end)
+        for n in range(n_words // 2):
+            out[0, col0 + c_begin * 64 + n] = result[0, n]
 
 
 @njit(parallel=True, fastmath=True, **_opts)

@@ -159,19 +159,20 @@ def test_weight_moves_and_keeps_its_values(rng):
 
 @pytest.mark.parametrize("slice_chunks", [1, 2, 3, 8])
 @pytest.mark.parametrize("group_size", [32, 128, -1])
-def test_fused_kernel_any_slice_width(rng, slice_chunks, group_size):
+@pytest.mark.parametrize("kernel,m", [("mm_fused", 3), ("mm_fused_row", 1)])
+def test_fused_kernel_any_slice_width(rng, slice_chunks, group_size, kernel, m):
     # The backend picks the slice width from the thread count; every width, with a remainder
     # slice (5 chunks), must give the same product, written at a column offset.
     from ferrum.cpu import kernels
-    k, n, m = 512, 320, 3
+    k, n = 512, 320
     prob = random_problem(rng, k, n, group_size)
     weight = make_weight(prob)
     marlin, scales = CPU._expert_arrays(weight, 0)
     inv = CPU._scale_inverse(n, weight.num_groups)
     a = rng.standard_normal((m, k)).astype(np.float16)
     out = np.full((m, n + 64), np.nan, np.float32)
-    kernels.mm_fused(a.astype(np.float32), marlin.view(np.int32), scales, inv,
-                     F.effective_group_size(k, group_size), out, 64, slice_chunks)
+    getattr(kernels, kernel)(a.astype(np.float32), marlin.view(np.int32), scales, inv,
+                             F.effective_group_size(k, group_size), out, 64, slice_chunks)
     assert np.isnan(out[:, :64]).all(), "wrote outside its columns"
     assert np.isfinite(out[:, 64:]).all(), "an output element was not written"
     assert rel_error(out[:, 64:], a.astype(np.float64) @ prob.dense[0]) <= 1e-5
@@ -192,6 +193,9 @@ def test_non_finite_activations_propagate_as_in_float64(rng, path):
     assert np.array_equal(np.isnan(got), np.isnan(ref))
     assert np.array_equal(got[np.isinf(ref)], ref[np.isinf(ref)])
     assert rel_error(got[3:], ref[3:]) <= TOL
+    for r in range(3):      # one row at a time (the fused path's M == 1 kernel)
+        one = CPU.mm(a[r:r + 1], weight, 0, None, path=path).astype(np.float64)
+        assert np.array_equal(one, got[r:r + 1], equal_nan=True)
 
 
 def test_cpu_half_conversions_are_exact(rng):
