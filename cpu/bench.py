@@ -103,9 +103,13 @@ def run(options) -> None:
         def pick():
             return next(rot) % COPIES
 
-        t_api = _time(lambda: api.mm(a, weights[pick()]), repeats)
+        # OpenBLAS's threads spin for a while after each BLAS call (up to ~0.1 s) and take the
+        # cores from a Numba kernel started meanwhile: the previous row's BLAS baselines would
+        # slow this row's first timings. Let them go idle first.
+        time.sleep(0.5)
         t_fused = _time(lambda: BACKEND.mm(a, weights[pick()], 0, None, path="fused"),
                         repeats if m <= 16 else 2)
+        t_api = _time(lambda: api.mm(a, weights[pick()]), repeats)
         t_blas_path = _time(lambda: BACKEND.mm(a, weights[pick()], 0, None, path="blas"), repeats)
         t_naive = _time(lambda: naive_mm(a, probs[pick()].qweights[0], probs[pick()].scales[0],
                                          group_size), 3)
