@@ -602,7 +602,8 @@ def dequantize(weight, *, expert=None) -> np.ndarray:
 def quantize(w, *, group_size=128):
     """Symmetric round-to-nearest uint4b8: float [K, N] -> GPTQ (qweight int32 [K/8, N], scales float16).
 
-    scale = max|w| / 7.5 per group and column (GPTQ's symmetric grid), q = clip(round(w/s) + 8, 0, 15).
+    scale = max|w| / 7.5 per group and column (GPTQ's symmetric grid; rounded up to float16),
+    q = clip(round(w/s) + 8, 0, 15): every weight within half a step of its value.
     """
     _check_array("w", w, [np.float16, np.float32, np.float64], ndim=2)
     arr = _host("w", w)
@@ -614,7 +615,12 @@ def quantize(w, *, group_size=128):
     absmax = np.abs(blocks).max(axis=1)
     if (absmax / 7.5 > np.finfo(np.float16).max).any():
         _fail("w", w, "has values too large for float16 scales (max |w| / 7.5 > 65504)")
-    scales = (absmax / 7.5).astype(np.float16)
+    exact = absmax / 7.5
+    scales = exact.astype(np.float16)
+    # Rounded up to float16, never down, so that |w| / scale <= 7.5 and no weight is clipped
+    # past half a step (matters where scales are float16 subnormals: tiny weights).
+    low = scales.astype(np.float64) < exact
+    scales[low] = np.nextafter(scales[low], np.float16(np.inf))
     safe = np.where(scales == 0, 1.0, scales.astype(np.float64))
     q = np.clip(np.rint(blocks / safe[:, None, :]) + 8, 0, 15).astype(np.uint32)
     return F.pack_gptq(q.reshape(k, n)), scales
