@@ -120,6 +120,7 @@ def mm_fused(a, marlin, scales, scale_inv, group_rows, out, col0, slice_chunks):
         result = np.zeros((M, n_words // 2), dtype=np.float32)
         xs = np.empty((M, 4, BLOCK_WORDS), dtype=np.float32)
         q = np.empty((8, BLOCK_WORDS), dtype=np.float32)
+        eight = np.float32(8.0)
         for kt in range(k_tiles):
             k0 = kt * 16
             words = marlin[kt, c_begin * 128:c_end * 128]
@@ -136,14 +137,14 @@ def mm_fused(a, marlin, scales, scale_inv, group_rows, out, col0, slice_chunks):
                 # and int64 -> float32 does not vectorize without AVX-512).
                 for i in range(BLOCK_WORDS):
                     w = words[i0 + i]
-                    q[0, i] = np.float32(np.int32(w & 15)) - np.float32(8.0)
-                    q[1, i] = np.float32(np.int32((w >> 4) & 15)) - np.float32(8.0)
-                    q[2, i] = np.float32(np.int32((w >> 16) & 15)) - np.float32(8.0)
-                    q[3, i] = np.float32(np.int32((w >> 20) & 15)) - np.float32(8.0)
-                    q[4, i] = np.float32(np.int32((w >> 8) & 15)) - np.float32(8.0)
-                    q[5, i] = np.float32(np.int32((w >> 12) & 15)) - np.float32(8.0)
-                    q[6, i] = np.float32(np.int32((w >> 24) & 15)) - np.float32(8.0)
-                    q[7, i] = np.float32(np.int32((w >> 28) & 15)) - np.float32(8.0)
+                    q[0, i] = np.float32(np.int32(w & 15)) - eight
+                    q[1, i] = np.float32(np.int32((w >> 4) & 15)) - eight
+                    q[2, i] = np.float32(np.int32((w >> 16) & 15)) - eight
+                    q[3, i] = np.float32(np.int32((w >> 20) & 15)) - eight
+                    q[4, i] = np.float32(np.int32((w >> 8) & 15)) - eight
+                    q[5, i] = np.float32(np.int32((w >> 12) & 15)) - eight
+                    q[6, i] = np.float32(np.int32((w >> 24) & 15)) - eight
+                    q[7, i] = np.float32(np.int32((w >> 28) & 15)) - eight
                 for m in range(M):
                     x = xs[m]
                     s0 = acc0[m, i0:i0 + BLOCK_WORDS]
