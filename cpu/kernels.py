@@ -8,10 +8,22 @@ Words are read as uint32 so that shifts are logical.
 import numpy as np
 from numba import njit, prange
 
-_opts = dict(cache=True, nogil=True)
+
+def _kernel(**options):
+    """njit with nogil, cached on disk where Numba finds a writable cache directory (beside this
+    file, else the user's cache; NUMBA_CACHE_DIR overrides). Where there is none -- a read-only
+    install run by a user without a writable home -- the kernels still compile, per process."""
+    def decorate(fn):
+        try:
+            return njit(cache=True, nogil=True, **options)(fn)
+        except RuntimeError as exc:     # "cannot cache function ...: no locator available"
+            if "cannot cache" not in str(exc):
+                raise
+            return njit(nogil=True, **options)(fn)
+    return decorate
 
 
-@njit(parallel=True, **_opts)
+@_kernel(parallel=True)
 def repack(qweight, perm, rows, cols, out):
     """GPTQ uint32 [K/8, N] -> Marlin uint32 [K/16, 2N]; Marlin row k is GPTQ row perm[k]."""
     k_tiles, width = out.shape
@@ -28,7 +40,7 @@ def repack(qweight, perm, rows, cols, out):
                 out[kt, c * 128 + w] = word
 
 
-@njit(parallel=True, **_opts)
+@_kernel(parallel=True)
 def dequantize(marlin, scales, scale_inv, group_rows, kt_begin, kt_end, out):
     """Marlin k-tiles [kt_begin, kt_end) -> float32 out [16*(kt_end-kt_begin), N], Marlin row order.
 
@@ -68,7 +80,7 @@ def dequantize(marlin, scales, scale_inv, group_rows, kt_begin, kt_end, out):
 BLOCK_WORDS = 64
 
 
-@njit(**_opts)
+@_kernel()
 def _close_group(acc0, acc8, result, group_scales, scale_inv, c_begin, c_end):
     """At a scale group's end: add the four words of each column (acc0: column c, acc8: c + 8;
     word i = 128 c' + 16 c4 + 4 v + j of the slice holds column c4 of n-tile j), scale the sums
@@ -91,7 +103,7 @@ def _close_group(acc0, acc8, result, group_scales, scale_inv, c_begin, c_end):
                     result[m, n + 8] += t8 * group_scales[scale_inv[base + n + 8]]
 
 
-@njit(parallel=True, fastmath={"contract"}, **_opts)
+@_kernel(parallel=True, fastmath={"contract"})
 def mm_fused(a, marlin, scales, scale_inv, group_rows, out, col0, slice_chunks):
     """out[:, col0:col0+N] = a @ W for small M, reading the packed tiles directly.
 
@@ -159,7 +171,7 @@ def mm_fused(a, marlin, scales, scale_inv, group_rows, out, col0, slice_chunks):
                 out[m, col0 + c_begin * 64 + n] = result[m, n]
 
 
-@njit(parallel=True, fastmath={"contract"}, **_opts)
+@_kernel(parallel=True, fastmath={"contract"})
 def mm_fused_row(a, marlin, scales, scale_inv, group_rows, out, col0, slice_chunks):
     """mm_fused for one row of a (M == 1, the decode step), in one loop per block: each word is
     decoded where it is multiplied, and two k-tiles go into the accumulators per pass (every
@@ -218,7 +230,7 @@ def mm_fused_row(a, marlin, scales, scale_inv, group_rows, out, col0, slice_chun
             out[0, col0 + c_begin * 64 + n] = result[0, n]
 
 
-@njit(parallel=True, fastmath=True, **_opts)
+@_kernel(parallel=True, fastmath=True)
 def dequantize_word_order(marlin, scales_p, group_rows, kt_begin, kt_end, out):
     """Marlin k-tiles [kt_begin, kt_end) -> float32 out [16*(kt_end-kt_begin), N] with columns in
     *word order*: column p = 8b + 2j + h holds half h (column c, or c+8) of word 16b + 4v + j.
@@ -252,7 +264,7 @@ def dequantize_word_order(marlin, scales_p, group_rows, kt_begin, kt_end, out):
 # (~5 ns each on x86 without AVX-512), which costs more than the dequantization at large M.
 # Half values travel as their uint16 bits.
 
-@njit(parallel=True, **_opts)
+@_kernel(parallel=True)
 def half_to_float(bits, table, perm, out):
     """out[m, k] = float(half bits[m, perm[k]]) through the exact 65536-entry table."""
     M, K = out.shape
@@ -261,7 +273,7 @@ def half_to_float(bits, table, perm, out):
             out[m, k] = table[bits[m, perm[k]]]
 
 
-@njit(parallel=True, **_opts)
+@_kernel(parallel=True)
 def float_to_half(values, bits, out):
     """out = float16 bits of float32 values (round to nearest even; overflow to inf; NaN kept).
 

@@ -262,3 +262,19 @@ def test_concurrent_calls_from_threads(layer):
     used, same = done.stdout.split()[-2:]
     assert same == "True"
     assert layer == "default" or used == "workqueue"
+
+
+def test_kernels_compile_where_numba_cannot_cache(monkeypatch):
+    # A read-only install run by a user without a writable home: numba.njit(cache=True) raises
+    # "cannot cache function ...: no locator available"; the kernels must compile uncached.
+    # (Checked for real with setpriv dropping root's override of file permissions.)
+    from ferrum.cpu import kernels
+    real = kernels.njit
+
+    def no_cache_location(*args, cache=False, **options):
+        if cache:
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'x.py'")
+        return real(*args, **options)
+    monkeypatch.setattr(kernels, "njit", no_cache_location)
+    add = kernels._kernel(parallel=True)(lambda x: x + 1)
+    assert add(np.arange(3)).tolist() == [1, 2, 3]
