@@ -236,8 +236,8 @@ def _check_scales(argument: str, s: np.ndarray):
         # Values of 65520 and above round to inf in float16.
         top = float(np.abs(s).max())
         if top >= 65520.0:
-            _fail(argument, s, f"must fit float16, the format's scale type (|scale| <= "
-                  f"{_F16_MAX:g}); the largest is {top:g}")
+            _fail(argument, s, f"must fit float16, the format's scale type (|scale| < 65520, "
+                  f"which rounds to its largest value {_F16_MAX:g}); the largest is {top:g}")
 
 
 # ------------------------------------------------------------------------------------------------
