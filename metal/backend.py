@@ -43,6 +43,45 @@ except Exception as exc:  # pragma: no cover - depends on the machine
 
 HERE = Path(__file__).resolve().parent
 
+#: Oldest wgpu-py whose shader compiler (naga in wgpu-native 26) takes gemv.wgsl: older ones
+#: reject ``select`` in a const expression. pyproject.toml's metal extra asks for the same.
+MIN_WGPU = (0, 26)
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    """(0, 26, 1) from "0.26.1" (a piece's leading digits; parsing stops at one without)."""
+    parts = []
+    for piece in text.split("."):
+        digits = piece[:len(piece) - len(piece.lstrip("0123456789"))]
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def _env(name: str, parse, rule: str):
+    """Environment variable ``name`` parsed by ``parse``, None when unset; a ValueError naming
+    the variable, its value and ``rule`` when parse rejects it (raises or returns None)."""
+    raw = os.environ.get(name, "")
+    if not raw:
+        return None
+    try:
+        value = parse(raw.strip())
+    except (TypeError, ValueError):
+        value = None
+    if value is None:
+        raise ValueError(f"{name}={raw!r}: {rule}")
+    return value
+
+
+def _int_at_least(low: int):
+    return lambda text: int(text) if int(text) >= low else None
+
+
+def _flag(text: str):
+    return {"0": False, "1": True, "false": False, "true": True, "off": False, "on": True,
+            "no": False, "yes": True}.get(text.lower())
+
 #: Largest M served by the vector kernel (gemv.wgsl); larger M uses the tiled kernel.
 VECTOR_MAX_M = 16
 #: Rows of A one gemv workgroup handles (the kernel keeps M_TILE x 8 accumulators per lane). At
@@ -620,6 +659,10 @@ class MetalBackend(Backend):
     def _open(self) -> BackendInfo:
         if wgpu is None:
             return BackendInfo("metal", False, _WGPU_ERROR)
+        if () < _version_tuple(wgpu.__version__) < MIN_WGPU:     # () when unparsable: let it try
+            return BackendInfo("metal", False, f"wgpu-py {wgpu.__version__} is older than "
+                               f"{'.'.join(map(str, MIN_WGPU))}, whose shader compiler ferrum's "
+                               "kernels need; pip install -U wgpu")
         adapters = wgpu.gpu.enumerate_adapters_sync()
         want = "Metal" if sys.platform == "darwin" else "Vulkan"
         native = [a for a in adapters if a.info.get("backend_type") == want]
@@ -630,7 +673,12 @@ class MetalBackend(Backend):
         rank = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "CPU": 3}
         choice = os.environ.get("FERRUM_METAL_ADAPTER", "")
         if choice:
-            native = [a for a in native if choice.lower() in a.info.get("device", "").lower()] or native
+            named = [a for a in native if choice.lower() in a.info.get("device", "").lower()]
+            if not named:
+                seen = ", ".join(repr(a.info.get("device")) for a in native)
+                return BackendInfo("metal", False, f"FERRUM_METAL_ADAPTER={choice!r} matches no "
+                                   f"{want} adapter (there are: {seen})")
+            native = named
         adapter = min(native, key=lambda a: rank.get(a.info.get("adapter_type"), 4))
         limits = adapter.limits
         features = ["subgroup"] if "subgroup" in adapter.features else []
@@ -652,29 +700,36 @@ class MetalBackend(Backend):
         self.binding_limit = int(dl["max-storage-buffer-binding-size"])
         self.max_invocations = min(int(dl.get("max-compute-invocations-per-workgroup", 256)),
                                    int(dl.get("max-compute-workgroup-size-x", 256)))
-        override = os.environ.get("FERRUM_METAL_BINDING_LIMIT", "")
-        if override:
-            self.binding_limit = min(self.binding_limit, int(override))
+        override = _env("FERRUM_METAL_BINDING_LIMIT", _int_at_least(1024),
+                        "must be a number of bytes, at least 1024")
+        if override is not None:
+            self.binding_limit = min(self.binding_limit, override)
         self.workgroup_storage = int(dl.get("max-compute-workgroup-storage-size", 16384))
         if self.workgroup_storage < WORKGROUP_STORAGE:
             return BackendInfo("metal", False, "adapter offers < 16 KiB of workgroup storage")
         self.subgroups = "subgroup" in features and self._subgroups_work()
         cpu = adapter.info.get("adapter_type") == "CPU"
         self.target_workgroups = TARGET_WORKGROUPS_CPU if cpu else TARGET_WORKGROUPS
-        target = os.environ.get("FERRUM_METAL_TARGET_WORKGROUPS", "")
-        if target:      # for tuning the k-split on a given GPU without editing the source
-            self.target_workgroups = max(1, int(target))
-        loads = os.environ.get("FERRUM_METAL_GEMV_LOADS", "")
-        if loads:
-            self.gemv_loads = max(0, int(loads))
-        unroll = os.environ.get("FERRUM_METAL_TILED_UNROLL", "")
-        if unroll:
-            self.tiled_unroll = unroll != "0"
-        k_slots = os.environ.get("FERRUM_METAL_GEMV_K_SLOTS", "")
-        if k_slots:
-            self.gemv_k_slots = int(k_slots)
-        spin = os.environ.get("FERRUM_METAL_SPIN_US", "")
-        self._native = self._native_path(float(spin) * 1e-6 if spin else 0.0 if cpu
+        # Tuning knobs (for a given GPU, without editing the source); a bad value is an error
+        # that names the variable, and leaves the backend unavailable with it as the reason.
+        target = _env("FERRUM_METAL_TARGET_WORKGROUPS", _int_at_least(1),
+                      "must be a positive integer")
+        if target is not None:
+            self.target_workgroups = target
+        loads = _env("FERRUM_METAL_GEMV_LOADS", _int_at_least(0),
+                     "must be an integer >= 0 (0: the table's choice)")
+        if loads is not None:
+            self.gemv_loads = loads
+        unroll = _env("FERRUM_METAL_TILED_UNROLL", _flag, "must be 0 or 1")
+        if unroll is not None:
+            self.tiled_unroll = unroll
+        k_slots = _env("FERRUM_METAL_GEMV_K_SLOTS", lambda t: int(t) if int(t) in (8, 16, 32)
+                       else None, "must be 8, 16 or 32")
+        if k_slots is not None:
+            self.gemv_k_slots = k_slots
+        spin = _env("FERRUM_METAL_SPIN_US", lambda t: float(t) if float(t) >= 0 else None,
+                    "must be a number of microseconds >= 0")
+        self._native = self._native_path(spin * 1e-6 if spin is not None else 0.0 if cpu
                                          else SPIN_SECONDS)
         name = adapter.info.get("device", "?")
         api = adapter.info.get("backend_type", "?")
@@ -740,13 +795,16 @@ fn main(@builtin(local_invocation_index) li: u32) {
 
     def _compile(self, source: str):
         module = None
+        errors = []
         for prefix in ("", "enable subgroups;\n"):   # naga versions differ on the enable line
             try:
                 module = self.device.create_shader_module(code=prefix + source)
                 break
-            except Exception:
-                if prefix:
-                    raise
+            except Exception as exc:
+                errors.append(exc)
+        if module is None:      # both failed: the first error is about the shader itself
+            raise RuntimeError(f"the WGSL shader did not compile: {errors[0]}\n(and with "
+                               f"'enable subgroups;' first: {errors[1]})") from errors[0]
         return self.device.create_compute_pipeline(
             layout="auto", compute={"module": module, "entry_point": "main"})
 

@@ -105,6 +105,47 @@ def test_import_without_wgpu_reports_unavailable():
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr
 
 
+def _metal_info_with(env: dict) -> str:
+    """backends()['metal'] in a fresh process with these environment variables: 'ok' or the
+    reason it is not available."""
+    import os
+    code = ("import ferrum\n"
+            "info = ferrum.backends()['metal']\n"
+            "print('ok' if info.available else 'REASON ' + info.reason)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("name,value", [
+    ("FERRUM_METAL_GEMV_K_SLOTS", "12"), ("FERRUM_METAL_BINDING_LIMIT", "abc"),
+    ("FERRUM_METAL_TARGET_WORKGROUPS", "0"), ("FERRUM_METAL_TILED_UNROLL", "maybe"),
+    ("FERRUM_METAL_SPIN_US", "-5"), ("FERRUM_METAL_ADAPTER", "no such gpu")])
+def test_a_bad_tuning_variable_is_named_in_the_reason(name, value):
+    # Not a traceback on the first mm, and not silently ignored: metal reports itself
+    # unavailable, with the variable and its value as the reason.
+    said = _metal_info_with({name: value})
+    assert said.startswith("REASON ") and f"{name}={value!r}" in said, said
+
+
+def test_good_tuning_variables_are_taken():
+    assert _metal_info_with({"FERRUM_METAL_GEMV_K_SLOTS": "16", "FERRUM_METAL_TILED_UNROLL": "false",
+                             "FERRUM_METAL_ADAPTER": _INFO.device.split(" via ")[0][:4]}) == "ok"
+
+
+def test_old_wgpu_is_reported_not_used(monkeypatch):
+    from ferrum.metal import backend as mb
+    monkeypatch.setattr(mb.wgpu, "__version__", "0.25.0")
+    info = mb.MetalBackend().info()
+    assert not info.available and "0.25.0" in info.reason and "0.26" in info.reason
+
+
+def test_a_shader_that_does_not_compile_says_so():
+    with pytest.raises(RuntimeError, match="did not compile"):
+        BACKEND._compile("fn main( {")
+
+
 # ------------------------------------------------------------------------------------------------
 # repack
 
