@@ -27,8 +27,12 @@ from .._registry import Backend, BackendInfo  # noqa: E402
 FUSED_MAX_M = 16
 #: Widest slice of the fused kernel, in 64-column chunks (8 KB of each k-tile row).
 MAX_SLICE_CHUNKS = 8
-#: Rows of weight dequantized per BLAS call on the large-M path (bounds the float32 scratch).
+#: Rows and columns of weight dequantized per BLAS call on the large-M path: at most a 16 MB
+#: float32 scratch per thread, whatever the layer's width (a vocabulary head has N ~ 128K).
+#: Smaller blocks cost more than they save: each BLAS call leaves OpenBLAS's threads spinning
+#: into the next dequantize (1 MB blocks measured 20-30% slower at M = 32..64).
 DEQUANT_BLOCK_K = 1024
+DEQUANT_BLOCK_N = 4096
 
 #: float32 value of every float16 bit pattern (exact): activations are converted by lookup.
 _HALF_TABLE = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
@@ -205,27 +209,44 @@ class CpuBackend(Backend):
         return cached
 
     def _mm_blas(self, a32, weight, e, out32):
+        """out32 = a32 @ W through BLAS on blocks of the dequantized weight, DEQUANT_BLOCK_K rows
+        x DEQUANT_BLOCK_N columns each, so the per-thread scratch is bounded whatever N is.
+        Products are in word order, one [M, block columns] slab per column block, summed over
+        the K blocks, then gathered back to columns."""
         columns, scales_p = self._word_order(weight)
         scales_p = scales_p[e] if weight.stacked else scales_p
         marlin = (weight.qweight[e] if weight.stacked else weight.qweight).view(np.int32)
         rows = F.effective_group_size(weight.size_k, weight.group_size)
+        M, n = a32.shape[0], weight.size_n
         k_tiles = weight.size_k // F.TILE
-        step = DEQUANT_BLOCK_K // F.TILE
-        size = min(step, k_tiles) * F.TILE * weight.size_n
+        k_step = DEQUANT_BLOCK_K // F.TILE
+        b_step = min(DEQUANT_BLOCK_N, n) // 8           # 16-word blocks: 8 columns each
+        n_blocks = n // 8
+        size = min(k_step, k_tiles) * F.TILE * b_step * 8
         scratch = getattr(self._local, "scratch", None)
         if scratch is None or scratch.size < size:
             scratch = self._local.scratch = np.empty(size, dtype=np.float32)
-        for kt in range(0, k_tiles, step):
-            end = min(kt + step, k_tiles)
-            block = scratch[:(end - kt) * F.TILE * weight.size_n].reshape(-1, weight.size_n)
-            self._run("dequantize_word_order", marlin, scales_p, rows, kt, end, block)
-            with np.errstate(invalid="ignore"):     # inf * 0 in a is NaN, as in float64; no warning
-                product = a32[:, kt * F.TILE:end * F.TILE] @ block
-            if kt == 0:
-                acc = product
-            else:
-                acc += product
-        # Back to natural column order: a gather (np.take) is ~8x faster than a scatter here.
+        slabs = np.empty(((n_blocks + b_step - 1) // b_step, M, b_step * 8), dtype=np.float32)
+        part = np.empty((M, b_step * 8), dtype=np.float32)
+        for s, b0 in enumerate(range(0, n_blocks, b_step)):
+            b1 = min(b0 + b_step, n_blocks)
+            width = (b1 - b0) * 8
+            slab = slabs[s, :, :width]
+            for kt in range(0, k_tiles, k_step):
+                end = min(kt + k_step, k_tiles)
+                block = scratch[:(end - kt) * F.TILE * width].reshape(-1, width)
+                self._run("dequantize_word_order", marlin, scales_p, rows, kt, end, b0, b1, block)
+                a_rows = a32[:, kt * F.TILE:end * F.TILE]
+                with np.errstate(invalid="ignore"):     # inf * 0 in a is NaN, as in float64
+                    if kt == 0:
+                        np.matmul(a_rows, block, out=slab)
+                    else:
+                        np.matmul(a_rows, block, out=part[:, :width])
+                        slab += part[:, :width]
+        # Word-order column p sits in slab p // w at column p % w (w = 8 * b_step; only the
+        # last slab may be narrower, so the slabs side by side are the word order). Back to
+        # natural column order: a gather (np.take) is ~8x faster than a scatter here.
+        acc = slabs.transpose(1, 0, 2).reshape(M, -1) if len(slabs) > 1 else slabs[0]
         if out32.flags.c_contiguous:
             np.take(acc, columns, axis=1, out=out32, mode="clip")
         else:

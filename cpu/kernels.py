@@ -231,16 +231,16 @@ def mm_fused_row(a, marlin, scales, scale_inv, group_rows, out, col0, slice_chun
 
 
 @_kernel(parallel=True, fastmath=True)
-def dequantize_word_order(marlin, scales_p, group_rows, kt_begin, kt_end, out):
-    """Marlin k-tiles [kt_begin, kt_end) -> float32 out [16*(kt_end-kt_begin), N] with columns in
-    *word order*: column p = 8b + 2j + h holds half h (column c, or c+8) of word 16b + 4v + j.
+def dequantize_word_order(marlin, scales_p, group_rows, kt_begin, kt_end, b_begin, b_end, out):
+    """Marlin k-tiles [kt_begin, kt_end) x 16-word blocks [b_begin, b_end) -> float32 out
+    [16*(kt_end-kt_begin), 8*(b_end-b_begin)] with columns in *word order*: column p = 8b + 2j + h
+    (b counted from b_begin) holds half h (column c, or c+8) of word 16b + 4v + j.
 
     In this order each output row is written contiguously (a plain vector loop), where the
     natural order would scatter every word over two columns 8 apart. The large-M path multiplies
-    in word order and gathers the product's columns back once (``word_order_columns``);
-    scales_p are the scales in the same column order.
+    in word order and gathers the product's columns back once; scales_p are the scales in the
+    same column order.
     """
-    n_blocks = marlin.shape[1] // 16
     for kt in prange(kt_begin, kt_end):
         g = (kt * 16) // group_rows
         base = (kt - kt_begin) * 16
@@ -252,12 +252,14 @@ def dequantize_word_order(marlin, scales_p, group_rows, kt_begin, kt_end, out):
                 sh0 = (0, 4, 16, 20)[dr]
                 sh1 = sh0 + 8
                 dst = out[row]
-                for b in range(n_blocks):
+                src = words[16 * b_begin:16 * b_end]      # zero-based loops vectorize; offset
+                sc = scales_p[g, 8 * b_begin:8 * b_end]   # ones measured 2x slower
+                for b in range(b_end - b_begin):
                     for j in range(4):
-                        w = words[16 * b + 4 * v + j]
+                        w = src[16 * b + 4 * v + j]
                         p = 8 * b + 2 * j
-                        dst[p] = (np.float32(np.int32((w >> sh0) & 15)) - np.float32(8.0)) * scales_p[g, p]
-                        dst[p + 1] = (np.float32(np.int32((w >> sh1) & 15)) - np.float32(8.0)) * scales_p[g, p + 1]
+                        dst[p] = (np.float32(np.int32((w >> sh0) & 15)) - np.float32(8.0)) * sc[p]
+                        dst[p + 1] = (np.float32(np.int32((w >> sh1) & 15)) - np.float32(8.0)) * sc[p + 1]
 
 
 # Float16 conversions. Numba has no float16 arithmetic and numpy converts element by element

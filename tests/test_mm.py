@@ -278,3 +278,22 @@ def test_kernels_compile_where_numba_cannot_cache(monkeypatch):
     monkeypatch.setattr(kernels, "njit", no_cache_location)
     add = kernels._kernel(parallel=True)(lambda x: x + 1)
     assert add(np.arange(3)).tolist() == [1, 2, 3]
+
+
+@pytest.mark.parametrize("block_n", [64, 128, 256])
+def test_blas_path_in_column_and_row_blocks(rng, monkeypatch, block_n):
+    # The large-M path dequantizes DEQUANT_BLOCK_K x DEQUANT_BLOCK_N blocks (so its scratch is
+    # bounded for wide layers): every block width, with a narrower last column block (N=320)
+    # and several row blocks, must give the product.
+    import ferrum.cpu as cpu_backend
+    monkeypatch.setattr(cpu_backend, "DEQUANT_BLOCK_K", 128)
+    monkeypatch.setattr(cpu_backend, "DEQUANT_BLOCK_N", block_n)
+    monkeypatch.setattr(CPU, "_local", __import__("threading").local())
+    prob = random_problem(rng, 512, 320, 64)
+    weight = make_weight(prob)
+    a = rng.standard_normal((40, 512)).astype(np.float16)
+    out = poisoned((40, 320))
+    CPU.mm(a, weight, 0, out, path="blas")
+    assert np.isfinite(out).all(), "an output element was not written"
+    assert rel_error(out, a.astype(np.float64) @ prob.dense[0]) <= TOL
+    assert CPU._local.scratch.size <= 128 * block_n
