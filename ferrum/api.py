@@ -336,11 +336,32 @@ class MarlinWeight:
         moved._aux = {}
         return moved
 
+    def __reduce__(self):
+        """Pickle (and deepcopy) through host arrays: the copy is made anew on the same backend
+        when unpickled, without the backends' caches."""
+        host = self if self.backend == "cpu" else self.to("cpu")
+        return (_restore_weight, (np.asarray(host.qweight), np.asarray(host.scales), self.size_k,
+                                  self.size_n, self.group_size, self.perm, self.num_bits,
+                                  self.stacked, self.backend))
+
+    def __copy__(self) -> "MarlinWeight":
+        """A shallow copy shares the resident arrays (as a copy of any object shares its
+        attributes' values); copy.deepcopy copies them."""
+        twin = object.__new__(MarlinWeight)
+        twin.__dict__.update(self.__dict__)
+        return twin
+
     def __repr__(self) -> str:
         stack = f", num_experts={self.num_experts}" if self.stacked else ""
         order = ", act_order" if self.perm is not None else ""
         return (f"MarlinWeight(size_k={self.size_k}, size_n={self.size_n}, group_size="
                 f"{self.group_size}, num_bits={self.num_bits}{stack}{order}, backend={self.backend!r})")
+
+
+def _restore_weight(qweight, scales, size_k, size_n, group_size, perm, num_bits, stacked,
+                    backend) -> MarlinWeight:
+    return MarlinWeight(qweight, scales, size_k=size_k, size_n=size_n, group_size=group_size,
+                        perm=perm, num_bits=num_bits, backend=backend, stacked=stacked)
 
 
 def _perm_from_g_idx(g_idx, size_k: int, group_size: int) -> np.ndarray:

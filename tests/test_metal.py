@@ -141,6 +141,18 @@ def test_old_wgpu_is_reported_not_used(monkeypatch):
     assert not info.available and "0.25.0" in info.reason and "0.26" in info.reason
 
 
+def test_weights_pickle_and_deepcopy_on_metal():
+    import copy
+    import pickle
+    rng, p, w = metal_problem(77, 256, 128, 64, act_order=True)
+    a = rng.standard_normal((3, 256)).astype(np.float16)
+    want = ferrum.mm(a, w)
+    for twin in (copy.deepcopy(w), pickle.loads(pickle.dumps(w))):
+        assert twin.backend == "metal" and twin.perm is not None
+        assert twin.qweight is not w.qweight
+        assert np.array_equal(ferrum.mm(a, twin), want)
+
+
 def test_a_shader_that_does_not_compile_says_so():
     with pytest.raises(RuntimeError, match="did not compile"):
         BACKEND._compile("fn main( {")

@@ -297,3 +297,19 @@ def test_blas_path_in_column_and_row_blocks(rng, monkeypatch, block_n):
     assert np.isfinite(out).all(), "an output element was not written"
     assert rel_error(out, a.astype(np.float64) @ prob.dense[0]) <= TOL
     assert CPU._local.scratch.size <= 128 * block_n
+
+
+@pytest.mark.parametrize("experts", [1, 3])
+def test_weights_pickle_and_copy(rng, experts):
+    import copy
+    import pickle
+    prob = random_problem(rng, 256, 128, 64, act_order=experts == 1, experts=experts)
+    weight = make_weight(prob)
+    a = rng.standard_normal((3, 256)).astype(np.float16)
+    want = ferrum.mm(a, weight)
+    for twin in (copy.deepcopy(weight), pickle.loads(pickle.dumps(weight))):
+        assert repr(twin) == repr(weight) and "_aux" not in pickle.dumps(twin).decode("latin-1")
+        assert not np.shares_memory(twin.qweight, weight.qweight)
+        assert np.array_equal(ferrum.mm(a, twin), want)
+    shallow = copy.copy(weight)
+    assert shallow.qweight is weight.qweight and np.array_equal(ferrum.mm(a, shallow), want)
