@@ -26,6 +26,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,8 +143,10 @@ MAX_GRID = 65535
 SPIN_SECONDS = 0.005
 #: Units of work (passes, copies) per command buffer when the bench times a batch (_batch).
 BATCH_UNITS = 32
-#: Plans kept per weight (one per distinct M and expert); the oldest goes first.
+#: Plans kept per weight (one per distinct M and expert), and per expert of a stack (a
+#: mixture-of-experts layer calls each expert at many M); the least recently used goes first.
 PLANS_PER_WEIGHT = 64
+PLANS_PER_EXPERT = 16
 
 # ------------------------------------------------------------------------------------------------
 # Uniform parameters: one struct shared by gemv, tiled and reduce; the WGSL text is generated
@@ -641,6 +644,7 @@ class MetalBackend(Backend):
         self._pipelines: dict = {}
         self._work: dict[str, object] = {}
         self._stagings: dict[tuple[str, int], _Staging] = {}
+        self._planned = weakref.WeakSet()     # weights holding plans (trim drops the plans)
         self.mapped_upload = True   # A through a mapped upload buffer (else queue.write_buffer)
         self._generation = 0
         self._codes = None
@@ -847,16 +851,32 @@ fn main(@builtin(local_invocation_index) li: u32) {
         return self.binding_limit - self.offset_alignment - 16
 
     def _staging(self, kind: str, nbytes: int) -> _Staging:
-        """The "upload" or "read" staging buffer for nbytes: one per power-of-two size class, so a
-        call maps no more than twice the bytes it moves and a few buffers serve every plan."""
+        """The "upload" or "read" staging buffer for nbytes: one of each kind, sized to a power
+        of two at least the largest transfer so far (a call maps only the bytes it moves). When
+        it grows, the smaller one goes, and plans bound to it bind again (a new generation)."""
         size = max(256, 1 << (max(nbytes, 1) - 1).bit_length())
-        staging = self._stagings.get((kind, size))
-        if staging is None:
-            usage = (wgpu.BufferUsage.MAP_WRITE | wgpu.BufferUsage.COPY_SRC if kind == "upload"
-                     else wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
-            staging = _Staging(self.device.create_buffer(size=size, usage=usage))
-            self._stagings[(kind, size)] = staging
+        held = [key for key in self._stagings if key[0] == kind]
+        if held and held[0][1] >= size:
+            return self._stagings[held[0]]
+        for key in held:
+            del self._stagings[key]
+            self._generation += 1
+        usage = (wgpu.BufferUsage.MAP_WRITE | wgpu.BufferUsage.COPY_SRC if kind == "upload"
+                 else wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+        staging = _Staging(self.device.create_buffer(size=size, usage=usage))
+        self._stagings[(kind, size)] = staging
         return staging
+
+    def trim(self) -> None:
+        """Let go of the workspaces and staging buffers. They grow to the largest call so far
+        and are kept for the calls after it; after one unusually large call, trim() returns
+        that memory, and the next call makes them anew at its own size."""
+        with self._lock:
+            self._work.clear()
+            self._stagings.clear()
+            self._generation += 1
+            for weight in list(self._planned):      # their plans bind the old buffers
+                weight._aux.pop("metal_plans", None)
 
     def _workspace(self, name: str, nbytes: int, usage=None):
         buf = self._work.get(name)
@@ -1001,18 +1021,21 @@ fn main(@builtin(local_invocation_index) li: u32) {
         return out
 
     def _plan(self, weight, m: int, expert) -> _Plan:
-        cache = weight._aux.setdefault("metal_plans", {})
+        cache = weight._aux.get("metal_plans")
+        if cache is None:
+            cache = weight._aux["metal_plans"] = {}
+            self._planned.add(weight)
         key = (m, expert, self.binding_limit, self.subgroups, self.target_workgroups,
                self.vector_m_tile, self.gemv_loads, self.gemv_k_slots, self.gemv_wide,
                self.tiled_tm, self.tiled_bk, self.tiled_unroll)
-        plan = cache.get(key)
+        plan = cache.pop(key, None)         # and back in at the end: the dict is in use order
         # A plan binds the workspaces of its generation; when any grew since, bind again.
         if plan is None or plan.generation != self._generation:
             plan = self._make_plan(weight, m, expert)
-            cache.pop(key, None)
-            while len(cache) >= PLANS_PER_WEIGHT:
+            limit = max(PLANS_PER_WEIGHT, PLANS_PER_EXPERT * weight.num_experts)
+            while len(cache) >= limit:
                 cache.pop(next(iter(cache)))
-            cache[key] = plan
+        cache[key] = plan
         return plan
 
     def _kernel_for(self, m_block: int) -> str:

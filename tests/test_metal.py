@@ -153,6 +153,50 @@ def test_weights_pickle_and_deepcopy_on_metal():
         assert np.array_equal(ferrum.mm(a, twin), want)
 
 
+def test_plans_are_kept_per_expert_and_least_recently_used_goes(monkeypatch):
+    # A mixture-of-experts layer calls each expert at many M: with 8 experts x 9 M values (72
+    # plans, more than PLANS_PER_WEIGHT) nothing is rebuilt after the first round.
+    from ferrum.metal import backend as mb
+    rng = np.random.default_rng(5)
+    p = random_problem(rng, 128, 64, 32, experts=8)
+    w = ferrum.load_stacked(p.qweights, p.scales, group_size=32, backend="metal")
+    built = []
+    make = BACKEND._make_plan
+    monkeypatch.setattr(BACKEND, "_make_plan", lambda *args: built.append(args[1:]) or make(*args))
+    a = {m: rng.standard_normal((m, 128)).astype(np.float16) for m in range(1, 10)}
+    ferrum.mm(rng.standard_normal((128, 128)).astype(np.float16), w)    # staging at full size
+    for round_ in range(3):     # (a plan is rebuilt once if the staging grew after it was made)
+        built.clear()
+        for e in range(8):
+            for m in range(1, 10):
+                got = ferrum.mm(a[m], w, expert=e)
+                if round_ == 2 and m in (1, 9):
+                    assert np.abs(got - a[m].astype(np.float64) @ p.dense[e]).max() < 0.05
+    assert built == [] and len(w._aux["metal_plans"]) >= 72 > mb.PLANS_PER_WEIGHT
+    # Least recently used goes first: with room for 64, a hot key survives 100 others.
+    monkeypatch.setattr(mb, "PLANS_PER_EXPERT", 0)
+    single = metal_problem(6, 128, 64, 32)[2]
+    x = rng.standard_normal((1, 128)).astype(np.float16)
+    ferrum.mm(x, single)
+    built.clear()
+    for m in range(2, 102):
+        ferrum.mm(x, single)
+        ferrum.mm(rng.standard_normal((m, 128)).astype(np.float16), single)
+    assert 1 not in [args[1] for args in built] and len(built) == 100
+
+
+def test_trim_releases_workspaces_and_the_plans_that_bind_them():
+    rng, p, w = metal_problem(8, 256, 64, 64)
+    small = rng.standard_normal((2, 256)).astype(np.float16)
+    ferrum.mm(rng.standard_normal((3000, 256)).astype(np.float16), w)
+    assert max(s.size for s in BACKEND._stagings.values()) >= 3000 * 256 * 2
+    assert len([k for k in BACKEND._stagings if k[0] == "upload"]) == 1   # one of each kind
+    BACKEND.trim()
+    assert "metal_plans" not in w._aux and not BACKEND._work
+    check_mm(w, small, p.dense[0])
+    assert max(s.size for s in BACKEND._stagings.values()) < 3000 * 256 * 2
+
+
 def test_a_shader_that_does_not_compile_says_so():
     with pytest.raises(RuntimeError, match="did not compile"):
         BACKEND._compile("fn main( {")
