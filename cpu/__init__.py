@@ -27,6 +27,11 @@ from .._registry import Backend, BackendInfo  # noqa: E402
 FUSED_MAX_M = 16
 #: Widest slice of the fused kernel, in 64-column chunks (8 KB of each k-tile row).
 MAX_SLICE_CHUNKS = 8
+#: Below these sizes a kernel runs on the calling thread: waking Numba's workers costs ~100 µs a
+#: parallel region (2-core VM, OMP_WAIT_POLICY=PASSIVE), more than converting 64K halves (~60 µs)
+#: or the fused product over 512K words x (M + 1) (1024x1024 at M=1: 124 µs alone, 140 threaded).
+SERIAL_MAX_ELEMENTS = 1 << 16
+SERIAL_MAX_WORDS = 1 << 19
 #: Rows and columns of weight dequantized per BLAS call on the large-M path: at most a 16 MB
 #: float32 scratch per thread, whatever the layer's width (a vocabulary head has N ~ 128K).
 #: Smaller blocks cost more than they save: each BLAS call leaves OpenBLAS's threads spinning
@@ -80,9 +85,10 @@ class CpuBackend(Backend):
                            f"{numba.get_num_threads()} numba threads",
                            f"numba {numba.__version__}, numpy {np.__version__}")
 
-    def _run(self, name, *args):
-        """Call kernel ``name``; serialized where the threading layer cannot take concurrency."""
-        kernel = getattr(_kernels(), name)
+    def _run(self, name, *args, serial=False):
+        """Call kernel ``name`` (its single-threaded twin when ``serial``); calls are serialized
+        where the threading layer cannot take concurrency."""
+        kernel = _kernels().SERIAL[name] if serial else getattr(_kernels(), name)
         if self._serial is False:
             kernel(*args)
             return
@@ -159,7 +165,8 @@ class CpuBackend(Backend):
                     self._identity = np.arange(K, dtype=np.int32)
             perm = self._identity[:K]
         a32 = np.empty(bits.shape, dtype=np.float32)
-        self._run("half_to_float", bits, _HALF_TABLE, perm, a32)
+        self._run("half_to_float", bits, _HALF_TABLE, perm, a32,
+                  serial=a32.size <= SERIAL_MAX_ELEMENTS)
         return a32
 
     def mm(self, a, weight, expert, out, path=None):
@@ -177,13 +184,15 @@ class CpuBackend(Backend):
                 rows = F.effective_group_size(weight.size_k, weight.group_size)
                 # One row: the kernel that takes two k-tiles a pass (groups hold an even number).
                 kernel = "mm_fused_row" if M == 1 and (rows // F.TILE) % 2 == 0 else "mm_fused"
+                words = marlin.size * (M + 1)       # decode once, multiply M times
                 self._run(kernel, a32, marlin, scales, inv, rows, out32, slot * n,
-                          _slice_chunks(n))
+                          _slice_chunks(n), serial=words <= SERIAL_MAX_WORDS)
             else:
                 self._mm_blas(a32, weight, e, out32[:, slot * n:(slot + 1) * n])
         result = out if out is not None and out.flags.c_contiguous else np.empty(
             out32.shape, dtype=np.float16)
-        self._run("float_to_half", out32, out32.view(np.uint32), result.view(np.uint16))
+        self._run("float_to_half", out32, out32.view(np.uint32), result.view(np.uint16),
+                  serial=out32.size <= SERIAL_MAX_ELEMENTS)
         if out is not None and result is not out:
             out[...] = result
             return out

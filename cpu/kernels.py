@@ -5,21 +5,40 @@ and column inside a 16x64 chunk of nibble s of word w), so no index rule is rest
 Words are read as uint32 so that shifts are logical.
 """
 
+import types
+
 import numpy as np
 from numba import njit, prange
 
+#: name -> the same kernel compiled without threads, for calls too small to pay for waking
+#: Numba's worker threads (~100 µs a parallel region on a 2-core VM: more than a whole small
+#: call). Only for the kernels declared parallel.
+SERIAL = {}
 
-def _kernel(**options):
+
+def _jit(fn, options):
     """njit with nogil, cached on disk where Numba finds a writable cache directory (beside this
     file, else the user's cache; NUMBA_CACHE_DIR overrides). Where there is none -- a read-only
     install run by a user without a writable home -- the kernels still compile, per process."""
+    try:
+        return njit(cache=True, nogil=True, **options)(fn)
+    except RuntimeError as exc:     # "cannot cache function ...: no locator available"
+        if "cannot cache" not in str(exc):
+            raise
+        return njit(nogil=True, **options)(fn)
+
+
+def _kernel(**options):
     def decorate(fn):
-        try:
-            return njit(cache=True, nogil=True, **options)(fn)
-        except RuntimeError as exc:     # "cannot cache function ...: no locator available"
-            if "cannot cache" not in str(exc):
-                raise
-            return njit(nogil=True, **options)(fn)
+        if options.get("parallel"):
+            # A function of its own name: Numba's disk cache tells entries apart by the
+            # function's qualified name and signature, not by the parallel flag.
+            twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
+                                      fn.__defaults__, fn.__closure__)
+            twin.__qualname__ = fn.__qualname__ + "_serial"
+            twin.__module__ = fn.__module__
+            SERIAL[fn.__name__] = _jit(twin, {**options, "parallel": False})
+        return _jit(fn, options)
     return decorate
 
 

@@ -313,3 +313,33 @@ def test_weights_pickle_and_copy(rng, experts):
         assert np.array_equal(ferrum.mm(a, twin), want)
     shallow = copy.copy(weight)
     assert shallow.qweight is weight.qweight and np.array_equal(ferrum.mm(a, shallow), want)
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_serial_twins_equal_the_threaded_kernels(rng, m):
+    # Small calls run the kernels' single-threaded twins (no worker wake-up); both must give
+    # the same bits. (Slices are independent, so the thread count cannot change a result.)
+    from ferrum.cpu import _HALF_TABLE, kernels
+    k, n = 512, 320
+    prob = random_problem(rng, k, n, 64)
+    weight = make_weight(prob)
+    marlin, scales = CPU._expert_arrays(weight, 0)
+    inv = CPU._scale_inverse(n, weight.num_groups)
+    a = rng.standard_normal((m, k)).astype(np.float16)
+    perm = rng.permutation(k).astype(np.int32)
+    name = "mm_fused_row" if m == 1 else "mm_fused"
+    results = []
+    for kernel in (getattr(kernels, name), kernels.SERIAL[name]):
+        a32 = np.empty((m, k), np.float32)
+        kernels.half_to_float(a.view(np.uint16), _HALF_TABLE, perm, a32)
+        twin32 = np.empty((m, k), np.float32)
+        kernels.SERIAL["half_to_float"](a.view(np.uint16), _HALF_TABLE, perm, twin32)
+        assert np.array_equal(a32, twin32)
+        out = np.full((m, n), np.nan, np.float32)
+        kernel(a32, marlin.view(np.int32), scales, inv, 64, out, 0, 2)
+        halves = [np.empty((m, n), np.uint16) for _ in range(2)]
+        kernels.float_to_half(out, out.view(np.uint32), halves[0])
+        kernels.SERIAL["float_to_half"](out, out.view(np.uint32), halves[1])
+        assert np.array_equal(halves[0], halves[1])
+        results.append(out)
+    assert np.isfinite(results[0]).all() and np.array_equal(results[0], results[1])
