@@ -100,6 +100,14 @@ BLOCK_WORDS = 64
 
 
 @_kernel()
+def _slice(sl, slice_chunks, chunks):
+    """Slice sl of a fused kernel: its first and end chunk (64 columns each) and its words."""
+    c_begin = sl * slice_chunks
+    c_end = min(chunks, c_begin + slice_chunks)
+    return c_begin, c_end, (c_end - c_begin) * 128
+
+
+@_kernel()
 def _close_group(acc0, acc8, result, group_scales, scale_inv, c_begin, c_end):
     """At a scale group's end: add the four words of each column (acc0: column c, acc8: c + 8;
     word i = 128 c' + 16 c4 + 4 v + j of the slice holds column c4 of n-tile j), scale the sums
@@ -141,11 +149,9 @@ def mm_fused(a, marlin, scales, scale_inv, group_rows, out, col0, slice_chunks):
     chunks = marlin.shape[1] // 128
     k_tiles = K // 16
     tiles_per_group = group_rows // 16
-    n_slices = (chunks + slice_chunks - 1) // slice_chunks
+    n_slices = (chunks + slice_chunks - 1) // slice_chunks     # parallel tasks: column slices
     for sl in prange(n_slices):
-        c_begin = sl * slice_chunks
-        c_end = min(chunks, c_begin + slice_chunks)
-        n_words = (c_end - c_begin) * 128
+        c_begin, c_end, n_words = _slice(sl, slice_chunks, chunks)
         acc0 = np.zeros((M, n_words), dtype=np.float32)
         acc8 = np.zeros((M, n_words), dtype=np.float32)
         result = np.zeros((M, n_words // 2), dtype=np.float32)
@@ -199,11 +205,9 @@ def mm_fused_row(a, marlin, scales, scale_inv, group_rows, out, col0, slice_chun
     chunks = marlin.shape[1] // 128
     k_tiles = K // 16
     tiles_per_group = group_rows // 16
-    n_slices = (chunks + slice_chunks - 1) // slice_chunks
+    n_slices = (chunks + slice_chunks - 1) // slice_chunks     # parallel tasks: column slices
     for sl in prange(n_slices):
-        c_begin = sl * slice_chunks
-        c_end = min(chunks, c_begin + slice_chunks)
-        n_words = (c_end - c_begin) * 128
+        c_begin, c_end, n_words = _slice(sl, slice_chunks, chunks)
         acc0 = np.zeros((1, n_words), dtype=np.float32)
         acc8 = np.zeros((1, n_words), dtype=np.float32)
         result = np.zeros((1, n_words // 2), dtype=np.float32)
