@@ -212,9 +212,10 @@ def test_mm_fp16_scale_path():
 def _non_finite_case(rng, m):
     prob = random_problem(rng, 1024, 512, 128)
     a = _activations(rng, m, 1024)
-    a[0, 5] = np.inf
-    a[min(1, m - 1), 7] = -np.inf
-    a[min(2, m - 1), 9] = np.nan
+    a[0, 5] = np.inf                  # rows 0-2 (those there are): +inf, -inf, NaN
+    for row, value in ((1, -np.inf), (2, np.nan)):
+        if row < m:
+            a[row, 7 + row] = value
     with np.errstate(invalid="ignore"):
         ref = a.astype(np.float64) @ prob.dense[0]
     return ferrum.mm(a, _weight(prob)).astype(np.float64), ref
