@@ -23,6 +23,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 
 #include "common.cuh"
 #include "mm_common.cuh"
@@ -31,11 +32,11 @@ namespace ferrum {
 
 
 // Compile-time geometry of one kernel instance. Every constant that shapes shared memory or
-// the warp layout lives here. SWAP8 > 0: the swapped kernel (one 16-row slice, SWAP8 blocks of
-// 8 rows used; see marlin_mm_kernel).
+// the warp layout lives here. SWAP8 = 1: the swapped kernel (one slice, of which 8 rows are
+// used; see mm_tile).
 template <int MB, int TK_BLOCKS, int TN_BLOCKS, bool GROUPED, int SWAP8 = 0>
 struct Tile {
-    static_assert(SWAP8 == 0 || (MB == 1 && SWAP8 <= 2), "the swapped kernel takes one 16-row slice");
+    static_assert(SWAP8 == 0 || (MB == 1 && SWAP8 == 1), "the swapped kernel takes one 8-row block");
     static constexpr int kThreads = 256;
     static constexpr int kWarps = kThreads / 32;
     static constexpr int kRows = 16 * MB;
@@ -70,8 +71,8 @@ struct Tile {
     // that a warp's 32 lanes touch 32 consecutive floats (no bank conflicts).
     // The k-groups fold in halves (groups [h, 2h) add into [0, h), h = kKGroups/2 .. 1), so
     // the buffer holds kKGroups/2 of them at once.
-    // MB m-tiles x 8 n8 tiles x 4; swapped: SWAP8 m8 blocks x 4 n16 tiles x 4
-    static constexpr int kAccPerThread = SWAP8 ? SWAP8 * 4 * 4 : MB * 8 * 4;
+    // MB m-tiles x 8 n8 tiles x 4; swapped: 4 n16 tiles x 4
+    static constexpr int kAccPerThread = SWAP8 ? 4 * 4 : MB * 8 * 4;
     static constexpr int kRedFloats = kAccPerThread * kChunks * 32;   // one k-group
     static constexpr int kRedBytes = kRedFloats * 4 * (kKGroups > 1 ? kKGroups / 2 : 1);
     static_assert((kKGroups & (kKGroups - 1)) == 0, "k-groups fold in halves");
@@ -87,22 +88,72 @@ struct Tile {
     static constexpr int kMinBlocksPerSm = MB <= 2 ? 2 : 1;
 };
 
-// The kernel body. With SWAP8 > 0 (one slice of at most 8 * SWAP8 rows of A; built for SWAP8 = 1) the
-// weights are the A operand of mma.m16n8k16 and the rows of A its B operand (n = 8 rows): one Marlin
-// word then makes exactly one A fragment (columns 16j + c and 16j + 8 + c, k rows 2i.., 2i+8..),
-// so a word costs one mma per 8 rows instead of two per 16. Its nibbles are not debiased and not
-// scaled in fp16 (nibbles_plus64: 64 + v, one lop3 a pair); instead each warp sums a run of its
-// k-tiles in FP32, adds -72 x (the rows' sum of A over the run) -- one more mma a k-tile, with a
-// constant -72 weight -- and multiplies the run by its group's scales in FP32 when the group or
-// the run ends. Fewer instructions per weight than the fp16 dequantize-and-scale path (the
-// kernel is issue-bound at few rows), and the scales are applied in FP32, not fp16.
+// The kernel body. With SWAP8 = 1 (one slice of at most 8 rows of A) the weights are the A
+// operand of mma.m16n8k16 and the rows of A its B operand (n = 8 rows): one Marlin word then
+// makes exactly one A fragment (columns 16j + c and 16j + 8 + c, k rows 2i.., 2i+8..), so a
+// word costs one mma per 8 rows instead of two per 16. Its nibbles are not debiased and not
+// scaled in fp16 (nibbles_plus64: 64 + v, one lop3 a pair); instead each warp sums its run of
+// k-tiles of a stage in FP32, adds -72 x (the rows' sum of A over the run) -- one more mma a
+// k-tile, with a constant -72 weight -- and multiplies the run by its group's scales in FP32.
+// A run never crosses a group end: the host takes this kernel only for groups of at least a
+// run's 16 x kKTilesPerWarp rows (swap_min_group). Fewer instructions per weight than the fp16
+// dequantize-and-scale path (the kernel is issue-bound at few rows), and the scales are
+// applied in FP32, not fp16.
+// The bias taken out as -72 x sum(A) is inf - inf where a row of A holds an inf: so a warp whose
+// bias terms are not all finite recomputes its share from global memory with every nibble
+// debiased on its own (swapped_exact), which gives what float64 gives (inf x 0 = NaN, inf x w an
+// inf of w's sign). Finite activations never take that path: their sums stay far below FLT_MAX.
 // mm_tile computes one C tile's K range (`work`): all of the kernel but the choice of work
 // (marlin_mm_kernel).
+template <class T>
+__device__ __forceinline__ void swapped_exact(const MmParams &p, const BlockWork &work, int chunk, int kgroup,
+                                           float (&acc)[T::kAccPerThread]) {
+    constexpr int kRun = T::kKTilesPerWarp;
+    constexpr bool kGrouped = T::kSRows > 0;
+    const int lane = threadIdx.x % 32, g = lane / 4, i = lane % 4;
+    const bool row_live = g < min(T::kRows, p.M - work.m0);
+    const half *a_row = p.a + (long long)(work.m0 + (row_live ? g : 0)) * p.K + 2 * i;
+    const int4 *b_col = work.B + (work.n0 + 64 * chunk) / 2 + lane;
+    const half *s_col = work.S + work.n0 + 64 * chunk + 8 * g;
+#pragma unroll
+    for (int v = 0; v < T::kAccPerThread; ++v) acc[v] = 0.f;
+    for (int it = 0; it < work.iters; ++it) {
+        for (int kk = 0; kk < kRun; ++kk) {
+            const int k0 = (work.kt_begin + it) * T::TK + 16 * (kgroup * kRun + kk);
+            uint32_t rows[2] = {0u, 0u};
+            if (row_live) {
+                rows[0] = *reinterpret_cast<const uint32_t *>(a_row + k0);
+                rows[1] = *reinterpret_cast<const uint32_t *>(a_row + k0 + 8);
+            }
+            const int4 q = b_col[(long long)(k0 / 16) * (p.N / 2)];
+            const uint32_t words[4] = {(uint32_t)q.x, (uint32_t)q.y, (uint32_t)q.z, (uint32_t)q.w};
+            int4 sv = make_int4(0, 0, 0, 0);
+            if (kGrouped) sv = *reinterpret_cast<const int4 *>(s_col + (long long)(k0 >> p.group_shift) * p.N);
+            const half *sh = reinterpret_cast<const half *>(&sv);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                uint32_t x[4];
+                nibbles_plus64(words[j], x);
+#pragma unroll
+                for (int t = 0; t < 4; ++t) x[t] = as_u32(__hadd2(as_half2(x[t]), as_half2(0xd480d480u)));   // v - 8
+                const uint32_t w[4] = {x[0], x[2], x[1], x[3]};
+                float d[4];
+                mma_m16n8k16_fresh(w, rows, d);
+#pragma unroll
+                for (int v = 0; v < 4; ++v)
+                    acc[j * 4 + v] = kGrouped ? fmaf(__half2float(sh[2 * j + v / 2]), d[v], acc[j * 4 + v])
+                                              : acc[j * 4 + v] + d[v];
+            }
+        }
+    }
+}
+
 template <int MB, int TK_BLOCKS, int TN_BLOCKS, bool GROUPED, int SWAP8>
 __device__ __forceinline__ void mm_tile(const MmParams &p, const BlockWork &work, int4 *smem) {
     using T = Tile<MB, TK_BLOCKS, TN_BLOCKS, GROUPED, SWAP8>;
     constexpr int TK = T::TK, TN = T::TN, kStages = T::kStages, kAcc = T::kAccPerThread;
     constexpr int kRun = T::kKTilesPerWarp;   // k-tiles a warp computes per stage
+    static_assert(!SWAP8 || kRun % 2 == 0, "the swapped kernel loads A two k-tiles at a time");
     int4 *const a_sh = smem;
     int4 *const b_sh = a_sh + kStages * T::kAStageVecs;
     int4 *const s_sh = b_sh + kStages * T::kBStageVecs;
@@ -121,30 +172,33 @@ __device__ __forceinline__ void mm_tile(const MmParams &p, const BlockWork &work
     };
 
     // acc[(mb * 8 + j) * 4 + v]: m-tile mb, n8 tile j, mma register v; swapped:
-    // acc[(h * 4 + j) * 4 + v]: rows 8h.., n16 tile j (columns 16j + g, 16j + 8 + g), register v.
+    // acc[j * 4 + v]: n16 tile j (columns 16j + g, 16j + 8 + g), register v.
     float acc[kAcc];
 #pragma unroll
     for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
     // Swapped, grouped: the current run's sums (64 + v weights) and its -72 x sum-of-A terms.
     // Channelwise, the run is the whole K range: the sums go straight into acc.
+    // `bias_sum` adds up every run's bias terms of the lane's rows 2i and 2i + 1 (registers 2
+    // and 3 repeat them) that A has: not finite exactly when those rows of A held inf or NaN.
+    // (Rows past M are never loaded: their shared memory holds anything.)
     constexpr int kRunAcc = SWAP8 && GROUPED ? kAcc : 1;
     float run[kRunAcc];
-    float corr[SWAP8 ? SWAP8 * 4 : 1];
-#pragma unroll
-    for (int i = 0; i < kRunAcc; ++i) run[i] = 0.f;
-#pragma unroll
-    for (int i = 0; i < (SWAP8 ? SWAP8 * 4 : 1); ++i) corr[i] = 0.f;
+    float corr[4] = {0.f, 0.f, 0.f, 0.f};
+    float bias_sum = 0.f;
+    const int rows_live = min(T::kRows, p.M - work.m0);
+    const bool bias_live[2] = {2 * (lane % 4) < rows_live, 2 * (lane % 4) + 1 < rows_live};
+    auto live_bias = [&] { return (bias_live[0] ? corr[0] : 0.f) + (bias_live[1] ? corr[1] : 0.f); };
 
     // ---- stage 2: shared -> registers -> tensor cores for one pipeline stage ---------------
     // Fragments are double-buffered in registers: the loads of k-tile kk+1 are issued before
     // the mma of k-tile kk, so shared-memory latency hides behind tensor-core work (the asm
     // statements are volatile, so the compiler keeps them in this order).
     // A warp's k-tiles of a stage: interleaved (kgroup, kgroup + kKGroups, ...); swapped, a
-    // contiguous run (kgroup * kRun, ...), so that a run meets as few group ends as possible.
+    // contiguous run (kgroup * kRun, ...), which lies inside one group.
     struct Frags {
         uint32_t a[MB][4];
         int4 q;       // lane t's 16 bytes: words 4t..4t+3 of the chunk, one per n-tile
-        int4 s;       // grouped scales of the lane's 8 n8 columns (not swapped)
+        int4 s;       // grouped scales of the lane's 8 n8 columns
     };
     auto kt16_of = [&](int kk) { return SWAP8 ? kgroup * kRun + kk : kgroup + T::kKGroups * kk; };
     auto load_frags = [&](Frags &f, int stage, int kt, int kk) {
@@ -159,7 +213,7 @@ __device__ __forceinline__ void mm_tile(const MmParams &p, const BlockWork &work
             ldmatrix_x4(f.a[mb], a_src + r * T::kARowVecs + (v ^ (r & 7)));
         }
         f.q = b_sh[stage * T::kBStageVecs + (kt16 * T::kChunks + chunk) * 32 + lane];
-        if constexpr (GROUPED && !SWAP8) {
+        if constexpr (GROUPED) {
             const int k = kt * TK + 16 * kt16;
             const int g_row = (k >> p.group_shift) - ((kt * TK) >> p.group_shift);
             // Grouped permuted scales: within 64 columns, permuted 8c..8c+7 hold columns
@@ -190,11 +244,10 @@ __device__ __forceinline__ void mm_tile(const MmParams &p, const BlockWork &work
             }
         }
     };
-    // Swapped: one k-tile into the run (fresh: the run starts here, at zero).
-    auto mma_swapped = [&](const Frags &f, bool fresh) {
-        const uint32_t words[4] = {(uint32_t)f.q.x, (uint32_t)f.q.y, (uint32_t)f.q.z, (uint32_t)f.q.w};
-        // The B operand, rows 8h..8h+7 of A: b0 = k 2i.. (ldmatrix matrix h), b1 = k 2i+8..
-        uint32_t rows[2][2] = {{f.a[0][0], f.a[0][2]}, {f.a[0][1], f.a[0][3]}};
+    // Swapped: one k-tile into the run (fresh: the run starts here, at zero). `rows`: the B
+    // operand, rows 0..7 of A: b0 = k 2i.., b1 = k 2i+8...
+    auto mma_swapped = [&](const int4 &q, const uint32_t (&rows)[2], bool fresh) {
+        const uint32_t words[4] = {(uint32_t)q.x, (uint32_t)q.y, (uint32_t)q.z, (uint32_t)q.w};
         float *sums = GROUPED ? run : acc;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -202,26 +255,18 @@ __device__ __forceinline__ void mm_tile(const MmParams &p, const BlockWork &work
             nibbles_plus64(words[j], x);
             // A fragment: rows g, g+8 = columns 16j + c, 16j + 8 + c; k 2i.. then 2i+8..
             const uint32_t w[4] = {x[0], x[2], x[1], x[3]};
-#pragma unroll
-            for (int h = 0; h < SWAP8; ++h) {
-                float(&d)[4] = *reinterpret_cast<float(*)[4]>(&sums[(h * 4 + j) * 4]);
-                if (GROUPED && fresh) mma_m16n8k16_fresh(w, rows[h], d);
-                else mma_m16n8k16(w, rows[h], d);
-            }
+            float(&d)[4] = *reinterpret_cast<float(*)[4]>(&sums[j * 4]);
+            if (GROUPED && fresh) mma_m16n8k16_fresh(w, rows, d);
+            else mma_m16n8k16(w, rows, d);
         }
         constexpr uint32_t kMinus72 = 0xd480d480u;   // fp16 -72 in both halves: -(64 + 8)
         const uint32_t bias[4] = {kMinus72, kMinus72, kMinus72, kMinus72};
-#pragma unroll
-        for (int h = 0; h < SWAP8; ++h) {
-            float(&d)[4] = *reinterpret_cast<float(*)[4]>(&corr[h * 4]);
-            if (GROUPED && fresh) mma_m16n8k16_fresh(bias, rows[h], d);
-            else mma_m16n8k16(bias, rows[h], d);
-        }
+        if (GROUPED && fresh) mma_m16n8k16_fresh(bias, rows, corr);
+        else mma_m16n8k16(bias, rows, corr);
     };
-    // Swapped, grouped: acc += the run x its group's scales (FP32), for the run ending at
-    // k-tile kk of the stage; `clear` when the stage's next k-tile starts a new run.
-    auto close_run = [&](int stage, int kt, int kk, bool clear) {
-        const int k = kt * TK + 16 * kt16_of(kk);
+    // Swapped, grouped: acc += the stage's run x its group's scales (FP32).
+    auto close_run = [&](int stage, int kt) {
+        const int k = kt * TK + 16 * kt16_of(0);
         const int g_row = (k >> p.group_shift) - ((kt * TK) >> p.group_shift);
         const int4 sv = s_sh[stage * T::kSStageVecs + g_row * (TN / 8) + chunk * 8 + lane / 4];
         const half *sh = reinterpret_cast<const half *>(&sv);
@@ -229,36 +274,41 @@ __device__ __forceinline__ void mm_tile(const MmParams &p, const BlockWork &work
         for (int j = 0; j < 4; ++j) {
             const float s_lo = __half2float(sh[2 * j]), s_hi = __half2float(sh[2 * j + 1]);
 #pragma unroll
-            for (int h = 0; h < SWAP8; ++h)
-#pragma unroll
-                for (int v = 0; v < 4; ++v) {
-                    const int i = (h * 4 + j) * 4 + v;
-                    acc[i] = fmaf(v < 2 ? s_lo : s_hi, run[i] + corr[h * 4 + v], acc[i]);
-                    if (clear) run[i] = 0.f;
-                }
+            for (int v = 0; v < 4; ++v)
+                acc[j * 4 + v] = fmaf(v < 2 ? s_lo : s_hi, run[j * 4 + v] + corr[v], acc[j * 4 + v]);
         }
-        if (clear) {
-#pragma unroll
-            for (int i = 0; i < SWAP8 * 4; ++i) corr[i] = 0.f;
-        }
+        bias_sum += live_bias();
     };
     auto compute_stage = [&](int stage, int kt) {
         if (!chunk_live) return;   // warp-uniform
-        Frags f[2];
-        load_frags(f[0], stage, kt, 0);
+        if constexpr (SWAP8) {
+            // Rows 0..7 of A for the whole run, two k-tiles per ldmatrix.x4: lane l addresses
+            // row l%8 of matrix l/8 = (k-tile l/16, k-half (l/8)%2), so registers 0, 1 are the
+            // first k-tile's b0, b1 and registers 2, 3 the second's.
+            const int4 *a_src = a_sh + stage * T::kAStageVecs;
+            uint32_t rows[kRun][2];
 #pragma unroll
-        for (int kk = 0; kk < kRun; ++kk) {
-            if (kk + 1 < kRun) load_frags(f[(kk + 1) & 1], stage, kt, kk + 1);
-            if constexpr (SWAP8 && GROUPED) {
-                // A run ends where its group does, and at the end of the warp's k-tiles of the
-                // stage (the next start with a fresh mma, no clearing needed).
-                mma_swapped(f[kk & 1], kk == 0);
-                const int k_next = kt * TK + 16 * (kt16_of(kk) + 1);
-                if (kk + 1 == kRun) close_run(stage, kt, kk, false);
-                else if ((k_next & ((1 << p.group_shift) - 1)) == 0) close_run(stage, kt, kk, true);
-            } else if constexpr (SWAP8) {
-                mma_swapped(f[kk & 1], false);
-            } else {
+            for (int pr = 0; pr < kRun / 2; ++pr) {
+                const int r = lane % 8;
+                const int v = 2 * kt16_of(2 * pr) + lane / 8;
+                ldmatrix_x4(*reinterpret_cast<uint32_t(*)[4]>(&rows[2 * pr][0]),
+                            a_src + r * T::kARowVecs + (v ^ (r & 7)));
+            }
+            const int4 *b_src = b_sh + stage * T::kBStageVecs + chunk * 32 + lane;
+            int4 q[2];
+            q[0] = b_src[kt16_of(0) * T::kChunks * 32];
+#pragma unroll
+            for (int kk = 0; kk < kRun; ++kk) {
+                if (kk + 1 < kRun) q[(kk + 1) & 1] = b_src[kt16_of(kk + 1) * T::kChunks * 32];
+                mma_swapped(q[kk & 1], rows[kk], kk == 0);
+            }
+            if constexpr (GROUPED) close_run(stage, kt);
+        } else {
+            Frags f[2];
+            load_frags(f[0], stage, kt, 0);
+#pragma unroll
+            for (int kk = 0; kk < kRun; ++kk) {
+                if (kk + 1 < kRun) load_frags(f[(kk + 1) & 1], stage, kt, kk + 1);
                 mma_frags(f[kk & 1]);
             }
         }
@@ -269,13 +319,16 @@ __device__ __forceinline__ void mm_tile(const MmParams &p, const BlockWork &work
                                               [] {});
     cp_async_wait<0>();
     __syncthreads();
-    if constexpr (SWAP8 && !GROUPED) {   // channelwise: one run over the block's K range
-#pragma unroll
-        for (int h = 0; h < SWAP8; ++h)
+    if constexpr (SWAP8) {
+        if (!GROUPED) bias_sum = live_bias();   // channelwise: one run over the K range
+        if (__any_sync(0xffffffffu, !isfinite(bias_sum))) {   // A held inf or NaN (rare)
+            swapped_exact<T>(p, work, chunk, kgroup, acc);
+        } else if constexpr (!GROUPED) {
 #pragma unroll
             for (int j = 0; j < 4; ++j)
 #pragma unroll
-                for (int v = 0; v < 4; ++v) acc[(h * 4 + j) * 4 + v] += corr[h * 4 + v];
+                for (int v = 0; v < 4; ++v) acc[j * 4 + v] += corr[v];
+        }
     }
 
     // ---- stage 3: block reduce -- the k-groups fold in halves through shared memory --------
@@ -300,17 +353,15 @@ __device__ __forceinline__ void mm_tile(const MmParams &p, const BlockWork &work
     // The block's partial C tile, FP32, in shared memory (row-major, padded rows).
     float *ctile = reinterpret_cast<float *>(smem);
     if (kgroup == 0) {
-        if constexpr (SWAP8) {   // register v: row 8h + 2i + v%2, column 16j + g + 8(v/2)
+        if constexpr (SWAP8) {   // register v: row 2i + v%2, column 16j + g + 8(v/2)
 #pragma unroll
-            for (int h = 0; h < SWAP8; ++h)
+            for (int j = 0; j < 4; ++j)
 #pragma unroll
-                for (int j = 0; j < 4; ++j)
-#pragma unroll
-                    for (int v = 0; v < 4; ++v) {
-                        const int row = 8 * h + 2 * (lane % 4) + (v & 1);
-                        const int col = 64 * chunk + 16 * j + lane / 4 + 8 * (v >> 1);
-                        ctile[row * T::kCStride + col] = acc[(h * 4 + j) * 4 + v];
-                    }
+                for (int v = 0; v < 4; ++v) {
+                    const int row = 2 * (lane % 4) + (v & 1);
+                    const int col = 64 * chunk + 16 * j + lane / 4 + 8 * (v >> 1);
+                    ctile[row * T::kCStride + col] = acc[j * 4 + v];
+                }
         } else {
 #pragma unroll
             for (int mb = 0; mb < MB; ++mb)
@@ -413,8 +464,20 @@ static const bool g_swap_enabled = [] {
 // 70B gate_up 91.3 -> 82.0 / 93.3 -> 85.9, 70B down 44.5 -> 40.4 / 46.6 -> 42.5, 8B o 8.2 -> 7.7 /
 // 8.5 -> 8.4. Two 8-row blocks (M = 9..16) lost 10-16% (70B gate_up M=16 98.3 -> 112.3): the
 // second block's run sums take the kernel to the 128-register cap of two blocks per SM.
-static int swap8_for(int tile, int mb, int rows) {
-    return g_swap_enabled && !is_wgmma_tile(tile) && mb == 1 && rows <= 8 ? 1 : 0;
+// A swapped warp's run of k-tiles must lie inside one group of scales: the K rows of a run
+// (tile 2: 64; tiles 1, 3 and 7: 32) are the smallest group the swapped kernel takes.
+static int swap_min_group(int tile) {
+    switch (tile) {
+        case 1: return 16 * Tile<1, 8, 8, true, 1>::kKTilesPerWarp;
+        case 2: return 16 * Tile<1, 8, 16, true, 1>::kKTilesPerWarp;
+        case 7: return 16 * Tile<1, 16, 4, true, 1>::kKTilesPerWarp;
+        default: return 16 * Tile<1, 4, 16, true, 1>::kKTilesPerWarp;
+    }
+}
+
+static int swap8_for(int tile, int mb, int rows, bool grouped, int group_size) {
+    return g_swap_enabled && !is_wgmma_tile(tile) && mb == 1 && rows <= 8 &&
+           (!grouped || group_size >= swap_min_group(tile)) ? 1 : 0;
 }
 
 static int tile_k(int tile) { return tile == 3 || tile == 4 ? 64 : tile == 7 ? 256 : 128; }   // 1, 2, 5, 6: 128
@@ -823,6 +886,55 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
     return FERRUM_OK;
 }
 
+// plan_one costs 2-3 µs of host time (every candidate tile and split is costed), more than
+// the launch itself on some hosts, and a serving loop asks for the same few problems over and
+// over. So each thread keeps its last plans: the key is everything plan_one reads (the
+// device, the problem, the fields asked for); the device's properties, occupancies and
+// cluster slots it also reads are fixed per device for the process. Errors are not cached.
+struct PlanKey {
+    int device, rows, size_k, size_n, num_experts, act_order, grouped, has_request;
+    ferrum_mm_config request;
+};
+constexpr int kPlanCacheEntries = 16;
+struct PlanCacheEntry {
+    PlanKey key;
+    ferrum_mm_plan_info plan;
+    bool valid;
+};
+static thread_local PlanCacheEntry g_plan_cache[kPlanCacheEntries];
+static thread_local int g_plan_cache_next = 0;
+
+static int cached_plan(const DeviceProps &dev, int rows, int size_k, int size_n, int num_experts,
+                       int act_order, const ferrum_mm_config *req, bool grouped,
+                       ferrum_mm_plan_info *plan) {
+    PlanKey key;
+    memset(&key, 0, sizeof key);   // all ints, no padding: compared bytewise
+    key.device = dev.device;
+    key.rows = rows;
+    key.size_k = size_k;
+    key.size_n = size_n;
+    key.num_experts = num_experts;
+    key.act_order = act_order != 0;
+    key.grouped = grouped;
+    key.has_request = req != nullptr;
+    if (req) key.request = *req;
+    for (const PlanCacheEntry &e : g_plan_cache) {
+        if (e.valid && memcmp(&e.key, &key, sizeof key) == 0) {
+            *plan = e.plan;
+            return FERRUM_OK;
+        }
+    }
+    const int status = plan_one(dev, rows, size_k, size_n, num_experts, act_order, req, grouped, plan);
+    if (status == FERRUM_OK) {
+        PlanCacheEntry &e = g_plan_cache[g_plan_cache_next];
+        g_plan_cache_next = (g_plan_cache_next + 1) % kPlanCacheEntries;
+        e.key = key;
+        e.plan = *plan;
+        e.valid = true;
+    }
+    return status;
+}
+
 // FERRUM_NO_PDL=1 turns programmatic dependent launch off (for comparisons and debugging).
 static const bool g_pdl_enabled = [] {
     const char *v = getenv("FERRUM_NO_PDL");
@@ -863,7 +975,7 @@ extern "C" int ferrum_mm_plan(int size_m, int size_k, int size_n, int num_expert
     DeviceProps dev;
     if ((status = current_device_props(&dev))) return status;
     const int rows = std::max(1, std::min(size_m, kMaxRowsPerLaunch));
-    return plan_one(dev, rows, size_k, size_n, num_experts, act_order, requested, true, plan);
+    return cached_plan(dev, rows, size_k, size_n, num_experts, act_order, requested, true, plan);
 }
 
 extern "C" int ferrum_mm(const void *a, const void *b, const void *scales, void *c,
@@ -891,11 +1003,11 @@ extern "C" int ferrum_mm(const void *a, const void *b, const void *scales, void 
     const int full_rows = std::min(size_m, kMaxRowsPerLaunch);
     const int last_rows = size_m % kMaxRowsPerLaunch == 0 ? full_rows : size_m % kMaxRowsPerLaunch;
     ferrum_mm_plan_info full, last;
-    if ((status = plan_one(dev, full_rows, size_k, size_n, num_experts, perm != nullptr, requested, grouped, &full)))
+    if ((status = cached_plan(dev, full_rows, size_k, size_n, num_experts, perm != nullptr, requested, grouped, &full)))
         return status;
     if (last_rows == full_rows)
         last = full;
-    else if ((status = plan_one(dev, last_rows, size_k, size_n, num_experts, perm != nullptr, requested, grouped, &last)))
+    else if ((status = cached_plan(dev, last_rows, size_k, size_n, num_experts, perm != nullptr, requested, grouped, &last)))
         return status;
     ferrum_mm_plan_info need = full;
     need.counter_bytes = std::max(full.counter_bytes, last.counter_bytes);
@@ -943,7 +1055,8 @@ extern "C" int ferrum_mm(const void *a, const void *b, const void *scales, void 
         p.group_shift = grouped ? group_shift_of(group_size) : 0;
         p.b_expert_int4 = (long long)(size_k / 16) * 2 * size_n / 4;
         p.s_expert_halves = (long long)(grouped ? num_groups : 1) * size_n;
-        const KernelEntry k = select_kernel(tile, mb, grouped, swap8_for(tile, mb, rows), plan.sk_iters > 0);
+        const KernelEntry k = select_kernel(tile, mb, grouped, swap8_for(tile, mb, rows, grouped, group_size),
+                                             plan.sk_iters > 0);
         if ((status = k.launch(p, plan.grid, stream, dev.major >= 9 && g_pdl_enabled))) return status;
     }
     return FERRUM_OK;

@@ -209,37 +209,73 @@ def test_mm_fp16_scale_path():
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
 
 
-def _non_finite_case(rng, m):
-    prob = random_problem(rng, 1024, 512, 128)
+def _non_finite_case(rng, m, g=128, **options):
+    """a with +inf, -inf and NaN in rows 0-2 and an inf and a -inf in row 3 (those rows there
+    are); the product through BACKEND.mm(**options) and float64's."""
+    prob = random_problem(rng, 1024, 512, g)
     a = _activations(rng, m, 1024)
-    a[0, 5] = np.inf                  # rows 0-2 (those there are): +inf, -inf, NaN
-    for row, value in ((1, -np.inf), (2, np.nan)):
+    a[0, 5] = np.inf
+    for row, col, value in ((1, 8, -np.inf), (2, 9, np.nan), (3, 20, np.inf), (3, 700, -np.inf)):
         if row < m:
-            a[row, 7 + row] = value
+            a[row, col] = value
     with np.errstate(invalid="ignore"):
         ref = a.astype(np.float64) @ prob.dense[0]
-    return ferrum.mm(a, _weight(prob)).astype(np.float64), ref
+    got = ferrum.cuda.BACKEND.mm(a, _weight(prob), 0, None, **options)
+    return got.astype(np.float64), ref
 
 
-@pytest.mark.parametrize("m", [9, 16, 64, 300])
-def test_mm_non_finite_activations_as_in_float64(m, rng):
-    # The fp16 and wgmma kernels subtract the uint4b8 bias per weight: inf times a zero weight
-    # is NaN, times any other an inf of the product's sign, as in float64 (and the cpu reference).
-    got, ref = _non_finite_case(rng, m)
-    assert np.isinf(ref).any() and np.isnan(ref[0]).any()
+def _assert_non_finite_as_in_float64(got, ref, m):
+    assert np.isinf(ref[0]).any() and np.isnan(ref[0]).any()
     assert np.array_equal(np.isnan(got), np.isnan(ref))
     assert np.array_equal(got[np.isinf(ref)], ref[np.isinf(ref)])
-    if m > 3:
-        assert _rel_err(got[3:], ref[3:]) < 1e-3
+    if m > 4:
+        assert _rel_err(got[4:], ref[4:]) < 1e-3
 
 
-@pytest.mark.xfail(strict=True, reason="the swapped kernel (M <= 8) takes the bias out as "
-                   "-72 x sum(a): a row holding an inf becomes NaN in every column "
-                   "(csrc/NOTES.md, non-finite activations)")
-@pytest.mark.parametrize("m", [1, 8])
-def test_mm_non_finite_activations_swapped_kernel(m, rng):
+@pytest.mark.parametrize("m", [1, 2, 4, 8, 9, 16, 64, 300])
+def test_mm_non_finite_activations_as_in_float64(m, rng):
+    """inf times a zero weight (q == 8) is NaN, times any other weight an inf of the product's
+    sign, inf - inf is NaN and a NaN fills its row, as in float64 (and the cpu reference). The
+    fp16 and wgmma kernels subtract the uint4b8 bias per weight; the swapped kernel (M <= 8)
+    takes it out of the sums and, where a bias sum is not finite, recomputes per weight."""
     got, ref = _non_finite_case(rng, m)
-    assert np.array_equal(np.isnan(got), np.isnan(ref))
+    _assert_non_finite_as_in_float64(got, ref, m)
+
+
+@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("tile", [1, 2, 3, 7])
+@pytest.mark.parametrize("g", [-1, 64, 128])
+@pytest.mark.parametrize("split", [{"splits": 1}, {"splits": 3}, {"stream_k": 3}])
+def test_mm_non_finite_activations_swapped_kernel(m, tile, g, split, rng):
+    """The swapped kernel's exact recomputation on every mma.sync tile, channelwise and grouped,
+    on split-K and stream-K blocks (each block recomputes only its own K range)."""
+    got, ref = _non_finite_case(rng, m, g, tile=tile, m_blocks=1, **split)
+    _assert_non_finite_as_in_float64(got, ref, m)
+
+
+def test_mm_plan_cache_keys_every_request_field():
+    """The C library keeps each thread's last plans; a plan asked for with other fields, rows,
+    experts or act-order must not come back from the cache for another."""
+    plan = ferrum._cuda.mm_plan
+    auto = plan(1, 4096, 4096)
+    variants = [plan(1, 4096, 4096, tile=1), plan(1, 4096, 4096, tile=2, splits=3),
+                plan(1, 4096, 4096, tile=7, stream_k=1), plan(1, 4096, 4096, num_experts=4),
+                plan(1, 4096, 4096, act_order=True), plan(100, 4096, 4096), plan(1, 8192, 4096)]
+    assert variants[0]["tile"] == 1 and variants[1]["tile"] == 2 and variants[1]["splits"] == 3
+    assert variants[2]["tile"] == 7 and variants[2]["stream_k"]
+    assert variants[5]["m_blocks"] > 1 or variants[5]["tile"] in (4, 5, 6)
+    assert variants[4]["data_bytes"] == auto["data_bytes"] + 4096 * 2   # A's permuted copy
+    for _ in range(3):   # the cached answers, in any order, are the ones first computed
+        assert plan(1, 4096, 4096) == auto
+        assert plan(1, 4096, 4096, tile=1) == variants[0]
+        assert plan(1, 4096, 4096, act_order=True) == variants[4]
+        assert plan(1, 8192, 4096) == variants[6]
+    for i in range(40):   # more problems than the cache holds: evicted plans are recomputed alike
+        plan(1 + i, 4096, 4096)
+    assert [plan(1, 4096, 4096), plan(1, 4096, 4096, tile=1), plan(1, 4096, 4096, tile=2, splits=3),
+            plan(1, 4096, 4096, tile=7, stream_k=1), plan(1, 4096, 4096, num_experts=4),
+            plan(1, 4096, 4096, act_order=True), plan(100, 4096, 4096), plan(1, 8192, 4096)] == \
+        [auto] + variants
 
 
 def test_mm_tile7_needs_k_multiple_of_256(rng):
