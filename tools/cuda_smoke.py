@@ -2,7 +2,7 @@
 
 numpy only (no torch import under the sanitizer): repack with and without perm, mm for every
 group-size kind, act-order, stacked experts, split-K forced on, partial column tiles, several M.
-Exits non-zero if any result is off. --quick: three of the problems and M 1, 12 and 70 only (every
+An inf and a NaN in A (the swapped kernel's exact path). Exits non-zero if any result is off. --quick: three of the problems and M 1, 12 and 70 only (every
 kernel kind still runs: the swapped kernel (M <= 8), tiles 1, 2, 7, the wgmma tiles, split-K,
 stream-K, act-order, stacked).
 """
@@ -64,5 +64,19 @@ w = ferrum.load_stacked(pr.qweights, pr.scales, group_size=128, backend="cuda")
 a = rng.standard_normal((5, 256)).astype(np.float16)
 check("stacked all", ferrum.mm(a, w), np.concatenate([a.astype(np.float64) @ d for d in pr.dense], 1))
 check("stacked e=2", ferrum.mm(a, w, expert=2), a.astype(np.float64) @ pr.dense[2])
+# An inf and a NaN in A: the swapped kernel's exact recomputation (M <= 8), split and grouped,
+# against float64's NaN/inf pattern.
+pr = random_problem(rng, 512, 320, 64)
+w = ferrum.MarlinWeight.from_gptq(pr.qweights[0], pr.scales[0], group_size=64, backend="cuda")
+a = rng.standard_normal((3, 512)).astype(np.float16)
+a[0, 7], a[2, 300] = np.inf, np.nan
+with np.errstate(invalid="ignore"):
+    ref = a.astype(np.float64) @ pr.dense[0]
+for opts in ({}, {"tile": 1, "m_blocks": 1, "splits": 2}, {"tile": 1, "m_blocks": 1, "stream_k": 3}):
+    got = ferrum.cuda.BACKEND.mm(a, w, 0, None, **opts).astype(np.float64)
+    same = np.array_equal(np.isnan(got), np.isnan(ref)) and np.array_equal(got[np.isinf(ref)], ref[np.isinf(ref)])
+    failures += not same
+    print(f"{'ok ' if same else 'BAD'} non-finite A {opts}", flush=True)
+    check(f"non-finite A {opts}: finite row", got[1:2], ref[1:2])
 print("FAILURES", failures)
 sys.exit(1 if failures else 0)
