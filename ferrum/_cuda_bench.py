@@ -6,6 +6,13 @@ a CUDA graph and replayed; CUDA events time each replay; the median over several
 by the burst length is the time per call. cuBLAS (torch.matmul on float16 [K, N] copies) is
 timed the same way in the same run; the HBM floor is the bytes one call must move over the
 device-to-device copy bandwidth measured here. Needs PyTorch for graphs, events and cuBLAS.
+
+Each cell (ferrum, then cuBLAS) starts after the GPU has idled SETTLE_S seconds: the
+large-M cells draw the GPU to its power cap, and the clock stays lowered for a while after
+(nvidia-smi on an H200: "SW power cap", 1.4-1.9 GHz instead of 1.98 for ~0.5 s). Without the
+pause the next shape's M=1 cells ran in that state; ferrum at M <= 16 is bound by instruction
+issue and followed the clock (70B down M=1 50 us after 70B gate_up's M=1024 cells, 38 us
+after an idle GPU), cuBLAS there by bytes and much less.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ SHAPES = [  # (K, N, name)
 ]
 M_VALUES = (1, 16, 64, 256, 1024)
 GROUP = 128
+SETTLE_S = 1.0   # idle time before each cell (see the module docstring)
 L2_FACTOR_BYTES = 4 * 50 * 2 ** 20   # copies of the weights together exceed 4x the 50 MB L2
 
 
@@ -145,6 +153,8 @@ def run(options: dict) -> None:
             out = torch.empty(m, n, device="cuda", dtype=torch.float16)
             out_d = torch.empty(m, n, device="cuda", dtype=torch.float16)
             burst = max(copies, 8 if m >= 256 else 16)
+            torch.cuda.synchronize()
+            time.sleep(SETTLE_S)
             t_f = _time_graph(torch, lambda i: ferrum.mm(
                 a, weights[i % copies], out=out, stream=torch.cuda.current_stream().cuda_stream), burst, bursts)
             t_c = _time_graph(torch, lambda i: torch.matmul(a, dense[i % dense_copies], out=out_d),
