@@ -186,16 +186,18 @@ def test_non_finite_activations_propagate_as_in_float64(rng, path):
     # sign; NaN spreads along its row. The reference must say what IEEE arithmetic says.
     prob = random_problem(rng, 256, 128, 64)
     weight = make_weight(prob)
-    a = rng.standard_normal((4, 256)).astype(np.float16)
+    a = rng.standard_normal((5, 256)).astype(np.float16)
     a[0, 5], a[1, 7], a[2, 9] = np.inf, -np.inf, np.nan
+    a[3, 20], a[3, 200] = np.inf, -np.inf      # inf - inf where the two products' signs differ
     with np.errstate(invalid="ignore"):
         ref = a.astype(np.float64) @ prob.dense[0]
     assert np.isinf(ref).any() and np.isnan(ref[:2]).any()      # the data exercises both cases
-    got = CPU.mm(a, weight, 0, poisoned((4, 128)), path=path).astype(np.float64)
+    assert np.isnan(ref[3]).any() and np.isinf(ref[3]).any()
+    got = CPU.mm(a, weight, 0, poisoned((5, 128)), path=path).astype(np.float64)
     assert np.array_equal(np.isnan(got), np.isnan(ref))
     assert np.array_equal(got[np.isinf(ref)], ref[np.isinf(ref)])
-    assert rel_error(got[3:], ref[3:]) <= TOL
-    for r in range(3):      # one row at a time (the fused path's M == 1 kernel)
+    assert rel_error(got[4:], ref[4:]) <= TOL
+    for r in range(4):      # one row at a time (the fused path's M == 1 kernel)
         one = CPU.mm(a[r:r + 1], weight, 0, None, path=path).astype(np.float64)
         assert np.array_equal(one, got[r:r + 1], equal_nan=True)
 
