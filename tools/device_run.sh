@@ -1,6 +1,7 @@
 #!/bin/bash
 # One device call: build, smoke, tests, sanitizers, bench. Logs under $OUT.
 # usage (from the repo root copy): bash tools/device_run.sh [steps...]   steps: build smoke test sanitize bench
+# (also: tune ncu ncusrc check alltests overhead sass; NCU_SHAPES="K,N,M ..." for ncu and ncusrc)
 set -o pipefail
 export PYTHONUNBUFFERED=1
 ROOT=$(pwd)
@@ -30,7 +31,10 @@ for step in $STEPS; do
       cuobjdump -sass $so > $OUT/sass_all.txt 2>&1
       for fn in ILi1ELi8ELi16ELb1E ILi4ELi8ELi16ELb1E; do
         awk -v f="$fn" '/Function :/{p = index($0, f) > 0} p' $OUT/sass_all.txt | grep -oE '^\s+/\*[0-9a-f]+\*/\s+(@!?U?P[0-9T] )?[A-Z0-9_.]+' | awk '{print $NF}' | sed 's/\..*//' | sort | uniq -c | sort -rn | head -25 | tr '\n' ' '; echo " <- $fn"; done ;;
-    ncusrc) for shape in ${NCU_SHAPES}; do f=$OUT/ncusrc_${shape//,/_}.log; (cd /tmp && timeout 200 ncu --kernel-name regex:marlin_mm --launch-skip 3 --launch-count 1 --section SourceCounters --section WarpStateStats --print-details all python3 $ROOT/tools/ncu_target.py $shape > $f 2>&1; echo "ncusrc $shape rc=$?"; grep -iE -A14 "stall|sampl" $f | head -80); done ;;
+    ncusrc) for shape in ${NCU_SHAPES}; do f=$OUT/ncusrc_${shape//,/_}; IFS=, read -r k n m <<< "$shape"
+        (cd /tmp && timeout 200 ncu --set full --import-source yes --kernel-name regex:marlin_mm --launch-skip 3 --launch-count 1 -o $f python3 $ROOT/tools/ncu_target.py $shape > $f.log 2>&1; echo "ncusrc $shape rc=$?"
+         timeout 60 ncu -i $f.ncu-rep --page source --csv --print-source sass > ${f}_sass.csv 2>> $f.log; rm -f $f.ncu-rep
+         python3 $ROOT/tools/sass_profile.py ${f}_sass.csv --top 20 --per $((k * n / 8)) | tee ${f}_summary.txt | head -45); done ;;
     bench) (cd /tmp && timeout ${BENCH_TIMEOUT:-300} python3 -m ferrum bench --backend cuda ${BENCH_ARGS} 2>&1 | tee $OUT/bench.log) ;;
   esac
 done
