@@ -247,33 +247,61 @@ def _gemv_blocks(m_tile: int, loads: int, k_slots: int) -> dict[str, str]:
     """The generated, unrolled parts of gemv.wgsl for M_TILE = m_tile rows, LOADS = loads quads
     in flight per lane and K_SLOTS = k_slots: accumulators and A offsets per row, the loads, and
     the per-row statements that accumulate one quad and reduce the tile."""
-    decl, acc, red = [], [], []
+    decl, acc, red, exact = [], [], [], []
     for m in range(m_tile):
         decl.append(f"    var acc{m}a = vec4<f32>(0.0);\n    var acc{m}b = vec4<f32>(0.0);\n"
+                    f"    var bias{m} = 0.0;\n"
                     f"    let arow{m} = min(m0 + {m}u, P.M - 1u) * a_row;")
         # PRESCALE: the scaled weights of the quad times A, straight into the accumulators (one
         # fma per weight and row: the least arithmetic a row can cost); else the column sums of
-        # the quad are scaled once per row (fewer multiplies when only 1 or 2 rows share them).
+        # the quad's 64 + q, started at -72 x the row's sum over the four k rows, are scaled
+        # once per row (fewer multiplies when only 1 or 2 rows share them).
         acc.append(
             f"        {{\n"
             f"            let al = unpack2x16float(A[a_k + arow{m}]);\n"
             f"            let ah = unpack2x16float(A[a_k + arow{m} + 4u]);\n"
             f"            if (PRESCALE) {{\n"
-            f"                acc{m}a = fma(ka0, vec4<f32>(al.x), acc{m}a);\n"
-            f"                acc{m}a = fma(ka1, vec4<f32>(al.y), acc{m}a);\n"
-            f"                acc{m}a = fma(ka8, vec4<f32>(ah.x), acc{m}a);\n"
-            f"                acc{m}a = fma(ka9, vec4<f32>(ah.y), acc{m}a);\n"
-            f"                acc{m}b = fma(kb0, vec4<f32>(al.x), acc{m}b);\n"
-            f"                acc{m}b = fma(kb1, vec4<f32>(al.y), acc{m}b);\n"
-            f"                acc{m}b = fma(kb8, vec4<f32>(ah.x), acc{m}b);\n"
-            f"                acc{m}b = fma(kb9, vec4<f32>(ah.y), acc{m}b);\n"
+            f"                acc{m}a = fma(w.a0, vec4<f32>(al.x), acc{m}a);\n"
+            f"                acc{m}a = fma(w.a1, vec4<f32>(al.y), acc{m}a);\n"
+            f"                acc{m}a = fma(w.a8, vec4<f32>(ah.x), acc{m}a);\n"
+            f"                acc{m}a = fma(w.a9, vec4<f32>(ah.y), acc{m}a);\n"
+            f"                acc{m}b = fma(w.b0, vec4<f32>(al.x), acc{m}b);\n"
+            f"                acc{m}b = fma(w.b1, vec4<f32>(al.y), acc{m}b);\n"
+            f"                acc{m}b = fma(w.b8, vec4<f32>(ah.x), acc{m}b);\n"
+            f"                acc{m}b = fma(w.b9, vec4<f32>(ah.y), acc{m}b);\n"
             f"            }} else {{\n"
-            f"                acc{m}a = fma(sa, fma(ka9, vec4<f32>(ah.y), fma(ka8, vec4<f32>(ah.x),\n"
-            f"                          fma(ka1, vec4<f32>(al.y), ka0 * al.x))), acc{m}a);\n"
-            f"                acc{m}b = fma(sb, fma(kb9, vec4<f32>(ah.y), fma(kb8, vec4<f32>(ah.x),\n"
-            f"                          fma(kb1, vec4<f32>(al.y), kb0 * al.x))), acc{m}b);\n"
+            f"                let bias = vec4<f32>(-72.0 * ((al.x + al.y) + (ah.x + ah.y)));\n"
+            f"                bias{m} += bias.x;\n"
+            f"                acc{m}a = fma(sa, fma(q.a9, vec4<f32>(ah.y), fma(q.a8, vec4<f32>(ah.x),\n"
+            f"                          fma(q.a1, vec4<f32>(al.y), fma(q.a0, vec4<f32>(al.x), bias)))),\n"
+            f"                          acc{m}a);\n"
+            f"                acc{m}b = fma(sb, fma(q.b9, vec4<f32>(ah.y), fma(q.b8, vec4<f32>(ah.x),\n"
+            f"                          fma(q.b1, vec4<f32>(al.y), fma(q.b0, vec4<f32>(al.x), bias)))),\n"
+            f"                          acc{m}b);\n"
             f"            }}\n"
             f"        }}")
+        # A lane whose bias terms are not finite (inf or NaN in its values of A) recomputes its
+        # share of the row with every weight debiased first: float64's inf x 0 and inf x w.
+        exact.append(
+            f"    if (!PRESCALE && not_finite(bias{m})) {{\n"
+            f"        acc{m}a = vec4<f32>(0.0);\n"
+            f"        acc{m}b = vec4<f32>(0.0);\n"
+            f"        for (var kx = kt_lo + slot; kx < kt_hi; kx += K_SLOTS) {{\n"
+            f"            let ktg = P.kt_begin + kx;\n"
+            f"            let sc = quad_scales(s_at, s_row, ktg);\n"
+            f"            let q = quad64(W[w_at + kx * w_row]);\n"
+            f"            let a_k = P.a_base + ktg * 8u + t4;\n"
+            f"            let al = unpack2x16float(A[a_k + arow{m}]);\n"
+            f"            let ah = unpack2x16float(A[a_k + arow{m} + 4u]);\n"
+            f"            let d = vec4<f32>(72.0);\n"
+            f"            acc{m}a = fma(vec4<f32>(unpack2x16float(sc.x), unpack2x16float(sc.y)),\n"
+            f"                          (q.a0 - d) * al.x + (q.a1 - d) * al.y + (q.a8 - d) * ah.x\n"
+            f"                          + (q.a9 - d) * ah.y, acc{m}a);\n"
+            f"            acc{m}b = fma(vec4<f32>(unpack2x16float(sc.z), unpack2x16float(sc.w)),\n"
+            f"                          (q.b0 - d) * al.x + (q.b1 - d) * al.y + (q.b8 - d) * ah.x\n"
+            f"                          + (q.b9 - d) * ah.y, acc{m}b);\n"
+            f"        }}\n"
+            f"    }}")
         red.append(
             f"    {{\n"
             f"        var ra = acc{m}a;\n"
@@ -324,6 +352,7 @@ def _gemv_blocks(m_tile: int, loads: int, k_slots: int) -> dict[str, str]:
                            f" * w_row];\n"
                            for u in xs) + "        }")
     return {"ACC_DECL": "\n".join(decl), "ACCUMULATE": "\n".join(acc), "REDUCE": "\n".join(red),
+            "EXACT": "\n".join(exact),
             "LOAD_DECL": load_decl, "LOAD_NEXT": load_next, "LOADS": loads, "K_SLOTS": k_slots,
             "WORKGROUP_SIZE": 32 * k_slots, "RED_VEC4S": 64 * max(8, k_slots // 2)}
 

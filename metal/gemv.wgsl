@@ -12,11 +12,19 @@
 //
 // Dequantization: nibble pair p = (p, p+4) of a word is the same column, k rows (r, r+1)
 // (NIB_DR/NIB_DC and the NIB_PAIR_* indices come from ferrum.format), so each pair dots with the
-// one A word that unpack2x16float turns into rows (r, r+1). A nibble OR'd into the mantissa of
-// 2^23 is the float 2^23 + q exactly; subtracting 2^23 + 8 gives uint4b8's q - 8 with no
-// conversion instruction (and no shader-f16; integer->float conversions are slow on some GPUs and
-// on lavapipe).
-//
+// one A word that unpack2x16float turns into rows (r, r+1). The pair, moved to bits 4..7 of each
+// half and OR'd into fp16 64 (whose mantissa step is 1/16), is the fp16 pair (64 + q, 64 + q')
+// exactly: one shift and one and-or a pair, and one unpack2x16float (integer->float conversions
+// are slow on some GPUs and on lavapipe; no shader-f16). uint4b8's q - 8 is then (64 + q) - 72:
+//   * PRESCALE (several rows share each weight): w = fma(64 + q, s, -72 s), exactly (q - 8) s:
+//     72 s and (64 + q) s are exact in fp32, and so is their difference;
+//   * else (M_TILE <= 2) the 72 goes into the column sums: a lane's four k rows give
+//     sum(a (64 + q)) - 72 sum(a), one fma a weight and no subtraction. That is inf - inf when a
+//     holds an inf, so each lane adds up its rows' 72 sum(a) terms (BIAS_SUM) and, if that sum
+//     is not finite, recomputes its share with every weight debiased on its own (float64's
+//     inf x 0 = NaN and inf x w = inf of w's sign). Finite fp16 activations never take that
+//     path: the sum stays below 1e13 for any K.
+
 // Grouped scales: marlin_permute_scales puts the 8 scales lane t needs (columns 16j + c + 8h) at
 // permuted columns 8c + 2j + h: one vec4<u32> load (checked against ferrum.format by the host).
 // Channelwise scales (one group) are applied once, after the k loop.
@@ -53,11 +61,53 @@ const LANE_TERMS: u32 = select(4u, 1u, SUBGROUPS);
 // [k-slot][lane 32][columns q/4][q%4]: the 8 final slots, or the upper half of the first fold
 var<workgroup> red: array<vec4<f32>, {{RED_VEC4S}}>;
 
-fn dequant_pair(x: u32, p: u32) -> vec2<f32> {
-    // Nibbles p and p + 4, OR'd into the mantissa of 2^23: the float 2^23 + q, exact.
-    let lo = bitcast<f32>(((x >> (4u * p)) & 0xFu) | 0x4B000000u);
-    let hi = bitcast<f32>(((x >> (4u * p + 16u)) & 0xFu) | 0x4B000000u);
-    return vec2<f32>(lo, hi) - vec2<f32>(8388616.0);     // 2^23 + 8: uint4b8's q - 8
+fn pair64(x: u32, p: u32) -> vec2<f32> {
+    // Nibbles p and p + 4 at bits 4..7 of each half, OR'd into fp16 64: (64 + q, 64 + q'), exact.
+    return unpack2x16float((((x >> (4u * p)) << 4u) & 0x00F000F0u) | 0x54005400u);
+}
+
+// Not finite (inf or NaN), by the bits: kept from fast-math assumptions.
+fn not_finite(v: f32) -> bool {
+    return (bitcast<u32>(v) & 0x7F800000u) == 0x7F800000u;
+}
+
+// A lane's quad by k row: {a,b}{d} = columns q 0..3 (a) or 4..7 (b) at k row r0 + d, each
+// 64 + the nibble. Column q = 2j + h is word j's pair (NIB_PAIR_{LO,HI}_H{h}: rows r0.. or r0+8..).
+struct Quad {
+    a0: vec4<f32>, a1: vec4<f32>, a8: vec4<f32>, a9: vec4<f32>,
+    b0: vec4<f32>, b1: vec4<f32>, b8: vec4<f32>, b9: vec4<f32>,
+}
+
+fn quad64(x: vec4<u32>) -> Quad {
+    let w0 = pair64(x.x, NIB_PAIR_LO_H0);
+    let v0 = pair64(x.x, NIB_PAIR_HI_H0);
+    let w1 = pair64(x.x, NIB_PAIR_LO_H1);
+    let v1 = pair64(x.x, NIB_PAIR_HI_H1);
+    let w2 = pair64(x.y, NIB_PAIR_LO_H0);
+    let v2 = pair64(x.y, NIB_PAIR_HI_H0);
+    let w3 = pair64(x.y, NIB_PAIR_LO_H1);
+    let v3 = pair64(x.y, NIB_PAIR_HI_H1);
+    let w4 = pair64(x.z, NIB_PAIR_LO_H0);
+    let v4 = pair64(x.z, NIB_PAIR_HI_H0);
+    let w5 = pair64(x.z, NIB_PAIR_LO_H1);
+    let v5 = pair64(x.z, NIB_PAIR_HI_H1);
+    let w6 = pair64(x.w, NIB_PAIR_LO_H0);
+    let v6 = pair64(x.w, NIB_PAIR_HI_H0);
+    let w7 = pair64(x.w, NIB_PAIR_LO_H1);
+    let v7 = pair64(x.w, NIB_PAIR_HI_H1);
+    return Quad(vec4<f32>(w0.x, w1.x, w2.x, w3.x), vec4<f32>(w0.y, w1.y, w2.y, w3.y),
+                vec4<f32>(v0.x, v1.x, v2.x, v3.x), vec4<f32>(v0.y, v1.y, v2.y, v3.y),
+                vec4<f32>(w4.x, w5.x, w6.x, w7.x), vec4<f32>(w4.y, w5.y, w6.y, w7.y),
+                vec4<f32>(v4.x, v5.x, v6.x, v7.x), vec4<f32>(v4.y, v5.y, v6.y, v7.y));
+}
+
+// The lane's 8 grouped scales (columns 16j + c + 8h at halves 2j + h) of kt row ktg: one vector
+// load (marlin_permute_scales' order); channelwise, 1.0 (applied after the k loop).
+fn quad_scales(s_at: u32, s_row: u32, ktg: u32) -> vec4<u32> {
+    if (CHANNELWISE) {
+        return vec4<u32>(0x3C003C00u);
+    }
+    return S[s_at + ((ktg >> P.group_shift) - P.g_begin) * s_row];
 }
 
 fn scale_half(pos: u32) -> f32 {   // pos: half index into the scale binding
@@ -108,64 +158,32 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         if (KTQ < kt_hi) {
         let x = XQ;
         let ktg = P.kt_begin + KTQ;                           // kt within the expert
-        var sc = vec4<u32>(0x3C003C00u);                      // 1.0 halves (channelwise)
-        if (!CHANNELWISE) {
-            sc = S[s_at + ((ktg >> P.group_shift) - P.g_begin) * s_row];
-        }
-        // Column q = 2j + h: w{q} = pair for k rows (r0, r0+1), v{q} for (r0+8, r0+9); scale
-        // sq{j} = (column 2j, column 2j+1). With PRESCALE (several rows of A share each pair) the
-        // pairs are scaled here, else the few column sums are scaled per row below (fewer ops).
-        let s0 = unpack2x16float(sc.x);
-        let s1 = unpack2x16float(sc.y);
-        let s2 = unpack2x16float(sc.z);
-        let s3 = unpack2x16float(sc.w);
-        var f0 = vec2<f32>(1.0);
-        var f1 = vec2<f32>(1.0);
-        var f2 = vec2<f32>(1.0);
-        var f3 = vec2<f32>(1.0);
+        let sc = quad_scales(s_at, s_row, ktg);
+        // Columns q 0..3 (scales sa) and 4..7 (sb) of the quad, by k row (quad64).
+        let sa = vec4<f32>(unpack2x16float(sc.x), unpack2x16float(sc.y));
+        let sb = vec4<f32>(unpack2x16float(sc.z), unpack2x16float(sc.w));
+        let q = quad64(x);
+        // PRESCALE: the weights, scaled once for the tile's rows: (q - 8) s.
+        var w = q;
         if (PRESCALE) {
-            f0 = s0;
-            f1 = s1;
-            f2 = s2;
-            f3 = s3;
+            let na = -72.0 * sa;
+            let nb = -72.0 * sb;
+            w.a0 = fma(q.a0, sa, na);
+            w.a1 = fma(q.a1, sa, na);
+            w.a8 = fma(q.a8, sa, na);
+            w.a9 = fma(q.a9, sa, na);
+            w.b0 = fma(q.b0, sb, nb);
+            w.b1 = fma(q.b1, sb, nb);
+            w.b8 = fma(q.b8, sb, nb);
+            w.b9 = fma(q.b9, sb, nb);
         }
-        let w0 = dequant_pair(x.x, NIB_PAIR_LO_H0) * f0.x;
-        let v0 = dequant_pair(x.x, NIB_PAIR_HI_H0) * f0.x;
-        let w1 = dequant_pair(x.x, NIB_PAIR_LO_H1) * f0.y;
-        let v1 = dequant_pair(x.x, NIB_PAIR_HI_H1) * f0.y;
-        let w2 = dequant_pair(x.y, NIB_PAIR_LO_H0) * f1.x;
-        let v2 = dequant_pair(x.y, NIB_PAIR_HI_H0) * f1.x;
-        let w3 = dequant_pair(x.y, NIB_PAIR_LO_H1) * f1.y;
-        let v3 = dequant_pair(x.y, NIB_PAIR_HI_H1) * f1.y;
-        let w4 = dequant_pair(x.z, NIB_PAIR_LO_H0) * f2.x;
-        let v4 = dequant_pair(x.z, NIB_PAIR_HI_H0) * f2.x;
-        let w5 = dequant_pair(x.z, NIB_PAIR_LO_H1) * f2.y;
-        let v5 = dequant_pair(x.z, NIB_PAIR_HI_H1) * f2.y;
-        let w6 = dequant_pair(x.w, NIB_PAIR_LO_H0) * f3.x;
-        let v6 = dequant_pair(x.w, NIB_PAIR_HI_H0) * f3.x;
-        let w7 = dequant_pair(x.w, NIB_PAIR_LO_H1) * f3.y;
-        let v7 = dequant_pair(x.w, NIB_PAIR_HI_H1) * f3.y;
-        var sa = vec4<f32>(1.0);
-        var sb = vec4<f32>(1.0);
-        if (!PRESCALE) {
-            sa = vec4<f32>(s0, s1);
-            sb = vec4<f32>(s2, s3);
-        }
-        // The quad by k row: k{a,b}{d} = columns q 0..3 (a) or 4..7 (b) at k row r0 + d.
-        let ka0 = vec4<f32>(w0.x, w1.x, w2.x, w3.x);
-        let ka1 = vec4<f32>(w0.y, w1.y, w2.y, w3.y);
-        let ka8 = vec4<f32>(v0.x, v1.x, v2.x, v3.x);
-        let ka9 = vec4<f32>(v0.y, v1.y, v2.y, v3.y);
-        let kb0 = vec4<f32>(w4.x, w5.x, w6.x, w7.x);
-        let kb1 = vec4<f32>(w4.y, w5.y, w6.y, w7.y);
-        let kb8 = vec4<f32>(v4.x, v5.x, v6.x, v7.x);
-        let kb9 = vec4<f32>(v4.y, v5.y, v6.y, v7.y);
         let a_k = P.a_base + ktg * 8u + t4;                   // u32 of halves (16kt + r0, +1)
 {{ACCUMULATE}}
         }
         //@step-end
         kt = kt_next;
     }
+{{EXACT}}
 
     // Reduce and write, row by row of the tile. Invocation li < 64 writes column li of the chunk
     // to the scratch slot, or (DIRECT) li < 32 writes columns 2li, 2li + 1 as one u32 of C.

@@ -290,6 +290,33 @@ def test_mm_non_finite_activations_propagate_as_in_float64(m):
 
 
 @pytest.mark.parametrize("group_size", [-1, 64])
+def test_mm_non_finite_activations_at_one_and_two_rows(group_size):
+    # M <= 2 takes the 72 of uint4b8 out of the column sums as 72 x sum(a): inf - inf where a
+    # holds an inf, so the lanes that saw one recompute their share. Each kind of non-finite row
+    # alone, next to a finite row, on one k-split (gemv writes C) and on several, with 1 or 2
+    # quads in flight and 8 or 32 k-slots.
+    size_k, size_n = 512, 128
+    rng, p, w = metal_problem(930 + group_size, size_k, size_n, group_size)
+    kinds = [{7: np.inf}, {300: -np.inf}, {64: np.nan}, {20: np.inf, 500: -np.inf}]
+    for knobs in (dict(target_workgroups=1, gemv_loads=2), dict(target_workgroups=4096, gemv_loads=1),
+                  dict(target_workgroups=1, gemv_k_slots=32, gemv_loads=2)):
+        with planner(**knobs):
+            for m in (1, 2):
+                for kind in kinds:
+                    a = rng.standard_normal((m, size_k)).astype(np.float16)
+                    for col, value in kind.items():
+                        a[0, col] = value
+                    with np.errstate(invalid="ignore"):
+                        ref = a.astype(np.float64) @ p.dense[0]
+                    got = ferrum.mm(a, w).astype(np.float64)
+                    assert np.array_equal(np.isnan(got), np.isnan(ref)), (knobs, m, kind)
+                    assert np.array_equal(got[np.isinf(ref)], ref[np.isinf(ref)]), (knobs, m, kind)
+                    if m == 2:
+                        assert rel_error(got[1:], ref[1:]) < TOLERANCE
+                    assert last_plan(w).summary.startswith("gemv m1" if m == 1 else "gemv m2")
+
+
+@pytest.mark.parametrize("group_size", [-1, 64])
 def test_mm_split_over_k_as_on_a_large_gpu(group_size):
     # The k-splits a large GPU gets (many workgroups per layer), on a small layer.
     size_k, size_n = 1024, 128
