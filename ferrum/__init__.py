@@ -13,11 +13,12 @@ from types import MappingProxyType
 # cpu/ and metal/ sit beside ferrum/ in the repository and install as ferrum.cpu and ferrum.metal;
 # the CUDA extension is compiled into the installed package. When this file is imported from a
 # source checkout (e.g. `python -m ferrum` run in the repository root after `pip install .`),
-# let submodules come from the installed copy too, and from the checkout's root as a last resort.
+# submodules come from the checkout first -- its cpu/ and metal/, as edited -- and what it lacks
+# (the compiled extension) from an installed copy.
 __path__ = _pkgutil.extend_path(__path__, __name__)
 _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if _os.path.isfile(_os.path.join(_root, "cpu", "kernels.py")) and _root not in __path__:
-    __path__.append(_root)
+    __path__.insert(1, _root)
 
 from . import _registry
 from ._registry import BackendInfo

@@ -64,3 +64,24 @@ def test_crosscheck_takes_one_name_as_a_string():
 def test_bench_takes_one_backend():
     done = run("bench", "--backend", "cpu", "--backend", "cpu", "--quick")
     assert done.returncode == 2 and "one backend at a time" in done.stdout
+
+
+def test_a_checkout_takes_its_own_cpu_and_metal_before_an_installed_copy(tmp_path):
+    # Run from a source checkout with another ferrum installed further down the path: the
+    # checkout's cpu/ and metal/ (as edited) must win, not the installed copy's.
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(ferrum.__file__)))
+    if not os.path.isfile(os.path.join(root, "cpu", "kernels.py")):
+        pytest.skip("ferrum is imported from an installed copy, not a source checkout")
+    site = tmp_path / "site"
+    for sub in ("metal", "cpu"):
+        (site / "ferrum" / sub).mkdir(parents=True)
+        (site / "ferrum" / sub / "__init__.py").write_text("raise ImportError('installed copy')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, str(site)]))
+    done = subprocess.run([sys.executable, "-c", "import ferrum.metal, ferrum.cpu; "
+                           "print(ferrum.metal.__file__); print(ferrum.cpu.__file__)"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    metal_file, cpu_file = done.stdout.split()
+    assert metal_file == os.path.join(root, "metal", "__init__.py")
+    assert cpu_file == os.path.join(root, "cpu", "__init__.py")
