@@ -64,19 +64,22 @@ w = ferrum.load_stacked(pr.qweights, pr.scales, group_size=128, backend="cuda")
 a = rng.standard_normal((5, 256)).astype(np.float16)
 check("stacked all", ferrum.mm(a, w), np.concatenate([a.astype(np.float64) @ d for d in pr.dense], 1))
 check("stacked e=2", ferrum.mm(a, w, expert=2), a.astype(np.float64) @ pr.dense[2])
-# An inf and a NaN in A: the swapped kernel's exact recomputation (M <= 8), split and grouped,
-# against float64's NaN/inf pattern.
+# An inf and a NaN in A, split and grouped, against float64's NaN/inf pattern: 3 rows (the
+# swapped kernel's exact recomputation) and 12 (the fp16 path, a NaN past row 8).
 pr = random_problem(rng, 512, 320, 64)
 w = ferrum.MarlinWeight.from_gptq(pr.qweights[0], pr.scales[0], group_size=64, backend="cuda")
-a = rng.standard_normal((3, 512)).astype(np.float16)
-a[0, 7], a[2, 300] = np.inf, np.nan
-with np.errstate(invalid="ignore"):
-    ref = a.astype(np.float64) @ pr.dense[0]
-for opts in ({}, {"tile": 1, "m_blocks": 1, "splits": 2}, {"tile": 1, "m_blocks": 1, "stream_k": 3}):
-    got = ferrum.cuda.BACKEND.mm(a, w, 0, None, **opts).astype(np.float64)
-    same = np.array_equal(np.isnan(got), np.isnan(ref)) and np.array_equal(got[np.isinf(ref)], ref[np.isinf(ref)])
-    failures += not same
-    print(f"{'ok ' if same else 'BAD'} non-finite A {opts}", flush=True)
-    check(f"non-finite A {opts}: finite row", got[1:2], ref[1:2])
+for m, bad in ((3, ((0, 7, np.inf), (2, 300, np.nan))), (12, ((0, 7, np.inf), (10, 300, np.nan)))):
+    a = rng.standard_normal((m, 512)).astype(np.float16)
+    for row, col, value in bad:
+        a[row, col] = value
+    finite = [r for r in range(m) if r not in {row for row, _, _ in bad}]
+    with np.errstate(invalid="ignore"):
+        ref = a.astype(np.float64) @ pr.dense[0]
+    for opts in ({}, {"tile": 1, "m_blocks": 1, "splits": 2}, {"tile": 1, "m_blocks": 1, "stream_k": 3}):
+        got = ferrum.cuda.BACKEND.mm(a, w, 0, None, **opts).astype(np.float64)
+        same = np.array_equal(np.isnan(got), np.isnan(ref)) and np.array_equal(got[np.isinf(ref)], ref[np.isinf(ref)])
+        failures += not same
+        print(f"{'ok ' if same else 'BAD'} non-finite A M{m} {opts}", flush=True)
+        check(f"non-finite A M{m} {opts}: finite rows", got[finite], ref[finite])
 print("FAILURES", failures)
 sys.exit(1 if failures else 0)
