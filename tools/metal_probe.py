@@ -5,8 +5,9 @@
          its scales XOR'd into one accumulator, A still read): what the arithmetic costs on
          top of moving the bytes. Results are wrong by design; only the times mean anything.
   fixed  the cost of a pass that does almost nothing (gemv on a 128x64 weight: one
-         workgroup), and the read-only stream shader's µs per dispatch at the layers' sizes:
-         the part of a small layer's time that no kernel change removes.
+         workgroup), one pass per call as mm records it and many calls' dispatches in one pass,
+         and the read-only stream shader's µs per dispatch (all in one pass) at the layers'
+         sizes: the part of a small layer's time that no kernel change removes.
 
 K,N default to the 70B layers (G=128). Timings as in `ferrum bench --backend metal`'s kernel
 column: batches of passes, submission and wait timed.
@@ -77,11 +78,30 @@ def math(rng, shapes):
         B._pipelines.clear()
 
 
+def _one_pass_us(plan) -> float:
+    """µs a repetition of the plan's dispatches when all repetitions share one compute pass
+    (kernel_us: one pass each, as mm records them)."""
+    def record(enc, count):
+        cp = enc.begin_compute_pass()
+        for _ in range(count):
+            for d in plan.dispatches:
+                cp.set_pipeline(d.pipeline)
+                cp.set_bind_group(0, d.bind_group)
+                cp.dispatch_workgroups(*d.grid)
+        cp.end()
+    with B._lock:
+        return min(B._time_batches(record, 0.1) for _ in range(2)) * 1e6
+
+
 def fixed(rng, shapes):
-    for k, n in ((128, 64), (1024, 64)):
+    for k, n in ((128, 64), (1024, 64), (8192, 8192)):
         w = weight(rng, k, n)
         a = rng.standard_normal((1, k)).astype(np.float16)
-        print(f"gemv {k}x{n} M=1: {kernel_us(w, a):.1f} us a pass [{B.plan_summary(w, 1, 0)}]")
+        us = kernel_us(w, a)
+        with B._lock:
+            plan = B._timing_plan(a, w, 0)
+        print(f"gemv {k}x{n} M=1 [{B.plan_summary(w, 1, 0)}]: {us:.1f} us a pass, "
+              f"{_one_pass_us(plan):.1f} us a repetition inside one pass", flush=True)
     for size in sorted({1 << 20, *(k * n // 2 for k, n in shapes), 1 << 30}):
         rate = B.stream_bandwidth(size, 0.2, kinds=("shader read",))["shader read"]
         print(f"shader read {size / 2**20:8.1f} MiB: {rate / 1e9:7.1f} GB/s, "
