@@ -245,8 +245,9 @@ CHUNK_CODES = (F.CHUNK_ROW.astype(np.uint32) | (F.CHUNK_COL.astype(np.uint32) <<
 
 def _gemv_blocks(m_tile: int, loads: int, k_slots: int) -> dict[str, str]:
     """The generated, unrolled parts of gemv.wgsl for M_TILE = m_tile rows, LOADS = loads quads
-    in flight per lane and K_SLOTS = k_slots: accumulators and A offsets per row, the loads, and
-    the per-row statements that accumulate one quad and reduce the tile."""
+    in flight per lane and K_SLOTS = k_slots: accumulators and A offsets per row, the loads, the
+    per-row statements that accumulate one quad, recompute a lane's share exactly (inf or NaN in
+    A at M_TILE <= 2) and reduce the tile."""
     decl, acc, red, exact = [], [], [], []
     for m in range(m_tile):
         decl.append(f"    var acc{m}a = vec4<f32>(0.0);\n    var acc{m}b = vec4<f32>(0.0);\n"

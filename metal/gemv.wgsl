@@ -20,11 +20,11 @@
 //     72 s and (64 + q) s are exact in fp32, and so is their difference;
 //   * else (M_TILE <= 2) the 72 goes into the column sums: a lane's four k rows give
 //     sum(a (64 + q)) - 72 sum(a), one fma a weight and no subtraction. That is inf - inf when a
-//     holds an inf, so each lane adds up its rows' 72 sum(a) terms (BIAS_SUM) and, if that sum
+//     holds an inf, so each lane adds up its rows' 72 sum(a) terms (bias{m}) and, if that sum
 //     is not finite, recomputes its share with every weight debiased on its own (float64's
-//     inf x 0 = NaN and inf x w = inf of w's sign). Finite fp16 activations never take that
-//     path: the sum stays below 1e13 for any K.
-
+//     inf x 0 = NaN, inf x w an inf of the product's sign; the EXACT block). Finite fp16
+//     activations never take that path: the sum stays below 1e13 for any K.
+//
 // Grouped scales: marlin_permute_scales puts the 8 scales lane t needs (columns 16j + c + 8h) at
 // permuted columns 8c + 2j + h: one vec4<u32> load (checked against ferrum.format by the host).
 // Channelwise scales (one group) are applied once, after the k loop.
