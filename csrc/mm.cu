@@ -731,7 +731,12 @@ static double mma_choose_splits(const DeviceProps &dev, int occ, int size_m, int
 // tile-6 one (it shares its SM), fitted to 90 tune and bench timings on an H100 (the fit picks
 // the measured best, within 3%, on 20 of 24 shapes); 0.9 for a 128-row tile-5 block (1.0
 // before its stages stopped draining; an H100 A/B of the cells that changed plan won 6 of 7 by
-// 10-31% and lost 8B o M=256 by 12%). Any field of
+// 10-31% and lost 8B o M=256 by 12%). A block's fixed cost (prologue, epilogue) is 1 k-tile,
+// except 6 for tile 6: refitted on 26 shapes at M = 40-128 (H200, tools/tune.py over tiles 5/6
+// and 1-8 splits), where 1 picked tile 6 with 7-8 short splits on 8B qkv and 70B o (24.6 and
+// 38.1 µs against 16.6 and 32.8 for tile 5 with 3-4); with 6 the model's pick is within 4% of
+// the best measured on all 26, and a same-machine A/B on 21 cells (M = 40-300) was 13 faster
+// by 2-42%, 3 slower by 2-4% (csrc/NOTES.md). Any field of
 // `requested` overrides (tiles 3: 64 x 256 and 4: wgmma 64 x 256 are there for tuning).
 static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, int num_experts,
                     int act_order, const ferrum_mm_config *req, bool grouped,
@@ -802,7 +807,8 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
         int splits = 1, cluster = 0;
         double cost;
         if (is_wgmma_tile(c.tile)) {
-            const SplitModel model{(c.tile == 6 ? 1.0 : c.mb == 8 ? 0.9 : 0.65) * tile_k(c.tile) / 128.0, 1.0, 0.5, 1.0};
+            const SplitModel model{(c.tile == 6 ? 1.0 : c.mb == 8 ? 0.9 : 0.65) * tile_k(c.tile) / 128.0,
+                                    c.tile == 6 ? 6.0 : 1.0, 0.5, 1.0};
             cost = choose_splits(dev, occ, size_m, size_k, size_n, num_experts, c.tile, c.mb, grouped,
                                  model, &splits, &cluster);
         } else {
