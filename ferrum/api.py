@@ -103,19 +103,41 @@ def _meta(argument: str, x: Any) -> tuple[tuple[int, ...], np.dtype]:
             _fail(argument, x, f"has dtype {x.dtype}, which ferrum does not support", TypeError)
     if x is None or isinstance(x, (str, bytes, dict)):
         _fail(argument, x, "must be an array", TypeError)
-    arr = np.asarray(x)
+    arr = _asarray(argument, x)
     return arr.shape, arr.dtype
+
+
+def _asarray(argument: str, x: Any) -> np.ndarray:
+    """x as a numpy array in the machine's byte order. A byte-swapped array ('>i4', '>f2') holds
+    the same values as its native twin, so it is converted, not refused (the kernels and the
+    .view() calls below read raw native words). What numpy cannot read as an array (a ragged
+    nested list, an object whose __array__ fails) is an error naming the argument."""
+    if isinstance(x, np.ndarray):
+        arr = x
+    else:
+        try:
+            arr = np.asarray(x)
+        except ValueError as exc:
+            _fail(argument, x, f"must be a rectangular array of numbers ({exc})")
+        except Exception as exc:
+            _fail(argument, x, f"cannot be read as an array ({type(exc).__name__}: {exc})",
+                  TypeError)
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    return arr
 
 
 def _host(argument: str, x: Any) -> np.ndarray:
     if _is_device_array(x):
         _fail(argument, x, "is a GPU array; this operation takes host (numpy) arrays here", TypeError)
-    return np.asarray(x)
+    return _asarray(argument, x)
 
 
 def _check_array(argument: str, x: Any, dtypes: Sequence[Any], shape: tuple | None = None,
                  ndim: int | None = None) -> tuple[tuple[int, ...], np.dtype]:
     shp, dt = _meta(argument, x)
+    if not dt.isnative:         # byte-swapped host arrays are converted (see _asarray)
+        dt = dt.newbyteorder("=")
     if dt not in dtypes:
         allowed = [np.dtype(d) for d in dtypes]
         _fail(argument, x, f"dtype must be {' or '.join(str(d) for d in allowed)}, got {dt}",
@@ -205,7 +227,7 @@ def repack(qweight, size_k, size_n, *, num_bits=4, perm=None, backend=None):
     if on_device and not be.owns(qweight):
         _fail("qweight", qweight, f"is a GPU array; backend={name!r} takes host arrays", TypeError)
     if not on_device:
-        qweight = np.ascontiguousarray(qweight).view(np.int32)
+        qweight = np.ascontiguousarray(_asarray("qweight", qweight)).view(np.int32)
     result = be.repack(qweight, p, k, n)
     return result if on_device else np.asarray(be.to_host(result)).view(np.int32)
 
@@ -299,7 +321,7 @@ class MarlinWeight:
             return x
         if _is_device_array(x):
             _fail(argument, x, f"is a GPU array; backend={be.name!r} takes host arrays", TypeError)
-        return be.from_host(np.ascontiguousarray(np.asarray(x)).view(dtype))
+        return be.from_host(np.ascontiguousarray(_asarray(argument, x)).view(dtype))
 
     @property
     def num_groups(self) -> int:
@@ -468,10 +490,10 @@ def _mm_checked(a, weight, expert, out, backend, stream):
         _fail("a", a, f"must have size_k={weight.size_k} columns, got {a_shape[1]}")
     if a_shape[0] < 1:
         _fail("a", a, "must have at least one row (M >= 1)")
-    if not be.owns(a):
+    if isinstance(a, np.ndarray) or not be.owns(a):
         if _is_device_array(a):
             _fail("a", a, f"is a GPU array but the weight lives on {weight.backend!r}", TypeError)
-        a = np.asarray(a)
+        a = _asarray("a", a)
     if expert is not None:
         e = _int("expert", expert)
         if not 0 <= e < weight.num_experts:
@@ -500,6 +522,10 @@ def _mm_checked(a, weight, expert, out, backend, stream):
         if weight.backend != "cuda":
             _fail("stream", stream, f"streams apply to the cuda backend, not {weight.backend!r}")
         options["stream"] = stream
+    if isinstance(out, np.ndarray) and not out.dtype.isnative:
+        # Backends write native float16 words; numpy byte-swaps on assignment.
+        out[...] = be.mm(a, weight, expert, None, **options)
+        return out
     return be.mm(a, weight, expert, out, **options)
 
 

@@ -277,6 +277,35 @@ def test_quantize_checks():
         ferrum.quantize(np.ones((128, 64), np.float32), group_size=48)
 
 
+def test_values_numpy_cannot_read_are_named(layer, stack):
+    """A ragged nested list, or an object whose __array__ fails, is an error naming the argument
+    (not numpy's bare message, nor the object's own exception)."""
+    prob, weight = layer
+    ragged = [[1, 2], [3]]
+
+    class Unreadable:
+        def __array__(self, *args, **kwargs):
+            raise RuntimeError("no")
+
+    a = np.ones((2, K), np.float16)
+    calls = [("qweight", lambda x: ferrum.repack(x, K, N)),
+             ("perm", lambda x: ferrum.repack(prob.qweights[0], K, N, perm=x)),
+             ("scales", lambda x: ferrum.permute_scales(x, K, N, 64)),
+             ("g_idx", lambda x: ferrum.MarlinWeight.from_gptq(prob.qweights[0], prob.scales[0],
+                                                                group_size=64, g_idx=x)),
+             (r"qweights\[0\]", lambda x: ferrum.load_stacked([x], [prob.scales[0]], group_size=64)),
+             ("a", lambda x: ferrum.mm(x, weight)),
+             ("out", lambda x: ferrum.mm(a, weight, out=x)),
+             ("w", lambda x: ferrum.quantize(x))]
+    for argument, call in calls:
+        with raises(ValueError, argument) as err:
+            call(ragged)
+        assert "rectangular" in str(err.value)
+        with raises(TypeError, argument) as err:
+            call(Unreadable())
+        assert "cannot be read as an array" in str(err.value)
+
+
 def test_failed_calls_leave_inputs_unmodified(layer):
     prob, weight = layer
     a = np.ones((2, K), np.float16)
