@@ -425,15 +425,17 @@ def load_stacked(qweights, scales, *, group_size, bits=4, backend=None) -> Marli
     for e, (q, s) in enumerate(zip(q_list, s_list)):
         _check_array(f"qweights[{e}]", q, [np.int32, np.uint32], shape=(k // F.PACK, n))
         _check_array(f"scales[{e}]", s, [np.float16, np.float32], shape=(groups, n))
-    cpu = _registry.get("cpu")
-    marlin = np.stack([cpu.repack(np.ascontiguousarray(_host(f"qweights[{e}]", q)).view(np.int32),
-                                  None, k, n) for e, q in enumerate(q_list)])
-    permuted = []
-    for e, s in enumerate(s_list):
-        s_host = _host(f"scales[{e}]", s)
+    # Every rule, the target backend's availability included, before the first expert is repacked.
+    q_hosts = [_host(f"qweights[{e}]", q) for e, q in enumerate(q_list)]
+    s_hosts = [_host(f"scales[{e}]", s) for e, s in enumerate(s_list)]
+    for e, s_host in enumerate(s_hosts):
         _check_scales(f"scales[{e}]", s_host)
-        permuted.append(F.permute_scales_reference(s_host, k, n, g))
-    return MarlinWeight(marlin, np.stack(permuted), size_k=k, size_n=n, group_size=g,
+    _registry.get(name)
+    cpu = _registry.get("cpu")
+    marlin = np.stack([cpu.repack(np.ascontiguousarray(q).view(np.int32), None, k, n)
+                       for q in q_hosts])
+    permuted = np.stack([F.permute_scales_reference(s, k, n, g) for s in s_hosts])
+    return MarlinWeight(marlin, permuted, size_k=k, size_n=n, group_size=g,
                         backend=name, stacked=True)
 
 

@@ -264,6 +264,25 @@ def test_load_stacked_checks(stack):
         ferrum.load_stacked(np.zeros((K // 8, N), np.int32), prob.scales, group_size=128)
 
 
+def test_load_stacked_checks_everything_before_repacking(stack, monkeypatch):
+    """A bad last expert's scales, or a backend that is not available, fail before any expert
+    is repacked."""
+    prob, _ = stack
+    from ferrum.cpu import BACKEND as CPU
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("load_stacked started repacking before checking its arguments")
+    monkeypatch.setattr(CPU, "repack", no_work)
+    bad = [s.copy() for s in prob.scales]
+    bad[-1][0, 0] = np.nan
+    with raises(ValueError, r"scales\[2\]"):
+        ferrum.load_stacked(prob.qweights, bad, group_size=128)
+    for name, info in ferrum.backends().items():
+        if not info.available:
+            with raises(ValueError, "backend"):
+                ferrum.load_stacked(prob.qweights, prob.scales, group_size=128, backend=name)
+
+
 def test_quantize_checks():
     with raises(ValueError, r"w\.shape\[0\]"):
         ferrum.quantize(np.ones((100, 64), np.float32))
