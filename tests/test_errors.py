@@ -157,6 +157,17 @@ def test_perm_dtype(layer):
         ferrum.repack(prob.qweights[0], K, N, perm=np.arange(K, dtype=np.float32))
 
 
+def test_empty_perm_and_g_idx_are_a_shape_error(layer):
+    # [] reads as a float64 array: the error is its length, not a dtype the caller never chose.
+    prob, _ = layer
+    with raises(ValueError, "perm") as err:
+        ferrum.repack(prob.qweights[0], K, N, perm=[])
+    assert f"shape [{K}]" in str(err.value)
+    with raises(ValueError, "g_idx") as err:
+        ferrum.MarlinWeight.from_gptq(prob.qweights[0], prob.scales[0], group_size=64, g_idx=[])
+    assert f"shape [{K}]" in str(err.value)
+
+
 def test_g_idx_must_be_a_valid_grouping(layer):
     prob, _ = layer
     good = np.random.default_rng(0).permutation(K) // 64
