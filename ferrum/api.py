@@ -108,13 +108,14 @@ def _meta(argument: str, x: Any) -> tuple[tuple[int, ...], np.dtype]:
 
 
 def _asarray(argument: str, x: Any) -> np.ndarray:
-    """x as a numpy array in the machine's byte order. A byte-swapped array ('>i4', '>f2') holds
+    """x as a plain numpy array in the machine's byte order: backends test ``type(x) is
+    np.ndarray`` and treat anything else as a device array. A byte-swapped array ('>i4', '>f2') holds
     the same values as its native twin, so it is converted, not refused (the kernels and the
     .view() calls below read raw native words). What numpy cannot read as an array (a ragged
     nested list, an object whose __array__ fails) is an error naming the argument."""
-    if isinstance(x, np.ndarray):
+    if type(x) is np.ndarray:
         arr = x
-    else:
+    else:       # a subclass (memmap, matrix) becomes a plain ndarray view of the same memory
         try:
             arr = np.asarray(x)
         except ValueError as exc:
@@ -525,9 +526,13 @@ def _mm_checked(a, weight, expert, out, backend, stream):
         if weight.backend != "cuda":
             _fail("stream", stream, f"streams apply to the cuda backend, not {weight.backend!r}")
         options["stream"] = stream
-    if isinstance(out, np.ndarray) and not out.dtype.isnative:
-        # Backends write native float16 words; numpy byte-swaps on assignment.
-        out[...] = be.mm(a, weight, expert, None, **options)
+    if isinstance(out, np.ndarray) and (type(out) is not np.ndarray or not out.dtype.isnative):
+        # A memmap or other subclass is written through a plain view of its memory, a
+        # byte-swapped array by assignment (backends write native float16 words).
+        view = np.asarray(out) if out.dtype.isnative else None
+        result = be.mm(a, weight, expert, view, **options)
+        if view is None:
+            out[...] = result
         return out
     return be.mm(a, weight, expert, out, **options)
 

@@ -185,6 +185,33 @@ def test_byte_swapped_arrays_are_read_by_value(rng):
         assert np.array_equal(got, want)
 
 
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")   # np.matrix
+def test_numpy_subclasses_reach_backends_as_plain_arrays(rng, tmp_path, monkeypatch):
+    """A memmap or np.matrix a / out is a host array: backends, which tell host arrays from
+    device arrays by ``type(x) is np.ndarray`` (cuda), get a plain view of its memory, and the
+    caller's out receives the result."""
+    prob = random_problem(rng, 256, 64, 128)
+    weight = make_weight(prob)
+    a = rng.standard_normal((3, 256)).astype(np.float16)
+    want = ferrum.mm(a, weight)
+    seen = []
+    real = CPU.mm
+
+    def spy(a, weight, expert, out, **options):
+        seen.append((type(a), type(out)))
+        return real(a, weight, expert, out, **options)
+    monkeypatch.setattr(CPU, "mm", spy)
+    a_map = np.memmap(tmp_path / "a", np.float16, "w+", shape=a.shape)
+    a_map[:] = a
+    out_map = np.memmap(tmp_path / "c", np.float16, "w+", shape=want.shape)
+    out_matrix = np.asmatrix(np.zeros(want.shape, np.float16))
+    assert np.array_equal(ferrum.mm(a_map, weight), want)
+    assert np.array_equal(ferrum.mm(np.asmatrix(a), weight), want)
+    assert ferrum.mm(a, weight, out=out_map) is out_map and np.array_equal(out_map, want)
+    assert ferrum.mm(a, weight, out=out_matrix) is out_matrix and np.array_equal(out_matrix, want)
+    assert seen and all(ta is np.ndarray and to in (np.ndarray, type(None)) for ta, to in seen)
+
+
 def test_weight_moves_and_keeps_its_values(rng):
     prob = random_problem(rng, 128, 64, 32)
     weight = make_weight(prob)
