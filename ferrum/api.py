@@ -20,11 +20,12 @@ def _fail(argument: str, value: Any, rule: str, kind=ValueError):
 
 
 def _short(value: Any) -> str:
-    if isinstance(value, (int, float, str, bool, type(None), tuple)):
-        return repr(value)
+    """The value as an error message shows it: arrays by type, shape and dtype; scalars (numpy's
+    too: expert=np.int64(5) must show the 5) and anything else by
+    its repr, cut to 60 characters (a tuple or list of arrays would otherwise fill a screen)."""
     shape = getattr(value, "shape", None)
     dtype = getattr(value, "dtype", None)
-    if shape is not None:
+    if shape is not None and shape != () and not isinstance(value, (int, float, str, bool, tuple)):
         return f"<{type(value).__name__} shape={tuple(shape)} dtype={dtype}>"
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -187,11 +188,11 @@ def _check_group_size(group_size: Any, size_k: int) -> int:
 
 def _check_perm(argument: str, perm: Any, size_k: int) -> np.ndarray:
     p = _host(argument, perm)
-    # Shape first: an empty list reads as float64, and "must be an integer array" would mislead.
+    # An empty list reads as float64: its fault is its length, not a dtype the caller chose.
+    if p.size and p.dtype.kind not in "iu":
+        _fail(argument, perm, f"must be an integer array, got dtype {p.dtype}", TypeError)
     if p.shape != (size_k,):
         _fail(argument, perm, f"must have shape [{size_k}] (size_k), got {p.shape}")
-    if p.dtype.kind not in "iu":
-        _fail(argument, perm, f"must be an integer array, got dtype {p.dtype}", TypeError)
     if size_k and (p.min() < 0 or p.max() >= size_k or
                    np.bincount(p.astype(np.int64), minlength=size_k).max() != 1):
         _fail(argument, perm, f"must be a permutation of 0..{size_k - 1}")
@@ -390,10 +391,10 @@ def _restore_weight(qweight, scales, size_k, size_n, group_size, perm, num_bits,
 
 def _perm_from_g_idx(g_idx, size_k: int, group_size: int) -> np.ndarray:
     g = _host("g_idx", g_idx)
-    if g.shape != (size_k,):        # shape first, as for perm
-        _fail("g_idx", g_idx, f"must have shape [{size_k}] (size_k), got {g.shape}")
-    if g.dtype.kind not in "iu":
+    if g.size and g.dtype.kind not in "iu":     # [] is a length error, as for perm
         _fail("g_idx", g_idx, f"must be an integer array, got dtype {g.dtype}", TypeError)
+    if g.shape != (size_k,):
+        _fail("g_idx", g_idx, f"must have shape [{size_k}] (size_k), got {g.shape}")
     groups = F.num_groups(size_k, group_size)
     rows = F.effective_group_size(size_k, group_size)
     if g.min() < 0 or g.max() >= groups:

@@ -294,6 +294,28 @@ def test_load_stacked_checks_everything_before_repacking(stack, monkeypatch):
                 ferrum.load_stacked(prob.qweights, prob.scales, group_size=128, backend=name)
 
 
+def test_messages_show_long_values_cut_short(stack):
+    # A tuple of arrays or a long tuple is shown in at most 60 characters, not its whole repr.
+    prob, _ = stack
+    with raises(ValueError, "scales") as err:
+        ferrum.load_stacked(tuple(prob.qweights), tuple(prob.scales[:2]), group_size=128)
+    assert len(str(err.value)) < 200
+    with raises(ValueError, "perm") as err:
+        ferrum.repack(prob.qweights[0], K, N, perm=tuple(range(K + 1)))
+    assert len(str(err.value)) < 200
+
+
+def test_messages_show_numpy_scalars_by_value(stack):
+    prob, weight = stack
+    a = np.ones((1, K), np.float16)
+    with pytest.raises(ValueError, match=r"^expert=np\.int64\(7\): "):
+        ferrum.mm(a, weight, expert=np.int64(7))
+    with pytest.raises(ValueError, match=r"^expert=array\(9\): "):
+        ferrum.dequantize(weight, expert=np.array(9))
+    with pytest.raises(ValueError, match=r"^group_size=np\.int32\(48\): "):
+        ferrum.load_stacked(prob.qweights, prob.scales, group_size=np.int32(48))
+
+
 def test_quantize_checks():
     with raises(ValueError, r"w\.shape\[0\]"):
         ferrum.quantize(np.ones((100, 64), np.float32))
