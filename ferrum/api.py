@@ -495,6 +495,7 @@ def _mm_checked(a, weight, expert, out, backend, stream):
         _fail("a", a, f"must have size_k={weight.size_k} columns, got {a_shape[1]}")
     if a_shape[0] < 1:
         _fail("a", a, "must have at least one row (M >= 1)")
+    a_given = a
     if isinstance(a, np.ndarray) or not be.owns(a):
         if _is_device_array(a):
             _fail("a", a, f"is a GPU array but the weight lives on {weight.backend!r}", TypeError)
@@ -519,8 +520,8 @@ def _mm_checked(a, weight, expert, out, backend, stream):
                   "since the result is written into it", TypeError)
         if isinstance(out, np.ndarray) and not out.flags.writeable:
             _fail("out", out, "must be writable")
-        if (isinstance(out, np.ndarray) and isinstance(a, np.ndarray)
-                and np.may_share_memory(out, a) and np.shares_memory(out, a)):
+        if (isinstance(out, np.ndarray) and isinstance(a_given, np.ndarray)     # as given, not
+                and np.may_share_memory(out, a_given) and np.shares_memory(out, a_given)):  # a copy
             _fail("out", out, "must not overlap a")
     options = {}
     if stream is not None:

@@ -238,6 +238,16 @@ def test_mm_out_checks(layer, stack):
     ferrum.mm(a, stacked, out=np.empty((3, 3 * N), np.float16))
 
 
+def test_out_overlapping_a_is_refused_whatever_a_is_converted_to(layer):
+    # a byte-swapped a is converted to a native copy; out must still not overlap the caller's a.
+    _, weight = layer
+    buf = np.zeros((4, 2 * K), np.dtype(">f2"))
+    a = buf[:, :K]
+    with raises(ValueError, "out"):
+        ferrum.mm(a, weight, out=buf[:, K - 64:K - 64 + N])
+    assert (buf == 0).all()
+
+
 def test_mm_weight_and_backend_checks(layer):
     _, weight = layer
     a = np.ones((1, K), np.float16)
