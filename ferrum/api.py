@@ -287,6 +287,9 @@ class MarlinWeight:
         q_shape, _ = _meta("qweight", qweight)
         if stacked is None:
             stacked = len(q_shape) == 3
+        elif not isinstance(stacked, (bool, np.bool_)):
+            _fail("stacked", stacked, "must be True, False or None (None: 3-D qweight is a stack)",
+                  TypeError)
         groups = F.num_groups(k, g)
         if stacked:
             _check_array("qweight", qweight, [np.int32, np.uint32], ndim=3)

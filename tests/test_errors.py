@@ -119,6 +119,17 @@ def test_scales_checks(layer):
     ferrum.MarlinWeight.from_gptq(prob.qweights[0], big, group_size=64)
 
 
+def test_constructor_stacked_flag_must_be_a_bool(layer):
+    _, weight = layer
+    for bad in ("no", 1, np.zeros(2)):
+        with raises(TypeError, "stacked"):
+            ferrum.MarlinWeight(weight.qweight, weight.scales, size_k=K, size_n=N, group_size=64,
+                                stacked=bad)
+    for ok in (False, np.False_, None):
+        ferrum.MarlinWeight(weight.qweight, weight.scales, size_k=K, size_n=N, group_size=64,
+                            stacked=ok)
+
+
 def test_constructor_checks_scales_and_copies_host_arrays(layer):
     prob, weight = layer
     marlin, scales = weight.qweight.copy(), weight.scales.copy()
