@@ -536,8 +536,8 @@ def _mm_checked(a, weight, expert, out, backend, stream):
         # byte-swapped array by assignment (backends write native float16 words).
         view = np.asarray(out) if out.dtype.isnative else None
         result = be.mm(a, weight, expert, view, **options)
-        if view is None:
-            out[...] = result
+        if view is None:        # (a device a gives a device result: fetched to the host)
+            out[...] = result if isinstance(result, np.ndarray) else be.to_host(result)
         return out
     return be.mm(a, weight, expert, out, **options)
 
