@@ -138,7 +138,7 @@ def _host(argument: str, x: Any) -> np.ndarray:
 def _check_array(argument: str, x: Any, dtypes: Sequence[Any], shape: tuple | None = None,
                  ndim: int | None = None) -> tuple[tuple[int, ...], np.dtype]:
     shp, dt = _meta(argument, x)
-    if not dt.isnative:         # byte-swapped host arrays are converted (see _asarray)
+    if not dt.isnative and not _is_device_array(x):    # host arrays are converted (_asarray)
         dt = dt.newbyteorder("=")
     if dt not in dtypes:
         allowed = [np.dtype(d) for d in dtypes]

@@ -300,6 +300,14 @@ def test_host_out_the_backend_cannot_write_receives_a_device_result(env, tmp_pat
     assert seen == [type(None), np.ndarray]
 
 
+def test_byte_swapped_device_arrays_are_still_refused(env):
+    # Host arrays in another byte order are converted; a device array cannot be, so '>f2' on the
+    # device stays a dtype error.
+    _, layer, _, _ = env
+    with pytest.raises(TypeError, match=r"^a=.*dtype must be float16, got >f2"):
+        ferrum.mm(FD.CAIArray((3, K), ">f2"), layer)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not _CUDA.available, reason=f"cuda backend: {_CUDA.reason}")
 def test_real_device_arrays_fast_and_general_paths_agree(monkeypatch):
