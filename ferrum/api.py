@@ -22,12 +22,17 @@ def _fail(argument: str, value: Any, rule: str, kind=ValueError):
 def _short(value: Any) -> str:
     """The value as an error message shows it: arrays by type, shape and dtype; scalars (numpy's
     too: expert=np.int64(5) must show the 5) and anything else by
-    its repr, cut to 60 characters (a tuple or list of arrays would otherwise fill a screen)."""
-    shape = getattr(value, "shape", None)
-    dtype = getattr(value, "dtype", None)
-    if shape is not None and shape != () and not isinstance(value, (int, float, str, bool, tuple)):
-        return f"<{type(value).__name__} shape={tuple(shape)} dtype={dtype}>"
-    text = repr(value)
+    its repr, cut to 60 characters (a tuple or list of arrays would otherwise fill a screen).
+    Never raises: an object whose repr or shape misbehaves is shown by its type."""
+    try:
+        shape = getattr(value, "shape", None)
+        dtype = getattr(value, "dtype", None)
+        if shape is not None and shape != () and not isinstance(value, (int, float, str, bool,
+                                                                          tuple)):
+            return f"<{type(value).__name__} shape={tuple(shape)} dtype={dtype}>"
+        text = repr(value)
+    except Exception:
+        return f"<{type(value).__name__} object>"
     return text if len(text) <= 60 else text[:57] + "..."
 
 

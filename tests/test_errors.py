@@ -326,6 +326,19 @@ def test_messages_show_long_values_cut_short(stack):
     assert len(str(err.value)) < 200
 
 
+def test_a_value_that_cannot_be_shown_still_gives_the_arguments_error():
+    class BadRepr:
+        def __repr__(self):
+            raise RuntimeError("no repr")
+
+    class OddShape:
+        shape, dtype = 5, "?"
+
+    for value in (BadRepr(), OddShape()):
+        with pytest.raises((TypeError, ValueError), match=r"^w=<(BadRepr|OddShape) object>: "):
+            ferrum.quantize(value)
+
+
 def test_messages_show_numpy_scalars_by_value(stack):
     prob, weight = stack
     a = np.ones((1, K), np.float16)
