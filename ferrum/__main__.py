@@ -67,13 +67,24 @@ def _bench(args) -> int:
     return 0
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ferrum", description=__doc__)
     parser.add_argument("command", choices=["info", "check", "bench"])
     parser.add_argument("--backend", action="append", choices=["cpu", "cuda", "metal"],
                         help="backend(s) to check, or the one to bench (default: all / cpu)")
     parser.add_argument("--quick", action="store_true", help="fewer, smaller problems")
-    parser.add_argument("--seed", type=int, default=None, help="random seed (default: fresh)")
+    parser.add_argument("--seed", type=_seed, default=None,
+                        help="random seed, a non-negative integer (default: fresh)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     return {"info": _info, "check": _check, "bench": _bench}[args.command](args)

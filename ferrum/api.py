@@ -20,13 +20,19 @@ def _fail(argument: str, value: Any, rule: str, kind=ValueError):
 
 
 def _short(value: Any) -> str:
-    if isinstance(value, (int, float, str, bool, type(None), tuple)):
-        return repr(value)
-    shape = getattr(value, "shape", None)
-    dtype = getattr(value, "dtype", None)
-    if shape is not None:
-        return f"<{type(value).__name__} shape={tuple(shape)} dtype={dtype}>"
-    text = repr(value)
+    """The value as an error message shows it: arrays by type, shape and dtype; scalars (numpy's
+    too: expert=np.int64(5) must show the 5) and anything else by
+    its repr, cut to 60 characters (a tuple or list of arrays would otherwise fill a screen).
+    Never raises: an object whose repr or shape misbehaves is shown by its type."""
+    try:
+        shape = getattr(value, "shape", None)
+        dtype = getattr(value, "dtype", None)
+        if shape is not None and shape != () and not isinstance(value, (int, float, str, bool,
+                                                                          tuple)):
+            return f"<{type(value).__name__} shape={tuple(shape)} dtype={dtype}>"
+        text = repr(value)
+    except Exception:
+        return f"<{type(value).__name__} object>"
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -103,19 +109,42 @@ def _meta(argument: str, x: Any) -> tuple[tuple[int, ...], np.dtype]:
             _fail(argument, x, f"has dtype {x.dtype}, which ferrum does not support", TypeError)
     if x is None or isinstance(x, (str, bytes, dict)):
         _fail(argument, x, "must be an array", TypeError)
-    arr = np.asarray(x)
+    arr = _asarray(argument, x)
     return arr.shape, arr.dtype
+
+
+def _asarray(argument: str, x: Any) -> np.ndarray:
+    """x as a plain numpy array in the machine's byte order: backends test ``type(x) is
+    np.ndarray`` and treat anything else as a device array. A byte-swapped array ('>i4', '>f2') holds
+    the same values as its native twin, so it is converted, not refused (the kernels and the
+    .view() calls below read raw native words). What numpy cannot read as an array (a ragged
+    nested list, an object whose __array__ fails) is an error naming the argument."""
+    if type(x) is np.ndarray:
+        arr = x
+    else:       # a subclass (memmap, matrix) becomes a plain ndarray view of the same memory
+        try:
+            arr = np.asarray(x)
+        except ValueError as exc:
+            _fail(argument, x, f"must be a rectangular array of numbers ({exc})")
+        except Exception as exc:
+            _fail(argument, x, f"cannot be read as an array ({type(exc).__name__}: {exc})",
+                  TypeError)
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    return arr
 
 
 def _host(argument: str, x: Any) -> np.ndarray:
     if _is_device_array(x):
         _fail(argument, x, "is a GPU array; this operation takes host (numpy) arrays here", TypeError)
-    return np.asarray(x)
+    return _asarray(argument, x)
 
 
 def _check_array(argument: str, x: Any, dtypes: Sequence[Any], shape: tuple | None = None,
                  ndim: int | None = None) -> tuple[tuple[int, ...], np.dtype]:
     shp, dt = _meta(argument, x)
+    if not dt.isnative and not _is_device_array(x):    # host arrays are converted (_asarray)
+        dt = dt.newbyteorder("=")
     if dt not in dtypes:
         allowed = [np.dtype(d) for d in dtypes]
         _fail(argument, x, f"dtype must be {' or '.join(str(d) for d in allowed)}, got {dt}",
@@ -164,7 +193,8 @@ def _check_group_size(group_size: Any, size_k: int) -> int:
 
 def _check_perm(argument: str, perm: Any, size_k: int) -> np.ndarray:
     p = _host(argument, perm)
-    if p.dtype.kind not in "iu":
+    # An empty list reads as float64: its fault is its length, not a dtype the caller chose.
+    if p.size and p.dtype.kind not in "iu":
         _fail(argument, perm, f"must be an integer array, got dtype {p.dtype}", TypeError)
     if p.shape != (size_k,):
         _fail(argument, perm, f"must have shape [{size_k}] (size_k), got {p.shape}")
@@ -205,7 +235,7 @@ def repack(qweight, size_k, size_n, *, num_bits=4, perm=None, backend=None):
     if on_device and not be.owns(qweight):
         _fail("qweight", qweight, f"is a GPU array; backend={name!r} takes host arrays", TypeError)
     if not on_device:
-        qweight = np.ascontiguousarray(qweight).view(np.int32)
+        qweight = np.ascontiguousarray(_asarray("qweight", qweight)).view(np.int32)
     result = be.repack(qweight, p, k, n)
     return result if on_device else np.asarray(be.to_host(result)).view(np.int32)
 
@@ -262,6 +292,9 @@ class MarlinWeight:
         q_shape, _ = _meta("qweight", qweight)
         if stacked is None:
             stacked = len(q_shape) == 3
+        elif not isinstance(stacked, (bool, np.bool_)):
+            _fail("stacked", stacked, "must be True, False or None (None: 3-D qweight is a stack)",
+                  TypeError)
         groups = F.num_groups(k, g)
         if stacked:
             _check_array("qweight", qweight, [np.int32, np.uint32], ndim=3)
@@ -299,7 +332,7 @@ class MarlinWeight:
             return x
         if _is_device_array(x):
             _fail(argument, x, f"is a GPU array; backend={be.name!r} takes host arrays", TypeError)
-        return be.from_host(np.ascontiguousarray(np.asarray(x)).view(dtype))
+        return be.from_host(np.ascontiguousarray(_asarray(argument, x)).view(dtype))
 
     @property
     def num_groups(self) -> int:
@@ -366,7 +399,7 @@ def _restore_weight(qweight, scales, size_k, size_n, group_size, perm, num_bits,
 
 def _perm_from_g_idx(g_idx, size_k: int, group_size: int) -> np.ndarray:
     g = _host("g_idx", g_idx)
-    if g.dtype.kind not in "iu":
+    if g.size and g.dtype.kind not in "iu":     # [] is a length error, as for perm
         _fail("g_idx", g_idx, f"must be an integer array, got dtype {g.dtype}", TypeError)
     if g.shape != (size_k,):
         _fail("g_idx", g_idx, f"must have shape [{size_k}] (size_k), got {g.shape}")
@@ -403,15 +436,17 @@ def load_stacked(qweights, scales, *, group_size, bits=4, backend=None) -> Marli
     for e, (q, s) in enumerate(zip(q_list, s_list)):
         _check_array(f"qweights[{e}]", q, [np.int32, np.uint32], shape=(k // F.PACK, n))
         _check_array(f"scales[{e}]", s, [np.float16, np.float32], shape=(groups, n))
-    cpu = _registry.get("cpu")
-    marlin = np.stack([cpu.repack(np.ascontiguousarray(_host(f"qweights[{e}]", q)).view(np.int32),
-                                  None, k, n) for e, q in enumerate(q_list)])
-    permuted = []
-    for e, s in enumerate(s_list):
-        s_host = _host(f"scales[{e}]", s)
+    # Every rule, the target backend's availability included, before the first expert is repacked.
+    q_hosts = [_host(f"qweights[{e}]", q) for e, q in enumerate(q_list)]
+    s_hosts = [_host(f"scales[{e}]", s) for e, s in enumerate(s_list)]
+    for e, s_host in enumerate(s_hosts):
         _check_scales(f"scales[{e}]", s_host)
-        permuted.append(F.permute_scales_reference(s_host, k, n, g))
-    return MarlinWeight(marlin, np.stack(permuted), size_k=k, size_n=n, group_size=g,
+    _registry.get(name)
+    cpu = _registry.get("cpu")
+    marlin = np.stack([cpu.repack(np.ascontiguousarray(q).view(np.int32), None, k, n)
+                       for q in q_hosts])
+    permuted = np.stack([F.permute_scales_reference(s, k, n, g) for s in s_hosts])
+    return MarlinWeight(marlin, permuted, size_k=k, size_n=n, group_size=g,
                         backend=name, stacked=True)
 
 
@@ -468,10 +503,11 @@ def _mm_checked(a, weight, expert, out, backend, stream):
         _fail("a", a, f"must have size_k={weight.size_k} columns, got {a_shape[1]}")
     if a_shape[0] < 1:
         _fail("a", a, "must have at least one row (M >= 1)")
-    if not be.owns(a):
+    a_given = a
+    if isinstance(a, np.ndarray) or not be.owns(a):
         if _is_device_array(a):
             _fail("a", a, f"is a GPU array but the weight lives on {weight.backend!r}", TypeError)
-        a = np.asarray(a)
+        a = _asarray("a", a)
     if expert is not None:
         e = _int("expert", expert)
         if not 0 <= e < weight.num_experts:
@@ -492,14 +528,22 @@ def _mm_checked(a, weight, expert, out, backend, stream):
                   "since the result is written into it", TypeError)
         if isinstance(out, np.ndarray) and not out.flags.writeable:
             _fail("out", out, "must be writable")
-        if (isinstance(out, np.ndarray) and isinstance(a, np.ndarray)
-                and np.may_share_memory(out, a) and np.shares_memory(out, a)):
+        if (isinstance(out, np.ndarray) and isinstance(a_given, np.ndarray)     # as given, not
+                and np.may_share_memory(out, a_given) and np.shares_memory(out, a_given)):  # a copy
             _fail("out", out, "must not overlap a")
     options = {}
     if stream is not None:
         if weight.backend != "cuda":
             _fail("stream", stream, f"streams apply to the cuda backend, not {weight.backend!r}")
         options["stream"] = stream
+    if isinstance(out, np.ndarray) and (type(out) is not np.ndarray or not out.dtype.isnative):
+        # A memmap or other subclass is written through a plain view of its memory, a
+        # byte-swapped array by assignment (backends write native float16 words).
+        view = np.asarray(out) if out.dtype.isnative else None
+        result = be.mm(a, weight, expert, view, **options)
+        if view is None:        # (a device a gives a device result: fetched to the host)
+            out[...] = result if isinstance(result, np.ndarray) else be.to_host(result)
+        return out
     return be.mm(a, weight, expert, out, **options)
 
 

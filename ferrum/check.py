@@ -103,11 +103,31 @@ def crosscheck(backends=None, *, seed=None, quick=False, m_values=None, log=None
     Returns a list of Result; ``all(r.passed for r in results)`` is the verdict.
     """
     from . import api
+    # Every argument before any work, each error naming it (as the rest of the API does).
+    if log is not None and not callable(log):
+        raise TypeError(f"log={log!r}: must be a callable taking one string, or None")
+    if m_values is not None:
+        if isinstance(m_values, (str, bytes)) or not hasattr(m_values, "__iter__"):
+            raise TypeError(f"m_values={m_values!r}: must be a sequence of row counts M >= 1")
+        m_values = tuple(m_values)
+        if not m_values:
+            raise ValueError("m_values=(): must hold at least one row count M >= 1")
+        for m in m_values:
+            if api._int("m_values", m) < 1:
+                raise ValueError(f"m_values={m_values!r}: every M must be >= 1, got {m!r}")
+    try:
+        rng = np.random.default_rng(seed)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"seed={seed!r}: must be None or a non-negative integer ({exc})") from None
     if backends is None:
         names = [n for n in _registry.BACKEND_MODULES if _registry.info(n).available]
     else:
+        if not isinstance(backends, str) and not hasattr(backends, "__iter__"):
+            raise TypeError(f"backends={backends!r}: must be a backend name, a list of names, "
+                            f"or None (every available backend)")
         names = [_registry.check_name(b, "backends") for b in
                  ([backends] if isinstance(backends, str) else backends)]
+        names = list(dict.fromkeys(names))     # each backend once
         for n in names:
             info = _registry.info(n)
             if not info.available:
@@ -115,8 +135,7 @@ def crosscheck(backends=None, *, seed=None, quick=False, m_values=None, log=None
                                  f"({info.reason})")
     if "cpu" not in names:
         names.insert(0, "cpu")          # the reference every backend is compared with
-    rng = np.random.default_rng(seed)
-    m_values = M_VALUES if m_values is None else tuple(m_values)
+    m_values = M_VALUES if m_values is None else m_values
     results: list[Result] = []
     for prob in problems(rng, quick):
         activations = {m: rng.standard_normal((m, prob.size_k)).astype(np.float16)

@@ -66,6 +66,33 @@ def test_bench_takes_one_backend():
     assert done.returncode == 2 and "one backend at a time" in done.stdout
 
 
+@pytest.mark.parametrize("command", ["check", "bench"])
+def test_a_negative_seed_is_a_usage_error_not_a_traceback(command):
+    done = run(command, "--backend", "cpu", "--quick", "--seed", "-5")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "--seed" in done.stderr and "non-negative" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_crosscheck_arguments_are_checked_before_any_work(monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("crosscheck started before checking its arguments")
+    monkeypatch.setattr(ferrum.check, "problems", no_work)
+    for kwargs, exc, argument in [
+            (dict(backends=5), TypeError, "backends"), (dict(backends=["cpu", "gpu"]), ValueError, "backends"),
+            (dict(seed=-1), ValueError, "seed"), (dict(seed="x"), TypeError, "seed"),
+            (dict(m_values=[0]), ValueError, "m_values"), (dict(m_values=[-3]), ValueError, "m_values"),
+            (dict(m_values=[1.5]), TypeError, "m_values"), (dict(m_values=4), TypeError, "m_values"),
+            (dict(m_values=[]), ValueError, "m_values"), (dict(log=5), TypeError, "log")]:
+        with pytest.raises(exc, match=rf"^{argument}="):
+            ferrum.crosscheck(**kwargs)
+
+
+def test_crosscheck_runs_a_backend_named_twice_once():
+    results = ferrum.crosscheck(["cpu", "cpu"], quick=True, m_values=(2,))
+    assert len(results) == len(ferrum.crosscheck("cpu", quick=True, m_values=(2,)))
+
+
 def test_a_checkout_takes_its_own_cpu_and_metal_before_an_installed_copy(tmp_path):
     # Run from a source checkout with another ferrum installed further down the path: the
     # checkout's cpu/ and metal/ (as edited) must win, not the installed copy's.

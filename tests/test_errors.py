@@ -119,6 +119,17 @@ def test_scales_checks(layer):
     ferrum.MarlinWeight.from_gptq(prob.qweights[0], big, group_size=64)
 
 
+def test_constructor_stacked_flag_must_be_a_bool(layer):
+    _, weight = layer
+    for bad in ("no", 1, np.zeros(2)):
+        with raises(TypeError, "stacked"):
+            ferrum.MarlinWeight(weight.qweight, weight.scales, size_k=K, size_n=N, group_size=64,
+                                stacked=bad)
+    for ok in (False, np.False_, None):
+        ferrum.MarlinWeight(weight.qweight, weight.scales, size_k=K, size_n=N, group_size=64,
+                            stacked=ok)
+
+
 def test_constructor_checks_scales_and_copies_host_arrays(layer):
     prob, weight = layer
     marlin, scales = weight.qweight.copy(), weight.scales.copy()
@@ -155,6 +166,17 @@ def test_perm_dtype(layer):
     prob, _ = layer
     with raises(TypeError, "perm"):
         ferrum.repack(prob.qweights[0], K, N, perm=np.arange(K, dtype=np.float32))
+
+
+def test_empty_perm_and_g_idx_are_a_shape_error(layer):
+    # [] reads as a float64 array: the error is its length, not a dtype the caller never chose.
+    prob, _ = layer
+    with raises(ValueError, "perm") as err:
+        ferrum.repack(prob.qweights[0], K, N, perm=[])
+    assert f"shape [{K}]" in str(err.value)
+    with raises(ValueError, "g_idx") as err:
+        ferrum.MarlinWeight.from_gptq(prob.qweights[0], prob.scales[0], group_size=64, g_idx=[])
+    assert f"shape [{K}]" in str(err.value)
 
 
 def test_g_idx_must_be_a_valid_grouping(layer):
@@ -227,6 +249,16 @@ def test_mm_out_checks(layer, stack):
     ferrum.mm(a, stacked, out=np.empty((3, 3 * N), np.float16))
 
 
+def test_out_overlapping_a_is_refused_whatever_a_is_converted_to(layer):
+    # a byte-swapped a is converted to a native copy; out must still not overlap the caller's a.
+    _, weight = layer
+    buf = np.zeros((4, 2 * K), np.dtype(">f2"))
+    a = buf[:, :K]
+    with raises(ValueError, "out"):
+        ferrum.mm(a, weight, out=buf[:, K - 64:K - 64 + N])
+    assert (buf == 0).all()
+
+
 def test_mm_weight_and_backend_checks(layer):
     _, weight = layer
     a = np.ones((1, K), np.float16)
@@ -264,6 +296,60 @@ def test_load_stacked_checks(stack):
         ferrum.load_stacked(np.zeros((K // 8, N), np.int32), prob.scales, group_size=128)
 
 
+def test_load_stacked_checks_everything_before_repacking(stack, monkeypatch):
+    """A bad last expert's scales, or a backend that is not available, fail before any expert
+    is repacked."""
+    prob, _ = stack
+    from ferrum.cpu import BACKEND as CPU
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("load_stacked started repacking before checking its arguments")
+    monkeypatch.setattr(CPU, "repack", no_work)
+    bad = [s.copy() for s in prob.scales]
+    bad[-1][0, 0] = np.nan
+    with raises(ValueError, r"scales\[2\]"):
+        ferrum.load_stacked(prob.qweights, bad, group_size=128)
+    for name, info in ferrum.backends().items():
+        if not info.available:
+            with raises(ValueError, "backend"):
+                ferrum.load_stacked(prob.qweights, prob.scales, group_size=128, backend=name)
+
+
+def test_messages_show_long_values_cut_short(stack):
+    # A tuple of arrays or a long tuple is shown in at most 60 characters, not its whole repr.
+    prob, _ = stack
+    with raises(ValueError, "scales") as err:
+        ferrum.load_stacked(tuple(prob.qweights), tuple(prob.scales[:2]), group_size=128)
+    assert len(str(err.value)) < 200
+    with raises(ValueError, "perm") as err:
+        ferrum.repack(prob.qweights[0], K, N, perm=tuple(range(K + 1)))
+    assert len(str(err.value)) < 200
+
+
+def test_a_value_that_cannot_be_shown_still_gives_the_arguments_error():
+    class BadRepr:
+        def __repr__(self):
+            raise RuntimeError("no repr")
+
+    class OddShape:
+        shape, dtype = 5, "?"
+
+    for value in (BadRepr(), OddShape()):
+        with pytest.raises((TypeError, ValueError), match=r"^w=<(BadRepr|OddShape) object>: "):
+            ferrum.quantize(value)
+
+
+def test_messages_show_numpy_scalars_by_value(stack):
+    prob, weight = stack
+    a = np.ones((1, K), np.float16)
+    with pytest.raises(ValueError, match=r"^expert=np\.int64\(7\): "):
+        ferrum.mm(a, weight, expert=np.int64(7))
+    with pytest.raises(ValueError, match=r"^expert=array\(9\): "):
+        ferrum.dequantize(weight, expert=np.array(9))
+    with pytest.raises(ValueError, match=r"^group_size=np\.int32\(48\): "):
+        ferrum.load_stacked(prob.qweights, prob.scales, group_size=np.int32(48))
+
+
 def test_quantize_checks():
     with raises(ValueError, r"w\.shape\[0\]"):
         ferrum.quantize(np.ones((100, 64), np.float32))
@@ -275,6 +361,35 @@ def test_quantize_checks():
         ferrum.quantize(np.ones((128, 64), np.int32))
     with raises(ValueError, "group_size"):
         ferrum.quantize(np.ones((128, 64), np.float32), group_size=48)
+
+
+def test_values_numpy_cannot_read_are_named(layer, stack):
+    """A ragged nested list, or an object whose __array__ fails, is an error naming the argument
+    (not numpy's bare message, nor the object's own exception)."""
+    prob, weight = layer
+    ragged = [[1, 2], [3]]
+
+    class Unreadable:
+        def __array__(self, *args, **kwargs):
+            raise RuntimeError("no")
+
+    a = np.ones((2, K), np.float16)
+    calls = [("qweight", lambda x: ferrum.repack(x, K, N)),
+             ("perm", lambda x: ferrum.repack(prob.qweights[0], K, N, perm=x)),
+             ("scales", lambda x: ferrum.permute_scales(x, K, N, 64)),
+             ("g_idx", lambda x: ferrum.MarlinWeight.from_gptq(prob.qweights[0], prob.scales[0],
+                                                                group_size=64, g_idx=x)),
+             (r"qweights\[0\]", lambda x: ferrum.load_stacked([x], [prob.scales[0]], group_size=64)),
+             ("a", lambda x: ferrum.mm(x, weight)),
+             ("out", lambda x: ferrum.mm(a, weight, out=x)),
+             ("w", lambda x: ferrum.quantize(x))]
+    for argument, call in calls:
+        with raises(ValueError, argument) as err:
+            call(ragged)
+        assert "rectangular" in str(err.value)
+        with raises(TypeError, argument) as err:
+            call(Unreadable())
+        assert "cannot be read as an array" in str(err.value)
 
 
 def test_failed_calls_leave_inputs_unmodified(layer):

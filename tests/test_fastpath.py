@@ -282,6 +282,32 @@ def test_backend_cai_view_matches_device_view(env, strides, stream_field, stream
 _CUDA = ferrum.backends()["cuda"]
 
 
+def test_host_out_the_backend_cannot_write_receives_a_device_result(env, tmp_path, monkeypatch):
+    """A byte-swapped out is filled by assignment from the backend's result (fetched to the host
+    when a is a device array); a memmap out reaches the backend as a plain ndarray view."""
+    _, layer, _, _ = env
+    seen = []
+
+    def backend_mm(a, weight, expert, out, **options):
+        seen.append(type(out))
+        return FD.CAIArray((3, N)) if out is None else out
+    monkeypatch.setattr(ferrum.cuda.BACKEND, "mm", backend_mm)
+    swapped = np.full((3, N), 7, np.dtype(">f2"))
+    assert ferrum.mm(FD.CAIArray((3, K)), layer, out=swapped) is swapped
+    assert (swapped == 0).all()                 # the stub's copy to the host is zeros
+    mapped = np.memmap(tmp_path / "c", np.float16, "w+", shape=(3, N))
+    assert ferrum.mm(FD.CAIArray((3, K)), layer, out=mapped) is mapped
+    assert seen == [type(None), np.ndarray]
+
+
+def test_byte_swapped_device_arrays_are_still_refused(env):
+    # Host arrays in another byte order are converted; a device array cannot be, so '>f2' on the
+    # device stays a dtype error.
+    _, layer, _, _ = env
+    with pytest.raises(TypeError, match=r"^a=.*dtype must be float16, got >f2"):
+        ferrum.mm(FD.CAIArray((3, K), ">f2"), layer)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not _CUDA.available, reason=f"cuda backend: {_CUDA.reason}")
 def test_real_device_arrays_fast_and_general_paths_agree(monkeypatch):

@@ -152,6 +152,66 @@ def test_non_contiguous_activations(rng):
     assert rel_error(ferrum.mm(a, weight), a.astype(np.float64) @ prob.dense[0]) <= TOL
 
 
+def test_byte_swapped_arrays_are_read_by_value(rng):
+    """'>i4' / '>f2' arrays (as np.load gives from a big-endian file) hold int32 and float16
+    values: every entry point reads them as such, and a byte-swapped out receives the result."""
+    prob = random_problem(rng, 256, 128, 64, act_order=True, experts=1)
+    q, s, g = prob.qweights[0], prob.scales[0], prob.g_idx
+    swapped = lambda x: x.astype(x.dtype.newbyteorder(">" if x.dtype.byteorder != ">" else "<"))
+    perm = F.act_order_perm(g)
+    assert np.array_equal(ferrum.repack(swapped(q), 256, 128, perm=swapped(perm)),
+                          ferrum.repack(q, 256, 128, perm=perm))
+    assert np.array_equal(ferrum.permute_scales(swapped(s), 256, 128, 64),
+                          ferrum.permute_scales(s, 256, 128, 64))
+    weight = ferrum.MarlinWeight.from_gptq(q, s, group_size=64, g_idx=g)
+    other = ferrum.MarlinWeight.from_gptq(swapped(q), swapped(s), group_size=64, g_idx=swapped(g))
+    assert np.array_equal(ferrum.dequantize(other), ferrum.dequantize(weight))
+    built = ferrum.MarlinWeight(swapped(weight.qweight), swapped(weight.scales), size_k=256,
+                                size_n=128, group_size=64, perm=weight.perm)
+    assert np.array_equal(ferrum.dequantize(built), ferrum.dequantize(weight))
+    stack = ferrum.load_stacked([swapped(q)], swapped(s[None]), group_size=64)
+    plain = ferrum.load_stacked([q], s[None], group_size=64)
+    assert np.array_equal(ferrum.dequantize(stack), ferrum.dequantize(plain))
+    for m in (3, 40):                               # fused and BLAS paths
+        a = rng.standard_normal((m, 256)).astype(np.float16)
+        want = ferrum.mm(a, weight)
+        a_swapped = swapped(a)
+        assert np.array_equal(ferrum.mm(a_swapped, weight), want)
+        assert np.array_equal(a_swapped, a)         # the caller's array is left as it was
+        out = np.full((m, 128), np.nan, np.dtype(">f2"))
+        assert ferrum.mm(a, weight, out=out) is out and np.array_equal(out, want)
+    w = rng.standard_normal((256, 64)).astype(np.float32)
+    for got, want in zip(ferrum.quantize(swapped(w)), ferrum.quantize(w)):
+        assert np.array_equal(got, want)
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")   # np.matrix
+def test_numpy_subclasses_reach_backends_as_plain_arrays(rng, tmp_path, monkeypatch):
+    """A memmap or np.matrix a / out is a host array: backends, which tell host arrays from
+    device arrays by ``type(x) is np.ndarray`` (cuda), get a plain view of its memory, and the
+    caller's out receives the result."""
+    prob = random_problem(rng, 256, 64, 128)
+    weight = make_weight(prob)
+    a = rng.standard_normal((3, 256)).astype(np.float16)
+    want = ferrum.mm(a, weight)
+    seen = []
+    real = CPU.mm
+
+    def spy(a, weight, expert, out, **options):
+        seen.append((type(a), type(out)))
+        return real(a, weight, expert, out, **options)
+    monkeypatch.setattr(CPU, "mm", spy)
+    a_map = np.memmap(tmp_path / "a", np.float16, "w+", shape=a.shape)
+    a_map[:] = a
+    out_map = np.memmap(tmp_path / "c", np.float16, "w+", shape=want.shape)
+    out_matrix = np.asmatrix(np.zeros(want.shape, np.float16))
+    assert np.array_equal(ferrum.mm(a_map, weight), want)
+    assert np.array_equal(ferrum.mm(np.asmatrix(a), weight), want)
+    assert ferrum.mm(a, weight, out=out_map) is out_map and np.array_equal(out_map, want)
+    assert ferrum.mm(a, weight, out=out_matrix) is out_matrix and np.array_equal(out_matrix, want)
+    assert seen and all(ta is np.ndarray and to in (np.ndarray, type(None)) for ta, to in seen)
+
+
 def test_weight_moves_and_keeps_its_values(rng):
     prob = random_problem(rng, 128, 64, 32)
     weight = make_weight(prob)
