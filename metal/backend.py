@@ -115,8 +115,12 @@ GEMV_WIDE_SHARE = (3 / 32, 1 / 8)
 TARGET_WORKGROUPS = 1024
 TARGET_WORKGROUPS_CPU = 32
 #: gemv scales the dequantized pairs once (shared by the rows) above this M_TILE, and the column
-#: sums of each row at or below it (fewer multiplies for M = 1, 2).
-PRESCALE_FROM_M_TILE = 2
+#: sums of each row at or below it (fewer multiplies). 0: every M_TILE prescales. The column-sum
+#: way (sum(a (64 + q)) - 72 sum(a) a quad) rounds at the magnitude of 72 |a|, not of the result:
+#: a large activation on a zero weight (q = 8; 6e4 in fp16) wiped out the ordinary terms sharing
+#: its quad (relative error 1e-2 against float64 at M = 1, 2). Prescaling, fma(64 + q, s, -72 s),
+#: is exactly (q - 8) s, so each product is rounded as a plain fp32 dot product rounds it.
+PRESCALE_FROM_M_TILE = 0
 #: tiled.wgsl: rows per invocation (TM; a workgroup's tile is 16 TM rows x 64 columns) by the
 #: largest M of the m-block it serves, and k per step (BK) by TM. Larger tiles reuse each
 #: dequantized weight and each A value for more fmas; smaller ones waste less on rows past M.
