@@ -577,3 +577,32 @@ def test_mm_large_activations_on_zero_weights_at_one_and_two_rows(group_size):
                 a = rng.standard_normal((m, size_k)).astype(np.float16)
                 a[:, big] = 6e4
                 check_mm(w, a, dense)
+
+
+def test_buffers_stay_within_the_adapters_largest_buffer():
+    # Workspaces grow by doubling and staging buffers come in powers of two: neither may pass
+    # the adapter's maxBufferSize (lavapipe's is 2^31 - 1, so a 2 GiB staging class is one byte
+    # too many). A call or a repack needing a buffer larger than it is refused with a ValueError
+    # before any GPU work, as from_host refuses such an array.
+    size_k, size_n = 512, 64
+    rng, p, w = metal_problem(1700, size_k, size_n, -1)
+    cap = 100_000
+    BACKEND.trim()
+    try:
+        with _overridden("max_buffer_size", cap):
+            for m in (60, 90):      # A: 61440 bytes, then 92160 (doubling would make 122880)
+                check_mm(w, rng.standard_normal((m, size_k)).astype(np.float16), p.dense[0])
+                sizes = [b.size for b in BACKEND._work.values()]
+                sizes += [s.size for s in BACKEND._stagings.values()]
+                assert max(sizes) <= cap, sizes
+            out = poisoned(120, size_n)     # A would take 122880 bytes
+            with pytest.raises(ValueError, match="largest buffer"):
+                ferrum.mm(rng.standard_normal((120, size_k)).astype(np.float16), w, out=out)
+            assert np.isnan(out).all()
+            qweight = rng.integers(0, 2**32, (1024 // 8, 512), dtype=np.uint32)
+            # 256 KiB of Marlin words; the source goes in column blocks of 64 KiB
+            with binding_limit(64 * 1024 + BACKEND.offset_alignment + 16), \
+                    pytest.raises(ValueError, match="largest buffer"):
+                ferrum.repack(qweight, 1024, 512, backend="metal")
+    finally:
+        BACKEND.trim()
