@@ -115,8 +115,12 @@ GEMV_WIDE_SHARE = (3 / 32, 1 / 8)
 TARGET_WORKGROUPS = 1024
 TARGET_WORKGROUPS_CPU = 32
 #: gemv scales the dequantized pairs once (shared by the rows) above this M_TILE, and the column
-#: sums of each row at or below it (fewer multiplies for M = 1, 2).
-PRESCALE_FROM_M_TILE = 2
+#: sums of each row at or below it (fewer multiplies). 0: every M_TILE prescales. The column-sum
+#: way (sum(a (64 + q)) - 72 sum(a) a quad) rounds at the magnitude of 72 |a|, not of the result:
+#: a large activation on a zero weight (q = 8; 6e4 in fp16) wiped out the ordinary terms sharing
+#: its quad (relative error 1e-2 against float64 at M = 1, 2). Prescaling, fma(64 + q, s, -72 s),
+#: is exactly (q - 8) s, so each product is rounded as a plain fp32 dot product rounds it.
+PRESCALE_FROM_M_TILE = 0
 #: tiled.wgsl: rows per invocation (TM; a workgroup's tile is 16 TM rows x 64 columns) by the
 #: largest M of the m-block it serves, and k per step (BK) by TM. Larger tiles reuse each
 #: dequantized weight and each A value for more fmas; smaller ones waste less on rows past M.
@@ -885,6 +889,8 @@ fn main(@builtin(local_invocation_index) li: u32) {
         of two at least the largest transfer so far (a call maps only the bytes it moves). When
         it grows, the smaller one goes, and plans bound to it bind again (a new generation)."""
         size = max(256, 1 << (max(nbytes, 1) - 1).bit_length())
+        if size > self.max_buffer_size:     # the class past the adapter's largest: just enough
+            size = _round_up(nbytes, 256)
         held = [key for key in self._stagings if key[0] == kind]
         if held and held[0][1] >= size:
             return self._stagings[held[0]]
@@ -908,10 +914,20 @@ fn main(@builtin(local_invocation_index) li: u32) {
             for weight in list(self._planned):      # their plans bind the old buffers
                 weight._aux.pop("metal_plans", None)
 
+    def _fits_one_buffer(self, what: str, nbytes: int) -> None:
+        """ValueError (before any GPU work) when nbytes, as workspaces and staging buffers round
+        it, exceed the adapter's largest buffer."""
+        if _round_up(nbytes, 256) > self.max_buffer_size:
+            raise ValueError(f"{what} needs a buffer of {nbytes} bytes, more than this adapter's "
+                             f"largest buffer ({self.max_buffer_size} bytes)")
+
     def _workspace(self, name: str, nbytes: int, usage=None):
         buf = self._work.get(name)
         if buf is None or buf.size < nbytes:
-            grown = _round_up(max(nbytes, 2 * buf.size if buf is not None else 0), 256)
+            # doubling (fewer re-plans as M grows), but never past the adapter's largest buffer
+            doubled = min(2 * buf.size if buf is not None else 0,
+                          self.max_buffer_size // 256 * 256)
+            grown = _round_up(max(nbytes, doubled), 256)
             if usage is not None:
                 buf = self.device.create_buffer(size=grown, usage=usage)
             else:
@@ -967,6 +983,7 @@ fn main(@builtin(local_invocation_index) li: u32) {
         if nb < F.CHUNK_N or kt_block < 1:
             raise ValueError(f"repack of K={size_k}, N={size_n} cannot fit the binding limit "
                              f"({self.binding_limit} bytes)")
+        self._fits_one_buffer(f"repack of K={size_k}, N={size_n}", kt_rows * row_bytes)
         dst = self._buffer(kt_rows * row_bytes)
         if self._codes is None:
             self._codes = self.from_host(CHUNK_CODES)
@@ -1183,6 +1200,9 @@ fn main(@builtin(local_invocation_index) li: u32) {
                 splits * math.ceil(m_block / m_tile) > MAX_GRID:
             raise ValueError(f"size_n={n} or M={m} exceeds the dispatch grid ({MAX_GRID})")
 
+        for what, nbytes in (("A", m * K * 2), ("C", m * n_total * 2),
+                             ("the k-split scratch", slots * m_block * n_total * 4)):
+            self._fits_one_buffer(f"M={m}: {what}", nbytes)
         a_buf = self._workspace("a", m * K * 2)
         c_buf = self._workspace("c", m * n_total * 2)
         s_buf = self._workspace("scratch", slots * m_block * n_total * 4)

@@ -289,12 +289,16 @@ def test_mm_non_finite_activations_propagate_as_in_float64(m):
     assert rel_error(got[4:], ref[4:]) < TOLERANCE
 
 
+@pytest.mark.parametrize("prescale_from", [0, 2])
 @pytest.mark.parametrize("group_size", [-1, 64])
-def test_mm_non_finite_activations_at_one_and_two_rows(group_size):
-    # M <= 2 takes the 72 of uint4b8 out of the column sums as 72 x sum(a): inf - inf where a
-    # holds an inf, so the lanes that saw one recompute their share. Each kind of non-finite row
-    # alone, next to a finite row, on one k-split (gemv writes C) and on several, with 1 or 2
-    # quads in flight and 8 or 32 k-slots.
+def test_mm_non_finite_activations_at_one_and_two_rows(group_size, prescale_from, monkeypatch):
+    # With PRESCALE_FROM_M_TILE = 2 (off by default) M <= 2 takes the 72 of uint4b8 out of the
+    # column sums as 72 x sum(a): inf - inf where a holds an inf, so the lanes that saw one
+    # recompute their share; prescaled (the default) inf x 0 = NaN comes by itself. Each kind of
+    # non-finite row alone, next to a finite row, on one k-split (gemv writes C) and on several,
+    # with 1 or 2 quads in flight and 8 or 32 k-slots.
+    from ferrum.metal import backend as MB
+    monkeypatch.setattr(MB, "PRESCALE_FROM_M_TILE", prescale_from)
     size_k, size_n = 512, 128
     rng, p, w = metal_problem(930 + group_size, size_k, size_n, group_size)
     kinds = [{7: np.inf}, {300: -np.inf}, {64: np.nan}, {20: np.inf, 500: -np.inf}]
@@ -548,3 +552,57 @@ def test_mm_vector_kernel_wide_workgroups_at_m1():
             check_mm(w, a, p.dense[0])
             summary = last_plan(w).summary
             assert ("s32" in summary and "direct" in summary) == wide, summary
+
+
+@pytest.mark.parametrize("group_size", [-1, 128])
+def test_mm_large_activations_on_zero_weights_at_one_and_two_rows(group_size):
+    # A large activation (6e4, finite fp16) whose weight row is zero (q == 8) contributes nothing
+    # to C, so C is the sum of the ordinary terms and must keep their precision. gemv's 72 x sum(a)
+    # bias (M <= 2) computed sum(a (64 + q)) - 72 sum(a) at the magnitude of 72 x 6e4, which
+    # rounded away the ordinary terms sharing a quad with it (relative error 1e-2).
+    size_k, size_n = 1024, 128
+    rng = np.random.default_rng(1600 + group_size)
+    q = rng.integers(0, 16, (size_k, size_n), dtype=np.uint32)
+    big = np.arange(0, size_k, 16)          # one row of each quad of lanes t % 4 == 0
+    q[big] = 8
+    groups = F.num_groups(size_k, group_size)
+    scales = (rng.uniform(0.5, 1.5, (groups, size_n)) * rng.choice([-1, 1], (groups, size_n))
+              / (4.0 * np.sqrt(size_k))).astype(np.float16)
+    dense = F.dequantize_reference(q, scales, size_k, group_size, None)
+    w = ferrum.MarlinWeight.from_gptq(F.pack_gptq(q), scales, group_size=group_size,
+                                      backend="metal")
+    for knobs in (dict(target_workgroups=1), dict(target_workgroups=4096)):
+        with planner(**knobs):
+            for m in (1, 2, 3):
+                a = rng.standard_normal((m, size_k)).astype(np.float16)
+                a[:, big] = 6e4
+                check_mm(w, a, dense)
+
+
+def test_buffers_stay_within_the_adapters_largest_buffer():
+    # Workspaces grow by doubling and staging buffers come in powers of two: neither may pass
+    # the adapter's maxBufferSize (lavapipe's is 2^31 - 1, so a 2 GiB staging class is one byte
+    # too many). A call or a repack needing a buffer larger than it is refused with a ValueError
+    # before any GPU work, as from_host refuses such an array.
+    size_k, size_n = 512, 64
+    rng, p, w = metal_problem(1700, size_k, size_n, -1)
+    cap = 100_000
+    BACKEND.trim()
+    try:
+        with _overridden("max_buffer_size", cap):
+            for m in (60, 90):      # A: 61440 bytes, then 92160 (doubling would make 122880)
+                check_mm(w, rng.standard_normal((m, size_k)).astype(np.float16), p.dense[0])
+                sizes = [b.size for b in BACKEND._work.values()]
+                sizes += [s.size for s in BACKEND._stagings.values()]
+                assert max(sizes) <= cap, sizes
+            out = poisoned(120, size_n)     # A would take 122880 bytes
+            with pytest.raises(ValueError, match="largest buffer"):
+                ferrum.mm(rng.standard_normal((120, size_k)).astype(np.float16), w, out=out)
+            assert np.isnan(out).all()
+            qweight = rng.integers(0, 2**32, (1024 // 8, 512), dtype=np.uint32)
+            # 256 KiB of Marlin words; the source goes in column blocks of 64 KiB
+            with binding_limit(64 * 1024 + BACKEND.offset_alignment + 16), \
+                    pytest.raises(ValueError, match="largest buffer"):
+                ferrum.repack(qweight, 1024, 512, backend="metal")
+    finally:
+        BACKEND.trim()
