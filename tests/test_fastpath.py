@@ -76,7 +76,9 @@ def compare(monkeypatch, a, weight, **kwargs):
     """Run ferrum.mm and api._mm_checked on the same call; assert they agree. Returns whether
     the fast path accepted the call."""
     recorder = _Recorder()
-    monkeypatch.setattr(ferrum.cuda.BACKEND, "mm", recorder)
+    # the backend the call reaches: the weight's (a cpu weight's calls go to the cpu backend)
+    target = weight.backend if isinstance(weight, ferrum.MarlinWeight) else "cuda"
+    monkeypatch.setattr(ferrum._registry.get(target), "mm", recorder)
     got = _outcome(ferrum.mm, a, weight, **kwargs)
     want = _outcome(api._mm_checked, a, weight, kwargs.get("expert"), kwargs.get("out"),
                     kwargs.get("backend"), kwargs.get("stream"))
@@ -223,9 +225,7 @@ def test_fast_and_general_paths_agree(env, a_kind, a_dtype, a_shape, out_kind, o
     rows = a_shape[0] if out_rows is None and len(a_shape) == 2 else (out_rows or 0)
     out = make_out((rows, out_cols), out_dtype) if make_out else None
     w = {"layer": layer, "stack": stack, "host": host}[weight]
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        if w is host:   # the cpu backend must not run: record its calls too
-            monkeypatch.setattr(ferrum._registry.get("cpu"), "mm", _Recorder())
+    with pytest.MonkeyPatch.context() as monkeypatch:   # compare records the weight's backend
         compare(monkeypatch, a, w, expert=expert, out=out, backend=backend, stream=stream)
 
 
