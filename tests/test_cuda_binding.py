@@ -167,6 +167,19 @@ def test_masked_and_unknown_cai_arrays_are_refused(layer, stub, argument):
     assert stub.launches == []
 
 
+def test_cai_typestr_spellings(layer, stub):
+    """float16 spelled '<f2', '|f2', '=f2', '<e' is float16; big-endian '>f2' is not."""
+    for typestr in ("<f2", "|f2", "=f2", "<e"):
+        ferrum.mm(FD.CAIArray((2, K), typestr=typestr), layer,
+                  out=FD.CAIArray((2, N), typestr=typestr))
+    assert len(stub.launches) == 4
+    with raises(TypeError, "a", "float16, got >f2"):
+        ferrum.mm(FD.CAIArray((2, K), typestr=">f2"), layer)
+    with raises(TypeError, "out", "float16, got >f2"):
+        ferrum.mm(FD.CAIArray((2, K)), layer, out=FD.CAIArray((2, N), typestr=">f2"))
+    assert len(stub.launches) == 4
+
+
 @pytest.mark.parametrize("offset", [0, 64, -2 * N * 2 + 16])
 def test_out_overlapping_a_is_refused(layer, stub, offset):
     a = FD.CAIArray((2, K))
