@@ -75,6 +75,12 @@ int ferrum_repack(const int32_t *gptq, const int32_t *perm, int32_t *marlin,
 int ferrum_permute_cols(const void *a, const int32_t *perm, void *out,
                         int size_m, int size_k, void *stream);
 
+/* dst (C-contiguous [d0, d1, d2] elements of elem_bytes bytes) = the elements of src at byte
+ * offsets i0*s0 + i1*s1 + i2*s2 (strides of any sign; any alignment). A 2-D array is
+ * d0 = 1; fewer dims likewise. Runs on `stream`. */
+int ferrum_copy_strided(const void *src, void *dst, int64_t d0, int64_t d1, int64_t d2,
+                        int64_t s0, int64_t s1, int64_t s2, int elem_bytes, void *stream);
+
 /* Resolve the config and workspace sizes for ferrum_mm on the current device. */
 int ferrum_mm_plan(int size_m, int size_k, int size_n, int num_experts, int act_order,
                    const ferrum_mm_config *requested, ferrum_mm_plan_info *plan);

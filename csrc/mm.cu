@@ -955,6 +955,7 @@ static int check_problem(int size_m, int size_k, int size_n, int num_experts, in
     FERRUM_REQUIRE(size_k > 0 && size_k % 128 == 0, "ferrum_mm: size_k=%d is not a positive multiple of 128", size_k);
     FERRUM_REQUIRE(size_n > 0 && size_n % 64 == 0, "ferrum_mm: size_n=%d is not a positive multiple of 64", size_n);
     FERRUM_REQUIRE(num_experts >= 1, "ferrum_mm: num_experts=%d", num_experts);
+    FERRUM_REQUIRE(num_groups >= 1, "ferrum_mm: num_groups=%d (1 for channelwise scales)", num_groups);
     if (num_groups > 1) {
         FERRUM_REQUIRE(group_size == 32 || group_size == 64 || group_size == 128,
                        "ferrum_mm: group_size=%d (grouped scales need 32, 64 or 128)", group_size);
@@ -997,8 +998,14 @@ extern "C" int ferrum_mm(const void *a, const void *b, const void *scales, void 
     FERRUM_REQUIRE(a && b && scales && c, "ferrum_mm: null pointer");
     FERRUM_REQUIRE(aligned16(a) && aligned16(b) && aligned16(scales) && aligned16(c),
                    "ferrum_mm: a, b, scales and c must be 16-byte aligned");
-    FERRUM_REQUIRE(ldc >= num_experts * size_n && ldc % 8 == 0,
-                   "ferrum_mm: ldc=%d (needs >= %d and a multiple of 8)", ldc, num_experts * size_n);
+    FERRUM_REQUIRE(!perm || (reinterpret_cast<uintptr_t>(perm) & 3) == 0,
+                   "ferrum_mm: perm must be 4-byte aligned");
+    FERRUM_REQUIRE((!counters || aligned16(counters)) && (!data || aligned16(data)),
+                   "ferrum_mm: the workspace buffers must be 16-byte aligned");
+    FERRUM_REQUIRE(expert0 >= 0, "ferrum_mm: expert0=%d", expert0);
+    FERRUM_REQUIRE(ldc >= (long long)num_experts * size_n && ldc % 8 == 0,
+                   "ferrum_mm: ldc=%d (needs >= %lld and a multiple of 8)", ldc,
+                   (long long)num_experts * size_n);
     const bool grouped = num_groups > 1;
     cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
     DeviceProps dev;

@@ -49,6 +49,9 @@ __global__ void permute_cols_kernel(const half *__restrict__ a, const int32_t *_
     }
 }
 
+static bool aligned2(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 1) == 0; }
+static bool aligned4(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 3) == 0; }
+
 static int grid_for(long long total, int threads) {
     long long blocks = (total + threads - 1) / threads;
     if (blocks > 65535LL * 16) blocks = 65535LL * 16;  // grid-stride loops cover the rest
@@ -61,6 +64,10 @@ extern "C" int ferrum_repack(const int32_t *gptq, const int32_t *perm, int32_t *
                              int size_k, int size_n, void *stream) {
     using namespace ferrum;
     FERRUM_REQUIRE(gptq && marlin, "ferrum_repack: null pointer");
+    // int32 loads and stores: a misaligned pointer would fault (a sticky error that ends the
+    // CUDA context) instead of failing here.
+    FERRUM_REQUIRE(aligned4(gptq) && aligned4(marlin) && (!perm || aligned4(perm)),
+                   "ferrum_repack: gptq, perm and marlin must be 4-byte aligned");
     FERRUM_REQUIRE(size_k > 0 && size_k % 16 == 0, "ferrum_repack: size_k=%d is not a multiple of 16", size_k);
     FERRUM_REQUIRE(size_n > 0 && size_n % 64 == 0, "ferrum_repack: size_n=%d is not a multiple of 64", size_n);
     const long long total = (long long)(size_k / 16) * 2 * size_n;
@@ -76,6 +83,8 @@ extern "C" int ferrum_permute_cols(const void *a, const int32_t *perm, void *out
     using namespace ferrum;
     FERRUM_REQUIRE(a && perm && out, "ferrum_permute_cols: null pointer");
     FERRUM_REQUIRE(size_m > 0 && size_k > 0, "ferrum_permute_cols: empty problem");
+    FERRUM_REQUIRE(aligned2(a) && aligned2(out) && aligned4(perm),
+                   "ferrum_permute_cols: a and out must be 2-byte aligned, perm 4-byte aligned");
     const long long total = (long long)size_m * size_k;
     permute_cols_kernel<<<grid_for(total, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(
         static_cast<const half *>(a), perm, static_cast<half *>(out), size_m, size_k);

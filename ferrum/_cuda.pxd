@@ -25,6 +25,11 @@ cdef extern from "cuda_runtime_api.h" nogil:
     cudaError_t cudaGetLastError()
     cudaError_t cudaGetDeviceCount(int *count)
     cudaError_t cudaGetDevice(int *device)
+    cudaError_t cudaSetDevice(int device)
+    ctypedef struct cudaPointerAttributes:
+        int type
+        int device
+    cudaError_t cudaPointerGetAttributes(cudaPointerAttributes *attributes, const void *ptr)
     cudaError_t cudaDeviceGetAttribute(int *value, int attr, int device)
     cudaError_t cudaDriverGetVersion(int *version)
     cudaError_t cudaRuntimeGetVersion(int *version)
@@ -80,6 +85,8 @@ cdef extern from "ferrum_marlin.h" nogil:
                       int size_k, int size_n, void *stream)
     int ferrum_permute_cols(const void *a, const int32_t *perm, void *out,
                             int size_m, int size_k, void *stream)
+    int ferrum_copy_strided(const void *src, void *dst, int64_t d0, int64_t d1, int64_t d2,
+                            int64_t s0, int64_t s1, int64_t s2, int elem_bytes, void *stream)
     int ferrum_mm_plan(int size_m, int size_k, int size_n, int num_experts, int act_order,
                        const ferrum_mm_config *requested, ferrum_mm_plan_info *plan)
     int ferrum_mm(const void *a, const void *b, const void *scales, void *c, const int32_t *perm,

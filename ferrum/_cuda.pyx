@@ -7,6 +7,7 @@ validates shapes: ferrum.api did, and ferrum.cuda chooses what to call.
 """
 
 from cpython.pycapsule cimport PyCapsule_New, PyCapsule_GetPointer, PyCapsule_IsValid
+from cpython.pythread cimport PyThread_get_thread_ident
 from cpython.ref cimport Py_INCREF, Py_DECREF, PyObject
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint64_t
 from libc.stdlib cimport malloc, free
@@ -54,6 +55,13 @@ def probe():
     cdef int count = 0, device = 0, driver = 0, runtime = 0
     cdef cudaDeviceProp prop
     check(cudaDriverGetVersion(&driver), "cudaDriverGetVersion")
+    if driver == 0:
+        # The runtime found no driver library (libcuda.so.1); cudaGetDeviceCount would say
+        # "CUDA driver version is insufficient", which sends people after the wrong fix.
+        error = _error_class("no NVIDIA driver found: the CUDA driver library (libcuda.so.1 / "
+                             "nvcuda.dll) could not be loaded (cudaDriverGetVersion reports 0)")
+        error.status = 35   # cudaErrorInsufficientDriver, what the runtime reports next
+        raise error
     check(cudaGetDeviceCount(&count), "cudaGetDeviceCount")
     check(cudaGetDevice(&device), "cudaGetDevice")
     check(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties")
@@ -67,6 +75,26 @@ cdef int current_device() except -1:
     cdef int device = 0
     check(cudaGetDevice(&device), "cudaGetDevice")
     return device
+
+
+def get_device():
+    """The calling thread's current CUDA device (where ferrum launches and allocates)."""
+    return current_device()
+
+
+def set_device(int device):
+    check(cudaSetDevice(device), f"cudaSetDevice({device})")
+
+
+def pointer_device(size_t ptr):
+    """(memory type, device) of a pointer: type 0 unregistered host memory, 1 pinned host,
+    2 device, 3 managed; device is the ordinal the memory belongs to (-1 for unregistered)."""
+    cdef cudaPointerAttributes attributes
+    memset(&attributes, 0, sizeof(attributes))
+    check(cudaPointerGetAttributes(&attributes, <const void *>ptr), "cudaPointerGetAttributes")
+    if attributes.type == 0:
+        return 0, -1
+    return int(attributes.type), int(attributes.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,14 +183,24 @@ cdef DeviceArray wrap(size_t ptr, size_t nbytes, tuple shape, object dtype, bint
     return arr
 
 
+def _nbytes(tuple shape, dtype):
+    """The bytes of an array, counted in Python ints (a size_t product would wrap silently)."""
+    total = dtype.itemsize
+    for s in shape:
+        if s < 0:
+            raise ValueError(f"shape {shape}: negative extent")
+        total *= s
+    if total >= 2 ** 63:
+        raise MemoryError(f"shape {shape} of {dtype}: {total} bytes is more than any device holds")
+    return total
+
+
 def empty(shape, dtype):
     """A new, uninitialised DeviceArray on the current device."""
     cdef void *ptr = NULL
     shape = tuple(int(s) for s in shape)
     dtype = np.dtype(dtype)
-    cdef size_t nbytes = dtype.itemsize
-    for s in shape:
-        nbytes *= s
+    cdef size_t nbytes = _nbytes(shape, dtype)
     if nbytes:
         check(cudaMalloc(&ptr, nbytes), f"cudaMalloc({nbytes} bytes)")
     return wrap(<size_t>ptr, nbytes, shape, dtype, True, None, current_device())
@@ -172,9 +210,7 @@ def view(size_t ptr, shape, dtype, base):
     """A DeviceArray over memory someone else owns (kept alive through `base`)."""
     dtype = np.dtype(dtype)
     shape = tuple(int(s) for s in shape)
-    cdef size_t nbytes = dtype.itemsize
-    for s in shape:
-        nbytes *= s
+    cdef size_t nbytes = _nbytes(shape, dtype)
     return wrap(ptr, nbytes, shape, dtype, False, base, current_device())
 
 
@@ -206,6 +242,19 @@ def to_host(size_t src, shape, dtype, size_t stream=0):
                               <cudaStream_t>stream), "cudaMemcpyAsync(device to host)")
         check(cudaStreamSynchronize(<cudaStream_t>stream), "cudaStreamSynchronize")
     return host
+
+
+def copy_strided(size_t src, size_t dst, shape, strides, int itemsize, size_t stream=0):
+    """dst (C-contiguous) = the array at src with byte `strides` (up to 3 dims; any sign and
+    alignment), queued on `stream`."""
+    shape, strides = tuple(shape), tuple(strides)
+    if len(shape) != len(strides) or len(shape) > 3:
+        raise ValueError(f"copy_strided: shape {shape} and strides {strides} (up to 3 dims)")
+    pad = 3 - len(shape)
+    cdef tuple d = (1,) * pad + shape
+    cdef tuple st = (0,) * pad + strides
+    check_ferrum(ferrum_copy_strided(<const void *>src, <void *>dst, d[0], d[1], d[2], st[0], st[1],
+                                     st[2], itemsize, <void *>stream))
 
 
 def copy_device(size_t dst, size_t src, size_t nbytes, size_t stream=0):
@@ -289,7 +338,8 @@ cdef dict _DLPACK_DTYPES = {(kDLFloat, 16): "float16", (kDLFloat, 32): "float32"
 
 
 def dlpack_view(obj, size_t stream=0):
-    """(ptr, shape, dtype, c_contiguous, keepalive) of a CUDA DLPack producer's array."""
+    """(ptr, shape, dtype, byte strides or None when C-contiguous, device ordinal, keepalive)
+    of a CUDA DLPack producer's array."""
     consumer = 1 if stream == 0 else stream
     try:
         capsule = obj.__dlpack__(stream=consumer)
@@ -303,16 +353,18 @@ def dlpack_view(obj, size_t stream=0):
     if dtype is None or t.dtype.lanes != 1:
         raise TypeError(f"DLPack dtype code={t.dtype.code} bits={t.dtype.bits} is not supported")
     shape = tuple(t.shape[i] for i in range(t.ndim))
-    contiguous = True
+    dt = np.dtype(dtype)
+    strides = None
     if t.strides != NULL:
         expected = 1
         for i in reversed(range(t.ndim)):
             if shape[i] != 1 and t.strides[i] != expected:
-                contiguous = False
+                strides = tuple(t.strides[j] * dt.itemsize for j in range(t.ndim))
+                break
             expected *= shape[i]
     ptr = <size_t>t.data + t.byte_offset
     # Unconsumed, the capsule's own destructor releases the tensor when `capsule` dies.
-    return ptr, shape, np.dtype(dtype), contiguous, capsule
+    return ptr, shape, dt, strides, int(t.device.device_id), capsule
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,11 +400,19 @@ def mm_plan(int size_m, int size_k, int size_n, int num_experts=1, bint act_orde
 # stream, calls on different streams use different workspaces, and all of this runs under the
 # GIL, so growing a workspace cannot race a launch that uses it. cudaFree waits for the device,
 # so a replaced buffer is never freed under a running kernel.
+# Handle 2 (cudaStreamPerThread) names a different stream in every thread, so its workspaces
+# are per thread too; handles 0 and 1 both name the legacy default stream and share one.
 cdef dict _workspaces = {}
 
 
+cdef object _workspace_key(int device, size_t stream):
+    if stream == 2:
+        return (device, 2, PyThread_get_thread_ident())
+    return (device, 0 if stream == 1 else stream)
+
+
 cdef list _workspace(int device, size_t stream, size_t counter_bytes, size_t data_bytes):
-    key = (device, stream)
+    key = _workspace_key(device, stream)
     ws = _workspaces.get(key)
     cdef DeviceArray counters, data
     if ws is None:
@@ -376,9 +436,10 @@ def release_workspaces():
 def mm(size_t a, size_t b, size_t scales, size_t c, size_t perm, int size_m, int size_k,
        int size_n, int expert0, int num_experts, int num_groups, int group_size, int ldc,
        size_t stream=0, int tile=0, int m_blocks=0, int splits=0, int weights_pending=0,
-       int stream_k=0):
+       int stream_k=0, int device=-1):
     """Launch C = A @ W for experts expert0 .. expert0+num_experts-1 (all pointers on device).
-    weights_pending=1: the kernel just before on the stream may have written b or scales."""
+    weights_pending=1: the kernel just before on the stream may have written b or scales.
+    device: the current device when the caller knows it (-1: asked here)."""
     cdef ferrum_mm_config cfg
     cdef ferrum_mm_plan_info plan
     cdef int status
@@ -386,7 +447,9 @@ def mm(size_t a, size_t b, size_t scales, size_t c, size_t perm, int size_m, int
     cdef DeviceArray arr
     cfg.tile, cfg.m_blocks, cfg.splits, cfg.stream_k = tile, m_blocks, splits, stream_k
     cfg.weights_pending = weights_pending
-    ws = _workspaces.get((current_device(), stream))
+    if device < 0:
+        device = current_device()
+    ws = _workspaces.get(_workspace_key(device, stream))
     for attempt in range(2):
         if ws is not None:
             if ws[0] is not None:
@@ -401,5 +464,5 @@ def mm(size_t a, size_t b, size_t scales, size_t c, size_t perm, int size_m, int
                            <void *>dptr, dbytes, &plan, <void *>stream)
         if status != FERRUM_ERR_WORKSPACE or attempt:
             break
-        ws = _workspace(current_device(), stream, plan.counter_bytes, plan.data_bytes)
+        ws = _workspace(device, stream, plan.counter_bytes, plan.data_bytes)
     check_ferrum(status)

@@ -100,7 +100,15 @@ def _meta(argument: str, x: Any) -> tuple[tuple[int, ...], np.dtype]:
         return x.shape, x.dtype
     cai = getattr(x, "__cuda_array_interface__", None) if not isinstance(x, (list, tuple)) else None
     if cai is not None:
-        return tuple(int(s) for s in cai["shape"]), np.dtype(cai["typestr"])
+        if cai.get("mask") is not None:
+            _fail(argument, x, "has a __cuda_array_interface__ mask; masked arrays are not "
+                  "supported")
+        try:
+            dtype = np.dtype(cai["typestr"])
+        except TypeError:
+            _fail(argument, x, f"has __cuda_array_interface__ typestr {cai['typestr']!r}, which "
+                  "is not a numpy type string", TypeError)
+        return tuple(int(s) for s in cai["shape"]), dtype
     if _is_device_array(x) and hasattr(x, "shape") and hasattr(x, "dtype"):
         name = str(x.dtype).rsplit(".", 1)[-1]
         try:
@@ -528,6 +536,11 @@ def _mm_checked(a, weight, expert, out, backend, stream):
                   "since the result is written into it", TypeError)
         if isinstance(out, np.ndarray) and not out.flags.writeable:
             _fail("out", out, "must be writable")
+        if _framework(out) == "" and not isinstance(out, np.ndarray):
+            cai = getattr(out, "__cuda_array_interface__", None)
+            if cai is not None and cai["data"][1]:
+                _fail("out", out, "must be writable (its __cuda_array_interface__ marks it "
+                      "read-only)")
         if (isinstance(out, np.ndarray) and isinstance(a_given, np.ndarray)     # as given, not
                 and np.may_share_memory(out, a_given) and np.shares_memory(out, a_given)):  # a copy
             _fail("out", out, "must not overlap a")
@@ -594,9 +607,10 @@ def _make_fast_reader(t: type):
         return _read_dlpack if hasattr(t, "__dlpack_device__") else False
     f16 = _F16.str
 
-    def read_cai(x):   # _meta: any other object with a __cuda_array_interface__
+    def read_cai(x):   # _meta: any other object with a __cuda_array_interface__ (unmasked;
+        # writable, since out= is read here too)
         cai = getattr(x, _CAI, None)
-        if cai is None or cai["typestr"] != f16:
+        if cai is None or cai["typestr"] != f16 or cai.get("mask") is not None or cai["data"][1]:
             return None
         shape = cai["shape"]
         return shape if type(shape) is tuple else None

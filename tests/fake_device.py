@@ -16,13 +16,27 @@ GPU. Nothing here touches a GPU: launches are recorded, not run.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import sys
 import types
 
 import numpy as np
 
-_addresses = itertools.count(0x7F0000000000, 0x100000)
+_next_free = [0x7F0000000000]
+
+
+def _address(nbytes=0):
+    """A fresh stand-in device address: 1 MiB apart, or more for a larger array, so that no
+    two stand-ins overlap (the backend refuses an out= that overlaps a or the weight)."""
+    ptr = _next_free[0]
+    _next_free[0] += max(0x100000, (int(nbytes) + 0xFFFFF) // 0x100000 * 0x100000)
+    return ptr
+
+
+def _nbytes(shape, itemsize):
+    n = itemsize
+    for s in shape:
+        n *= int(s)
+    return n
 
 
 def _c_strides(shape, itemsize):
@@ -34,35 +48,58 @@ def _c_strides(shape, itemsize):
 
 
 class CAIArray:
-    """A device array known only through ``__cuda_array_interface__`` (built per access)."""
+    """A device array known only through ``__cuda_array_interface__`` (built per access).
+    ``extra`` adds (or replaces) entries of the dict: "mask", "version", "typestr" ..."""
 
-    def __init__(self, shape, dtype=np.float16, *, ptr=None, strides=None, stream=None):
+    def __init__(self, shape, dtype=np.float16, *, ptr=None, strides=None, stream=None,
+                 read_only=False, **extra):
         self._shape = tuple(int(s) for s in shape)
         self._dtype = np.dtype(dtype)
-        self.ptr = next(_addresses) if ptr is None else ptr
+        self.ptr = _address(_nbytes(self._shape, self._dtype.itemsize)) if ptr is None else ptr
         self._strides = strides
         self._stream = stream
+        self._read_only = read_only
+        self._extra = extra
 
     @property
     def __cuda_array_interface__(self):
-        return {"shape": self._shape, "typestr": self._dtype.str, "data": (self.ptr, False),
-                "version": 3, "strides": self._strides, "stream": self._stream}
+        cai = {"shape": self._shape, "typestr": self._dtype.str, "data": (self.ptr, self._read_only),
+               "version": 3, "strides": self._strides, "stream": self._stream}
+        cai.update(self._extra)
+        return cai
 
     def copy_to_host(self):
         return np.zeros(self._shape, self._dtype)
 
 
+class StubDeviceArray(CAIArray):
+    """What StubCuda allocates: a CAIArray with the attributes of ferrum's DeviceArray that
+    the backend reads (shape, dtype, stream)."""
+
+    stream = None
+
+    @property
+    def shape(self):
+        return self._shape
+
+    @property
+    def dtype(self):
+        return self._dtype
+
+
 class DLPackArray:
     """A device array that offers only DLPack (``__dlpack_device__`` says CUDA)."""
 
-    def __init__(self, shape, dtype=np.float16, device_type=2):
+    def __init__(self, shape, dtype=np.float16, device_type=2, *, device_id=0, strides=None):
         self.shape = tuple(shape)
         self.dtype = str(np.dtype(dtype))
         self.device_type = device_type
-        self.ptr = next(_addresses)
+        self.device_id = device_id
+        self.strides = strides     # byte strides, None when C-contiguous (as dlpack_view says)
+        self.ptr = _address(_nbytes(self.shape, np.dtype(dtype).itemsize))
 
     def __dlpack_device__(self):
-        return (self.device_type, 0)
+        return (self.device_type, self.device_id)
 
     def __dlpack__(self, stream=None, **kwargs):
         return ("capsule", self)
@@ -90,17 +127,45 @@ def fake_torch() -> types.ModuleType:
         pass
 
     class device:
-        def __init__(self, kind):
+        def __init__(self, kind, index=None):
             self.type = kind
+            self.index = index if kind == "cuda" else None
+
+    class Stream:
+        def __init__(self, handle=None, device=None):
+            self.cuda_stream = _address() if handle is None else handle
+            self.device = device
+
+    class ExternalStream(Stream):
+        def __init__(self, stream_ptr, device=None):
+            super().__init__(stream_ptr, device)
+
+    current = {"stream": Stream(0)}   # the current stream (one device is enough here)
+
+    @contextlib.contextmanager
+    def stream_context(s):
+        saved = current["stream"]
+        current["stream"] = s
+        try:
+            yield s
+        finally:
+            current["stream"] = saved
 
     class Tensor:
-        def __init__(self, shape, dtype=None, *, is_cuda=True, contiguous=True, ptr=None):
+        def __init__(self, shape, dtype=None, *, is_cuda=True, contiguous=True, ptr=None,
+                     device_index=0, strides=None):
             self.shape = Size(int(s) for s in shape)
             self.dtype = dtype if dtype is not None else torch.float16
             self.is_cuda = is_cuda
-            self.device = device("cuda" if is_cuda else "cpu")
+            self.device = device("cuda" if is_cuda else "cpu", device_index)
             self._contiguous = contiguous
-            self._ptr = next(_addresses) if ptr is None else ptr
+            itemsize = np.dtype(self.dtype.name).itemsize if self.dtype.name != "bfloat16" else 2
+            self._ptr = _address(4 * _nbytes(self.shape, itemsize)) if ptr is None else ptr
+            elems = [s // itemsize for s in _c_strides(self.shape, itemsize)]
+            # a non-contiguous stand-in: every other column of a twice-as-wide tensor
+            self._strides = tuple(strides) if strides is not None else (
+                tuple(elems) if contiguous else tuple(2 * s for s in elems))
+            self.alloc_stream = current["stream"].cuda_stream   # what the allocator saw
 
         def is_contiguous(self):
             return self._contiguous
@@ -110,6 +175,12 @@ def fake_torch() -> types.ModuleType:
 
         def data_ptr(self):
             return self._ptr
+
+        def get_device(self):
+            return self.device.index if self.is_cuda else -1
+
+        def stride(self):
+            return self._strides
 
         def dim(self):
             return len(self.shape)
@@ -127,7 +198,15 @@ def fake_torch() -> types.ModuleType:
     for cls in (Size, device, Tensor):
         cls.__module__ = "torch"
     torch.Size, torch.device, torch.Tensor = Size, device, Tensor
-    torch.empty = lambda shape, dtype=None, device=None: Tensor(shape, dtype)
+    torch.empty = lambda shape, dtype=None, device=None: Tensor(
+        shape, dtype, device_index=0 if device is None else device.index)
+    cuda = types.ModuleType("torch.cuda")
+    cuda.Stream, cuda.ExternalStream = Stream, ExternalStream
+    cuda.current_stream = lambda device=None: current["stream"]
+    cuda.default_stream = lambda device=None: Stream(0, device)
+    cuda.stream = stream_context
+    torch.cuda = cuda
+    torch._C = types.SimpleNamespace()   # no _cuda_getCurrentRawStream: the portable path
     return torch
 
 
@@ -146,17 +225,42 @@ def fake_cupy() -> types.ModuleType:
         def __init__(self, c_contiguous):
             self.c_contiguous = c_contiguous
 
+    class _Device:
+        def __init__(self, index):
+            self.id = index
+
+    class Stream:
+        def __init__(self, ptr=None):
+            self.ptr = _address() if ptr is None else ptr
+
+        def __enter__(self):
+            _current.append(self)
+            return self
+
+        def __exit__(self, *exc):
+            _current.pop()
+
+    class ExternalStream(Stream):
+        pass
+
+    Stream.null, Stream.ptds = Stream(0), Stream(2)
+    _current = [Stream.null]
+
     class ndarray:
-        def __init__(self, shape, dtype=np.float16, *, contiguous=True):
+        def __init__(self, shape, dtype=np.float16, *, contiguous=True, device_index=0):
             self.shape = tuple(int(s) for s in shape)
             self.dtype = np.dtype(dtype)
-            self.data = _Memory(next(_addresses))
+            self.data = _Memory(_address(4 * _nbytes(self.shape, self.dtype.itemsize)))
             self.flags = _Flags(contiguous)
+            self.device = _Device(device_index)
+            self.strides = _c_strides(self.shape, self.dtype.itemsize)
+            if not contiguous:
+                self.strides = tuple(2 * s for s in self.strides)
+            self.alloc_stream = _current[-1].ptr   # what the memory pool saw
 
         @property
         def __cuda_array_interface__(self):
-            strides = None if self.flags.c_contiguous else tuple(
-                2 * s for s in _c_strides(self.shape, self.dtype.itemsize))
+            strides = None if self.flags.c_contiguous else self.strides
             return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.data.ptr, False),
                     "version": 3, "strides": strides, "stream": 1}
 
@@ -164,6 +268,8 @@ def fake_cupy() -> types.ModuleType:
     cupy.ndarray = ndarray
     cupy.empty = lambda shape, dtype=np.float16: ndarray(shape, dtype)
     cupy.ascontiguousarray = lambda x: ndarray(x.shape, x.dtype)
+    cupy.cuda = types.SimpleNamespace(Stream=Stream, ExternalStream=ExternalStream,
+                                      get_current_stream=lambda: _current[-1])
     return cupy
 
 
@@ -171,12 +277,22 @@ def fake_cupy() -> types.ModuleType:
 
 class StubCuda:
     """Stands in for ``ferrum._cuda``: allocations are CAIArrays, ``mm`` launches are recorded
-    in ``launches`` (or only counted, with ``record=False``, for timing)."""
+    in ``launches`` (or only counted, with ``record=False``, for timing), and so are strided
+    copies (``copies``), stream waits (``waits``), synchronizations (``syncs``) and device
+    switches (``device_log``). ``current`` is the current device; ``pointer_devices`` maps a
+    pointer to what cudaPointerGetAttributes would say, (memory type, device), default
+    (2, 0): device memory of GPU 0."""
 
     DeviceArray = None
 
     def __init__(self, record=True):
         self.launches = []
+        self.copies = []
+        self.waits = []
+        self.syncs = []
+        self.device_log = []
+        self.current = 0
+        self.pointer_devices = {}
         self.calls = 0
         if not record:
             def mm(*args):
@@ -186,24 +302,40 @@ class StubCuda:
     def mm(self, *args):
         self.launches.append(args)
 
-    def empty(self, shape, dtype):
-        return CAIArray(shape, dtype)
+    def empty(self, shape, dtype):   # on the current device, as cudaMalloc allocates
+        arr = StubDeviceArray(shape, dtype)
+        if self.current:
+            self.pointer_devices[arr.ptr] = (2, self.current)
+        return arr
 
     def from_host(self, array, stream=0):
         array = np.asarray(array)
-        return CAIArray(array.shape, array.dtype)
+        return self.empty(array.shape, array.dtype)
 
     def stream_wait(self, consumer, producer):
-        pass
+        self.waits.append((consumer, producer))
 
     def synchronize(self, stream=0):
-        pass
+        self.syncs.append(stream)
 
     def to_host(self, ptr, shape, dtype, stream=0):
         return np.zeros(shape, dtype)
 
+    def copy_strided(self, src, dst, shape, strides, itemsize, stream=0):
+        self.copies.append((src, dst, tuple(shape), tuple(strides), itemsize, stream))
+
+    def get_device(self):
+        return self.current
+
+    def set_device(self, device):
+        self.device_log.append(device)
+        self.current = device
+
+    def pointer_device(self, ptr):
+        return self.pointer_devices.get(ptr, (2, 0))
+
     def dlpack_view(self, obj, stream=0):
-        return obj.ptr, obj.shape, np.dtype(obj.dtype), True, obj
+        return obj.ptr, obj.shape, np.dtype(obj.dtype), obj.strides, obj.device_id, obj
 
 
 @contextlib.contextmanager

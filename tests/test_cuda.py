@@ -586,3 +586,263 @@ def test_interop_dlpack_only_producer(rng):
     got = ferrum.mm(_DLPackOnly(torch.from_numpy(a).cuda()), weight)
     assert type(got) is ferrum.cuda.DeviceArray
     assert _rel_err(got.copy_to_host(), a.astype(np.float64) @ problem.dense[0]) <= TOL
+
+
+# --- the binding's host code on real device arrays (on the stub: tests/test_cuda_binding.py) ---
+
+class _CAIOnly:
+    """A generic __cuda_array_interface__ array (as Numba's are) over a torch tensor, with the
+    dict's entries replaced as given (data=..., stream=..., strides=...)."""
+
+    def __init__(self, t, **entries):
+        self._t = t
+        self._entries = entries
+
+    @property
+    def __cuda_array_interface__(self):
+        cai = dict(self._t.__cuda_array_interface__)
+        cai["version"] = 3
+        cai.update(self._entries)
+        return cai
+
+
+def _misaligned_copy(torch, t, offset_bytes):
+    """t's values in a new tensor-backed CAI array that starts offset_bytes past a 256-byte
+    boundary (contiguous, but not 16-byte aligned)."""
+    raw = t.contiguous().view(torch.uint8).flatten()
+    buf = torch.zeros(raw.numel() + 256, dtype=torch.uint8, device="cuda")
+    buf[offset_bytes:offset_bytes + raw.numel()] = raw
+    torch.cuda.synchronize()
+    typestr = np.dtype(str(t.dtype).rsplit(".", 1)[-1]).str
+    return _CAIOnly(buf, shape=tuple(t.shape), typestr=typestr, strides=None,
+                    data=(buf.data_ptr() + offset_bytes, False))
+
+
+def test_strided_and_misaligned_inputs_are_read_right(rng):
+    """Views the kernels cannot read in place are copied (on the call's stream) first: every
+    other column, a transposed tensor, a padded row slice, a tensor starting 2 bytes past a
+    boundary; through torch, a generic CAI, DLPack, and on a side stream outside torch's
+    stream context. The caller's arrays are left as they were."""
+    torch = _torch()
+    problem = random_problem(rng, 1024, 256, 128)
+    weight = _weight(problem)
+    a = _activations(rng, 9, 1024)
+    ref = a.astype(np.float64) @ problem.dense[0]
+    wide = torch.from_numpy(np.repeat(a, 2, axis=1)).cuda()            # a[:, j] at 2j and 2j+1
+    padded = torch.from_numpy(np.concatenate([a, a[:, :64]], axis=1)).cuda()
+    flat = torch.zeros(1 + a.size, dtype=torch.float16, device="cuda")
+    flat[1:] = torch.from_numpy(a.ravel()).cuda()
+    views = {"every other column": wide[:, ::2],
+             "transposed": torch.from_numpy(np.ascontiguousarray(a.T)).cuda().t(),
+             "padded rows": padded[:, :1024],
+             "2 bytes past a boundary": flat[1:].view(9, 1024)}
+    assert views["2 bytes past a boundary"].data_ptr() % 16 == 2
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    for name, view in views.items():
+        before = view.clone()
+        kinds = {"torch": view, "CAI": _CAIOnly(view), "DLPack": _DLPackOnly(view)}
+        for kind, x in kinds.items():
+            got = ferrum.mm(x, weight)
+            host = got.cpu().numpy() if kind == "torch" else np.asarray(got.copy_to_host())
+            assert _rel_err(host, ref) <= TOL, (name, kind)
+        side.wait_stream(torch.cuda.current_stream())
+        got = ferrum.mm(view, weight, stream=side)
+        side.synchronize()
+        assert _rel_err(got.cpu().numpy(), ref) <= TOL, (name, "side stream")
+        assert torch.equal(view, before), name
+    mis = _misaligned_copy(torch, torch.from_numpy(a).cuda(), 2)
+    assert _rel_err(ferrum.mm(mis, weight).copy_to_host(), ref) <= TOL
+
+
+def test_outputs_that_cannot_be_written_in_place_are_refused(rng):
+    torch = _torch()
+    problem = random_problem(rng, 512, 128, 128)
+    weight = _weight(problem)
+    a = _activations(rng, 4, 512)
+    ad = torch.from_numpy(a).cuda()
+    out = torch.full((4, 128), float("nan"), dtype=torch.float16, device="cuda")
+    read_only = _CAIOnly(out, data=(out.data_ptr(), True))
+    with pytest.raises(ValueError, match="^out=.*read-only"):
+        ferrum.mm(ad, weight, out=read_only)
+    with pytest.raises(ValueError, match="^out=.*C-contiguous"):
+        ferrum.mm(ad, weight, out=torch.empty((128, 4), dtype=torch.float16, device="cuda").t())
+    flat = torch.empty(1 + 4 * 128, dtype=torch.float16, device="cuda")
+    with pytest.raises(ValueError, match="^out=.*16-byte boundary"):
+        ferrum.mm(ad, weight, out=flat[1:].view(4, 128))
+    buf = torch.from_numpy(np.concatenate([a.ravel(), np.zeros(64, np.float16)])).cuda()
+    a_in_buf = buf[:4 * 512].view(4, 512)
+    with pytest.raises(ValueError, match="^out=.*overlaps a"):
+        ferrum.mm(a_in_buf, weight, out=buf[256:256 + 4 * 128].view(4, 128))
+    with pytest.raises(ValueError, match="^out=.*overlaps the weight"):
+        ferrum.mm(ad, weight, out=_CAIOnly(out, data=(weight.qweight.ptr, False)))
+    assert torch.isnan(out).all()
+    assert np.array_equal(a_in_buf.cpu().numpy(), a)
+    np.testing.assert_array_equal(ferrum.cuda.BACKEND.to_host(weight.qweight),
+                                  F.repack_reference(problem.qweights[0], 512, 128))
+
+
+def test_host_a_with_a_device_out(rng):
+    torch = _torch()
+    problem = random_problem(rng, 256, 128, 64)
+    weight = _weight(problem)
+    a = _activations(rng, 3, 256)
+    out = torch.full((3, 128), float("nan"), dtype=torch.float16, device="cuda")
+    assert ferrum.mm(a, weight, out=out) is out
+    assert _rel_err(out.cpu().numpy(), a.astype(np.float64) @ problem.dense[0]) <= TOL
+
+
+def test_stream_handles_and_stream_objects(rng):
+    """0 and 1 (the legacy default stream), 2 (the per-thread default stream), a torch stream,
+    a Numba stream (int(stream)); a negative handle is refused before anything runs."""
+    torch = _torch()
+    problem = random_problem(rng, 1024, 256, 128)
+    weight = _weight(problem)
+    a = _activations(rng, 5, 1024)
+    ad = torch.from_numpy(a).cuda()
+    ref = a.astype(np.float64) @ problem.dense[0]
+    streams = [0, 1, 2, torch.cuda.Stream()]
+    try:
+        from numba import cuda as numba_cuda
+        if numba_cuda.is_available():
+            streams.append(numba_cuda.stream())
+    except Exception:   # no usable numba.cuda here: the stub test covers int(stream)
+        pass
+    for stream in streams:
+        out = torch.full((5, 256), float("nan"), dtype=torch.float16, device="cuda")
+        torch.cuda.synchronize()
+        assert ferrum.mm(ad, weight, out=out, stream=stream) is out
+        torch.cuda.synchronize()
+        assert _rel_err(out.cpu().numpy(), ref) <= TOL, repr(stream)
+    with pytest.raises(ValueError, match="^stream=-1"):
+        ferrum.mm(ad, weight, out=out, stream=-1)
+
+
+def test_per_thread_default_streams_in_threads(rng):
+    """stream=2 is each thread's own per-thread default stream: the split-K workspace must be
+    the thread's own too (one shared by all would be written by several kernels at once)."""
+    torch = _torch()
+    import threading
+    problem = random_problem(rng, 4096, 512, 128)
+    weight = _weight(problem)
+    inputs = [_activations(rng, m, 4096) for m in (1, 3, 16, 40)]
+    refs = [a.astype(np.float64) @ problem.dense[0] for a in inputs]
+    errors = []
+    start = threading.Barrier(len(inputs))
+
+    def worker(i):
+        try:
+            a = torch.from_numpy(inputs[i]).cuda()
+            outs = [torch.full((a.shape[0], 512), float("nan"), dtype=torch.float16,
+                               device="cuda") for _ in range(30)]
+            torch.cuda.synchronize()
+            start.wait()
+            for out in outs:   # queued back to back, so the threads' kernels overlap
+                ferrum.cuda.BACKEND.mm(a, weight, 0, out, stream=2, tile=2, splits=8)
+            torch.cuda.synchronize()
+            for out in outs:
+                err = _rel_err(out.cpu().numpy(), refs[i])
+                if err > TOL:
+                    errors.append((i, err))
+        except Exception as exc:   # reported below
+            errors.append((i, repr(exc)))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_torch_result_is_allocated_for_the_call_stream(rng):
+    """ferrum.mm(a, w, stream=side) outside torch's stream context: the result must not be a
+    block the current stream has just freed while its queued work still writes it."""
+    torch = _torch()
+    problem = random_problem(rng, 1024, 256, 128)
+    weight = _weight(problem)
+    a = _activations(rng, 64, 1024)
+    ad = torch.from_numpy(a).cuda()
+    ref = a.astype(np.float64) @ problem.dense[0]
+    side = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    for _ in range(3):
+        x = torch.empty((64, 256), dtype=torch.float16, device="cuda")   # the result's size
+        torch.cuda._sleep(50_000_000)      # tens of ms of the current stream's time
+        x.fill_(float("nan"))              # queued behind the sleep
+        del x                              # its block is free for the current stream at once
+        got = ferrum.mm(ad, weight, stream=side)
+        side.synchronize()
+        torch.cuda.synchronize()
+        assert _rel_err(got.cpu().numpy(), ref) <= TOL
+
+
+def test_device_weights_written_on_a_producer_stream(rng):
+    """Weights given as CAI v3 arrays whose `stream` is a producer stream still writing them:
+    ferrum waits for it before any call reads them, whatever stream the call runs on."""
+    torch = _torch()
+    problem = random_problem(rng, 1024, 256, 128)
+    marlin = F.repack_reference(problem.qweights[0], 1024, 256)
+    scales = F.permute_scales_reference(problem.scales[0], 1024, 256, 128)
+    q_src, s_src = torch.from_numpy(marlin).cuda(), torch.from_numpy(scales).cuda()
+    a = _activations(rng, 5, 1024)
+    ad = torch.from_numpy(a).cuda()
+    out = torch.full((5, 256), float("nan"), dtype=torch.float16, device="cuda")
+    producer, consumer = torch.cuda.Stream(), torch.cuda.Stream()
+    producer.wait_stream(torch.cuda.current_stream())
+    consumer.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(producer):
+        q, s = torch.zeros_like(q_src), torch.zeros_like(s_src)
+        torch.cuda._sleep(50_000_000)
+        q.copy_(q_src)
+        s.copy_(s_src)
+    weight = ferrum.MarlinWeight(_CAIOnly(q, stream=producer.cuda_stream),
+                                 _CAIOnly(s, stream=producer.cuda_stream),
+                                 size_k=1024, size_n=256, group_size=128)
+    ferrum.mm(ad, weight, out=out, stream=consumer)
+    consumer.synchronize()
+    torch.cuda.synchronize()
+    assert _rel_err(out.cpu().numpy(), a.astype(np.float64) @ problem.dense[0]) <= TOL
+
+
+def test_strided_and_misaligned_device_weights_and_repack_input(rng):
+    torch = _torch()
+    problem = random_problem(rng, 512, 128, 64)
+    marlin = F.repack_reference(problem.qweights[0], 512, 128)
+    scales = F.permute_scales_reference(problem.scales[0], 512, 128, 64)
+    q_wide = torch.from_numpy(np.repeat(marlin, 2, axis=1)).cuda()[:, ::2]   # strided views
+    s_wide = torch.from_numpy(np.repeat(scales, 2, axis=1)).cuda()[:, ::2]
+    weight = ferrum.MarlinWeight(q_wide, s_wide, size_k=512, size_n=128, group_size=64)
+    a = _activations(rng, 7, 512)
+    ref = a.astype(np.float64) @ problem.dense[0]
+    assert _rel_err(ferrum.mm(torch.from_numpy(a).cuda(), weight).cpu().numpy(), ref) <= TOL
+    q_gptq = torch.from_numpy(problem.qweights[0].view(np.int32)).cuda()
+    for x in (_misaligned_copy(torch, q_gptq, 2), torch.from_numpy(
+            np.repeat(problem.qweights[0].view(np.int32), 2, axis=1)).cuda()[:, ::2]):
+        got = ferrum.repack(x, 512, 128, backend="cuda")
+        np.testing.assert_array_equal(ferrum.cuda.BACKEND.to_host(got), marlin)
+
+
+def test_weight_on_another_gpu(rng):
+    """A weight on GPU 1 while GPU 0 is current: ferrum makes GPU 1 current for the call (and
+    back after); an activation on GPU 0 is refused, naming both."""
+    torch = _torch()
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    problem = random_problem(rng, 512, 128, 64)
+    marlin = F.repack_reference(problem.qweights[0], 512, 128)
+    scales = F.permute_scales_reference(problem.scales[0], 512, 128, 64)
+    weight = ferrum.MarlinWeight(torch.from_numpy(marlin).to("cuda:1"),
+                                 torch.from_numpy(scales).to("cuda:1"),
+                                 size_k=512, size_n=128, group_size=64)
+    a = _activations(rng, 3, 512)
+    ref = a.astype(np.float64) @ problem.dense[0]
+    torch.cuda.set_device(0)
+    got = ferrum.mm(torch.from_numpy(a).to("cuda:1"), weight)
+    assert got.device.index == 1
+    assert _rel_err(got.cpu().numpy(), ref) <= TOL
+    assert _rel_err(ferrum.mm(a, weight), ref) <= TOL   # numpy in: copied to GPU 1
+    assert ferrum._cuda.get_device() == 0
+    with pytest.raises(ValueError, match="^a=.*cuda:0 but the weight is on cuda:1"):
+        ferrum.mm(torch.from_numpy(a).to("cuda:0"), weight)
+    assert ferrum._cuda.get_device() == 0

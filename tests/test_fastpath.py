@@ -76,7 +76,9 @@ def compare(monkeypatch, a, weight, **kwargs):
     """Run ferrum.mm and api._mm_checked on the same call; assert they agree. Returns whether
     the fast path accepted the call."""
     recorder = _Recorder()
-    monkeypatch.setattr(ferrum.cuda.BACKEND, "mm", recorder)
+    # the backend the call reaches: the weight's (a cpu weight's calls go to the cpu backend)
+    target = weight.backend if isinstance(weight, ferrum.MarlinWeight) else "cuda"
+    monkeypatch.setattr(ferrum._registry.get(target), "mm", recorder)
     got = _outcome(ferrum.mm, a, weight, **kwargs)
     want = _outcome(api._mm_checked, a, weight, kwargs.get("expert"), kwargs.get("out"),
                     kwargs.get("backend"), kwargs.get("stream"))
@@ -223,9 +225,7 @@ def test_fast_and_general_paths_agree(env, a_kind, a_dtype, a_shape, out_kind, o
     rows = a_shape[0] if out_rows is None and len(a_shape) == 2 else (out_rows or 0)
     out = make_out((rows, out_cols), out_dtype) if make_out else None
     w = {"layer": layer, "stack": stack, "host": host}[weight]
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        if w is host:   # the cpu backend must not run: record its calls too
-            monkeypatch.setattr(ferrum._registry.get("cpu"), "mm", _Recorder())
+    with pytest.MonkeyPatch.context() as monkeypatch:   # compare records the weight's backend
         compare(monkeypatch, a, w, expert=expert, out=out, backend=backend, stream=stream)
 
 
@@ -261,20 +261,33 @@ def test_a_misbehaving_array_gets_the_general_paths_error(env, monkeypatch):
 
 # --- the backend's few-attribute views agree with _device_view ---------------------------------
 
-@pytest.mark.parametrize("strides,stream_field,stream", [
-    (None, None, 0), (None, 1, 0), (None, 7, 7), (None, 7, 0), (None, 1, 5),
-    ((2 * N, 2), None, 0), ((4 * N, 2), None, 0)])
-def test_backend_cai_view_matches_device_view(env, strides, stream_field, stream, monkeypatch):
-    waits = []
-    monkeypatch.setattr(ferrum.cuda._cuda, "stream_wait", lambda c, p: waits.append((c, p)))
-    x = FD.CAIArray((3, N), np.float16, strides=strides, stream=stream_field)
-    got = _outcome(ferrum.cuda._fast_view, x, stream)
-    got_waits, waits[:] = list(waits), []
-    want = _outcome(ferrum.cuda._device_view, x, stream)
-    assert got[0] == want[0]
-    if got[0] == "ok":
-        assert got[1][:2] == (want[1][0], want[1][1][0])
-    assert got_waits == waits
+@pytest.mark.parametrize("strides,stream_field,stream,ptr", [
+    (None, None, 0, None), (None, 1, 0, None), (None, 7, 7, None), (None, 7, 0, None),
+    (None, 1, 5, None), (None, 2, 2, None), ((2 * N, 2), None, 0, None),
+    ((4 * N, 2), None, 0, None), ((2, 6), None, 0, None), (None, None, 0, 0x7E0000000002)])
+def test_backend_cai_view_matches_device_view(env, strides, stream_field, stream, ptr):
+    """_fast_view uses an array as it is only where _device_view would (same pointer, same
+    waits); where _device_view copies (strided, misaligned), _fast_view copies alike."""
+    stub = ferrum.cuda._cuda
+    x = FD.CAIArray((3, N), np.float16, strides=strides, stream=stream_field, ptr=ptr)
+
+    def run(fn):
+        stub.waits.clear()
+        stub.copies.clear()
+        outcome = _outcome(fn, x, stream, 0)
+        return outcome, list(stub.waits), [c[2:] for c in stub.copies]
+
+    got, got_waits, got_copies = run(ferrum.cuda._fast_view)
+    want, want_waits, want_copies = run(ferrum.cuda._device_view)
+    assert got[0] == want[0] == "ok"
+    assert got_waits == want_waits and got_copies == want_copies
+    copied = strides == (4 * N, 2) or strides == (2, 6) or ptr is not None
+    assert bool(want_copies) == copied
+    if copied:   # a C-contiguous copy of the same shape, made on the call's stream
+        assert want_copies == [((3, N), strides or (2 * N, 2), 2, stream)]
+        assert got[1][0] != x.ptr and want[1][0] != x.ptr and got[1][1] == 3
+    else:
+        assert got[1][:2] == (want[1][0], want[1][1][0]) == (x.ptr, 3)
 
 
 # --- real device arrays ------------------------------------------------------------------------
