@@ -114,13 +114,17 @@ GEMV_WIDE_SHARE = (3 / 32, 1 / 8)
 #: CPU adapter (lavapipe) every workgroup costs scheduling, and a few per core are enough.
 TARGET_WORKGROUPS = 1024
 TARGET_WORKGROUPS_CPU = 32
-#: gemv scales the dequantized pairs once (shared by the rows) above this M_TILE, and the column
-#: sums of each row at or below it (fewer multiplies). 0: every M_TILE prescales. The column-sum
-#: way (sum(a (64 + q)) - 72 sum(a) a quad) rounds at the magnitude of 72 |a|, not of the result:
-#: a large activation on a zero weight (q = 8; 6e4 in fp16) wiped out the ordinary terms sharing
-#: its quad (relative error 1e-2 against float64 at M = 1, 2). Prescaling, fma(64 + q, s, -72 s),
-#: is exactly (q - 8) s, so each product is rounded as a plain fp32 dot product rounds it.
-PRESCALE_FROM_M_TILE = 0
+#: gemv scales the dequantized pairs once (shared by the rows) above this M_TILE, and at or
+#: below it takes uint4b8's 72 out of the column sums (fewer multiplies: H200, M = 1 3-10%
+#: faster). Those sums round at the size of 72 |a| rather than of the result, so mm takes them
+#: only for rows of A that _column_sums_fit; other rows are prescaled at every M_TILE.
+PRESCALE_FROM_M_TILE = 2
+#: _column_sums_fit: rows of A may use the column sums when they are finite and no |a| exceeds
+#: COLUMN_SUM_SPAN times the median of the row's nonzero |a|. A value of that size on a zero
+#: weight (where it adds nothing) rounds its quad's sum at ~72 x 4 x 64 x median x 2^-24 = 1e-3
+#: median, against a column whose ordinary terms add up to ~4.6 sqrt(K) median s: a relative
+#: 2e-5 at K = 128 even if a sixteenth of the row is that large. Zeros add nothing either way.
+COLUMN_SUM_SPAN = 64
 #: tiled.wgsl: rows per invocation (TM; a workgroup's tile is 16 TM rows x 64 columns) by the
 #: largest M of the m-block it serves, and k per step (BK) by TM. Larger tiles reuse each
 #: dequantized weight and each A value for more fmas; smaller ones waste less on rows past M.
@@ -250,12 +254,10 @@ CHUNK_CODES = (F.CHUNK_ROW.astype(np.uint32) | (F.CHUNK_COL.astype(np.uint32) <<
 def _gemv_blocks(m_tile: int, loads: int, k_slots: int) -> dict[str, str]:
     """The generated, unrolled parts of gemv.wgsl for M_TILE = m_tile rows, LOADS = loads quads
     in flight per lane and K_SLOTS = k_slots: accumulators and A offsets per row, the loads, the
-    per-row statements that accumulate one quad, recompute a lane's share exactly (inf or NaN in
-    A at M_TILE <= 2) and reduce the tile."""
-    decl, acc, red, exact = [], [], [], []
+    per-row statements that accumulate one quad and reduce the tile."""
+    decl, acc, red = [], [], []
     for m in range(m_tile):
         decl.append(f"    var acc{m}a = vec4<f32>(0.0);\n    var acc{m}b = vec4<f32>(0.0);\n"
-                    f"    var bias{m} = 0.0;\n"
                     f"    let arow{m} = min(m0 + {m}u, P.M - 1u) * a_row;")
         # PRESCALE: the scaled weights of the quad times A, straight into the accumulators (one
         # fma per weight and row: the least arithmetic a row can cost); else the column sums of
@@ -276,7 +278,6 @@ def _gemv_blocks(m_tile: int, loads: int, k_slots: int) -> dict[str, str]:
             f"                acc{m}b = fma(w.b9, vec4<f32>(ah.y), acc{m}b);\n"
             f"            }} else {{\n"
             f"                let bias = vec4<f32>(-72.0 * ((al.x + al.y) + (ah.x + ah.y)));\n"
-            f"                bias{m} += bias.x;\n"
             f"                acc{m}a = fma(sa, fma(q.a9, vec4<f32>(ah.y), fma(q.a8, vec4<f32>(ah.x),\n"
             f"                          fma(q.a1, vec4<f32>(al.y), fma(q.a0, vec4<f32>(al.x), bias)))),\n"
             f"                          acc{m}a);\n"
@@ -285,28 +286,6 @@ def _gemv_blocks(m_tile: int, loads: int, k_slots: int) -> dict[str, str]:
             f"                          acc{m}b);\n"
             f"            }}\n"
             f"        }}")
-        # A lane whose bias terms are not finite (inf or NaN in its values of A) recomputes its
-        # share of the row with every weight debiased first: float64's inf x 0 and inf x w.
-        exact.append(
-            f"    if (!PRESCALE && not_finite(bias{m})) {{\n"
-            f"        acc{m}a = vec4<f32>(0.0);\n"
-            f"        acc{m}b = vec4<f32>(0.0);\n"
-            f"        for (var kx = kt_lo + slot; kx < kt_hi; kx += K_SLOTS) {{\n"
-            f"            let ktg = P.kt_begin + kx;\n"
-            f"            let sc = quad_scales(s_at, s_row, ktg);\n"
-            f"            let q = quad64(W[w_at + kx * w_row]);\n"
-            f"            let a_k = P.a_base + ktg * 8u + t4;\n"
-            f"            let al = unpack2x16float(A[a_k + arow{m}]);\n"
-            f"            let ah = unpack2x16float(A[a_k + arow{m} + 4u]);\n"
-            f"            let d = vec4<f32>(72.0);\n"
-            f"            acc{m}a = fma(vec4<f32>(unpack2x16float(sc.x), unpack2x16float(sc.y)),\n"
-            f"                          (q.a0 - d) * al.x + (q.a1 - d) * al.y + (q.a8 - d) * ah.x\n"
-            f"                          + (q.a9 - d) * ah.y, acc{m}a);\n"
-            f"            acc{m}b = fma(vec4<f32>(unpack2x16float(sc.z), unpack2x16float(sc.w)),\n"
-            f"                          (q.b0 - d) * al.x + (q.b1 - d) * al.y + (q.b8 - d) * ah.x\n"
-            f"                          + (q.b9 - d) * ah.y, acc{m}b);\n"
-            f"        }}\n"
-            f"    }}")
         red.append(
             f"    {{\n"
             f"        var ra = acc{m}a;\n"
@@ -357,7 +336,6 @@ def _gemv_blocks(m_tile: int, loads: int, k_slots: int) -> dict[str, str]:
                            f" * w_row];\n"
                            for u in xs) + "        }")
     return {"ACC_DECL": "\n".join(decl), "ACCUMULATE": "\n".join(acc), "REDUCE": "\n".join(red),
-            "EXACT": "\n".join(exact),
             "LOAD_DECL": load_decl, "LOAD_NEXT": load_next, "LOADS": loads, "K_SLOTS": k_slots,
             "WORKGROUP_SIZE": 32 * k_slots, "RED_VEC4S": 64 * max(8, k_slots // 2)}
 
@@ -471,6 +449,7 @@ class _Plan:
     upload: _Staging = None  # mapped upload buffer for A (a size class of a_bytes)
     read: _Staging = None   # read-back buffer for C (a size class of out_bytes)
     raw: list = None        # (pipeline, bind group, grid) as wgpu-native handles (_Native)
+    column_sums: bool = False  # some gemv dispatch takes the 72 out of the column sums
 
     def __post_init__(self):
         self.raw = [(d.pipeline._internal, d.bind_group._internal, tuple(int(g) for g in d.grid))
@@ -641,6 +620,24 @@ class _Native:
 
 def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
+
+
+def _column_sums_fit(a: np.ndarray) -> bool:
+    """Whether gemv may take uint4b8's 72 out of the column sums for every row of a: each quad
+    is summed as sum(a (64 + q)) - 72 sum(a), which rounds at the size of 72 |a|, so a large value
+    on a zero weight (q = 8; 6e4 among N(0, 1) values) would round the other terms of its quad
+    away, and an inf gives inf - inf. Rows with an inf or NaN, or with a |a| above
+    COLUMN_SUM_SPAN times the median of their nonzero |a|, are prescaled instead:
+    fma(64 + q, s, -72 s) is exactly (q - 8) s, and each product rounds as in a plain fp32 dot
+    product. (A median, not a mean: a few large values must not raise their own bound.)"""
+    for row in np.abs(a.astype(np.float32)):
+        if not np.isfinite(row).all():
+            return False
+        nonzero = row[row > 0]
+        half = nonzero.size // 2
+        if nonzero.size and nonzero.max() > COLUMN_SUM_SPAN * np.partition(nonzero, half)[half]:
+            return False
+    return True
 
 
 def _record_plan(encoder, plan) -> None:
@@ -1028,7 +1025,7 @@ fn main(@builtin(local_invocation_index) li: u32) {
         a = np.ascontiguousarray(a, dtype=np.float16)
         m = a.shape[0]
         with self._lock:
-            plan = self._plan(weight, m, expert)
+            plan = self._plan_for(a, weight, expert)
             read = plan.read.buffer
             native = self._native
             if native is not None:
@@ -1067,18 +1064,26 @@ fn main(@builtin(local_invocation_index) li: u32) {
                 read.unmap()
         return out
 
-    def _plan(self, weight, m: int, expert) -> _Plan:
+    def _plan_for(self, a: np.ndarray, weight, expert) -> _Plan:
+        """mm's plan for these rows of A: with gemv's column sums where the plan has them and
+        the rows fit them (_column_sums_fit), else every weight prescaled."""
+        plan = self._plan(weight, a.shape[0], expert)
+        if plan.column_sums and not _column_sums_fit(a):
+            plan = self._plan(weight, a.shape[0], expert, column_sums=False)
+        return plan
+
+    def _plan(self, weight, m: int, expert, column_sums: bool = True) -> _Plan:
         cache = weight._aux.get("metal_plans")
         if cache is None:
             cache = weight._aux["metal_plans"] = {}
             self._planned.add(weight)
         key = (m, expert, self.binding_limit, self.subgroups, self.target_workgroups,
                self.vector_m_tile, self.gemv_loads, self.gemv_k_slots, self.gemv_wide,
-               self.tiled_tm, self.tiled_bk, self.tiled_unroll)
+               self.tiled_tm, self.tiled_bk, self.tiled_unroll, column_sums)
         plan = cache.pop(key, None)         # and back in at the end: the dict is in use order
         # A plan binds the workspaces of its generation; when any grew since, bind again.
         if plan is None or plan.generation != self._generation:
-            plan = self._make_plan(weight, m, expert)
+            plan = self._make_plan(weight, m, expert, column_sums)
             limit = max(PLANS_PER_WEIGHT, PLANS_PER_EXPERT * weight.num_experts)
             while len(cache) >= limit:
                 cache.pop(next(iter(cache)))
@@ -1124,7 +1129,7 @@ fn main(@builtin(local_invocation_index) li: u32) {
         return next(s for s in (32, 16, 8) if s <= self.gemv_k_slots
                     and 32 * s <= self.max_invocations or s == 8)
 
-    def _make_plan(self, weight, m: int, expert) -> _Plan:
+    def _make_plan(self, weight, m: int, expert, column_sums: bool = True) -> _Plan:
         K, n = weight.size_k, weight.size_n
         E = weight.num_experts
         experts = list(range(E)) if expert is None else [int(expert)]
@@ -1212,6 +1217,7 @@ fn main(@builtin(local_invocation_index) li: u32) {
         reduce_pipe = self._pipeline("reduce.wgsl")
         dispatches = []
         direct_any = False
+        any_sums = False
         for mb0 in range(0, m, m_block):
             mb = min(m_block, m - mb0)
             block_kernel = self._kernel_for(mb)      # a short last block may be gemv
@@ -1221,10 +1227,12 @@ fn main(@builtin(local_invocation_index) li: u32) {
             direct_any |= direct
             if block_kernel == "gemv.wgsl":
                 loads = self._gemv_loads(m_tile)
+                sums = column_sums and m_tile <= PRESCALE_FROM_M_TILE
+                any_sums |= sums
                 pipe = self._pipeline(block_kernel, TABLES=TABLES[table], M_TILE=m_tile,
                                       SUBGROUPS=str(self.subgroups).lower(),
                                       CHANNELWISE=str(groups == 1).lower(),
-                                      PRESCALE=str(m_tile > PRESCALE_FROM_M_TILE).lower(),
+                                      PRESCALE=str(not sums).lower(),
                                       DIRECT=str(direct).lower(),
                                       **_gemv_blocks(m_tile, loads, k_slots))
             else:
@@ -1276,16 +1284,17 @@ fn main(@builtin(local_invocation_index) li: u32) {
                       if kernel == "gemv.wgsl" else
                       f" bk{self._tiled_bk(self._tiled_tm(m_block))}")
                    + (" direct" if direct_any else "")
+                   + (" sums" if any_sums else "")
                    + (f" p{len(pieces)}" if len(pieces) > 1 else "")
                    + (f" b{math.ceil(m / m_block)}" if m_block < m else ""))
         return _Plan(self._generation, dispatches, m * n_total * 2, m * K * 2, summary,
                      upload=self._staging("upload", m * K * 2),
-                     read=self._staging("read", m * n_total * 2))
+                     read=self._staging("read", m * n_total * 2), column_sums=any_sums)
 
     # --- measurement (bench) ----------------------------------------------------------------------
     def plan_summary(self, weight, m: int, expert) -> str:
         """How mm runs this shape: kernel, rows per workgroup (m), k-splits (k), weight pieces (p),
-        m-blocks (b)."""
+        m-blocks (b); "sums": gemv takes the 72 out of the column sums (rows of A that fit)."""
         with self._lock:
             return self._plan(weight, m, expert).summary
 
@@ -1295,7 +1304,7 @@ fn main(@builtin(local_invocation_index) li: u32) {
         if weight.perm is not None:
             a = a[:, weight.perm]
         a = np.ascontiguousarray(a, dtype=np.float16)
-        plan = self._plan(weight, a.shape[0], expert)
+        plan = self._plan_for(a, weight, expert)
         self.device.queue.write_buffer(self._work["a"], 0, a)
         return plan
 

@@ -289,16 +289,12 @@ def test_mm_non_finite_activations_propagate_as_in_float64(m):
     assert rel_error(got[4:], ref[4:]) < TOLERANCE
 
 
-@pytest.mark.parametrize("prescale_from", [0, 2])
 @pytest.mark.parametrize("group_size", [-1, 64])
-def test_mm_non_finite_activations_at_one_and_two_rows(group_size, prescale_from, monkeypatch):
-    # With PRESCALE_FROM_M_TILE = 2 (off by default) M <= 2 takes the 72 of uint4b8 out of the
-    # column sums as 72 x sum(a): inf - inf where a holds an inf, so the lanes that saw one
-    # recompute their share; prescaled (the default) inf x 0 = NaN comes by itself. Each kind of
-    # non-finite row alone, next to a finite row, on one k-split (gemv writes C) and on several,
-    # with 1 or 2 quads in flight and 8 or 32 k-slots.
-    from ferrum.metal import backend as MB
-    monkeypatch.setattr(MB, "PRESCALE_FROM_M_TILE", prescale_from)
+def test_mm_non_finite_activations_at_one_and_two_rows(group_size):
+    # M <= 2 may take the 72 of uint4b8 out of gemv's column sums as 72 x sum(a), which is
+    # inf - inf where a holds an inf: mm sees the inf or NaN and prescales the call instead, where
+    # inf x 0 = NaN comes by itself. Each kind of non-finite row alone, next to a finite row, on
+    # one k-split (gemv writes C) and on several, with 1 or 2 quads in flight and 8 or 32 k-slots.
     size_k, size_n = 512, 128
     rng, p, w = metal_problem(930 + group_size, size_k, size_n, group_size)
     kinds = [{7: np.inf}, {300: -np.inf}, {64: np.nan}, {20: np.inf, 500: -np.inf}]
@@ -317,7 +313,9 @@ def test_mm_non_finite_activations_at_one_and_two_rows(group_size, prescale_from
                     assert np.array_equal(got[np.isinf(ref)], ref[np.isinf(ref)]), (knobs, m, kind)
                     if m == 2:
                         assert rel_error(got[1:], ref[1:]) < TOLERANCE
-                    assert last_plan(w).summary.startswith("gemv m1" if m == 1 else "gemv m2")
+                    summary = last_plan(w).summary
+                    assert summary.startswith("gemv m1" if m == 1 else "gemv m2"), summary
+                    assert "sums" not in summary, summary
 
 
 @pytest.mark.parametrize("group_size", [-1, 64])
@@ -577,6 +575,52 @@ def test_mm_large_activations_on_zero_weights_at_one_and_two_rows(group_size):
                 a = rng.standard_normal((m, size_k)).astype(np.float16)
                 a[:, big] = 6e4
                 check_mm(w, a, dense)
+                assert "sums" not in last_plan(w).summary
+
+
+def test_mm_column_sums_only_for_rows_that_fit():
+    # gemv's column sums (M <= 2) round at the size of 72 |a|: mm takes them only when every row
+    # is finite and no |a| exceeds COLUMN_SUM_SPAN times the median of the row's nonzero |a|. Up
+    # to that bound, on zero weights (the worst case: the large values add nothing), they stay
+    # as accurate as the prescaled way; past it in either row, mm prescales the call.
+    from ferrum.metal import backend as MB
+    size_k, size_n = 512, 128
+    rng = np.random.default_rng(1700)
+    q = rng.integers(0, 16, (size_k, size_n), dtype=np.uint32)
+    big = np.array([3, 130, 257, 511])      # zero weights (q = 8) under the large values
+    q[big] = 8
+    scales = (rng.uniform(0.5, 1.5, (size_k // 128, size_n)) / (4.0 * np.sqrt(size_k))
+              ).astype(np.float16)
+    dense = F.dequantize_reference(q, scales, size_k, 128, None)
+    w = ferrum.MarlinWeight.from_gptq(F.pack_gptq(q), scales, group_size=128, backend="metal")
+    bound = MB.COLUMN_SUM_SPAN
+
+    def row(ratio):
+        # N(0, 1) values and, on the big rows, `ratio` times the median of the row's |a|
+        a = rng.standard_normal(size_k).astype(np.float16)
+        a[big] = 0
+        a[big] = ratio * np.median(np.abs(a[a != 0].astype(np.float32)))
+        return a
+
+    for m in (1, 2):
+        plain = rng.standard_normal((m, size_k)).astype(np.float16)
+        check_mm(w, plain, dense)
+        assert "sums" in last_plan(w).summary
+    assert MB._column_sums_fit(np.zeros((2, size_k), np.float16))
+    for value in (np.inf, -np.inf, np.nan):
+        assert not MB._column_sums_fit(np.array([[0.0, 1.0, value]], np.float16))
+    at_bound = np.stack([row(0.99 * bound), row(0.5 * bound)])
+    past = np.stack([row(0.5 * bound), row(1.5 * bound)])
+    for a, fits in ((at_bound, True), (past, False)):
+        mag = np.abs(a.astype(np.float32))
+        assert ((mag.max(1) / np.median(mag, axis=1)) <= bound).all() == fits
+    for a, sums in ((at_bound[:1], True), (at_bound, True), (past[1:], False), (past, False)):
+        got = ferrum.mm(a, w).astype(np.float64)
+        assert ("sums" in last_plan(w).summary) == sums, (a.shape, sums)
+        ref = a.astype(np.float64) @ dense
+        # as accurate as cpu's fp32 dot products (both round C to fp16 last)
+        cpu = ferrum.mm(a, w.to("cpu")).astype(np.float64)
+        assert rel_error(got, ref) <= 1.5 * rel_error(cpu, ref) + 1e-6, (a.shape, sums)
 
 
 def test_buffers_stay_within_the_adapters_largest_buffer():
