@@ -313,7 +313,7 @@ def _overlap_error(out: Any, c_ptr: int, c_end: int, a_ptr: int, a_bytes: int, r
 class _Resident:
     """Device pointers and sizes of one MarlinWeight, cached in weight._aux["cuda"]."""
     __slots__ = ("b", "s", "perm", "perm_array", "keep", "size_k", "size_n", "groups",
-                 "group_size", "num_experts", "pending", "device", "b_end", "s_end")
+                 "group_size", "num_experts", "pending", "device", "b_end", "s_end", "only_gpu")
 
 
 class CudaBackend(Backend):
@@ -435,6 +435,8 @@ class CudaBackend(Backend):
                     r.perm_array = _cuda.from_host(np.ascontiguousarray(weight.perm, dtype=np.int32))
                     r.perm = r.perm_array.ptr
             r.device = device
+            # With one GPU visible every device array is on it: mm skips its device checks.
+            r.only_gpu = _cuda.probe()["count"] == 1
             r.size_k, r.size_n = weight.size_k, weight.size_n
             r.groups = weight.num_groups
             r.group_size = weight.size_k if r.groups == 1 else weight.group_size
@@ -460,19 +462,22 @@ class CudaBackend(Backend):
         if r is None:
             r = self._resident(weight)
         device = r.device
-        current = _cuda.get_device()
-        if current != device:   # the call again, with the weight's GPU current
-            _cuda.set_device(device)
-            try:
-                return self.mm(a, weight, expert, out, stream, tile, m_blocks, splits, stream_k)
-            finally:
-                _cuda.set_device(current)
+        strict = not r.only_gpu
+        if strict:
+            current = _cuda.get_device()
+            if current != device:   # the call again, with the weight's GPU current
+                _cuda.set_device(device)
+                try:
+                    return self.mm(a, weight, expert, out, stream, tile, m_blocks, splits,
+                                   stream_k)
+                finally:
+                    _cuda.set_device(current)
         host_in = type(a) is np.ndarray
         if host_in:
             a_dev = _cuda.from_host(np.ascontiguousarray(a, dtype=np.float16), s)
             a_ptr, size_m, a_keep = a_dev.ptr, a_dev.shape[0], a_dev
         else:
-            a_ptr, size_m, a_keep = _fast_view(a, s, device)
+            a_ptr, size_m, a_keep = _fast_view(a, s, device, False, strict)
         if expert is None:
             expert0, experts = 0, r.num_experts
         else:
@@ -490,7 +495,7 @@ class CudaBackend(Backend):
             c_target = _cuda.empty((size_m, cols), _F16)
         else:
             result = c_target = out
-        c_ptr, _, c_keep = _fast_view(c_target, s, device, writable=True)
+        c_ptr, _, c_keep = _fast_view(c_target, s, device, True, strict)
         if result is out:   # the caller's device array: the kernel must not write what it reads
             c_end = c_ptr + size_m * cols * 2
             if (c_ptr < a_ptr + size_m * r.size_k * 2 and a_ptr < c_end) or \
@@ -510,10 +515,12 @@ class CudaBackend(Backend):
         return result
 
 
-def _fast_view(x: Any, stream: int, device: int, writable: bool = False) -> tuple[int, int, Any]:
+def _fast_view(x: Any, stream: int, device: int, writable: bool = False,
+               strict: bool = True) -> tuple[int, int, Any]:
     """(pointer, rows, keepalive): a few attribute reads for contiguous, aligned torch, cupy,
-    ferrum and plain __cuda_array_interface__ arrays on `device`; anything else (a copy to make,
-    a stream to wait for, DLPack, an error to raise) goes through _device_view."""
+    ferrum and plain __cuda_array_interface__ arrays on `device` (any GPU when not strict: the
+    only one there is); anything else (a copy to make, a stream to wait for, DLPack, an error
+    to raise) goes through _device_view."""
     t = type(x)
     kind = _VIEW_KINDS.get(t) or _view_kind(t)
     if kind == "ferrum":
@@ -523,12 +530,12 @@ def _fast_view(x: Any, stream: int, device: int, writable: bool = False) -> tupl
     elif kind == "torch":
         if x.is_cuda and x.is_contiguous():
             ptr = x.data_ptr()
-            if not ptr & 15 and x.get_device() == device:
+            if not ptr & 15 and (not strict or x.get_device() == device):
                 return ptr, x.shape[0], x
     elif kind == "cupy":
         if x.flags.c_contiguous:
             ptr = x.data.ptr
-            if not ptr & 15 and x.device.id == device:
+            if not ptr & 15 and (not strict or x.device.id == device):
                 return ptr, x.shape[0], x
     else:   # what _device_view does for a CAI array that is C-contiguous (no strides), needs no
         # wait (written on no stream or on this one), is aligned, writable where it must be,

@@ -294,6 +294,7 @@ class StubCuda:
         self.current = 0
         self.pointer_devices = {}
         self.calls = 0
+        self.gpus = 2       # visible GPUs (probe()["count"]): more than one keeps mm's device checks
         if not record:
             def mm(*args):
                 return None
@@ -323,6 +324,9 @@ class StubCuda:
 
     def copy_strided(self, src, dst, shape, strides, itemsize, stream=0):
         self.copies.append((src, dst, tuple(shape), tuple(strides), itemsize, stream))
+
+    def probe(self):
+        return {"count": self.gpus, "device": self.current}
 
     def get_device(self):
         return self.current

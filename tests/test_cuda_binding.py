@@ -300,6 +300,26 @@ def test_the_weights_gpu_is_made_current_for_the_call(stub, host_weights):
     assert stub.device_log == [1, 0] and stub.current == 0   # restored after the error too
 
 
+def test_with_one_gpu_mm_asks_no_device_questions(stub, host_weights, fakes):
+    # One GPU visible: every device array is on it, so the call skips the current-device query
+    # and the arrays' device reads (host overhead), and launches as before.
+    stub.gpus = 1
+    weight = host_weights[0].to("cuda")
+    a, out = FD.CAIArray((2, K)), FD.CAIArray((2, N))
+    ferrum.mm(a, weight, out=out)           # the first call makes the weight resident
+    asked = []
+    stub.get_device = lambda: asked.append(1) or stub.current
+    assert ferrum.mm(a, weight, out=out) is out
+    assert asked == [] and len(stub.launches) == 2
+    if fakes["torch"] is not None:
+        torch = fakes["torch"]
+        ta = torch.empty((2, K), dtype=torch.float16, device="cuda")
+        tout = torch.empty((2, N), dtype=torch.float16, device="cuda")
+        ta.get_device = tout.get_device = lambda: pytest.fail("get_device read with one GPU")
+        assert ferrum.mm(ta, weight, out=tout) is tout
+        assert asked == [] and len(stub.launches) == 3
+
+
 def test_a_weights_arrays_must_share_a_gpu(stub, host_weights):
     weight = host_weights[0].to("cuda")
     stub.pointer_devices[weight.scales.ptr] = (2, 1)
