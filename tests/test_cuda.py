@@ -530,37 +530,49 @@ def test_weight_to_cuda_owns_device_memory(rng):
     assert _rel_err(ferrum.mm(a, dev), a.astype(np.float64) @ problem.dense[0]) <= TOL
 
 
-def test_concurrent_threads_and_streams(rng):
-    torch = _torch()
+def _errors_in_threads(count: int, work) -> list:
+    """Run work(i) for i < count, each in its own thread, at once: the errors work(i) returns,
+    and what any of them raised."""
     import threading
-    problem = random_problem(rng, 2048, 512, 128)
-    weight = _weight(problem)
-    inputs = [_activations(rng, m, 2048) for m in (1, 3, 16, 40)]
-    refs = [a.astype(np.float64) @ problem.dense[0] for a in inputs]
     errors = []
 
-    def worker(i):
+    def run(i):
         try:
-            stream = torch.cuda.Stream()
-            a = torch.from_numpy(inputs[i]).cuda()
-            torch.cuda.synchronize()
-            for _ in range(20):
-                out = torch.full((a.shape[0], 512), float("nan"), dtype=torch.float16, device="cuda")
-                with torch.cuda.stream(stream):
-                    ferrum.cuda.BACKEND.mm(a, weight, 0, out, stream=stream, splits=4)
-                stream.synchronize()
-                err = _rel_err(out.cpu().numpy(), refs[i])
-                if err > TOL:
-                    errors.append((i, err))
-        except Exception as exc:   # reported below
+            errors.extend(work(i))
+        except Exception as exc:   # reported by the caller
             errors.append((i, repr(exc)))
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(inputs))]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert not errors
+    return errors
+
+
+def test_concurrent_threads_and_streams(rng):
+    torch = _torch()
+    problem = random_problem(rng, 2048, 512, 128)
+    weight = _weight(problem)
+    inputs = [_activations(rng, m, 2048) for m in (1, 3, 16, 40)]
+    refs = [a.astype(np.float64) @ problem.dense[0] for a in inputs]
+
+    def work(i):
+        errors = []
+        stream = torch.cuda.Stream()
+        a = torch.from_numpy(inputs[i]).cuda()
+        torch.cuda.synchronize()
+        for _ in range(20):
+            out = torch.full((a.shape[0], 512), float("nan"), dtype=torch.float16, device="cuda")
+            with torch.cuda.stream(stream):
+                ferrum.cuda.BACKEND.mm(a, weight, 0, out, stream=stream, splits=4)
+            stream.synchronize()
+            err = _rel_err(out.cpu().numpy(), refs[i])
+            if err > TOL:
+                errors.append((i, err))
+        return errors
+
+    assert not _errors_in_threads(len(inputs), work)
 
 
 class _DLPackOnly:
@@ -727,32 +739,21 @@ def test_per_thread_default_streams_in_threads(rng):
     weight = _weight(problem)
     inputs = [_activations(rng, m, 4096) for m in (1, 3, 16, 40)]
     refs = [a.astype(np.float64) @ problem.dense[0] for a in inputs]
-    errors = []
-    start = threading.Barrier(len(inputs))
+    start = threading.Barrier(len(inputs), timeout=60)   # a thread that fails breaks it
 
-    def worker(i):
-        try:
-            a = torch.from_numpy(inputs[i]).cuda()
-            outs = [torch.full((a.shape[0], 512), float("nan"), dtype=torch.float16,
-                               device="cuda") for _ in range(30)]
-            torch.cuda.synchronize()
-            start.wait()
-            for out in outs:   # queued back to back, so the threads' kernels overlap
-                ferrum.cuda.BACKEND.mm(a, weight, 0, out, stream=2, tile=2, splits=8)
-            torch.cuda.synchronize()
-            for out in outs:
-                err = _rel_err(out.cpu().numpy(), refs[i])
-                if err > TOL:
-                    errors.append((i, err))
-        except Exception as exc:   # reported below
-            errors.append((i, repr(exc)))
+    def work(i):
+        a = torch.from_numpy(inputs[i]).cuda()
+        outs = [torch.full((a.shape[0], 512), float("nan"), dtype=torch.float16,
+                           device="cuda") for _ in range(30)]
+        torch.cuda.synchronize()
+        start.wait()
+        for out in outs:   # queued back to back, so the threads' kernels overlap
+            ferrum.cuda.BACKEND.mm(a, weight, 0, out, stream=2, tile=2, splits=8)
+        torch.cuda.synchronize()
+        errors = [(i, _rel_err(out.cpu().numpy(), refs[i])) for out in outs]
+        return [e for e in errors if e[1] > TOL]
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(inputs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    assert not _errors_in_threads(len(inputs), work)
 
 
 def test_torch_result_is_allocated_for_the_call_stream(rng):
