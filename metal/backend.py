@@ -630,13 +630,17 @@ def _column_sums_fit(a: np.ndarray) -> bool:
     COLUMN_SUM_SPAN times the median of their nonzero |a|, are prescaled instead:
     fma(64 + q, s, -72 s) is exactly (q - 8) s, and each product rounds as in a plain fp32 dot
     product. (A median, not a mean: a few large values must not raise their own bound.)"""
-    for row in np.abs(a.astype(np.float32)):
-        if not np.isfinite(row).all():
+    magnitudes = np.ascontiguousarray(a, dtype=np.float16).view(np.uint16) & np.uint16(0x7FFF)
+    for row in magnitudes:          # |a| as fp16 bits, which order as the values do
+        peak = row.max()
+        if peak >= 0x7C00:          # inf or NaN
             return False
-        nonzero = row[row > 0]
-        half = nonzero.size // 2
-        if nonzero.size and nonzero.max() > COLUMN_SUM_SPAN * np.partition(nonzero, half)[half]:
-            return False
+        nonzero = row[row != 0]
+        if nonzero.size:
+            half = nonzero.size // 2
+            median = np.partition(nonzero, half)[half:half + 1].view(np.float16)[0]
+            if float(np.array(peak, np.uint16).view(np.float16)) > COLUMN_SUM_SPAN * float(median):
+                return False
     return True
 
 
