@@ -586,10 +586,16 @@ static bool wgmma_available(const DeviceProps &dev) {
     return wgmma_built() && dev.major == 9 && dev.minor == 0;
 }
 
-// Rows from which the wgmma kernel (where available) beats the mma.sync one (tools/tune.py,
-// H100); below it the product is bound by the weight stream, which the mma.sync kernel's
-// smaller tiles spread over more SMs.
-constexpr int kWgmmaMinRows = 33;
+// Rows from which the wgmma kernel (where available) beats the mma.sync one; below it the
+// mma.sync kernel's smaller tiles and the swapped kernel's fewer instructions a weight win or
+// tie. H200, tools/tune.py over tiles 5/6 with 16-, 32- and 64-row blocks and 1-12 splits
+// (session 14): at M = 24 and 32 the best 32-row wgmma plan beat the planner's mma.sync plan on
+// 15 of 16 layer cells, by up to 24% (70B gate_up M=32 105 against 137 µs, 70B down M=24 55
+// against 69; 4096x4096 M=24 12.3 against 11.9 the exception); at M = 16 the best 16-row plan
+// won on 4 of 8 by 2-9% and lost on 4 by 2-13%, so 16 rows stay on mma.sync.
+constexpr int kWgmmaMinRows = 17;
+// Up to this many rows the wgmma candidates are 32-row blocks (m_blocks 2; wgmma n32).
+constexpr int kWgmmaFewRows = 32;
 
 // Split-K choice for one (tile, m_blocks): the fewest waves x (k-tiles per block x cost of a
 // k-tile + fixed cost + partial-sum traffic) + a reduction tail per split, over the splits that
@@ -657,6 +663,24 @@ static double choose_splits(const DeviceProps &dev, int occ, int size_m, int siz
     return best_cost;
 }
 
+// The wgmma kernel's split model constants, per (tile, m_blocks): a k-tile's cost relative to
+// a 128-row tile-5 block's 0.9 and a block's fixed cost in k-tiles (see plan_one). The 16- and
+// 32-row blocks' were fitted to 16 tools/tune.py cells at M = 24 and 32 (H200, session 14: the
+// eight layers, tiles 5/6, 1-12 splits with and without clusters; the replayed pick is within
+// 6% of the best measured on all 16, mean 0.7%; a flat optimum: tile 5 0.8-0.9 with fixed cost
+// 0-4, tile 6 1.1 with 2-6 fit as well).
+static SplitModel wgmma_split_model(int tile, int mb) {
+    double kt_cost, fixed;
+    if (mb <= 2) {
+        kt_cost = tile == 6 ? 1.1 : 0.8;
+        fixed = tile == 6 ? 4.0 : 2.0;
+    } else {
+        kt_cost = tile == 6 ? 1.0 : mb == 8 ? 0.9 : 0.65;
+        fixed = tile == 6 ? 6.0 : 1.0;
+    }
+    return SplitModel{kt_cost * tile_k(tile) / 128.0, fixed, 0.5, 1.0};
+}
+
 // The mma.sync kernel's cost model: estimated µs of one launch of (tile, m_blocks, splits),
 // with constants fitted to 1485 tools/tune.py timings of tiles 1, 2 and 7 on two H100s (M 1-32,
 // the eight Llama layer shapes and two smaller ones; mean error 10%; on each of the 38
@@ -721,9 +745,11 @@ static double mma_choose_splits(const DeviceProps &dev, int occ, int size_m, int
 
 // The heuristic, readable as a table (measured on an H100, tools/tune.py):
 //   rows M               kernel, block tile (k x n)         rows per block (m_blocks), splits
-//   1..32 (or no sm_90a) mma.sync: tile 2 (128 x 256), and  16*ceil(M/16), at most 64; tile and
+//   1..16 (or no sm_90a) mma.sync: tile 2 (128 x 256), and  16*ceil(M/16), at most 64; tile and
 //                        for M <= 64 also tiles 1           splits by mma_cost
 //                        (128 x 128) and 7 (256 x 64)
+//   17..32 on sm_90a     wgmma, 128 x 256                   32 rows (wgmma n32): tile 5 or tile 6
+//                                                           (two blocks per SM), by the split model
 //   >= 33 on sm_90a      wgmma, 128 x 256                   whichever of tile 5 with 64 or 128 rows
 //                                                           and tile 6 (64 rows, two blocks per SM)
 //                                                           the split model costs least
@@ -750,9 +776,10 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
         FERRUM_REQUIRE(wgmma_available(dev),
                        "ferrum_mm: tile=%d (wgmma) needs a compute capability 9.0 GPU and a build "
                        "with sm_90a (FERRUM_CUDA_ARCHS including 90)", cfg.tile);
-        FERRUM_REQUIRE(cfg.m_blocks == 0 || cfg.m_blocks == 4 || (cfg.m_blocks == 8 && cfg.tile != 6),
-                       "ferrum_mm: m_blocks=%d (tiles 4 and 5 take 0, 4 or 8; tile 6 0 or 4)",
-                       cfg.m_blocks);
+        FERRUM_REQUIRE(cfg.m_blocks == 0 || cfg.m_blocks == 4 || (cfg.m_blocks == 8 && cfg.tile != 6) ||
+                       ((cfg.m_blocks == 1 || cfg.m_blocks == 2) && cfg.tile != 4),
+                       "ferrum_mm: m_blocks=%d (tile 4 takes 0, 4 or 8; tile 5 0, 1, 2, 4 or 8; tile 6 "
+                       "0, 1, 2 or 4)", cfg.m_blocks);
     } else {
         if (cfg.m_blocks == 0) cfg.m_blocks = std::min(4, (size_m + 15) / 16);
         FERRUM_REQUIRE(cfg.m_blocks >= 1 && cfg.m_blocks <= 4, "ferrum_mm: m_blocks=%d (use 0..4)",
@@ -760,22 +787,26 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
     }
 
     // Candidate (tile, m_blocks) pairs: what was asked for, the rest filled in.
-    // Left to the planner: wgmma tiles 5 (64 and 128 rows) and 6; mma.sync tile 2, and for
-    // few rows (one slice) also tiles 1 and 7 where K fits them; tile 3 where none of those
-    // fits the GPU's shared memory.
+    // Left to the planner: wgmma tiles 5 (64 and 128 rows; 32 rows up to kWgmmaFewRows rows)
+    // and 6 (64 rows; 32 rows up to kWgmmaFewRows); mma.sync tile 2, and for few rows (one
+    // slice) also tiles 1 and 7 where K fits them; tile 3 where none of those fits the GPU's
+    // shared memory. 16-row wgmma blocks (m_blocks 1) only when asked for.
     struct Candidate { int tile, mb; };
     Candidate candidates[4];
     int n_candidates = 0;
     const bool few_rows = size_m <= 64;
+    const bool wgmma_few = size_m <= kWgmmaFewRows;
     const int mmb = cfg.m_blocks;
-    for (const Candidate c : {Candidate{5, 4}, Candidate{5, 8}, Candidate{6, 4}, Candidate{4, 4},
-                              Candidate{4, 8}, Candidate{2, mmb}, Candidate{1, mmb}, Candidate{7, mmb},
-                              Candidate{3, mmb}, Candidate{cfg.tile, cfg.m_blocks}}) {
+    for (const Candidate c : {Candidate{5, 2}, Candidate{6, 2}, Candidate{5, 4}, Candidate{5, 8},
+                              Candidate{6, 4}, Candidate{4, 4}, Candidate{4, 8}, Candidate{2, mmb},
+                              Candidate{1, mmb}, Candidate{7, mmb}, Candidate{3, mmb},
+                              Candidate{cfg.tile, cfg.m_blocks}}) {
         if (n_candidates == 4) break;
         const bool auto_mma = !wgmma && (c.tile == 2 || c.tile == 3 || (few_rows && c.tile == 1) ||
                                          (few_rows && c.tile == 7 && size_k % tile_k(7) == 0));
         const bool tile_ok = cfg.tile ? c.tile == cfg.tile : (wgmma ? c.tile == 5 || c.tile == 6 : auto_mma);
-        const bool mb_ok = cfg.m_blocks ? c.mb == cfg.m_blocks : true;
+        const bool mb_ok = cfg.m_blocks ? c.mb == cfg.m_blocks
+                                        : !is_wgmma_tile(c.tile) || (wgmma_few ? c.mb == 2 : c.mb >= 4);
         if (c.tile > 0 && c.mb > 0 && tile_ok && mb_ok) {
             bool seen = false;
             for (int i = 0; i < n_candidates; ++i)
@@ -807,8 +838,7 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
         int splits = 1, cluster = 0;
         double cost;
         if (is_wgmma_tile(c.tile)) {
-            const SplitModel model{(c.tile == 6 ? 1.0 : c.mb == 8 ? 0.9 : 0.65) * tile_k(c.tile) / 128.0,
-                                    c.tile == 6 ? 6.0 : 1.0, 0.5, 1.0};
+            const SplitModel model = wgmma_split_model(c.tile, c.mb);
             cost = choose_splits(dev, occ, size_m, size_k, size_n, num_experts, c.tile, c.mb, grouped,
                                  model, &splits, &cluster);
         } else {

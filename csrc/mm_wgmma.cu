@@ -48,7 +48,7 @@ struct WgTile {
     // One block per SM, or two 64-row blocks (tile 6: 16 warps hide each other's shared-memory
     // and dequantization latency, with half the pipeline depth each; it pays where the grid
     // fills two blocks per SM).
-    static_assert(BLOCKS_PER_SM == 1 || (BLOCKS_PER_SM == 2 && MB == 4), "two blocks: 64 rows");
+    static_assert(BLOCKS_PER_SM == 1 || (BLOCKS_PER_SM == 2 && MB <= 4), "two blocks: up to 64 rows");
     static constexpr int kStageBudget = (BLOCKS_PER_SM == 2 ? 105 : 200) * 1024;
     static constexpr int kStages = kStageBudget / kStageBytes > 8 ? 8 : kStageBudget / kStageBytes;
     static_assert(kStages >= 3, "pipeline depth");
@@ -73,7 +73,9 @@ struct WgTile {
 
 template <int N>
 __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc) {
-    if constexpr (N == 64) wgmma_m64n64k16_rs(d, a, desc);
+    if constexpr (N == 16) wgmma_m64n16k16_rs(d, a, desc);
+    else if constexpr (N == 32) wgmma_m64n32k16_rs(d, a, desc);
+    else if constexpr (N == 64) wgmma_m64n64k16_rs(d, a, desc);
     else wgmma_m64n128k16_rs(d, a, desc);
 }
 
@@ -237,8 +239,21 @@ static KernelEntry entry_of(bool grouped) {
 // tile 4: k=64, one block per SM; tile 5: k=128, one block per SM; tile 6: k=128, two
 // 64-row blocks per SM.
 KernelEntry wgmma_entry(int tile, int m_blocks, bool grouped) {
-    if (tile == 6) return entry_of<4, 2, 2>(grouped);
-    if (tile == 5) return m_blocks == 8 ? entry_of<8, 2, 1>(grouped) : entry_of<4, 2, 1>(grouped);
+    if (tile == 6) {
+        switch (m_blocks) {
+            case 1: return entry_of<1, 2, 2>(grouped);
+            case 2: return entry_of<2, 2, 2>(grouped);
+            default: return entry_of<4, 2, 2>(grouped);
+        }
+    }
+    if (tile == 5) {
+        switch (m_blocks) {
+            case 1: return entry_of<1, 2, 1>(grouped);
+            case 2: return entry_of<2, 2, 1>(grouped);
+            case 8: return entry_of<8, 2, 1>(grouped);
+            default: return entry_of<4, 2, 1>(grouped);
+        }
+    }
     return m_blocks == 8 ? entry_of<8, 1, 1>(grouped) : entry_of<4, 1, 1>(grouped);
 }
 

@@ -302,9 +302,11 @@ for g in (-1, 128):
         plan = ferrum._cuda.mm_plan(m, 1024, 320)
         if cap < 101376 + 1:      # sm_86 / sm_89: tile 2 holds one 16-row slice, tile 3 more
             assert plan["tile"] == (2 if m <= 16 else 3), (m, plan)
-        else:                     # sm_80: tiles 1, 2, 7 up to 32 rows, then tile 3 (or, on an
-                                  # H100 posing as one, tile 6: the one wgmma tile that fits)
-            assert plan["tile"] in ((1, 2, 7) if m <= 32 else (3, 6)), (m, plan)
+        elif m <= 16:             # sm_80: tiles 1, 2, 7 up to 16 rows
+            assert plan["tile"] in (1, 2, 7), (m, plan)
+        else:                     # then up to 32 rows still tiles 1, 2, 7, then tile 3; on an
+                                  # H100 posing as one, tile 6, the one wgmma tile that fits
+            assert plan["tile"] in ((1, 2, 7, 6) if m <= 32 else (3, 6)), (m, plan)
         a = rng.standard_normal((m, 1024)).astype(np.float16)
         got = ferrum.mm(a, w).astype(np.float64)
         ref = a.astype(np.float64) @ problem.dense[0]
@@ -354,6 +356,44 @@ def test_mm_wgmma_tile(m, tile, m_blocks, splits, g, rng):
     a = _activations(rng, m, 1024)
     got = ferrum.cuda.BACKEND.mm(a, weight, 0, None, tile=tile, m_blocks=m_blocks, splits=splits)
     assert _rel_err(got, a.astype(np.float64) @ problem.dense[0]) <= TOL
+
+
+@pytest.mark.parametrize("m", [1, 7, 16, 17, 31, 32, 33, 50])
+@pytest.mark.parametrize("tile,m_blocks,splits", [(5, 1, 1), (5, 1, 3), (5, 2, 1), (5, 2, 4),
+                                                  (6, 1, 1), (6, 1, 5), (6, 2, 2)])
+@pytest.mark.parametrize("g", [-1, 32, 128])
+def test_mm_wgmma_few_rows(m, tile, m_blocks, splits, g, rng):
+    """The wgmma kernel with 16- and 32-row blocks (wgmma n16, n32): rows within, at and past
+    one block (more slices), split-K, both scale kinds, a partial last column tile; the
+    output poisoned first."""
+    if not _wgmma_planned():
+        pytest.skip("no wgmma kernel on this GPU/build (needs compute capability 9.0 and sm_90a)")
+    problem = random_problem(rng, 1024, 320, g)
+    weight = _weight(problem)
+    a = _activations(rng, m, 1024)
+    out = np.full((m, 320), np.nan, dtype=np.float16)
+    ferrum.cuda.BACKEND.mm(a, weight, 0, out, tile=tile, m_blocks=m_blocks, splits=splits)
+    assert _rel_err(out, a.astype(np.float64) @ problem.dense[0]) <= TOL
+    plan = ferrum._cuda.mm_plan(m, 1024, 320, tile=tile, m_blocks=m_blocks, splits=splits)
+    assert (plan["tile"], plan["m_blocks"]) == (tile, m_blocks)
+
+
+@pytest.mark.parametrize("tile,m_blocks", [(5, 1), (6, 2)])
+def test_mm_wgmma_few_rows_act_order_and_stacked(tile, m_blocks, rng):
+    if not _wgmma_planned():
+        pytest.skip("no wgmma kernel on this GPU/build (needs compute capability 9.0 and sm_90a)")
+    problem = random_problem(rng, 2048, 256, 64, act_order=True)
+    a = _activations(rng, 20, 2048)
+    got = ferrum.cuda.BACKEND.mm(a, _weight(problem), 0, None, tile=tile, m_blocks=m_blocks,
+                                 splits=3)
+    assert _rel_err(got, a.astype(np.float64) @ problem.dense[0]) <= TOL
+    stacked = random_problem(rng, 512, 192, 128, experts=3)
+    sw = _weight(stacked, stacked=True)
+    a = _activations(rng, 12, 512)
+    out = np.full((12, 3 * 192), np.nan, dtype=np.float16)
+    ferrum.cuda.BACKEND.mm(a, sw, None, out, tile=tile, m_blocks=m_blocks, splits=2)
+    ref = np.concatenate([a.astype(np.float64) @ d for d in stacked.dense], axis=1)
+    assert _rel_err(out, ref) <= TOL
 
 
 def test_mm_wgmma_act_order_stacked_and_deterministic(rng):

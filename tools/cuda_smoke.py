@@ -44,7 +44,7 @@ for k, n, g, act in cases:
     pr = random_problem(rng, k, n, g, act_order=act)
     w = ferrum.MarlinWeight.from_gptq(pr.qweights[0], pr.scales[0], group_size=g, g_idx=pr.g_idx,
                                       backend="cuda")
-    for m in (1, 12, 70) if quick else (1, 12, 20, 70):
+    for m in (1, 12, 20, 70):
         a = rng.standard_normal((m, k)).astype(np.float16)
         ref = a.astype(np.float64) @ pr.dense[0]
         check(f"K{k} N{n} G{g} act={act} M{m}", ferrum.mm(a, w), ref)
@@ -54,8 +54,8 @@ for k, n, g, act in cases:
             check(f"K{k} N{n} G{g} act={act} M{m} tile7", ferrum.cuda.BACKEND.mm(a, w, 0, None, tile=7, splits=2), ref)
         if m <= 16:   # stream-K: runs that cross tile ends
             check(f"K{k} N{n} G{g} act={act} M{m} stream-K", ferrum.cuda.BACKEND.mm(a, w, 0, None, tile=1, m_blocks=1, stream_k=3), ref)
-        if m == 70 and ferrum._cuda.mm_plan(256, 1024, 256)["tile"] in (4, 5, 6):   # the wgmma kernel's tiles
-            for tile, mb, s in ((4, 8, 2), (5, 4, 3), (6, 4, 2)):
+        if m in (20, 70) and ferrum._cuda.mm_plan(256, 1024, 256)["tile"] in (4, 5, 6):   # the wgmma kernel's tiles
+            for tile, mb, s in ((4, 8, 2), (5, 4, 3), (6, 4, 2)) if m == 70 else ((5, 1, 2), (5, 2, 3), (6, 1, 1), (6, 2, 2)):
                 check(f"K{k} N{n} G{g} act={act} M{m} tile{tile}/mb{mb}/s{s}",
                       ferrum.cuda.BACKEND.mm(a, w, 0, None, tile=tile, m_blocks=mb, splits=s), ref)
 
@@ -65,10 +65,12 @@ a = rng.standard_normal((5, 256)).astype(np.float16)
 check("stacked all", ferrum.mm(a, w), np.concatenate([a.astype(np.float64) @ d for d in pr.dense], 1))
 check("stacked e=2", ferrum.mm(a, w, expert=2), a.astype(np.float64) @ pr.dense[2])
 # An inf and a NaN in A, split and grouped, against float64's NaN/inf pattern: 3 rows (the
-# swapped kernel's exact recomputation) and 12 (the fp16 path, a NaN past row 8).
+# swapped kernel's exact recomputation), 12 (the fp16 path, a NaN past row 8) and 20 (the
+# wgmma kernel's 32-row blocks on sm_90a).
 pr = random_problem(rng, 512, 320, 64)
 w = ferrum.MarlinWeight.from_gptq(pr.qweights[0], pr.scales[0], group_size=64, backend="cuda")
-for m, bad in ((3, ((0, 7, np.inf), (2, 300, np.nan))), (12, ((0, 7, np.inf), (10, 300, np.nan)))):
+for m, bad in ((3, ((0, 7, np.inf), (2, 300, np.nan))), (12, ((0, 7, np.inf), (10, 300, np.nan))),
+               (20, ((0, 7, np.inf), (17, 300, np.nan)))):
     a = rng.standard_normal((m, 512)).astype(np.float16)
     for row, col, value in bad:
         a[row, col] = value

@@ -45,8 +45,10 @@ for spec in [s for s in sys.argv[1:] if not s.startswith("--")]:
                                        "--tiles": (mbs, splits_list, parsed)}[name]
     results = []
     for tile, mb, splits in itertools.product(tiles, sorted(set(mbs) | {4, 8}), splits_list):
-        if not ((4 <= tile <= 6 and mb in (4, 8)) or (tile in (1, 2, 3, 7) and mb in mbs)):
-            continue   # tiles 4-6 take 64 or 128 rows per block (m_blocks 4, 8); the others 1..4
+        if not ((4 <= tile <= 6 and (mb in (4, 8) or (tile != 4 and mb in mbs and mb <= 2)))
+                or (tile in (1, 2, 3, 7) and mb in mbs)):
+            continue   # tiles 4-6 take 64 or 128 rows per block (m_blocks 4, 8; 5 and 6 also 16
+            # or 32 rows, m_blocks 1, 2); the others 1..4
         try:
             tt = time_variant(weights, a, out, tile=tile, m_blocks=mb, splits=splits)
         except ValueError:   # tiles 4-6 where the GPU or build has no wgmma kernel (or tile 6, mb 8)
