@@ -255,6 +255,35 @@ def test_mm_non_finite_activations_swapped_kernel(m, tile, g, split, rng):
     _assert_non_finite_as_in_float64(got, ref, m)
 
 
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
+@pytest.mark.parametrize("tile", [1, 2, 7])
+@pytest.mark.parametrize("g", [-1, 128])
+@pytest.mark.parametrize("split", [{"splits": 1}, {"splits": 3}, {"stream_k": 3}])
+def test_mm_large_activations_on_zero_weights(m, tile, g, split):
+    """A large finite activation (6e4) whose weights are zero (q == 8) adds nothing to C, so C
+    must keep the precision of the ordinary terms. The swapped kernel (M <= 8) sums
+    a (64 + q) - 72 a and so rounds at the size of 72 x 6e4; it must notice and recompute
+    exactly (relative error 2e-2 before, against float64). (It notices by the size of each
+    run's sum of A: large values of both signs that cancel within every run of a warp's K
+    range go unseen; csrc/NOTES.md.)"""
+    rng = np.random.default_rng(1900 + m + 10 * tile + g)
+    size_k, size_n = 1024, 320
+    q = rng.integers(0, 16, (size_k, size_n), dtype=np.uint32)
+    big = np.arange(5, size_k, 16)
+    q[big] = 8
+    groups = F.num_groups(size_k, g)
+    scales = (rng.uniform(0.5, 1.5, (groups, size_n)) * rng.choice([-1, 1], (groups, size_n))
+              / (4.0 * np.sqrt(size_k))).astype(np.float16)
+    dense = F.dequantize_reference(q, scales, size_k, g, None)
+    w = ferrum.MarlinWeight.from_gptq(F.pack_gptq(q), scales, group_size=g, backend="cuda")
+    a = rng.standard_normal((m, size_k)).astype(np.float16)
+    a[:, big] = 6e4
+    a[m // 2, big] = -6e4
+    out = np.full((m, size_n), np.nan, dtype=np.float16)
+    ferrum.cuda.BACKEND.mm(a, w, 0, out, tile=tile, m_blocks=1, **split)
+    assert _rel_err(out, a.astype(np.float64) @ dense) <= TOL
+
+
 def test_mm_plan_cache_keys_every_request_field():
     """The C library keeps each thread's last plans; a plan asked for with other fields, rows,
     experts or act-order must not come back from the cache for another."""
