@@ -234,7 +234,7 @@ def _assert_non_finite_as_in_float64(got, ref, m):
         assert _rel_err(got[finite], ref[finite]) < 1e-3
 
 
-@pytest.mark.parametrize("m", [1, 2, 4, 8, 9, 16, 64, 300])
+@pytest.mark.parametrize("m", [1, 2, 4, 8, 9, 16, 24, 64, 300])
 def test_mm_non_finite_activations_as_in_float64(m, rng):
     """inf times a zero weight (q == 8) is NaN, times any other weight an inf of the product's
     sign, inf - inf is NaN and a NaN fills its row, as in float64 (and the cpu reference). The
