@@ -148,6 +148,33 @@ def test_constructor_checks_scales_and_copies_host_arrays(layer):
     assert np.array_equal(ferrum.dequantize(own), ferrum.dequantize(weight))
 
 
+class _ArrayLike:
+    """A host array that is not an np.ndarray: numpy reads it through __array__."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __array__(self, dtype=None, copy=None):
+        return self.array
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_constructor_refuses_non_finite_scales_of_any_host_kind(layer, stacked):
+    # A list of float16 scalars or an object with __array__ holds float16 scales as an ndarray
+    # does; an inf among them must be refused the same way, not become inf weights.
+    _, weight = layer
+    marlin, bad = weight.qweight, weight.scales.copy()
+    bad[1, 5] = np.inf
+    if stacked:
+        marlin, bad = marlin[None], bad[None]
+    as_list = [list(map(np.float16, row)) for row in bad.reshape(-1, N)]
+    as_list = [as_list] if stacked else as_list
+    for scales in (_ArrayLike(bad), as_list):
+        assert np.asarray(scales).dtype == np.float16
+        with raises(ValueError, "scales"):
+            ferrum.MarlinWeight(marlin, scales, size_k=K, size_n=N, group_size=64)
+
+
 # --- permutations and act-order groupings ------------------------------------------------------
 
 @settings(max_examples=50, deadline=None)
