@@ -544,6 +544,10 @@ def _mm_checked(a, weight, expert, out, backend, stream):
         if (isinstance(out, np.ndarray) and isinstance(a_given, np.ndarray)     # as given, not
                 and np.may_share_memory(out, a_given) and np.shares_memory(out, a_given)):  # a copy
             _fail("out", out, "must not overlap a")
+        if isinstance(out, np.ndarray) and any(     # a host-resident weight (cpu): its arrays
+                isinstance(x, np.ndarray) and np.may_share_memory(out, x) and
+                np.shares_memory(out, x) for x in (weight.qweight, weight.scales)):
+            _fail("out", out, "must not overlap the weight's qweight or scales")
     options = {}
     if stream is not None:
         if weight.backend != "cuda":

@@ -286,6 +286,19 @@ def test_out_overlapping_a_is_refused_whatever_a_is_converted_to(layer):
     assert (buf == 0).all()
 
 
+def test_out_overlapping_the_weight_is_refused(layer, stack):
+    # A cpu weight's arrays are host arrays: writing the product over them would change the
+    # weight (the cuda backend refuses the same call).
+    for (_, weight), expert in ((layer, None), (stack, 1)):
+        scales = weight.scales if expert is None else weight.scales[expert]    # [groups, N]
+        before = weight.scales.copy()
+        with raises(ValueError, "out") as err:
+            ferrum.mm(np.ones((scales.shape[0], K), np.float16), weight, out=scales,
+                      expert=expert)
+        assert "overlap" in str(err.value)
+        assert np.array_equal(weight.scales, before)
+
+
 def test_mm_weight_and_backend_checks(layer):
     _, weight = layer
     a = np.ones((1, K), np.float16)
