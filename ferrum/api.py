@@ -316,8 +316,8 @@ class MarlinWeight:
             experts = 1
             _check_array("qweight", qweight, [np.int32, np.uint32], shape=(k // F.TILE, 2 * n))
             _check_array("scales", scales, [np.float16], shape=(groups, n))
-        if isinstance(scales, np.ndarray):
-            _check_finite("scales", scales)
+        if not _is_device_array(scales):    # host scales of any kind (a list, an __array__ object)
+            _check_finite("scales", _asarray("scales", scales))
         self.perm = None if perm is None else _check_perm("perm", perm, k)
         if self.perm is not None and stacked:
             _fail("perm", perm, "act-order is supported for single layers, not stacked experts")
@@ -544,6 +544,10 @@ def _mm_checked(a, weight, expert, out, backend, stream):
         if (isinstance(out, np.ndarray) and isinstance(a_given, np.ndarray)     # as given, not
                 and np.may_share_memory(out, a_given) and np.shares_memory(out, a_given)):  # a copy
             _fail("out", out, "must not overlap a")
+        if isinstance(out, np.ndarray) and any(     # a host-resident weight (cpu): its arrays
+                isinstance(x, np.ndarray) and np.may_share_memory(out, x) and
+                np.shares_memory(out, x) for x in (weight.qweight, weight.scales)):
+            _fail("out", out, "must not overlap the weight's qweight or scales")
     options = {}
     if stream is not None:
         if weight.backend != "cuda":

@@ -110,9 +110,13 @@ def crosscheck(backends=None, *, seed=None, quick=False, m_values=None, log=None
     if log is not None and not callable(log):
         raise TypeError(f"log={log!r}: must be a callable taking one string, or None")
     if m_values is not None:
-        if isinstance(m_values, (str, bytes)) or not hasattr(m_values, "__iter__"):
-            raise TypeError(f"m_values={m_values!r}: must be a sequence of row counts M >= 1")
-        m_values = tuple(m_values)
+        try:        # (a 0-d array has __iter__ but raises when iterated)
+            if isinstance(m_values, (str, bytes)):
+                raise TypeError
+            m_values = tuple(m_values)
+        except TypeError:
+            raise TypeError(f"m_values={m_values!r}: must be a sequence of row counts M >= 1"
+                            ) from None
         if not m_values:
             raise ValueError("m_values=(): must hold at least one row count M >= 1")
         for m in m_values:
@@ -125,11 +129,12 @@ def crosscheck(backends=None, *, seed=None, quick=False, m_values=None, log=None
     if backends is None:
         names = [n for n in _registry.BACKEND_MODULES if _registry.info(n).available]
     else:
-        if not isinstance(backends, str) and not hasattr(backends, "__iter__"):
+        try:
+            listed = [backends] if isinstance(backends, str) else list(backends)
+        except TypeError:
             raise TypeError(f"backends={backends!r}: must be a backend name, a list of names, "
-                            f"or None (every available backend)")
-        names = [_registry.check_name(b, "backends") for b in
-                 ([backends] if isinstance(backends, str) else backends)]
+                            f"or None (every available backend)") from None
+        names = [_registry.check_name(b, "backends") for b in listed]
         names = list(dict.fromkeys(names))     # each backend once
         for n in names:
             info = _registry.info(n)

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import ferrum
@@ -83,7 +84,10 @@ def test_crosscheck_arguments_are_checked_before_any_work(monkeypatch):
             (dict(seed=-1), ValueError, "seed"), (dict(seed="x"), TypeError, "seed"),
             (dict(m_values=[0]), ValueError, "m_values"), (dict(m_values=[-3]), ValueError, "m_values"),
             (dict(m_values=[1.5]), TypeError, "m_values"), (dict(m_values=4), TypeError, "m_values"),
-            (dict(m_values=[]), ValueError, "m_values"), (dict(log=5), TypeError, "log")]:
+            (dict(m_values=[]), ValueError, "m_values"), (dict(log=5), TypeError, "log"),
+            # 0-d arrays have __iter__ but cannot be iterated
+            (dict(m_values=np.array(4)), TypeError, "m_values"),
+            (dict(backends=np.array("cpu")), TypeError, "backends")]:
         with pytest.raises(exc, match=rf"^{argument}="):
             ferrum.crosscheck(**kwargs)
 

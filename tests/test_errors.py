@@ -148,6 +148,33 @@ def test_constructor_checks_scales_and_copies_host_arrays(layer):
     assert np.array_equal(ferrum.dequantize(own), ferrum.dequantize(weight))
 
 
+class _ArrayLike:
+    """A host array that is not an np.ndarray: numpy reads it through __array__."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __array__(self, dtype=None, copy=None):
+        return self.array
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_constructor_refuses_non_finite_scales_of_any_host_kind(layer, stacked):
+    # A list of float16 scalars or an object with __array__ holds float16 scales as an ndarray
+    # does; an inf among them must be refused the same way, not become inf weights.
+    _, weight = layer
+    marlin, bad = weight.qweight, weight.scales.copy()
+    bad[1, 5] = np.inf
+    if stacked:
+        marlin, bad = marlin[None], bad[None]
+    as_list = [list(map(np.float16, row)) for row in bad.reshape(-1, N)]
+    as_list = [as_list] if stacked else as_list
+    for scales in (_ArrayLike(bad), as_list):
+        assert np.asarray(scales).dtype == np.float16
+        with raises(ValueError, "scales"):
+            ferrum.MarlinWeight(marlin, scales, size_k=K, size_n=N, group_size=64)
+
+
 # --- permutations and act-order groupings ------------------------------------------------------
 
 @settings(max_examples=50, deadline=None)
@@ -257,6 +284,19 @@ def test_out_overlapping_a_is_refused_whatever_a_is_converted_to(layer):
     with raises(ValueError, "out"):
         ferrum.mm(a, weight, out=buf[:, K - 64:K - 64 + N])
     assert (buf == 0).all()
+
+
+def test_out_overlapping_the_weight_is_refused(layer, stack):
+    # A cpu weight's arrays are host arrays: writing the product over them would change the
+    # weight (the cuda backend refuses the same call).
+    for (_, weight), expert in ((layer, None), (stack, 1)):
+        scales = weight.scales if expert is None else weight.scales[expert]    # [groups, N]
+        before = weight.scales.copy()
+        with raises(ValueError, "out") as err:
+            ferrum.mm(np.ones((scales.shape[0], K), np.float16), weight, out=scales,
+                      expert=expert)
+        assert "overlap" in str(err.value)
+        assert np.array_equal(weight.scales, before)
 
 
 def test_mm_weight_and_backend_checks(layer):
