@@ -650,3 +650,31 @@ def test_buffers_stay_within_the_adapters_largest_buffer():
                 ferrum.repack(qweight, 1024, 512, backend="metal")
     finally:
         BACKEND.trim()
+
+
+def test_metal_arrays_are_taken_by_shape_and_dtype_not_as_objects():
+    # A MetalArray (the backend's resident array) has a shape and a dtype; the API read it as a
+    # 0-d object array: mm(MetalArray a) said "dtype must be float16, got object" of a float16
+    # array, out=MetalArray the same, and a cpu weight given one was told the wrong rule. mm takes
+    # one as `a` on a metal weight (the backend reads it back), and names the real rule otherwise.
+    rng, p, w = metal_problem(1800, 256, 128, 64)
+    a = rng.standard_normal((3, 256)).astype(np.float16)
+    resident = BACKEND.from_host(a)
+    np.testing.assert_array_equal(ferrum.mm(resident, w), ferrum.mm(a, w))
+    out = poisoned(3, 128)
+    assert ferrum.mm(resident, w, out=out) is out and not np.isnan(out).any()
+    with pytest.raises(ValueError, match=r"a=<MetalArray shape=\(3, 128\).*size_k=256"):
+        ferrum.mm(BACKEND.from_host(a[:, :128].copy()), w)
+    with pytest.raises(TypeError, match=r"a=<MetalArray .*float32>: dtype must be float16"):
+        ferrum.mm(BACKEND.from_host(a.astype(np.float32)), w)
+    with pytest.raises(TypeError, match=r"out=<MetalArray .*must be a numpy array"):
+        ferrum.mm(a, w, out=BACKEND.from_host(np.zeros((3, 128), np.float16)))
+    with pytest.raises(TypeError, match=r"a=<MetalArray .*the weight lives on 'cpu'"):
+        ferrum.mm(resident, w.to("cpu"))
+    # a resident GPTQ qweight repacks on metal (a resident result) and is refused by cpu
+    qweight = BACKEND.from_host(p.qweights[0])
+    got = ferrum.repack(qweight, 256, 128, backend="metal")
+    assert isinstance(got, ferrum.metal.MetalArray)
+    np.testing.assert_array_equal(BACKEND.to_host(got), F.repack_reference(p.qweights[0], 256, 128))
+    with pytest.raises(TypeError, match=r"qweight=<MetalArray .*backend='cpu'"):
+        ferrum.repack(qweight, 256, 128, backend="cpu")
