@@ -678,3 +678,32 @@ def test_metal_arrays_are_taken_by_shape_and_dtype_not_as_objects():
     np.testing.assert_array_equal(BACKEND.to_host(got), F.repack_reference(p.qweights[0], 256, 128))
     with pytest.raises(TypeError, match=r"qweight=<MetalArray .*backend='cpu'"):
         ferrum.repack(qweight, 256, 128, backend="cpu")
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_mm_sparse_rows_with_large_values_on_zero_weights(m):
+    # gemv's column sums (M <= 2) round at the size of 72 |a|. The bound on |a| was 64 times the
+    # median of a row's NONZERO |a|, which assumes many ordinary terms to outweigh that rounding:
+    # a sparse row (ReLU-like activations: a few values, most of the row zero) whose large values
+    # sit on zero weights passed it (two 3e4 values make their own median) and lost the few
+    # ordinary terms' precision (relative error 9e-2 against float64; cpu 2e-4).
+    size_k, size_n = 512, 128
+    rng = np.random.default_rng(1900 + m)
+    q = rng.integers(0, 16, (size_k, size_n), dtype=np.uint32)
+    big = np.arange(0, size_k, 16)
+    q[big] = 8                              # zero weights under the large values
+    scales = (rng.uniform(0.5, 1.5, (size_k // 128, size_n)) / (4.0 * np.sqrt(size_k))
+              ).astype(np.float16)
+    dense = F.dequantize_reference(q, scales, size_k, 128, None)
+    w = ferrum.MarlinWeight.from_gptq(F.pack_gptq(q), scales, group_size=128, backend="metal")
+    for trial in range(6):
+        a = np.zeros((m, size_k), np.float16)
+        for row in range(m):
+            at = rng.choice(big, 2 + trial % 2, replace=False)
+            a[row, at] = rng.uniform(2e4, 6e4, at.size)
+            # ordinary values in the large values' quads (k rows r0 + 1, r0 + 8, r0 + 9)
+            a[row, at[:1 + trial // 2] + (1, 8, 9)[trial % 3]] = rng.standard_normal()
+        check_mm(w, a, dense)
+    # dense rows still take the column sums
+    check_mm(w, rng.standard_normal((m, size_k)).astype(np.float16), dense)
+    assert "sums" in last_plan(w).summary
