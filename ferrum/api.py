@@ -361,7 +361,7 @@ class MarlinWeight:
         if _is_device_array(x) or _is_metal_array(x):
             _fail(argument, x, f"is a {_resident_kind(x)} array; backend={be.name!r} takes host "
                   "arrays", TypeError)
-        return be.from_host(np.ascontiguousarray(_asarray(argument, x)).view(dtype))
+        return _from_host(be, argument, x, np.ascontiguousarray(_asarray(argument, x)).view(dtype))
 
     @property
     def num_groups(self) -> int:
@@ -393,8 +393,8 @@ class MarlinWeight:
         moved = object.__new__(MarlinWeight)
         moved.__dict__.update(self.__dict__)
         moved.backend = name
-        moved.qweight = dst.from_host(src.to_host(self.qweight))
-        moved.scales = dst.from_host(src.to_host(self.scales))
+        moved.qweight = _from_host(dst, "weight", self, src.to_host(self.qweight), "its qweight")
+        moved.scales = _from_host(dst, "weight", self, src.to_host(self.scales), "its scales")
         moved._aux = {}
         return moved
 
@@ -418,6 +418,15 @@ class MarlinWeight:
         order = ", act_order" if self.perm is not None else ""
         return (f"MarlinWeight(size_k={self.size_k}, size_n={self.size_n}, group_size="
                 f"{self.group_size}, num_bits={self.num_bits}{stack}{order}, backend={self.backend!r})")
+
+
+def _from_host(be, argument: str, shown: Any, host: np.ndarray, what: str = ""):
+    """host copied onto backend be; a backend's refusal (an array larger than its largest
+    buffer: metal's maxBufferSize) names the argument it came from."""
+    try:
+        return be.from_host(host)
+    except ValueError as exc:
+        _fail(argument, shown, f"{what}: {exc}" if what else str(exc))
 
 
 def _restore_weight(qweight, scales, size_k, size_n, group_size, perm, num_bits, stacked,

@@ -707,3 +707,22 @@ def test_mm_sparse_rows_with_large_values_on_zero_weights(m):
     # dense rows still take the column sums
     check_mm(w, rng.standard_normal((m, size_k)).astype(np.float16), dense)
     assert "sums" in last_plan(w).summary
+
+
+def test_a_weight_larger_than_the_largest_buffer_is_refused_naming_it():
+    # from_gptq names the repack's K and N; load_stacked (the stacked Marlin qweight), .to("metal")
+    # and MarlinWeight(...) said only "array of 262144 bytes exceeds this adapter's largest
+    # buffer", without saying which argument.
+    rng = np.random.default_rng(2000)
+    p = random_problem(rng, 1024, 256, 128, experts=2)
+    on_cpu = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=128)
+    with _overridden("max_buffer_size", 100_000):
+        with pytest.raises(ValueError, match=r"^qweight=<ndarray shape=\(2, 64, 512\).*262144 bytes"
+                                             r".*largest buffer"):
+            ferrum.load_stacked(p.qweights, p.scales, group_size=128, backend="metal")
+        with pytest.raises(ValueError, match=r"^weight=MarlinWeight\(.*qweight.*131072 bytes"
+                                             r".*largest buffer"):
+            on_cpu.to("metal")
+        with pytest.raises(ValueError, match=r"^qweight=.*131072 bytes.*largest buffer"):
+            ferrum.MarlinWeight(on_cpu.qweight, on_cpu.scales, size_k=1024, size_n=256,
+                                group_size=128, backend="metal")
