@@ -768,10 +768,11 @@ class MetalBackend(Backend):
                        else None, "must be 8, 16 or 32")
         if k_slots is not None:
             self.gemv_k_slots = k_slots
+        native = _env("FERRUM_METAL_NATIVE", _flag, "must be 0 or 1")
         spin = _env("FERRUM_METAL_SPIN_US", lambda t: float(t) if float(t) >= 0 else None,
                     "must be a number of microseconds >= 0")
-        self._native = self._native_path(spin * 1e-6 if spin is not None else 0.0 if cpu
-                                         else SPIN_SECONDS)
+        self._native = None if native is False else self._native_path(
+            spin * 1e-6 if spin is not None else 0.0 if cpu else SPIN_SECONDS)
         name = adapter.info.get("device", "?")
         api = adapter.info.get("backend_type", "?")
         native_version = getattr(wgpu.backends.wgpu_native, "__version__", "?")
@@ -808,8 +809,6 @@ fn main(@builtin(local_invocation_index) li: u32) {
     def _native_path(self, spin_seconds: float):
         """A _Native for mm when wgpu-native's C API is reachable and a round trip through it
         (upload, copy, map, read) returns what was written; else None."""
-        if os.environ.get("FERRUM_METAL_NATIVE", "1") == "0":
-            return None
         try:
             native = _Native(self.device, spin_seconds)
             src = self._buffer(256)

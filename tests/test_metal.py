@@ -121,7 +121,8 @@ def _metal_info_with(env: dict) -> str:
 @pytest.mark.parametrize("name,value", [
     ("FERRUM_METAL_GEMV_K_SLOTS", "12"), ("FERRUM_METAL_BINDING_LIMIT", "abc"),
     ("FERRUM_METAL_TARGET_WORKGROUPS", "0"), ("FERRUM_METAL_TILED_UNROLL", "maybe"),
-    ("FERRUM_METAL_SPIN_US", "-5"), ("FERRUM_METAL_ADAPTER", "no such gpu")])
+    ("FERRUM_METAL_SPIN_US", "-5"), ("FERRUM_METAL_ADAPTER", "no such gpu"),
+    ("FERRUM_METAL_NATIVE", "maybe")])
 def test_a_bad_tuning_variable_is_named_in_the_reason(name, value):
     # Not a traceback on the first mm, and not silently ignored: metal reports itself
     # unavailable, with the variable and its value as the reason.
@@ -132,6 +133,24 @@ def test_a_bad_tuning_variable_is_named_in_the_reason(name, value):
 def test_good_tuning_variables_are_taken():
     assert _metal_info_with({"FERRUM_METAL_GEMV_K_SLOTS": "16", "FERRUM_METAL_TILED_UNROLL": "false",
                              "FERRUM_METAL_ADAPTER": _INFO.device.split(" via ")[0][:4]}) == "ok"
+
+
+@pytest.mark.parametrize("value,path", [("0", "wgpu-py"), ("false", "wgpu-py"), ("off", "wgpu-py"),
+                                        ("1", "native"), ("yes", "native")])
+def test_native_path_variable_takes_every_spelling_of_a_flag(value, path):
+    # FERRUM_METAL_NATIVE was compared with "0" alone: "false" or "off" left the C-API path on
+    # (and "maybe" was taken silently), unlike FERRUM_METAL_TILED_UNROLL's 0/1/false/true/off/on.
+    import os
+    code = ("import ferrum\n"
+            "info = ferrum.backends()['metal']\n"
+            "print(info.version if info.available else 'REASON ' + info.reason)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "FERRUM_METAL_NATIVE": value}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    said = done.stdout.strip().splitlines()[-1]
+    if path == "native" and BACKEND._native is None:
+        pytest.skip("the C-API path's self-test fails on this machine")
+    assert said.endswith(f"mm path {path}"), said
 
 
 def test_old_wgpu_is_reported_not_used(monkeypatch):
