@@ -89,9 +89,25 @@ def _is_device_array(x: Any) -> bool:
     return False
 
 
+def _is_metal_array(x: Any) -> bool:
+    """x is the metal backend's resident array (a MetalArray: a wgpu buffer with its shape and
+    dtype beside it). Looked up in sys.modules, so that asking never imports wgpu."""
+    metal = sys.modules.get("ferrum.metal.backend")
+    return metal is not None and type(x) is metal.MetalArray
+
+
+def _resident_kind(x: Any) -> str:
+    """What error messages call an array that lives on a GPU: "GPU", or "metal" for a
+    MetalArray."""
+    return "metal" if _is_metal_array(x) else "GPU"
+
+
 def _meta(argument: str, x: Any) -> tuple[tuple[int, ...], np.dtype]:
-    """(shape, dtype) of a numpy array, a __cuda_array_interface__ array or a DLPack array."""
+    """(shape, dtype) of a numpy array, a MetalArray, a __cuda_array_interface__ array or a
+    DLPack array."""
     if isinstance(x, np.ndarray):
+        return x.shape, x.dtype
+    if _is_metal_array(x):
         return x.shape, x.dtype
     lib = _framework(x)
     if lib == "torch" and x.is_cuda:
@@ -143,8 +159,9 @@ def _asarray(argument: str, x: Any) -> np.ndarray:
 
 
 def _host(argument: str, x: Any) -> np.ndarray:
-    if _is_device_array(x):
-        _fail(argument, x, "is a GPU array; this operation takes host (numpy) arrays here", TypeError)
+    if _is_device_array(x) or _is_metal_array(x):
+        _fail(argument, x, f"is a {_resident_kind(x)} array; this operation takes host (numpy) "
+              "arrays here", TypeError)
     return _asarray(argument, x)
 
 
@@ -219,6 +236,8 @@ def _check_backend_name(backend: Any) -> str:
 def _default_backend(backend: Any, *arrays: Any) -> str:
     if backend is not None:
         return _check_backend_name(backend)
+    if any(_is_metal_array(x) for x in arrays):
+        return "metal"
     return "cuda" if any(_is_device_array(x) for x in arrays) else "cpu"
 
 
@@ -239,9 +258,10 @@ def repack(qweight, size_k, size_n, *, num_bits=4, perm=None, backend=None):
     _check_array("qweight", qweight, [np.int32, np.uint32], shape=(k // F.PACK, n))
     p = None if perm is None else _check_perm("perm", perm, k)
     be = _registry.get(name)
-    on_device = _is_device_array(qweight)
+    on_device = _is_device_array(qweight) or _is_metal_array(qweight)
     if on_device and not be.owns(qweight):
-        _fail("qweight", qweight, f"is a GPU array; backend={name!r} takes host arrays", TypeError)
+        _fail("qweight", qweight, f"is a {_resident_kind(qweight)} array; backend={name!r} takes "
+              "host arrays", TypeError)
     if not on_device:
         qweight = np.ascontiguousarray(_asarray("qweight", qweight)).view(np.int32)
     result = be.repack(qweight, p, k, n)
@@ -338,9 +358,10 @@ class MarlinWeight:
         shares memory with its caller's arrays."""
         if not isinstance(x, np.ndarray) and be.owns(x):
             return x
-        if _is_device_array(x):
-            _fail(argument, x, f"is a GPU array; backend={be.name!r} takes host arrays", TypeError)
-        return be.from_host(np.ascontiguousarray(_asarray(argument, x)).view(dtype))
+        if _is_device_array(x) or _is_metal_array(x):
+            _fail(argument, x, f"is a {_resident_kind(x)} array; backend={be.name!r} takes host "
+                  "arrays", TypeError)
+        return _from_host(be, argument, x, np.ascontiguousarray(_asarray(argument, x)).view(dtype))
 
     @property
     def num_groups(self) -> int:
@@ -372,8 +393,8 @@ class MarlinWeight:
         moved = object.__new__(MarlinWeight)
         moved.__dict__.update(self.__dict__)
         moved.backend = name
-        moved.qweight = dst.from_host(src.to_host(self.qweight))
-        moved.scales = dst.from_host(src.to_host(self.scales))
+        moved.qweight = _from_host(dst, "weight", self, src.to_host(self.qweight), "its qweight")
+        moved.scales = _from_host(dst, "weight", self, src.to_host(self.scales), "its scales")
         moved._aux = {}
         return moved
 
@@ -397,6 +418,15 @@ class MarlinWeight:
         order = ", act_order" if self.perm is not None else ""
         return (f"MarlinWeight(size_k={self.size_k}, size_n={self.size_n}, group_size="
                 f"{self.group_size}, num_bits={self.num_bits}{stack}{order}, backend={self.backend!r})")
+
+
+def _from_host(be, argument: str, shown: Any, host: np.ndarray, what: str = ""):
+    """host copied onto backend be; a backend's refusal (an array larger than its largest
+    buffer: metal's maxBufferSize) names the argument it came from."""
+    try:
+        return be.from_host(host)
+    except ValueError as exc:
+        _fail(argument, shown, f"{what}: {exc}" if what else str(exc))
 
 
 def _restore_weight(qweight, scales, size_k, size_n, group_size, perm, num_bits, stacked,
@@ -513,8 +543,9 @@ def _mm_checked(a, weight, expert, out, backend, stream):
         _fail("a", a, "must have at least one row (M >= 1)")
     a_given = a
     if isinstance(a, np.ndarray) or not be.owns(a):
-        if _is_device_array(a):
-            _fail("a", a, f"is a GPU array but the weight lives on {weight.backend!r}", TypeError)
+        if _is_device_array(a) or _is_metal_array(a):
+            _fail("a", a, f"is a {_resident_kind(a)} array but the weight lives on "
+                  f"{weight.backend!r}", TypeError)
         a = _asarray("a", a)
     if expert is not None:
         e = _int("expert", expert)
@@ -531,6 +562,9 @@ def _mm_checked(a, weight, expert, out, backend, stream):
             if not be.owns(out):
                 _fail("out", out, f"is a GPU array but the weight lives on {weight.backend!r}",
                       TypeError)
+        elif _is_metal_array(out):
+            _fail("out", out, "must be a numpy array: the metal backend's mm returns its result "
+                  "to the host (a MetalArray is not written in place)", TypeError)
         elif not isinstance(out, np.ndarray):
             _fail("out", out, "must be a numpy array (or a GPU array of the weight's backend), "
                   "since the result is written into it", TypeError)

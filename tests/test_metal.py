@@ -121,7 +121,8 @@ def _metal_info_with(env: dict) -> str:
 @pytest.mark.parametrize("name,value", [
     ("FERRUM_METAL_GEMV_K_SLOTS", "12"), ("FERRUM_METAL_BINDING_LIMIT", "abc"),
     ("FERRUM_METAL_TARGET_WORKGROUPS", "0"), ("FERRUM_METAL_TILED_UNROLL", "maybe"),
-    ("FERRUM_METAL_SPIN_US", "-5"), ("FERRUM_METAL_ADAPTER", "no such gpu")])
+    ("FERRUM_METAL_SPIN_US", "-5"), ("FERRUM_METAL_ADAPTER", "no such gpu"),
+    ("FERRUM_METAL_NATIVE", "maybe")])
 def test_a_bad_tuning_variable_is_named_in_the_reason(name, value):
     # Not a traceback on the first mm, and not silently ignored: metal reports itself
     # unavailable, with the variable and its value as the reason.
@@ -132,6 +133,24 @@ def test_a_bad_tuning_variable_is_named_in_the_reason(name, value):
 def test_good_tuning_variables_are_taken():
     assert _metal_info_with({"FERRUM_METAL_GEMV_K_SLOTS": "16", "FERRUM_METAL_TILED_UNROLL": "false",
                              "FERRUM_METAL_ADAPTER": _INFO.device.split(" via ")[0][:4]}) == "ok"
+
+
+@pytest.mark.parametrize("value,path", [("0", "wgpu-py"), ("false", "wgpu-py"), ("off", "wgpu-py"),
+                                        ("1", "native"), ("yes", "native")])
+def test_native_path_variable_takes_every_spelling_of_a_flag(value, path):
+    # FERRUM_METAL_NATIVE was compared with "0" alone: "false" or "off" left the C-API path on
+    # (and "maybe" was taken silently), unlike FERRUM_METAL_TILED_UNROLL's 0/1/false/true/off/on.
+    import os
+    code = ("import ferrum\n"
+            "info = ferrum.backends()['metal']\n"
+            "print(info.version if info.available else 'REASON ' + info.reason)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "FERRUM_METAL_NATIVE": value}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    said = done.stdout.strip().splitlines()[-1]
+    if path == "native" and BACKEND._native is None:
+        pytest.skip("the C-API path's self-test fails on this machine")
+    assert said.endswith(f"mm path {path}"), said
 
 
 def test_old_wgpu_is_reported_not_used(monkeypatch):
@@ -650,3 +669,79 @@ def test_buffers_stay_within_the_adapters_largest_buffer():
                 ferrum.repack(qweight, 1024, 512, backend="metal")
     finally:
         BACKEND.trim()
+
+
+def test_metal_arrays_are_taken_by_shape_and_dtype_not_as_objects():
+    # A MetalArray (the backend's resident array) has a shape and a dtype; the API read it as a
+    # 0-d object array: mm(MetalArray a) said "dtype must be float16, got object" of a float16
+    # array, out=MetalArray the same, and a cpu weight given one was told the wrong rule. mm takes
+    # one as `a` on a metal weight (the backend reads it back), and names the real rule otherwise.
+    rng, p, w = metal_problem(1800, 256, 128, 64)
+    a = rng.standard_normal((3, 256)).astype(np.float16)
+    resident = BACKEND.from_host(a)
+    np.testing.assert_array_equal(ferrum.mm(resident, w), ferrum.mm(a, w))
+    out = poisoned(3, 128)
+    assert ferrum.mm(resident, w, out=out) is out and not np.isnan(out).any()
+    with pytest.raises(ValueError, match=r"a=<MetalArray shape=\(3, 128\).*size_k=256"):
+        ferrum.mm(BACKEND.from_host(a[:, :128].copy()), w)
+    with pytest.raises(TypeError, match=r"a=<MetalArray .*float32>: dtype must be float16"):
+        ferrum.mm(BACKEND.from_host(a.astype(np.float32)), w)
+    with pytest.raises(TypeError, match=r"out=<MetalArray .*must be a numpy array"):
+        ferrum.mm(a, w, out=BACKEND.from_host(np.zeros((3, 128), np.float16)))
+    with pytest.raises(TypeError, match=r"a=<MetalArray .*the weight lives on 'cpu'"):
+        ferrum.mm(resident, w.to("cpu"))
+    # a resident GPTQ qweight repacks on metal (a resident result) and is refused by cpu
+    qweight = BACKEND.from_host(p.qweights[0])
+    got = ferrum.repack(qweight, 256, 128, backend="metal")
+    assert isinstance(got, ferrum.metal.MetalArray)
+    np.testing.assert_array_equal(BACKEND.to_host(got), F.repack_reference(p.qweights[0], 256, 128))
+    with pytest.raises(TypeError, match=r"qweight=<MetalArray .*backend='cpu'"):
+        ferrum.repack(qweight, 256, 128, backend="cpu")
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_mm_sparse_rows_with_large_values_on_zero_weights(m):
+    # gemv's column sums (M <= 2) round at the size of 72 |a|. The bound on |a| was 64 times the
+    # median of a row's NONZERO |a|, which assumes many ordinary terms to outweigh that rounding:
+    # a sparse row (ReLU-like activations: a few values, most of the row zero) whose large values
+    # sit on zero weights passed it (two 3e4 values make their own median) and lost the few
+    # ordinary terms' precision (relative error 9e-2 against float64; cpu 2e-4).
+    size_k, size_n = 512, 128
+    rng = np.random.default_rng(1900 + m)
+    q = rng.integers(0, 16, (size_k, size_n), dtype=np.uint32)
+    big = np.arange(0, size_k, 16)
+    q[big] = 8                              # zero weights under the large values
+    scales = (rng.uniform(0.5, 1.5, (size_k // 128, size_n)) / (4.0 * np.sqrt(size_k))
+              ).astype(np.float16)
+    dense = F.dequantize_reference(q, scales, size_k, 128, None)
+    w = ferrum.MarlinWeight.from_gptq(F.pack_gptq(q), scales, group_size=128, backend="metal")
+    for trial in range(6):
+        a = np.zeros((m, size_k), np.float16)
+        for row in range(m):
+            at = rng.choice(big, 2 + trial % 2, replace=False)
+            a[row, at] = rng.uniform(2e4, 6e4, at.size)
+            # ordinary values in the large values' quads (k rows r0 + 1, r0 + 8, r0 + 9)
+            a[row, at[:1 + trial // 2] + (1, 8, 9)[trial % 3]] = rng.standard_normal()
+        check_mm(w, a, dense)
+    # dense rows still take the column sums
+    check_mm(w, rng.standard_normal((m, size_k)).astype(np.float16), dense)
+    assert "sums" in last_plan(w).summary
+
+
+def test_a_weight_larger_than_the_largest_buffer_is_refused_naming_it():
+    # from_gptq names the repack's K and N; load_stacked (the stacked Marlin qweight), .to("metal")
+    # and MarlinWeight(...) said only "array of 262144 bytes exceeds this adapter's largest
+    # buffer", without saying which argument.
+    rng = np.random.default_rng(2000)
+    p = random_problem(rng, 1024, 256, 128, experts=2)
+    on_cpu = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=128)
+    with _overridden("max_buffer_size", 100_000):
+        with pytest.raises(ValueError, match=r"^qweight=<ndarray shape=\(2, 64, 512\).*262144 bytes"
+                                             r".*largest buffer"):
+            ferrum.load_stacked(p.qweights, p.scales, group_size=128, backend="metal")
+        with pytest.raises(ValueError, match=r"^weight=MarlinWeight\(.*qweight.*131072 bytes"
+                                             r".*largest buffer"):
+            on_cpu.to("metal")
+        with pytest.raises(ValueError, match=r"^qweight=.*131072 bytes.*largest buffer"):
+            ferrum.MarlinWeight(on_cpu.qweight, on_cpu.scales, size_k=1024, size_n=256,
+                                group_size=128, backend="metal")
