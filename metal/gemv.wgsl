@@ -21,7 +21,7 @@
 //   * else (M_TILE <= 2) the 72 goes into the column sums: a lane's four k rows give
 //     sum(a (64 + q)) - 72 sum(a), one fma a weight and no subtraction. Those sums round at the
 //     size of 72 |a| (and give inf - inf for an inf), so the host takes this way only for rows
-//     of A without inf/NaN or values far above the row's mean magnitude (_column_sums_fit).
+//     of A without inf/NaN or values far above the median |a| of the row (_column_sums_fit).
 //
 // Grouped scales: marlin_permute_scales puts the 8 scales lane t needs (columns 16j + c + 8h) at
 // permuted columns 8c + 2j + h: one vec4<u32> load (checked against ferrum.format by the host).
