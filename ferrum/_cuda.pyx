@@ -441,14 +441,21 @@ def mm(size_t a, size_t b, size_t scales, size_t c, size_t perm, int size_m, int
     weights_pending=1: the kernel just before on the stream may have written b or scales.
     device: the current device when the caller knows it (-1: asked here)."""
     cdef ferrum_mm_config cfg
-    cdef ferrum_mm_plan_info plan
-    cdef int status
-    cdef size_t cptr = 0, cbytes = 0, dptr = 0, dbytes = 0
-    cdef DeviceArray arr
     cfg.tile, cfg.m_blocks, cfg.splits, cfg.stream_k = tile, m_blocks, splits, stream_k
     cfg.weights_pending = weights_pending
     if device < 0:
         device = current_device()
+    _launch(a, b, scales, c, perm, size_m, size_k, size_n, expert0, num_experts, num_groups,
+            group_size, ldc, stream, &cfg, device)
+
+
+cdef int _launch(size_t a, size_t b, size_t scales, size_t c, size_t perm, int size_m, int size_k,
+                 int size_n, int expert0, int num_experts, int num_groups, int group_size, int ldc,
+                 size_t stream, ferrum_mm_config *cfg, int device) except -1:
+    cdef ferrum_mm_plan_info plan
+    cdef int status
+    cdef size_t cptr = 0, cbytes = 0, dptr = 0, dbytes = 0
+    cdef DeviceArray arr
     ws = _workspaces.get(_workspace_key(device, stream))
     for attempt in range(2):
         if ws is not None:
@@ -460,9 +467,87 @@ def mm(size_t a, size_t b, size_t scales, size_t c, size_t perm, int size_m, int
                 dptr, dbytes = arr.ptr, arr.nbytes
         status = ferrum_mm(<const void *>a, <const void *>b, <const void *>scales, <void *>c,
                            <const int32_t *>perm, size_m, size_k, size_n, expert0, num_experts,
-                           num_groups, group_size, ldc, &cfg, <void *>cptr, cbytes,
+                           num_groups, group_size, ldc, cfg, <void *>cptr, cbytes,
                            <void *>dptr, dbytes, &plan, <void *>stream)
         if status != FERRUM_ERR_WORKSPACE or attempt:
             break
         ws = _workspace(device, stream, plan.counter_bytes, plan.data_bytes)
     check_ferrum(status)
+    return 0
+
+
+cdef class Resident:
+    """Device pointers and sizes of one MarlinWeight on cuda, kept in weight._aux["cuda"] by
+    ferrum.cuda (which fills the fields); typed, so that mm_direct reads them as C values."""
+    cdef public size_t b, s, perm, b_end, s_end
+    cdef public object perm_array, keep
+    cdef public int size_k, size_n, groups, group_size, num_experts, pending, device
+    cdef public bint only_gpu
+
+
+cdef object _direct_weight = None    # ferrum.MarlinWeight
+cdef object _direct_tensor = None    # torch.Tensor
+cdef object _direct_f16 = None       # torch.float16
+
+
+def enable_direct(weight_type, tensor_type, f16):
+    """ferrum.cuda names the types mm_direct takes (avoids importing ferrum.api or torch here)."""
+    global _direct_weight, _direct_tensor, _direct_f16
+    _direct_weight, _direct_tensor, _direct_f16 = weight_type, tensor_type, f16
+
+
+def mm_direct(a, weight, expert, out):
+    """ferrum.mm(a, weight, expert=expert, out=out) for the plain call, in C: torch tensors a
+    and out, float16, 2-D, C-contiguous, 16-byte aligned and on the GPU, a weight already
+    resident on the only GPU there is, the right shapes, no overlap, the legacy default stream
+    (what the general path does for stream=None). Returns out; None where any of that does not
+    hold, and ferrum.mm then takes its general path (which also raises the errors). This is the
+    call a decoding loop makes; the general path costs ~2 µs more of Python per call."""
+    cdef Resident r
+    cdef ferrum_mm_config cfg
+    cdef size_t a_ptr, c_ptr, a_end, c_end
+    cdef long long m, k, cols
+    cdef int expert0, experts
+    if type(a) is not _direct_tensor or type(out) is not _direct_tensor or \
+            type(weight) is not _direct_weight:
+        return None
+    res = weight._aux.get("cuda")
+    if type(res) is not Resident or weight.backend != "cuda":
+        return None
+    r = <Resident>res
+    if not r.only_gpu:
+        return None
+    if expert is None:
+        expert0, experts = 0, r.num_experts
+    elif type(expert) is int and 0 <= expert < r.num_experts:
+        expert0, experts = expert, 1
+    else:
+        return None
+    if not (a.is_cuda and out.is_cuda) or a.dtype is not _direct_f16 or \
+            out.dtype is not _direct_f16:
+        return None
+    shape = a.shape
+    if len(shape) != 2:
+        return None
+    m, k = shape[0], shape[1]
+    cols = <long long>r.size_n * experts
+    if k != r.size_k or m < 1 or m > 2147483647:
+        return None
+    shape = out.shape
+    if len(shape) != 2 or shape[0] != m or shape[1] != cols:
+        return None
+    if not (a.is_contiguous() and out.is_contiguous()):
+        return None
+    a_ptr, c_ptr = a.data_ptr(), out.data_ptr()
+    if not a_ptr or not c_ptr or (a_ptr | c_ptr) & 15:
+        return None
+    a_end, c_end = a_ptr + <size_t>(m * k * 2), c_ptr + <size_t>(m * cols * 2)
+    if (c_ptr < a_end and a_ptr < c_end) or (c_ptr < r.b_end and r.b < c_end) or \
+            (c_ptr < r.s_end and r.s < c_end):
+        return None
+    cfg.tile = cfg.m_blocks = cfg.splits = cfg.stream_k = 0
+    cfg.weights_pending = r.pending
+    _launch(a_ptr, r.b, r.s, c_ptr, r.perm, <int>m, <int>k, r.size_n, expert0, experts, r.groups,
+            r.group_size, <int>cols, 0, &cfg, r.device)
+    r.pending = 0
+    return out

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _registry
 from ._registry import Backend, BackendInfo
 from .api import _fail, _short
 from .errors import CudaError
@@ -311,9 +312,25 @@ def _overlap_error(out: Any, c_ptr: int, c_end: int, a_ptr: int, a_bytes: int, r
 
 
 class _Resident:
-    """Device pointers and sizes of one MarlinWeight, cached in weight._aux["cuda"]."""
+    """Device pointers and sizes of one MarlinWeight, cached in weight._aux["cuda"]. (The
+    compiled module's Resident, with the same fields typed, where there is one: see
+    _enable_direct.)"""
     __slots__ = ("b", "s", "perm", "perm_array", "keep", "size_k", "size_n", "groups",
                  "group_size", "num_experts", "pending", "device", "b_end", "s_end", "only_gpu")
+
+
+def _enable_direct() -> None:
+    """Route ferrum.mm's plain torch call (out= given, no stream) to _cuda.mm_direct, which
+    checks and launches it in C; anything it does not take comes back to the general path.
+    Called once a weight is resident, so torch, if used, is imported by then."""
+    torch = sys.modules.get("torch")
+    direct = getattr(_cuda, "mm_direct", None)
+    tensor = getattr(torch, "Tensor", None)
+    if direct is None or tensor is None or _registry.DIRECT_MM.get(tensor) is direct:
+        return
+    from .api import MarlinWeight
+    _cuda.enable_direct(MarlinWeight, tensor, torch.float16)
+    _registry.DIRECT_MM[tensor] = direct
 
 
 class CudaBackend(Backend):
@@ -418,7 +435,7 @@ class CudaBackend(Backend):
             if s_device is not None and s_device != device:
                 _fail("scales", weight.scales, f"is on cuda:{s_device} but qweight is on "
                       f"cuda:{device}; a weight's arrays must be on one GPU")
-            r = _Resident()
+            r = getattr(_cuda, "Resident", _Resident)()
             with _on_device(device):
                 # A strided or misaligned weight array is copied (on the legacy default
                 # stream); that, and any wait for a CAI producer's stream, completes here,
@@ -445,6 +462,7 @@ class CudaBackend(Backend):
             r.s_end = r.s + r.num_experts * r.groups * r.size_n * 2
             r.pending = 1   # the first call reads the weights only after the previous kernel
             weight._aux["cuda"] = r
+            _enable_direct()
             return r
 
     def mm(self, a, weight, expert, out, stream=None, tile=0, m_blocks=0, splits=0, stream_k=0):

@@ -1,6 +1,7 @@
 """mm's fast path accepts nothing its general path rejects, and hands the backend the same call.
 
-ferrum.mm first tries api._mm_fast_accept (a few attribute reads for torch, cupy, ferrum and
+With a GPU and torch, ferrum.mm first offers a plain torch call to the cuda backend's compiled
+shortcut (_cuda.mm_direct, the last test here). Then it tries api._mm_fast_accept (a few attribute reads for torch, cupy, ferrum and
 plain __cuda_array_interface__ device arrays); anything it declines goes to api._mm_checked,
 which holds the rules. These tests call both on the same inputs, with the backend's mm replaced
 by a recorder, and compare: the same error (type and message), or the same backend call.
@@ -353,3 +354,82 @@ def test_real_device_arrays_fast_and_general_paths_agree(monkeypatch):
             assert not compare(monkeypatch, make(shape, dtype), w, **kwargs(make)), (kind, what)
     # a CPU tensor takes the host path, as before
     assert not compare(monkeypatch, torch.zeros((2, K), dtype=torch.float16), layer)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _CUDA.available, reason=f"cuda backend: {_CUDA.reason}")
+def test_real_torch_direct_path_launches_only_the_plain_call(monkeypatch):
+    """_cuda.mm_direct (ferrum.mm's compiled shortcut for torch a and out) takes the plain call
+    -- and gives the general path's result -- and declines (None) every other, which then gets
+    the general path's outcome: the same result or the same error."""
+    torch = pytest.importorskip("torch")
+    import ferrum._cuda as real_cuda
+    monkeypatch.setattr(ferrum.cuda, "_cuda", real_cuda)
+    if real_cuda.probe()["count"] != 1:
+        pytest.skip("mm_direct serves one visible GPU only")
+    rng = np.random.default_rng(11)
+    prob = random_problem(rng, K, N, 128, experts=E)
+    layer = ferrum.MarlinWeight.from_gptq(prob.qweights[0], prob.scales[0], group_size=128,
+                                          backend="cuda")
+    stack = ferrum.load_stacked(prob.qweights, prob.scales, group_size=128, backend="cuda")
+    dev = lambda x: torch.from_numpy(np.ascontiguousarray(x)).cuda()
+    a_host = rng.standard_normal((5, K)).astype(np.float16)
+    a = dev(a_host)
+    for w in (layer, stack):       # resident now: the general path's first call made it so
+        ferrum.mm(a, w, expert=0, out=torch.empty(5, N, dtype=torch.float16, device="cuda"))
+    assert ferrum._registry.DIRECT_MM.get(torch.Tensor) is real_cuda.mm_direct
+
+    def general(*args, **kwargs):
+        return api._mm_checked(*args, **kwargs)
+
+    # the plain calls: the direct path's result equals the general path's, bit for bit
+    for w, expert, cols in ((layer, None, N), (layer, 0, N), (stack, 2, N), (stack, None, E * N)):
+        out = torch.full((5, cols), float("nan"), dtype=torch.float16, device="cuda")
+        assert real_cuda.mm_direct(a, w, expert, out) is out
+        want = general(a, w, expert, None, None, None).cpu().numpy()
+        np.testing.assert_array_equal(out.cpu().numpy(), want)
+        dense = prob.dense[0] if w is layer else (
+            np.concatenate(prob.dense, axis=1) if expert is None else prob.dense[expert])
+        ref = a_host.astype(np.float64) @ dense
+        assert np.linalg.norm(want - ref) / np.linalg.norm(ref) <= 1e-3
+    # and ferrum.mm takes it without reaching the backend's Python glue
+    def no_glue(*args, **kwargs):
+        raise AssertionError("the plain torch call went through CudaBackend.mm")
+    monkeypatch.setattr(ferrum.cuda.BACKEND, "mm", no_glue)
+    out = torch.empty(5, N, dtype=torch.float16, device="cuda")
+    assert ferrum.mm(a, layer, out=out) is out
+    monkeypatch.undo()
+    monkeypatch.setattr(ferrum.cuda, "_cuda", real_cuda)
+
+    # everything else: declined, and ferrum.mm's outcome is the general path's
+    f16 = dict(dtype=torch.float16, device="cuda")
+    flat = torch.empty(5 * N + 8, **f16)
+    shared = torch.empty(5 * K + 5 * N, **f16)     # a, and an out over a's last 64 values
+    a_shared = shared[:5 * K].view(5, K)
+    a_shared.copy_(a)
+    declined = [
+        ("out transposed", a, layer, None, torch.empty(N, 5, **f16).t(), {}),
+        ("out misaligned", a, layer, None, flat[1:1 + 5 * N].view(5, N), {}),
+        ("out float32", a, layer, None, torch.empty(5, N, dtype=torch.float32, device="cuda"), {}),
+        ("out wrong shape", a, layer, None, torch.empty(5, N + 64, **f16), {}),
+        ("out on the host", a, layer, None, torch.empty(5, N, dtype=torch.float16), {}),
+        ("a on the host", a.cpu(), layer, None, torch.empty(5, N, **f16), {}),
+        ("a strided", dev(rng.standard_normal((5, 2 * K)).astype(np.float16))[:, ::2], layer,
+         None, torch.empty(5, N, **f16), {}),
+        ("a wrong width", dev(a_host[:, :128]), layer, None, torch.empty(5, N, **f16), {}),
+        ("out overlaps a", a_shared, layer, None, shared[5 * K - 64:5 * K - 64 + 5 * N].view(5, N),
+         {}),
+        ("expert out of range", a, stack, E, torch.empty(5, N, **f16), {}),
+        ("expert a bool", a, stack, True, torch.empty(5, N, **f16), {}),
+        ("a host weight", a, layer.to("cpu"), None, torch.empty(5, N, **f16), {}),
+        ("stream given", a, layer, None, torch.empty(5, N, **f16), {"stream": 0}),
+        ("backend given", a, layer, None, torch.empty(5, N, **f16), {"backend": "cuda"}),
+    ]
+    for what, aa, w, expert, out, kwargs in declined:
+        if not kwargs:
+            assert real_cuda.mm_direct(aa, w, expert, out) is None, what
+        got = _outcome(ferrum.mm, aa, w, expert=expert, out=out, **kwargs)
+        want = _outcome(general, aa, w, expert, out, kwargs.get("backend"), kwargs.get("stream"))
+        assert got[0] == want[0], (what, got, want)
+        if got[0] != "ok":
+            assert got[1] == want[1], what

@@ -90,6 +90,8 @@ def _api_rows(ferrum, be, w, kinds, calls, sync=lambda: None):
                      per_call(lambda: be.mm(a, w, 0, None), calls, sync)))
         rows.append((f"{kind}: ferrum.mm(a, w, out=out)",
                      per_call(lambda: ferrum.mm(a, w, out=c), calls, sync)))
+        rows.append((f"{kind}: ferrum.mm(a, w, out=out, backend='cuda') (no direct path)",
+                     per_call(lambda: ferrum.mm(a, w, out=c, backend="cuda"), calls, sync)))
         rows.append((f"{kind}: ferrum.mm(a, w)",
                      per_call(lambda: ferrum.mm(a, w), calls, sync)))
     return rows
