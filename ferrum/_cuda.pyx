@@ -496,21 +496,26 @@ def enable_direct(weight_type, tensor_type, f16):
     _direct_weight, _direct_tensor, _direct_f16 = weight_type, tensor_type, f16
 
 
-def mm_direct(a, weight, expert, out):
-    """ferrum.mm(a, weight, expert=expert, out=out) for the plain call, in C: torch tensors a
-    and out, float16, 2-D, C-contiguous, 16-byte aligned and on the GPU, a weight already
-    resident on the only GPU there is, the right shapes, no overlap, the legacy default stream
-    (what the general path does for stream=None). Returns out; None where any of that does not
-    hold, and ferrum.mm then takes its general path (which also raises the errors). This is the
-    call a decoding loop makes; the general path costs ~2 µs more of Python per call."""
+def mm_direct(a, weight, expert, out, stream):
+    """ferrum.mm(a, weight, expert=expert, out=out, stream=stream) for the plain call, in C:
+    torch tensors a and out, float16, 2-D, C-contiguous, 16-byte aligned and on the GPU, a
+    weight already resident on the only GPU there is, the right shapes, no overlap, and stream
+    None (the legacy default stream, as the general path takes it) or a handle given as an int.
+    Returns out; None where any of that does not hold, and ferrum.mm then takes its general
+    path (which also raises the errors). This is the call a decoding loop makes; the general
+    path costs ~2 µs more of Python per call."""
     cdef Resident r
     cdef ferrum_mm_config cfg
-    cdef size_t a_ptr, c_ptr, a_end, c_end
+    cdef size_t a_ptr, c_ptr, a_end, c_end, handle = 0
     cdef long long m, k, cols
     cdef int expert0, experts
     if type(a) is not _direct_tensor or type(out) is not _direct_tensor or \
             type(weight) is not _direct_weight:
         return None
+    if stream is not None:
+        if type(stream) is not int or not 0 <= stream <= 0xFFFFFFFFFFFFFFFF:
+            return None
+        handle = stream
     res = weight._aux.get("cuda")
     if type(res) is not Resident or weight.backend != "cuda":
         return None
@@ -548,6 +553,6 @@ def mm_direct(a, weight, expert, out):
     cfg.tile = cfg.m_blocks = cfg.splits = cfg.stream_k = 0
     cfg.weights_pending = r.pending
     _launch(a_ptr, r.b, r.s, c_ptr, r.perm, <int>m, <int>k, r.size_n, expert0, experts, r.groups,
-            r.group_size, <int>cols, 0, &cfg, r.device)
+            r.group_size, <int>cols, handle, &cfg, r.device)
     r.pending = 0
     return out

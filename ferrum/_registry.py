@@ -109,7 +109,7 @@ def check_name(name: Any, argument: str = "backend") -> str:
 
 _ready: dict[str, Backend] = {}     # backends found available once: the hot path's lookup
 # ferrum.mm's shortcut per exact type of `a` (the cuda backend's compiled torch path): called
-# as direct(a, weight, expert, out) for calls with out= and no stream or backend given, it
+# as direct(a, weight, expert, out, stream) for calls with out= and no backend given, it
 # returns out or, where the call is not its plain case, None (the general path then runs).
 DIRECT_MM: dict[type, Any] = {}
 

@@ -512,10 +512,10 @@ def mm(a, weight, *, expert=None, out=None, backend=None, stream=None):
     side by side ([M, E*n]). ``out`` receives the result in place. ``stream`` (cuda only) is a
     stream handle or an object carrying one.
     """
-    if out is not None and stream is None and backend is None:
+    if out is not None and backend is None:
         direct = _registry.DIRECT_MM.get(type(a))
         if direct is not None:
-            result = direct(a, weight, expert, out)
+            result = direct(a, weight, expert, out, stream)
             if result is not None:
                 return result
     try:
@@ -607,8 +607,9 @@ def _mm_checked(a, weight, expert, out, backend, stream):
 # ------------------------------------------------------------------------------------------------
 # mm's fast path: the common call on CUDA device arrays, accepted in a few attribute reads.
 # (Before it, a backend may offer a compiled shortcut for one exact type of `a`:
-# _registry.DIRECT_MM, the cuda backend's _cuda.mm_direct for torch tensors with out= given. It
-# too only ever accepts, returning None for anything but its plain case.)
+# _registry.DIRECT_MM, the cuda backend's _cuda.mm_direct for torch tensors with out= given and
+# stream None or an int. It too only ever accepts, returning None for anything but its plain
+# case.)
 #
 # Kinds: torch.Tensor, cupy.ndarray, ferrum's DeviceArray (exact types), other classes with a
 # __cuda_array_interface__, and DLPack-only classes with .shape and .dtype (as JAX's).

@@ -320,7 +320,7 @@ class _Resident:
 
 
 def _enable_direct() -> None:
-    """Route ferrum.mm's plain torch call (out= given, no stream) to _cuda.mm_direct, which
+    """Route ferrum.mm's plain torch call (out= given, an int stream or none) to _cuda.mm_direct, which
     checks and launches it in C; anything it does not take comes back to the general path.
     Called once a weight is resident, so torch, if used, is imported by then."""
     torch = sys.modules.get("torch")

@@ -382,10 +382,15 @@ def test_real_torch_direct_path_launches_only_the_plain_call(monkeypatch):
     def general(*args, **kwargs):
         return api._mm_checked(*args, **kwargs)
 
-    # the plain calls: the direct path's result equals the general path's, bit for bit
-    for w, expert, cols in ((layer, None, N), (layer, 0, N), (stack, 2, N), (stack, None, E * N)):
+    # the plain calls: the direct path's result equals the general path's, bit for bit; on the
+    # default stream and on a stream of torch's given as an int handle
+    side = torch.cuda.Stream()
+    for w, expert, cols, stream in ((layer, None, N, None), (layer, 0, N, 0), (stack, 2, N, None),
+                                    (stack, None, E * N, side.cuda_stream)):
         out = torch.full((5, cols), float("nan"), dtype=torch.float16, device="cuda")
-        assert real_cuda.mm_direct(a, w, expert, out) is out
+        torch.cuda.synchronize()
+        assert real_cuda.mm_direct(a, w, expert, out, stream) is out
+        torch.cuda.synchronize()
         want = general(a, w, expert, None, None, None).cpu().numpy()
         np.testing.assert_array_equal(out.cpu().numpy(), want)
         dense = prob.dense[0] if w is layer else (
@@ -398,6 +403,8 @@ def test_real_torch_direct_path_launches_only_the_plain_call(monkeypatch):
     monkeypatch.setattr(ferrum.cuda.BACKEND, "mm", no_glue)
     out = torch.empty(5, N, dtype=torch.float16, device="cuda")
     assert ferrum.mm(a, layer, out=out) is out
+    assert ferrum.mm(a, layer, out=out, stream=side.cuda_stream) is out
+    torch.cuda.synchronize()
     monkeypatch.undo()
     monkeypatch.setattr(ferrum.cuda, "_cuda", real_cuda)
 
@@ -422,12 +429,13 @@ def test_real_torch_direct_path_launches_only_the_plain_call(monkeypatch):
         ("expert out of range", a, stack, E, torch.empty(5, N, **f16), {}),
         ("expert a bool", a, stack, True, torch.empty(5, N, **f16), {}),
         ("a host weight", a, layer.to("cpu"), None, torch.empty(5, N, **f16), {}),
-        ("stream given", a, layer, None, torch.empty(5, N, **f16), {"stream": 0}),
+        ("stream as an object", a, layer, None, torch.empty(5, N, **f16), {"stream": side}),
+        ("stream negative", a, layer, None, torch.empty(5, N, **f16), {"stream": -1}),
         ("backend given", a, layer, None, torch.empty(5, N, **f16), {"backend": "cuda"}),
     ]
     for what, aa, w, expert, out, kwargs in declined:
-        if not kwargs:
-            assert real_cuda.mm_direct(aa, w, expert, out) is None, what
+        if "backend" not in kwargs:
+            assert real_cuda.mm_direct(aa, w, expert, out, kwargs.get("stream")) is None, what
         got = _outcome(ferrum.mm, aa, w, expert=expert, out=out, **kwargs)
         want = _outcome(general, aa, w, expert, out, kwargs.get("backend"), kwargs.get("stream"))
         assert got[0] == want[0], (what, got, want)
