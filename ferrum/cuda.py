@@ -322,7 +322,7 @@ class _Resident:
 def _enable_direct() -> None:
     """Route ferrum.mm's plain torch call (out= given, an int stream or none) to _cuda.mm_direct, which
     checks and launches it in C; anything it does not take comes back to the general path.
-    Called once a weight is resident, so torch, if used, is imported by then."""
+    Called once a weight is resident, and when mm first meets a torch type."""
     torch = sys.modules.get("torch")
     direct = getattr(_cuda, "mm_direct", None)
     tensor = getattr(torch, "Tensor", None)
@@ -580,6 +580,7 @@ def _view_kind(t: type) -> str:
         kind = "ferrum"
     elif t.__module__.split(".", 1)[0] == "torch":
         kind = "torch"
+        _enable_direct()    # (torch may have been imported only after the weights were placed)
     elif t.__module__.split(".", 1)[0] == "cupy":
         kind = "cupy"
     else:
