@@ -488,29 +488,54 @@ cdef class Resident:
 cdef object _direct_weight = None    # ferrum.MarlinWeight
 cdef object _direct_tensor = None    # torch.Tensor
 cdef object _direct_f16 = None       # torch.float16
+cdef object _direct_cupy = None      # cupy.ndarray
+cdef object _np_f16 = np.dtype(np.float16)
 
 
-def enable_direct(weight_type, tensor_type, f16):
-    """ferrum.cuda names the types mm_direct takes (avoids importing ferrum.api or torch here)."""
-    global _direct_weight, _direct_tensor, _direct_f16
-    _direct_weight, _direct_tensor, _direct_f16 = weight_type, tensor_type, f16
+def enable_direct(weight_type, tensor_type=None, f16=None, cupy_type=None):
+    """ferrum.cuda names the types mm_direct takes (avoids importing ferrum.api, torch or cupy
+    here)."""
+    global _direct_weight, _direct_tensor, _direct_f16, _direct_cupy
+    _direct_weight = weight_type
+    if tensor_type is not None:
+        _direct_tensor, _direct_f16 = tensor_type, f16
+    if cupy_type is not None:
+        _direct_cupy = cupy_type
+
+
+cdef object _plain_shape(x, bint torch):
+    """x's shape where x (a torch tensor or a cupy array) is float16, on the GPU and
+    C-contiguous; else None."""
+    if torch:
+        if not x.is_cuda or x.dtype is not _direct_f16 or not x.is_contiguous():
+            return None
+    elif x.dtype is not _np_f16 or not x.flags.c_contiguous:
+        return None
+    return x.shape
 
 
 def mm_direct(a, weight, expert, out, stream):
     """ferrum.mm(a, weight, expert=expert, out=out, stream=stream) for the plain call, in C:
-    torch tensors a and out, float16, 2-D, C-contiguous, 16-byte aligned and on the GPU, a
-    weight already resident on the only GPU there is, the right shapes, no overlap, and stream
-    None (the legacy default stream, as the general path takes it) or a handle given as an int.
-    Returns out; None where any of that does not hold, and ferrum.mm then takes its general
-    path (which also raises the errors). This is the call a decoding loop makes; the general
-    path costs ~2 µs more of Python per call."""
+    a and out both torch tensors or both cupy arrays, float16, 2-D, C-contiguous, 16-byte
+    aligned and on the GPU, a weight already resident on the only GPU there is, the right
+    shapes, no overlap, and stream None (the legacy default stream, as the general path takes
+    it) or a handle given as an int. Returns out; None where any of that does not hold, and
+    ferrum.mm then takes its general path (which also raises the errors). This is the call a
+    decoding loop makes; the general path costs ~2 µs more of Python per call."""
     cdef Resident r
     cdef ferrum_mm_config cfg
     cdef size_t a_ptr, c_ptr, a_end, c_end, handle = 0
     cdef long long m, k, cols
     cdef int expert0, experts
-    if type(a) is not _direct_tensor or type(out) is not _direct_tensor or \
-            type(weight) is not _direct_weight:
+    cdef bint torch
+    kind = type(a)
+    if kind is _direct_tensor:
+        torch = True
+    elif kind is _direct_cupy:
+        torch = False
+    else:
+        return None
+    if type(out) is not kind or type(weight) is not _direct_weight:
         return None
     if stream is not None:
         if type(stream) is not int or not 0 <= stream <= 0xFFFFFFFFFFFFFFFF:
@@ -528,22 +553,20 @@ def mm_direct(a, weight, expert, out, stream):
         expert0, experts = expert, 1
     else:
         return None
-    if not (a.is_cuda and out.is_cuda) or a.dtype is not _direct_f16 or \
-            out.dtype is not _direct_f16:
-        return None
-    shape = a.shape
-    if len(shape) != 2:
+    shape = _plain_shape(a, torch)
+    if shape is None or len(shape) != 2:
         return None
     m, k = shape[0], shape[1]
     cols = <long long>r.size_n * experts
     if k != r.size_k or m < 1 or m > 2147483647:
         return None
-    shape = out.shape
-    if len(shape) != 2 or shape[0] != m or shape[1] != cols:
+    shape = _plain_shape(out, torch)
+    if shape is None or len(shape) != 2 or shape[0] != m or shape[1] != cols:
         return None
-    if not (a.is_contiguous() and out.is_contiguous()):
-        return None
-    a_ptr, c_ptr = a.data_ptr(), out.data_ptr()
+    if torch:
+        a_ptr, c_ptr = a.data_ptr(), out.data_ptr()
+    else:
+        a_ptr, c_ptr = a.data.ptr, out.data.ptr
     if not a_ptr or not c_ptr or (a_ptr | c_ptr) & 15:
         return None
     a_end, c_end = a_ptr + <size_t>(m * k * 2), c_ptr + <size_t>(m * cols * 2)

@@ -320,17 +320,24 @@ class _Resident:
 
 
 def _enable_direct() -> None:
-    """Route ferrum.mm's plain torch call (out= given, an int stream or none) to _cuda.mm_direct, which
-    checks and launches it in C; anything it does not take comes back to the general path.
-    Called once a weight is resident, and when mm first meets a torch type."""
-    torch = sys.modules.get("torch")
+    """Route ferrum.mm's plain torch and cupy calls (out= given, an int stream or none) to
+    _cuda.mm_direct, which checks and launches them in C; anything it does not take comes back
+    to the general path. Called once a weight is resident, and when mm first meets a torch or
+    cupy type (either may be imported only after the weights were placed)."""
     direct = getattr(_cuda, "mm_direct", None)
-    tensor = getattr(torch, "Tensor", None)
-    if direct is None or tensor is None or _registry.DIRECT_MM.get(tensor) is direct:
+    if direct is None:
+        return
+    torch, cupy = sys.modules.get("torch"), sys.modules.get("cupy")
+    tensor, ndarray = getattr(torch, "Tensor", None), getattr(cupy, "ndarray", None)
+    wanted = [t for t in (tensor, ndarray)
+              if isinstance(t, type) and _registry.DIRECT_MM.get(t) is not direct]
+    if not wanted:
         return
     from .api import MarlinWeight
-    _cuda.enable_direct(MarlinWeight, tensor, torch.float16)
-    _registry.DIRECT_MM[tensor] = direct
+    _cuda.enable_direct(MarlinWeight, tensor if tensor in wanted else None,
+                        getattr(torch, "float16", None), ndarray if ndarray in wanted else None)
+    for t in wanted:
+        _registry.DIRECT_MM[t] = direct
 
 
 class CudaBackend(Backend):
@@ -580,9 +587,10 @@ def _view_kind(t: type) -> str:
         kind = "ferrum"
     elif t.__module__.split(".", 1)[0] == "torch":
         kind = "torch"
-        _enable_direct()    # (torch may have been imported only after the weights were placed)
+        _enable_direct()
     elif t.__module__.split(".", 1)[0] == "cupy":
         kind = "cupy"
+        _enable_direct()
     else:
         kind = "other"
     _VIEW_KINDS[t] = kind

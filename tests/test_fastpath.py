@@ -441,3 +441,59 @@ def test_real_torch_direct_path_launches_only_the_plain_call(monkeypatch):
         assert got[0] == want[0], (what, got, want)
         if got[0] != "ok":
             assert got[1] == want[1], what
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _CUDA.available, reason=f"cuda backend: {_CUDA.reason}")
+def test_real_cupy_direct_path_launches_only_the_plain_call(monkeypatch):
+    """The same for cupy arrays: mm_direct takes the plain call with the general path's
+    result, and declines the rest, which gets the general path's outcome."""
+    cupy = pytest.importorskip("cupy")
+    import ferrum._cuda as real_cuda
+    monkeypatch.setattr(ferrum.cuda, "_cuda", real_cuda)
+    if real_cuda.probe()["count"] != 1:
+        pytest.skip("mm_direct serves one visible GPU only")
+    rng = np.random.default_rng(12)
+    prob = random_problem(rng, K, N, 64, experts=E)
+    layer = ferrum.MarlinWeight.from_gptq(prob.qweights[0], prob.scales[0], group_size=64,
+                                          backend="cuda")
+    stack = ferrum.load_stacked(prob.qweights, prob.scales, group_size=64, backend="cuda")
+    a_host = rng.standard_normal((3, K)).astype(np.float16)
+    a = cupy.asarray(a_host)
+    for w in (layer, stack):
+        ferrum.mm(a, w, expert=0, out=cupy.empty((3, N), np.float16))
+    assert ferrum._registry.DIRECT_MM.get(cupy.ndarray) is real_cuda.mm_direct
+    for w, expert, cols in ((layer, None, N), (stack, 1, N), (stack, None, E * N)):
+        out = cupy.full((3, cols), np.nan, np.float16)
+        assert real_cuda.mm_direct(a, w, expert, out, None) is out
+        want = cupy.asnumpy(api._mm_checked(a, w, expert, None, None, None))
+        np.testing.assert_array_equal(cupy.asnumpy(out), want)
+        dense = prob.dense[0] if w is layer else (
+            np.concatenate(prob.dense, axis=1) if expert is None else prob.dense[expert])
+        ref = a_host.astype(np.float64) @ dense
+        assert np.linalg.norm(want - ref) / np.linalg.norm(ref) <= 1e-3
+    flat = cupy.empty(3 * N + 8, np.float16)
+    shared = cupy.empty(3 * K + 3 * N, np.float16)
+    a_shared = shared[:3 * K].reshape(3, K)
+    a_shared[...] = a
+    declined = [
+        ("out transposed", a, layer, cupy.empty((N, 3), np.float16).T),
+        ("out misaligned", a, layer, flat[1:1 + 3 * N].reshape(3, N)),
+        ("out float32", a, layer, cupy.empty((3, N), np.float32)),
+        ("a strided", cupy.asarray(rng.standard_normal((3, 2 * K)).astype(np.float16))[:, ::2],
+         layer, cupy.empty((3, N), np.float16)),
+        ("out overlaps a", a_shared, layer, shared[3 * K - 64:3 * K - 64 + 3 * N].reshape(3, N)),
+    ]
+    try:
+        import torch
+        declined.append(("out a torch tensor", a, layer,
+                         torch.empty(3, N, dtype=torch.float16, device="cuda")))
+    except ImportError:
+        pass
+    for what, aa, w, out in declined:
+        assert real_cuda.mm_direct(aa, w, None, out, None) is None, what
+        got = _outcome(ferrum.mm, aa, w, out=out)
+        want = _outcome(api._mm_checked, aa, w, None, out, None, None)
+        assert got[0] == want[0], (what, got, want)
+        if got[0] != "ok":
+            assert got[1] == want[1], what
