@@ -130,6 +130,16 @@ def test_a_bad_tuning_variable_is_named_in_the_reason(name, value):
     assert said.startswith("REASON ") and f"{name}={value!r}" in said, said
 
 
+@pytest.mark.parametrize("name", ["FERRUM_METAL_TILED_UNROLL", "FERRUM_METAL_NATIVE"])
+def test_a_bad_switch_value_is_refused_with_every_spelling_it_takes(name):
+    # The switches take 0/1, false/true, off/on and no/yes (metal/README.md); the reason said
+    # "must be 0 or 1" alone, as if "off" or "yes" were refused too.
+    said = _metal_info_with({name: "maybe"})
+    assert said.startswith("REASON ") and "0 or 1" in said, said
+    assert all(word in said for word in ("false", "true", "off", "on", "no", "yes")), said
+    assert _metal_info_with({name: "Off"}) == "ok"
+
+
 def test_good_tuning_variables_are_taken():
     assert _metal_info_with({"FERRUM_METAL_GEMV_K_SLOTS": "16", "FERRUM_METAL_TILED_UNROLL": "false",
                              "FERRUM_METAL_ADAPTER": _INFO.device.split(" via ")[0][:4]}) == "ok"
