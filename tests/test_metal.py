@@ -709,6 +709,20 @@ def test_metal_arrays_are_taken_by_shape_and_dtype_not_as_objects():
         ferrum.repack(qweight, 256, 128, backend="cpu")
 
 
+def test_a_weight_is_made_from_resident_metal_arrays():
+    # MarlinWeight(qweight, scales) uses arrays its backend owns as they are; with a MetalArray
+    # for scales the constructor ran its host finiteness check on it and failed inside numpy
+    # ("ufunc 'isfinite' not supported"), naming no argument.
+    rng, p, w = metal_problem(1900, 256, 128, 64)
+    qweight = ferrum.repack(BACKEND.from_host(p.qweights[0]), 256, 128)
+    scales = BACKEND.from_host(ferrum.permute_scales(p.scales[0], 256, 128, 64))
+    made = ferrum.MarlinWeight(qweight, scales, size_k=256, size_n=128, group_size=64)
+    assert made.backend == "metal" and made.qweight is qweight and made.scales is scales
+    a = rng.standard_normal((3, 256)).astype(np.float16)
+    np.testing.assert_array_equal(ferrum.mm(a, made), ferrum.mm(a, w))
+    np.testing.assert_array_equal(ferrum.dequantize(made), ferrum.dequantize(w))
+
+
 @pytest.mark.parametrize("m", [1, 2])
 def test_mm_sparse_rows_with_large_values_on_zero_weights(m):
     # gemv's column sums (M <= 2) round at the size of 72 |a|. The bound on |a| was 64 times the
