@@ -498,6 +498,8 @@ def _expert_list(argument: str, x: Any) -> list:
         _fail(argument, x, f"must be a list of 2-D arrays or one 3-D [E, ...] array, got shape {shape}")
     if shape[0] < 1:
         _fail(argument, x, "must hold at least one expert")
+    if _is_metal_array(x):      # not indexable: refused as the experts of a list would be
+        _host(argument, x)
     return [x[e] for e in range(shape[0])]
 
 

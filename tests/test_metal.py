@@ -709,6 +709,17 @@ def test_metal_arrays_are_taken_by_shape_and_dtype_not_as_objects():
         ferrum.repack(qweight, 256, 128, backend="cpu")
 
 
+def test_load_stacked_refuses_a_resident_stack_by_name():
+    # load_stacked takes host arrays; a 3-D MetalArray was indexed per expert and failed with
+    # "'MetalArray' object is not subscriptable", naming no argument.
+    p = random_problem(np.random.default_rng(1950), 256, 128, 128, experts=2)
+    qweights, scales = np.stack(p.qweights), np.stack(p.scales)
+    with pytest.raises(TypeError, match=r"^qweights=<MetalArray shape=\(2, 32, 128\).*host"):
+        ferrum.load_stacked(BACKEND.from_host(qweights), scales, group_size=128)
+    with pytest.raises(TypeError, match=r"^scales=<MetalArray shape=\(2, 2, 128\).*host"):
+        ferrum.load_stacked(qweights, BACKEND.from_host(scales), group_size=128)
+
+
 def test_a_weight_is_made_from_resident_metal_arrays():
     # MarlinWeight(qweight, scales) uses arrays its backend owns as they are; with a MetalArray
     # for scales the constructor ran its host finiteness check on it and failed inside numpy
