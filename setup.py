@@ -53,14 +53,30 @@ def _cuda_home(nvcc):
     return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
 
 
+def _cuda_archs():
+    """FERRUM_CUDA_ARCHS as compute capabilities ("80", "90"): entries separated by ";" or ",",
+    each as "90", "sm_90", "sm_90a" or "9.0"; unset or blank, DEFAULT_ARCHS. An entry that is
+    not a compute capability of 8.0 or newer (what the kernels need) is a ValueError naming the
+    variable, before anything is compiled."""
+    raw = os.environ.get("FERRUM_CUDA_ARCHS", "")
+    archs = []
+    for entry in (raw if raw.strip() else DEFAULT_ARCHS).replace(",", ";").split(";"):
+        if not entry.strip():
+            continue
+        arch = entry.strip().replace("sm_", "").replace(".", "").rstrip("a")
+        if not arch.isdigit() or int(arch) < 80:
+            raise ValueError(f"FERRUM_CUDA_ARCHS={raw!r}: {entry.strip()!r} is not a compute "
+                             f"capability of 8.0 or newer; give e.g. \"90\" or \"{DEFAULT_ARCHS}\"")
+        archs.append(arch)
+    return archs
+
+
 def _gencode_flags():
     """nvcc -gencode flags for FERRUM_CUDA_ARCHS. Arch 90 (H100, H200) is built as sm_90a, the
     Hopper-only target whose wgmma instructions the many-row kernel (csrc/mm_wgmma.cu) uses;
     its machine code runs on compute capability 9.0 exactly, and the planner asks for 9.0
     before choosing that kernel. PTX of the newest arch, plain, serves later GPUs."""
-    archs = [a.strip().replace("sm_", "").replace(".", "").rstrip("a")
-             for a in os.environ.get("FERRUM_CUDA_ARCHS", DEFAULT_ARCHS).replace(",", ";").split(";")
-             if a.strip()]
+    archs = _cuda_archs()
     flags = []
     for a in archs:
         target = "90a" if a == "90" else a
@@ -105,6 +121,7 @@ def cuda_extensions():
     except ImportError:
         _log("Cython not found: building without the CUDA extension")
         return [], {}
+    _cuda_archs()       # a bad FERRUM_CUDA_ARCHS stops the build here, not in nvcc
     home = _cuda_home(nvcc)
     lib_dirs = [d for d in (os.path.join(home, "lib64"), os.path.join(home, "lib"),
                             os.path.join(home, "targets", "x86_64-linux", "lib"),

@@ -336,7 +336,7 @@ class MarlinWeight:
             experts = 1
             _check_array("qweight", qweight, [np.int32, np.uint32], shape=(k // F.TILE, 2 * n))
             _check_array("scales", scales, [np.float16], shape=(groups, n))
-        if not _is_device_array(scales):    # host scales of any kind (a list, an __array__ object)
+        if not (_is_device_array(scales) or _is_metal_array(scales)):   # host scales of any kind
             _check_finite("scales", _asarray("scales", scales))
         self.perm = None if perm is None else _check_perm("perm", perm, k)
         if self.perm is not None and stacked:
@@ -498,6 +498,8 @@ def _expert_list(argument: str, x: Any) -> list:
         _fail(argument, x, f"must be a list of 2-D arrays or one 3-D [E, ...] array, got shape {shape}")
     if shape[0] < 1:
         _fail(argument, x, "must hold at least one expert")
+    if _is_metal_array(x):      # not indexable: refused as the experts of a list would be
+        _host(argument, x)
     return [x[e] for e in range(shape[0])]
 
 

@@ -102,8 +102,12 @@ def _poisoned(shape) -> np.ndarray:
 def crosscheck(backends=None, *, seed=None, quick=False, m_values=None, log=None) -> list[Result]:
     """Run the validation problems on each available backend (default: all of them), or on the
     backends named (a name or a list of names; each must be available: ValueError otherwise).
+    cpu, the reference the others are compared with, always runs, and its results are listed too.
 
-    Returns a list of Result; ``all(r.passed for r in results)`` is the verdict.
+    seed: None (fresh) or a non-negative integer; quick: fewer, smaller problems; m_values: the
+    row counts M of each mm (default ``M_VALUES``); log: None or a callable given a line per
+    backend and problem. Returns a list of Result; ``all(r.passed for r in results)`` is the
+    verdict.
     """
     from . import api
     # Every argument before any work, each error naming it (as the rest of the API does).

@@ -83,6 +83,10 @@ def _flag(text: str):
     return {"0": False, "1": True, "false": False, "true": True, "off": False, "on": True,
             "no": False, "yes": True}.get(text.lower())
 
+
+_FLAG_RULE = "must be 0 or 1 (or false/true, off/on, no/yes)"
+
+
 #: Largest M served by the vector kernel (gemv.wgsl); larger M uses the tiled kernel.
 VECTOR_MAX_M = 16
 #: Rows of A one gemv workgroup handles (the kernel keeps M_TILE x 8 accumulators per lane). At
@@ -761,14 +765,14 @@ class MetalBackend(Backend):
                      "must be an integer >= 0 (0: the table's choice)")
         if loads is not None:
             self.gemv_loads = loads
-        unroll = _env("FERRUM_METAL_TILED_UNROLL", _flag, "must be 0 or 1")
+        unroll = _env("FERRUM_METAL_TILED_UNROLL", _flag, _FLAG_RULE)
         if unroll is not None:
             self.tiled_unroll = unroll
         k_slots = _env("FERRUM_METAL_GEMV_K_SLOTS", lambda t: int(t) if int(t) in (8, 16, 32)
                        else None, "must be 8, 16 or 32")
         if k_slots is not None:
             self.gemv_k_slots = k_slots
-        native = _env("FERRUM_METAL_NATIVE", _flag, "must be 0 or 1")
+        native = _env("FERRUM_METAL_NATIVE", _flag, _FLAG_RULE)
         spin = _env("FERRUM_METAL_SPIN_US", lambda t: float(t) if float(t) >= 0 else None,
                     "must be a number of microseconds >= 0")
         self._native = None if native is False else self._native_path(

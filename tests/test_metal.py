@@ -130,6 +130,16 @@ def test_a_bad_tuning_variable_is_named_in_the_reason(name, value):
     assert said.startswith("REASON ") and f"{name}={value!r}" in said, said
 
 
+@pytest.mark.parametrize("name", ["FERRUM_METAL_TILED_UNROLL", "FERRUM_METAL_NATIVE"])
+def test_a_bad_switch_value_is_refused_with_every_spelling_it_takes(name):
+    # The switches take 0/1, false/true, off/on and no/yes (metal/README.md); the reason said
+    # "must be 0 or 1" alone, as if "off" or "yes" were refused too.
+    said = _metal_info_with({name: "maybe"})
+    assert said.startswith("REASON ") and "0 or 1" in said, said
+    assert all(word in said for word in ("false", "true", "off", "on", "no", "yes")), said
+    assert _metal_info_with({name: "Off"}) == "ok"
+
+
 def test_good_tuning_variables_are_taken():
     assert _metal_info_with({"FERRUM_METAL_GEMV_K_SLOTS": "16", "FERRUM_METAL_TILED_UNROLL": "false",
                              "FERRUM_METAL_ADAPTER": _INFO.device.split(" via ")[0][:4]}) == "ok"
@@ -697,6 +707,31 @@ def test_metal_arrays_are_taken_by_shape_and_dtype_not_as_objects():
     np.testing.assert_array_equal(BACKEND.to_host(got), F.repack_reference(p.qweights[0], 256, 128))
     with pytest.raises(TypeError, match=r"qweight=<MetalArray .*backend='cpu'"):
         ferrum.repack(qweight, 256, 128, backend="cpu")
+
+
+def test_load_stacked_refuses_a_resident_stack_by_name():
+    # load_stacked takes host arrays; a 3-D MetalArray was indexed per expert and failed with
+    # "'MetalArray' object is not subscriptable", naming no argument.
+    p = random_problem(np.random.default_rng(1950), 256, 128, 128, experts=2)
+    qweights, scales = np.stack(p.qweights), np.stack(p.scales)
+    with pytest.raises(TypeError, match=r"^qweights=<MetalArray shape=\(2, 32, 128\).*host"):
+        ferrum.load_stacked(BACKEND.from_host(qweights), scales, group_size=128)
+    with pytest.raises(TypeError, match=r"^scales=<MetalArray shape=\(2, 2, 128\).*host"):
+        ferrum.load_stacked(qweights, BACKEND.from_host(scales), group_size=128)
+
+
+def test_a_weight_is_made_from_resident_metal_arrays():
+    # MarlinWeight(qweight, scales) uses arrays its backend owns as they are; with a MetalArray
+    # for scales the constructor ran its host finiteness check on it and failed inside numpy
+    # ("ufunc 'isfinite' not supported"), naming no argument.
+    rng, p, w = metal_problem(1900, 256, 128, 64)
+    qweight = ferrum.repack(BACKEND.from_host(p.qweights[0]), 256, 128)
+    scales = BACKEND.from_host(ferrum.permute_scales(p.scales[0], 256, 128, 64))
+    made = ferrum.MarlinWeight(qweight, scales, size_k=256, size_n=128, group_size=64)
+    assert made.backend == "metal" and made.qweight is qweight and made.scales is scales
+    a = rng.standard_normal((3, 256)).astype(np.float16)
+    np.testing.assert_array_equal(ferrum.mm(a, made), ferrum.mm(a, w))
+    np.testing.assert_array_equal(ferrum.dequantize(made), ferrum.dequantize(w))
 
 
 @pytest.mark.parametrize("m", [1, 2])
