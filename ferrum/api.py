@@ -96,6 +96,11 @@ def _is_metal_array(x: Any) -> bool:
     return metal is not None and type(x) is metal.MetalArray
 
 
+def _on_gpu(x: Any) -> bool:
+    """x lives on a GPU: a CUDA device array or a MetalArray."""
+    return _is_device_array(x) or _is_metal_array(x)
+
+
 def _resident_kind(x: Any) -> str:
     """What error messages call an array that lives on a GPU: "GPU", or "metal" for a
     MetalArray."""
@@ -159,7 +164,7 @@ def _asarray(argument: str, x: Any) -> np.ndarray:
 
 
 def _host(argument: str, x: Any) -> np.ndarray:
-    if _is_device_array(x) or _is_metal_array(x):
+    if _on_gpu(x):
         _fail(argument, x, f"is a {_resident_kind(x)} array; this operation takes host (numpy) "
               "arrays here", TypeError)
     return _asarray(argument, x)
@@ -258,7 +263,7 @@ def repack(qweight, size_k, size_n, *, num_bits=4, perm=None, backend=None):
     _check_array("qweight", qweight, [np.int32, np.uint32], shape=(k // F.PACK, n))
     p = None if perm is None else _check_perm("perm", perm, k)
     be = _registry.get(name)
-    on_device = _is_device_array(qweight) or _is_metal_array(qweight)
+    on_device = _on_gpu(qweight)
     if on_device and not be.owns(qweight):
         _fail("qweight", qweight, f"is a {_resident_kind(qweight)} array; backend={name!r} takes "
               "host arrays", TypeError)
@@ -336,7 +341,7 @@ class MarlinWeight:
             experts = 1
             _check_array("qweight", qweight, [np.int32, np.uint32], shape=(k // F.TILE, 2 * n))
             _check_array("scales", scales, [np.float16], shape=(groups, n))
-        if not (_is_device_array(scales) or _is_metal_array(scales)):   # host scales of any kind
+        if not _on_gpu(scales):   # host scales of any kind
             _check_finite("scales", _asarray("scales", scales))
         self.perm = None if perm is None else _check_perm("perm", perm, k)
         if self.perm is not None and stacked:
@@ -358,7 +363,7 @@ class MarlinWeight:
         shares memory with its caller's arrays."""
         if not isinstance(x, np.ndarray) and be.owns(x):
             return x
-        if _is_device_array(x) or _is_metal_array(x):
+        if _on_gpu(x):
             _fail(argument, x, f"is a {_resident_kind(x)} array; backend={be.name!r} takes host "
                   "arrays", TypeError)
         return _from_host(be, argument, x, np.ascontiguousarray(_asarray(argument, x)).view(dtype))
@@ -551,7 +556,7 @@ def _mm_checked(a, weight, expert, out, backend, stream):
         _fail("a", a, "must have at least one row (M >= 1)")
     a_given = a
     if isinstance(a, np.ndarray) or not be.owns(a):
-        if _is_device_array(a) or _is_metal_array(a):
+        if _on_gpu(a):
             _fail("a", a, f"is a {_resident_kind(a)} array but the weight lives on "
                   f"{weight.backend!r}", TypeError)
         a = _asarray("a", a)
