@@ -287,7 +287,7 @@ __device__ __forceinline__ void mm_tile(const MmParams &p, const BlockWork &work
             for (int v = 0; v < 4; ++v)
                 acc[j * 4 + v] = fmaf(v < 2 ? s_lo : s_hi, run[j * 4 + v] + corr[v], acc[j * 4 + v]);
         }
-        const float s0 = __half2float(sh[0]);   // column 16 x 0 + g's scale stands for the lane's
+        const float s0 = __half2float(sh[0]);   // column g's scale stands for the lane's eight
         err2 = fmaf(live_corr2(), s0 * s0, err2);
     };
     auto compute_stage = [&](int stage, int kt) {
