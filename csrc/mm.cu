@@ -100,9 +100,9 @@ struct Tile {
 // dequantize-and-scale path (the kernel is issue-bound at few rows), and the scales are
 // applied in FP32, not fp16.
 // The bias taken out as -72 x sum(A) is inf - inf where a row of A holds an inf, and it rounds
-// the run sums at the size of 72 |sum(A)|, not of the result: so a warp whose bias terms are not
-// all finite, or whose estimated rounding error is large against its result (an activation far
-// above the rest on weights that contribute little), recomputes its share from global memory
+// the run sums at the size of 72 |a|, not of the result: so a warp whose bias terms or results
+// are not all finite, or whose estimated rounding error is large against its result (an
+// activation far above the rest on weights that contribute little), recomputes its share from global memory
 // with every nibble debiased on its own (swapped_exact). That gives what float64 gives (inf x 0
 // = NaN, inf x w an inf of w's sign) and the fp16 path's accuracy. N(0, 1) activations stay
 // some 10^4 below the bound.
@@ -181,13 +181,13 @@ __device__ __forceinline__ void mm_tile(const MmParams &p, const BlockWork &work
     for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
     // Swapped, grouped: the current run's sums (64 + v weights) and its -72 x sum-of-A terms.
     // Channelwise, the run is the whole K range: the sums go straight into acc.
-    // The run sums round at the size of 72 |sum of A|, not of the result (corr[v] is -72 times
-    // the sum of A row 2i + v%2 so far; registers 2 and 3 repeat 0 and 1), so `err2` adds up the
-    // squares of the lane's live rows' bias terms -- per run, times a scale of the lane's
-    // columns squared (grouped), or per stage, of the running sum (channelwise): the rounding
-    // error's variance up to a constant (see the check after the pipeline). Not finite exactly
-    // when those rows of A held inf or NaN. (Rows past M are never loaded: their shared memory
-    // holds anything.)
+    // The run sums round at the size of 72 |a|, not of the result (corr[v] is -72 times the sum
+    // of A row 2i + v%2 so far; registers 2 and 3 repeat 0 and 1), so `err2` adds up the squares
+    // of the lane's live rows' bias terms and of 72 x the largest |a| of its row g (amax) -- per
+    // run, times a scale of the lane's columns squared (grouped), or per stage, of the running
+    // sum (channelwise): the rounding error's variance up to a constant (see the check after
+    // the pipeline). Not finite when those rows of A held inf (NaN shows in the results).
+    // (Rows past M are never loaded: their shared memory holds anything.)
     constexpr int kRunAcc = SWAP8 && GROUPED ? kAcc : 1;
     float run[kRunAcc];
     float corr[4] = {0.f, 0.f, 0.f, 0.f};
@@ -197,6 +197,17 @@ __device__ __forceinline__ void mm_tile(const MmParams &p, const BlockWork &work
     auto live_corr2 = [&] {
         const float c0 = bias_live[0] ? corr[0] : 0.f, c1 = bias_live[1] ? corr[1] : 0.f;
         return fmaf(c0, c0, c1 * c1);
+    };
+    // The largest |a| of the run so far among the lane's k rows of A row g (the B fragment's
+    // column): a sum of A cancels where large values of both signs share a run, a largest |a|
+    // does not (two instructions a k-tile). amax_term: (72 x it)^2 x 8 -- each row's plain sum
+    // counts from 8 lanes, its largest |a| from one -- then the next run starts at 0.
+    const bool row_live = lane / 4 < rows_live;
+    __half2 amax = __float2half2_rn(0.f);
+    auto amax_term = [&] {
+        const float m = row_live ? fmaxf(__low2float(amax), __high2float(amax)) * 203.6f : 0.f;
+        amax = __float2half2_rn(0.f);
+        return m * m;
     };
 
     // ---- stage 2: shared -> registers -> tensor cores for one pipeline stage ---------------
@@ -288,7 +299,7 @@ __device__ __forceinline__ void mm_tile(const MmParams &p, const BlockWork &work
                 acc[j * 4 + v] = fmaf(v < 2 ? s_lo : s_hi, run[j * 4 + v] + corr[v], acc[j * 4 + v]);
         }
         const float s0 = __half2float(sh[0]);   // column g's scale stands for the lane's eight
-        err2 = fmaf(live_corr2(), s0 * s0, err2);
+        err2 = fmaf(live_corr2() + amax_term(), s0 * s0, err2);
     };
     auto compute_stage = [&](int stage, int kt) {
         if (!chunk_live) return;   // warp-uniform
@@ -312,9 +323,11 @@ __device__ __forceinline__ void mm_tile(const MmParams &p, const BlockWork &work
             for (int kk = 0; kk < kRun; ++kk) {
                 if (kk + 1 < kRun) q[(kk + 1) & 1] = b_src[kt16_of(kk + 1) * T::kChunks * 32];
                 mma_swapped(q[kk & 1], rows[kk], kk == 0);
+                amax = __hmax2(amax, __habs2(as_half2(rows[kk][0])));
+                amax = __hmax2(amax, __habs2(as_half2(rows[kk][1])));
             }
             if constexpr (GROUPED) close_run(stage, kt);
-            else err2 += live_corr2();
+            else err2 += live_corr2() + amax_term();
         } else {
             Frags f[2];
             load_frags(f[0], stage, kt, 0);
@@ -341,10 +354,9 @@ __device__ __forceinline__ void mm_tile(const MmParams &p, const BlockWork &work
         // The warp recomputes its share exactly (swapped_exact) where A held inf or NaN, or
         // where the run sums' rounding (err2) is large against the result (the sum of the live
         // acc squared): an activation far above the rest of its run on weights that give little,
-        // e.g. 6e4 among N(0, 1) values on zero weights. (err2 sees each run's sum of A, not
-        // its largest |a|: large values of both signs that cancel in every run of the warp's
-        // K range go unseen; tracking max |a| would cost 2 instructions a k-tile, ~3%.)
-        // Calibrated on the H200 (csrc/NOTES.md):
+        // e.g. 6e4 among N(0, 1) values on zero weights, of one sign or of both (the runs' sums
+        // of A see values of one sign adding up, their largest |a| values of both signs that
+        // cancel in the sums). Calibrated on the H200 (csrc/NOTES.md):
         // the extra relative error is about 5e-8 x sqrt(8 x err2 / mag2) over a warp, so the
         // bound below takes the exact path from about 1e-4; N(0, 1) activations give a ratio
         // near 30 (the bound is 5e5), LLM-sized outliers (2000) on zero weights near it.
