@@ -137,7 +137,8 @@ def cuda_extensions():
         extra_compile_args=["-O2", "-std=c++17"],
         # The CUDA sources are linked in as objects (BuildCuda); listed here so that a rebuild in
         # a used tree relinks when they change (else build_ext finds the module up to date).
-        depends=sorted(glob.glob(os.path.join(ROOT, "csrc", "*"))),
+        # (Relative: setuptools takes depends as paths from the project root, where pip runs it.)
+        depends=sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "*"))),
     )
     return cythonize([ext], language_level=3, quiet=True), {"build_ext": BuildCuda}
 
