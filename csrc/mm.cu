@@ -102,8 +102,8 @@ struct Tile {
 // The bias taken out as -72 x sum(A) is inf - inf where a row of A holds an inf, and it rounds
 // the run sums at the size of 72 |a|, not of the result: so a warp whose bias terms or results
 // are not all finite, or whose estimated rounding error is large against its result (an
-// activation far above the rest on weights that contribute little), recomputes its share from global memory
-// with every nibble debiased on its own (swapped_exact). That gives what float64 gives (inf x 0
+// activation far above the rest on weights that contribute little), recomputes its share from
+// global memory with every nibble debiased on its own (swapped_exact). That gives what float64 gives (inf x 0
 // = NaN, inf x w an inf of w's sign) and the fp16 path's accuracy. N(0, 1) activations stay
 // some 10^4 below the bound.
 // mm_tile computes one C tile's K range (`work`): all of the kernel but the choice of work
@@ -358,8 +358,9 @@ __device__ __forceinline__ void mm_tile(const MmParams &p, const BlockWork &work
         // of A see values of one sign adding up, their largest |a| values of both signs that
         // cancel in the sums). Calibrated on the H200 (csrc/NOTES.md):
         // the extra relative error is about 5e-8 x sqrt(8 x err2 / mag2) over a warp, so the
-        // bound below takes the exact path from about 1e-4; N(0, 1) activations give a ratio
-        // near 30 (the bound is 5e5), LLM-sized outliers (2000) on zero weights near it.
+        // bound below takes the exact path from about 1e-4; N(0, 1) activations gave a ratio
+        // near 30 with the sums alone (the bound is 5e5; their largest |a| adds an estimated third),
+        // LLM-sized outliers (2000) on zero weights near it.
         float mag2 = 0.f;
 #pragma unroll
         for (int j = 0; j < 4; ++j)
