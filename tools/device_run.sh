@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call: build, smoke, tests, sanitizers, bench. Logs under $OUT.
 # usage (from the repo root copy): bash tools/device_run.sh [steps...]   steps: build smoke test sanitize bench
-# (also: tune ncu ncusrc check alltests overhead sass; NCU_SHAPES="K,N,M ..." for ncu and ncusrc)
+# (also: tune ncu ncusrc check alltests overhead sass fuzz; NCU_SHAPES="K,N,M ..." for ncu and ncusrc)
 set -o pipefail
 export PYTHONUNBUFFERED=1
 ROOT=$(pwd)
@@ -27,6 +27,7 @@ for step in $STEPS; do
     check) (cd /tmp && timeout 200 python3 -m ferrum check --backend cuda 2>&1 | tee $OUT/check.log | tail -12) ;;
     alltests) (cd /tmp && timeout 300 python3 -m pytest -q -p no:cacheprovider $ROOT/tests 2>&1 | tee $OUT/alltests.log | tail -8) ;;
     overhead) (cd /tmp && timeout 120 python3 $ROOT/tools/overhead.py 2>&1 | tee $OUT/overhead.log) ;;
+    fuzz) (cd /tmp && timeout $(( ${FUZZ_SECONDS:-90} + 60 )) python3 $ROOT/tools/gpu_fuzz.py cuda ${FUZZ_SECONDS:-90} 2>&1 | tee $OUT/fuzz.log | grep -E "BAD|EXC|gpu_fuzz") ;;
     sass) so=$(python3 -c "import ferrum._cuda as c; print(c.__file__)" 2>/dev/null || (cd /tmp && python3 -c "import ferrum._cuda as c; print(c.__file__)"))
       cuobjdump -sass $so > $OUT/sass_all.txt 2>&1
       for fn in ILi1ELi8ELi16ELb1E ILi4ELi8ELi16ELb1E; do
