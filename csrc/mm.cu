@@ -491,13 +491,21 @@ static KernelEntry entry_for_mb(int mb, int swap8, bool sk) {
 
 // swap8: the swapped kernel (mma.sync tiles, m_blocks 1) for blocks of up to 8 rows; sk: the
 // stream-K instance (mma.sync tiles, m_blocks 1).
-static KernelEntry select_kernel(int tile, int mb, bool grouped, int swap8 = 0, bool sk = false) {
-    if (is_wgmma_tile(tile)) return wgmma_entry(tile, mb, grouped);
+// f32s: the wgmma kernel's FP32-scales instance (16-row blocks, 128-row groups).
+static KernelEntry select_kernel(int tile, int mb, bool grouped, int swap8 = 0, bool sk = false,
+                                 bool f32s = false) {
+    if (is_wgmma_tile(tile)) return wgmma_entry(tile, mb, grouped, f32s);
     if (tile == 7) return grouped ? entry_for_mb<16, 4, true>(mb, swap8, sk) : entry_for_mb<16, 4, false>(mb, swap8, sk);
     if (tile == 1) return grouped ? entry_for_mb<8, 8, true>(mb, swap8, sk) : entry_for_mb<8, 8, false>(mb, swap8, sk);
     if (tile == 2) return grouped ? entry_for_mb<8, 16, true>(mb, swap8, sk) : entry_for_mb<8, 16, false>(mb, swap8, sk);
     return grouped ? entry_for_mb<4, 16, true>(mb, swap8, sk) : entry_for_mb<4, 16, false>(mb, swap8, sk);
 }
+
+// FERRUM_NO_F32S=1 keeps 16-row wgmma blocks on fp16 scales (for comparisons).
+static const bool g_f32s_enabled = [] {
+    const char *v = getenv("FERRUM_NO_F32S");
+    return !(v && v[0] && v[0] != '0');
+}();
 
 // FERRUM_NO_SWAP=1 keeps one-slice launches on the fp16 dequantize-and-scale path (for
 // comparisons).
@@ -520,6 +528,12 @@ static int swap_min_group(int tile) {
         case 7: return 16 * Tile<1, 16, 4, true, 1>::kKTilesPerWarp;
         default: return 16 * Tile<1, 4, 16, true, 1>::kKTilesPerWarp;
     }
+}
+
+// Whether a wgmma launch takes the FP32-scales instance: 16-row blocks of the k=128 tiles, with
+// groups of 128 rows (one group per stage).
+static bool wgmma_f32_scales(int tile, int mb, bool grouped, int group_size) {
+    return g_f32s_enabled && (tile == 5 || tile == 6) && mb == 1 && grouped && group_size == 128;
 }
 
 static int swap8_for(int tile, int mb, int rows, bool grouped, int group_size) {
@@ -551,6 +565,11 @@ static int prepare_kernel(const DeviceProps &dev, int tile, int mb, bool grouped
                    k.smem_bytes, dev.max_smem_optin);
     FERRUM_CUDA_CHECK(cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            k.smem_bytes));
+    if (is_wgmma_tile(tile) && grouped && mb == 1 && tile != 4) {   // the FP32-scales instance too
+        const KernelEntry kv = select_kernel(tile, mb, grouped, 0, false, true);
+        FERRUM_CUDA_CHECK(cudaFuncSetAttribute(kv.fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               kv.smem_bytes));
+    }
     if (!is_wgmma_tile(tile) && mb == 1) {   // the swapped and stream-K kernels launch in its place
         for (int variant = 1; variant < 4; ++variant) {
             const KernelEntry kv = select_kernel(tile, mb, grouped, variant & 1, variant & 2);
@@ -617,8 +636,12 @@ static int cluster_slots(const DeviceProps &dev, int tile, int mb, bool grouped,
 // 84.6 -> 74.8; but the mma.sync kernel at M <= 16 lost, twice (70B down M=16 56 -> 75 us;
 // later 8B o M=1 tile 7 with 4 splits 8.8 -> 12.4, 70B down M=16 52.5 -> 73.8 at best): its
 // partials are a few rows, and a cluster waits for its slowest block.
-static bool cluster_eligible(const DeviceProps &dev, int tile) {
-    return g_clusters_enabled && dev.major >= 9 && is_wgmma_tile(tile);
+// Not for 16-row wgmma blocks either: at M = 16 (H200, session 16, tools/tune.py-style sweep of
+// tiles 5/6 x 1-12 splits with and without clusters) the best plan without clusters beat the
+// best with them on 5 of 8 layers by 3-10% (70B down 39.2 against 43.6 µs) and lost on 8B
+// gate_up only by 8% (24.7 against 22.8).
+static bool cluster_eligible(const DeviceProps &dev, int tile, int mb) {
+    return g_clusters_enabled && dev.major >= 9 && is_wgmma_tile(tile) && mb > 1;
 }
 
 static size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
@@ -638,10 +661,16 @@ static bool wgmma_available(const DeviceProps &dev) {
 // tie. H200, tools/tune.py over tiles 5/6 with 16-, 32- and 64-row blocks and 1-12 splits
 // (session 14): at M = 24 and 32 the best 32-row wgmma plan beat the planner's mma.sync plan on
 // 15 of 16 layer cells, by up to 24% (70B gate_up M=32 105 against 137 µs, 70B down M=24 55
-// against 69; 4096x4096 M=24 12.3 against 11.9 the exception); at M = 16 the best 16-row plan
-// won on 4 of 8 by 2-9% and lost on 4 by 2-13%, so 16 rows stay on mma.sync.
-constexpr int kWgmmaMinRows = 17;
-// Up to this many rows the wgmma candidates are 32-row blocks (m_blocks 2; wgmma n32).
+// against 69; 4096x4096 M=24 12.3 against 11.9 the exception). At M = 16 the best 16-row plan
+// won on 4 of 8 by 2-9% and lost on 4 by 2-13% (session 14); with the scales applied in FP32
+// per stage (mm_wgmma.cu, F32S: 128-row groups) it beat the planner's mma.sync plan on all 8,
+// by 2-26% (session 16: 70B down 39.2 against 49.2 µs, 8B gate_up 22.8 against 30.2, 8B o 9.3
+// against 9.6), so the wgmma kernel takes 9..16 rows as well, in 16-row blocks. Up to 8 rows
+// the swapped mma.sync kernel stays (it won 4 of 8 layers at M = 8).
+constexpr int kWgmmaMinRows = 9;
+// Up to this many rows the wgmma candidates are 16-row blocks (m_blocks 1; wgmma n16), then
+// 32-row blocks (m_blocks 2; wgmma n32) up to kWgmmaFewRows.
+constexpr int kWgmma16Rows = 16;
 constexpr int kWgmmaFewRows = 32;
 
 // Split-K choice for one (tile, m_blocks): the fewest waves x (k-tiles per block x cost of a
@@ -692,7 +721,7 @@ static double choose_splits(const DeviceProps &dev, int occ, int size_m, int siz
         // The same split as clusters: the partials cross distributed shared memory instead of
         // L2, and the sum is spread over the cluster (no serial tail); but clusters must fit
         // in a GPC, which can leave SMs idle.
-        if (s > 1 && s <= kMaxClusterSplits && cluster_eligible(dev, tile)) {
+        if (s > 1 && s <= kMaxClusterSplits && cluster_eligible(dev, tile, mb)) {
             int cslots = 0;
             if (cluster_slots(dev, tile, mb, grouped, s, &cslots) != FERRUM_OK) cslots = 0;
             if (cslots > 0) {
@@ -715,7 +744,9 @@ static double choose_splits(const DeviceProps &dev, int occ, int size_m, int siz
 // 32-row blocks' were fitted to 16 tools/tune.py cells at M = 24 and 32 (H200, session 14: the
 // eight layers, tiles 5/6, 1-12 splits with and without clusters; the replayed pick is within
 // 6% of the best measured on all 16, mean 0.7%; a flat optimum: tile 5 0.8-0.9 with fixed cost
-// 0-4, tile 6 1.1 with 2-6 fit as well).
+// 0-4, tile 6 1.1 with 2-6 fit as well). The 16-row blocks share them: replayed on the eight
+// layers at M = 16 without clusters (session 16, F32S), the pick is within 9% of the best
+// measured, mean 2.8% (refits of both constants reached 2.3% at best).
 static SplitModel wgmma_split_model(int tile, int mb) {
     double kt_cost, fixed;
     if (mb <= 2) {
@@ -792,9 +823,11 @@ static double mma_choose_splits(const DeviceProps &dev, int occ, int size_m, int
 
 // The heuristic, readable as a table (measured on an H100, tools/tune.py):
 //   rows M               kernel, block tile (k x n)         rows per block (m_blocks), splits
-//   1..16 (or no sm_90a) mma.sync: tile 2 (128 x 256), and  16*ceil(M/16), at most 64; tile and
-//                        for M <= 64 also tiles 1           splits by mma_cost
-//                        (128 x 128) and 7 (256 x 64)
+//   1..8 (any M without  mma.sync: tile 2 (128 x 256), and  16*ceil(M/16), at most 64; tile and
+//   sm_90a)              for M <= 64 also tiles 1           splits by mma_cost (up to 8 rows
+//                        (128 x 128) and 7 (256 x 64)       the swapped kernel)
+//   9..16 on sm_90a      wgmma, 128 x 256                   16 rows (wgmma n16): tile 5 or tile 6
+//                                                           by the split model, no clusters
 //   17..32 on sm_90a     wgmma, 128 x 256                   32 rows (wgmma n32): tile 5 or tile 6
 //                                                           (two blocks per SM), by the split model
 //   >= 33 on sm_90a      wgmma, 128 x 256                   whichever of tile 5 with 64 or 128 rows
@@ -811,14 +844,22 @@ static double mma_choose_splits(const DeviceProps &dev, int occ, int size_m, int
 // the best measured on all 26, and a same-machine A/B on 21 cells (M = 40-300) was 13 faster
 // by 2-42%, 3 slower by 2-4% (csrc/NOTES.md). Any field of
 // `requested` overrides (tiles 3: 64 x 256 and 4: wgmma 64 x 256 are there for tuning).
+// group_size: rows per scale group, 0 for channelwise scales.
 static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, int num_experts,
-                    int act_order, const ferrum_mm_config *req, bool grouped,
+                    int act_order, const ferrum_mm_config *req, int group_size,
                     ferrum_mm_plan_info *plan) {
     ferrum_mm_config cfg = req ? *req : ferrum_mm_config{0, 0, 0, 0, 0};
     FERRUM_REQUIRE(cfg.tile >= 0 && cfg.tile <= kTiles, "ferrum_mm: tile=%d (use 0..%d)", cfg.tile, kTiles);
+    const bool grouped = group_size > 0;
+    // The wgmma kernel from kWgmmaMinRows rows, from kWgmma16Rows + 1 with groups of 32 or 64
+    // rows (fp16 scales in 16-row blocks: at M = 16, 4096x4096 13.6% and 14336x4096 6.7%
+    // slower than the mma.sync plan, the others within -6..+3%; session 16), where its block
+    // height for these rows fits the GPU's shared memory in tile 6 (the smaller tile).
+    const int wgmma_min_rows = grouped && group_size != 128 ? kWgmma16Rows + 1 : kWgmmaMinRows;
+    const int wgmma_mb = size_m <= kWgmma16Rows ? 1 : size_m <= kWgmmaFewRows ? 2 : 4;
     const bool wgmma = is_wgmma_tile(cfg.tile) ||
-                       (cfg.tile == 0 && wgmma_available(dev) && size_m >= kWgmmaMinRows &&
-                        select_kernel(6, 4, grouped).smem_bytes <= dev.max_smem_optin);
+                       (cfg.tile == 0 && wgmma_available(dev) && size_m >= wgmma_min_rows &&
+                        select_kernel(6, wgmma_mb, grouped).smem_bytes <= dev.max_smem_optin);
     if (wgmma) {
         FERRUM_REQUIRE(wgmma_available(dev),
                        "ferrum_mm: tile=%d (wgmma) needs a compute capability 9.0 GPU and a build "
@@ -834,17 +875,19 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
     }
 
     // Candidate (tile, m_blocks) pairs: what was asked for, the rest filled in.
-    // Left to the planner: wgmma tiles 5 (64 and 128 rows; 32 rows up to kWgmmaFewRows rows)
-    // and 6 (64 rows; 32 rows up to kWgmmaFewRows); mma.sync tile 2, and for few rows (one
-    // slice) also tiles 1 and 7 where K fits them; tile 3 where none of those fits the GPU's
-    // shared memory. 16-row wgmma blocks (m_blocks 1) only when asked for.
+    // Left to the planner: wgmma tiles 5 (64 and 128 rows; 16 rows up to kWgmma16Rows rows,
+    // 32 rows up to kWgmmaFewRows) and 6 (64 rows; 16 and 32 rows likewise); mma.sync tile 2,
+    // and for few rows (one slice) also tiles 1 and 7 where K fits them; tile 3 where none of
+    // those fits the GPU's shared memory.
     struct Candidate { int tile, mb; };
     Candidate candidates[4];
     int n_candidates = 0;
     const bool few_rows = size_m <= 64;
+    const bool wgmma_16 = size_m <= kWgmma16Rows;
     const bool wgmma_few = size_m <= kWgmmaFewRows;
     const int mmb = cfg.m_blocks;
-    for (const Candidate c : {Candidate{5, 2}, Candidate{6, 2}, Candidate{5, 4}, Candidate{5, 8},
+    for (const Candidate c : {Candidate{5, 1}, Candidate{6, 1}, Candidate{5, 2}, Candidate{6, 2},
+                              Candidate{5, 4}, Candidate{5, 8},
                               Candidate{6, 4}, Candidate{4, 4}, Candidate{4, 8}, Candidate{2, mmb},
                               Candidate{1, mmb}, Candidate{7, mmb}, Candidate{3, mmb},
                               Candidate{cfg.tile, cfg.m_blocks}}) {
@@ -853,7 +896,8 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
                                          (few_rows && c.tile == 7 && size_k % tile_k(7) == 0));
         const bool tile_ok = cfg.tile ? c.tile == cfg.tile : (wgmma ? c.tile == 5 || c.tile == 6 : auto_mma);
         const bool mb_ok = cfg.m_blocks ? c.mb == cfg.m_blocks
-                                        : !is_wgmma_tile(c.tile) || (wgmma_few ? c.mb == 2 : c.mb >= 4);
+                                        : !is_wgmma_tile(c.tile) ||
+                                          (wgmma_16 ? c.mb == 1 : wgmma_few ? c.mb == 2 : c.mb >= 4);
         if (c.tile > 0 && c.mb > 0 && tile_ok && mb_ok) {
             bool seen = false;
             for (int i = 0; i < n_candidates; ++i)
@@ -910,7 +954,8 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
         cfg.splits = best_splits;
     } else {   // splits asked for: as clusters wherever they may and fit one
         int cslots = 0;
-        const bool eligible = cfg.splits > 1 && cfg.splits <= kMaxClusterSplits && cluster_eligible(dev, cfg.tile);
+        const bool eligible = cfg.splits > 1 && cfg.splits <= kMaxClusterSplits &&
+                              cluster_eligible(dev, cfg.tile, cfg.m_blocks);
         if (eligible && cluster_slots(dev, cfg.tile, cfg.m_blocks, grouped, cfg.splits, &cslots) != FERRUM_OK)
             cslots = 0;
         best_cluster = eligible && cslots > 0;
@@ -975,7 +1020,7 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
 // device, the problem, the fields asked for); the device's properties, occupancies and
 // cluster slots it also reads are fixed per device for the process. Errors are not cached.
 struct PlanKey {
-    int device, rows, size_k, size_n, num_experts, act_order, grouped, has_request;
+    int device, rows, size_k, size_n, num_experts, act_order, group_size, has_request;
     ferrum_mm_config request;
 };
 constexpr int kPlanCacheEntries = 16;
@@ -988,7 +1033,7 @@ static thread_local PlanCacheEntry g_plan_cache[kPlanCacheEntries];
 static thread_local int g_plan_cache_next = 0;
 
 static int cached_plan(const DeviceProps &dev, int rows, int size_k, int size_n, int num_experts,
-                       int act_order, const ferrum_mm_config *req, bool grouped,
+                       int act_order, const ferrum_mm_config *req, int group_size,
                        ferrum_mm_plan_info *plan) {
     PlanKey key;
     memset(&key, 0, sizeof key);   // all ints, no padding: compared bytewise
@@ -998,7 +1043,7 @@ static int cached_plan(const DeviceProps &dev, int rows, int size_k, int size_n,
     key.size_n = size_n;
     key.num_experts = num_experts;
     key.act_order = act_order != 0;
-    key.grouped = grouped;
+    key.group_size = group_size;
     key.has_request = req != nullptr;
     if (req) key.request = *req;
     for (const PlanCacheEntry &e : g_plan_cache) {
@@ -1007,7 +1052,7 @@ static int cached_plan(const DeviceProps &dev, int rows, int size_k, int size_n,
             return FERRUM_OK;
         }
     }
-    const int status = plan_one(dev, rows, size_k, size_n, num_experts, act_order, req, grouped, plan);
+    const int status = plan_one(dev, rows, size_k, size_n, num_experts, act_order, req, group_size, plan);
     if (status == FERRUM_OK) {
         PlanCacheEntry &e = g_plan_cache[g_plan_cache_next];
         g_plan_cache_next = (g_plan_cache_next + 1) % kPlanCacheEntries;
@@ -1059,7 +1104,7 @@ extern "C" int ferrum_mm_plan(int size_m, int size_k, int size_n, int num_expert
     DeviceProps dev;
     if ((status = current_device_props(&dev))) return status;
     const int rows = std::max(1, std::min(size_m, kMaxRowsPerLaunch));
-    return cached_plan(dev, rows, size_k, size_n, num_experts, act_order, requested, true, plan);
+    return cached_plan(dev, rows, size_k, size_n, num_experts, act_order, requested, 128, plan);
 }
 
 extern "C" int ferrum_mm(const void *a, const void *b, const void *scales, void *c,
@@ -1093,11 +1138,12 @@ extern "C" int ferrum_mm(const void *a, const void *b, const void *scales, void 
     const int full_rows = std::min(size_m, kMaxRowsPerLaunch);
     const int last_rows = size_m % kMaxRowsPerLaunch == 0 ? full_rows : size_m % kMaxRowsPerLaunch;
     ferrum_mm_plan_info full, last;
-    if ((status = cached_plan(dev, full_rows, size_k, size_n, num_experts, perm != nullptr, requested, grouped, &full)))
+    const int plan_group = grouped ? group_size : 0;
+    if ((status = cached_plan(dev, full_rows, size_k, size_n, num_experts, perm != nullptr, requested, plan_group, &full)))
         return status;
     if (last_rows == full_rows)
         last = full;
-    else if ((status = cached_plan(dev, last_rows, size_k, size_n, num_experts, perm != nullptr, requested, grouped, &last)))
+    else if ((status = cached_plan(dev, last_rows, size_k, size_n, num_experts, perm != nullptr, requested, plan_group, &last)))
         return status;
     ferrum_mm_plan_info need = full;
     need.counter_bytes = std::max(full.counter_bytes, last.counter_bytes);
@@ -1146,7 +1192,7 @@ extern "C" int ferrum_mm(const void *a, const void *b, const void *scales, void 
         p.b_expert_int4 = (long long)(size_k / 16) * 2 * size_n / 4;
         p.s_expert_halves = (long long)(grouped ? num_groups : 1) * size_n;
         const KernelEntry k = select_kernel(tile, mb, grouped, swap8_for(tile, mb, rows, grouped, group_size),
-                                             plan.sk_iters > 0);
+                                             plan.sk_iters > 0, wgmma_f32_scales(tile, mb, grouped, group_size));
         if ((status = k.launch(p, plan.grid, stream, dev.major >= 9 && g_pdl_enabled))) return status;
     }
     return FERRUM_OK;

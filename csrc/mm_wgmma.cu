@@ -72,18 +72,28 @@ struct WgTile {
 };
 
 template <int N>
-__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc) {
-    if constexpr (N == 16) wgmma_m64n16k16_rs(d, a, desc);
-    else if constexpr (N == 32) wgmma_m64n32k16_rs(d, a, desc);
-    else if constexpr (N == 64) wgmma_m64n64k16_rs(d, a, desc);
-    else wgmma_m64n128k16_rs(d, a, desc);
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc,
+                                         int scale_d = 1) {
+    if constexpr (N == 16) wgmma_m64n16k16_rs(d, a, desc, scale_d);
+    else if constexpr (N == 32) wgmma_m64n32k16_rs(d, a, desc, scale_d);
+    else if constexpr (N == 64) wgmma_m64n64k16_rs(d, a, desc, scale_d);
+    else wgmma_m64n128k16_rs(d, a, desc, scale_d);
 }
 
-template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED>
+// F32S (group scales of 128 rows, one group per k=128 stage): the fragments are the exact
+// q - 8, unscaled; each stage's wgmmas sum into a run accumulator of their own (the stage's
+// first wgmma overwrites it), and the run is multiplied by its group's scales in FP32 and
+// added to the total in the next stage's first step, after that step's dequantization and
+// before its wgmmas (the wait there is for the previous stage's last wgmma, which the step
+// would wait for anyway). Per weight that drops the four fp16 scale multiplies of a word (and
+// the per-step scale loads) for one FFMA per accumulator per stage; the scales are applied in
+// FP32, not fp16.
+template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED, bool F32S>
 __global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(const MmParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using T = WgTile<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED>;
     constexpr int kStages = T::kStages;
+    static_assert(!F32S || (GROUPED && T::TK == 128), "FP32 scales: one group of 128 rows per stage");
     extern __shared__ int4 smem_raw[];
     int4 *const smem = reinterpret_cast<int4 *>(
         reinterpret_cast<char *>(smem_raw) + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023));
@@ -108,6 +118,34 @@ __global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(con
     for (int j = 0; j < 2; ++j)
 #pragma unroll
         for (int i = 0; i < T::kAcc; ++i) acc[j][i] = 0.f;
+    // F32S: the run sums [wgmma][register] and the scales of the run not yet added ([wgmma]
+    // [column c / c + 8]); zero before the first stage, whose fold adds 0 x 0.
+    float run[2][T::kAcc];
+    float run_s[2][2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+        for (int i = 0; i < T::kAcc; ++i) run[j][i] = 0.f;
+        run_s[j][0] = run_s[j][1] = 0.f;
+    }
+    // What the wgmmas accumulate into: the run (F32S) or the total.
+    float (&d)[2][T::kAcc] = *[&] {
+        if constexpr (F32S) return &run;
+        else return &acc;
+    }();
+    // total += run x its scales (d[4t + 2h + e]: weight column c + 8h), once no wgmma is in
+    // flight
+    auto fold = [&] {
+        if constexpr (F32S) {
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+#pragma unroll
+                for (int i = 0; i < T::kAcc; ++i) {
+                    fence_operand(run[j][i]);
+                    acc[j][i] = fmaf(run[j][i], run_s[j][(i >> 1) & 1], acc[j][i]);
+                }
+        }
+    };
 
     // One pipeline stage: per k16 step, this lane's two words (n16 tiles 2wg, 2wg+1 of its
     // chunk) -> two A fragments -> two wgmmas over the stage's rows of A.
@@ -116,12 +154,22 @@ __global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(con
         const uint2 *scales = reinterpret_cast<const uint2 *>(s_sh + stage * T::kSStageVecs);
         const uint32_t a_addr = smem_u32(a_sh + stage * T::kAStageVecs);
         uint32_t frag[2][2][4];   // [buffer][wgmma][register]
+        float stage_s[2][2];            // F32S: this stage's scales
+        if constexpr (F32S) {
+            const uint2 sv = scales[(chunk * 8 + lane / 4) * 2 + wg];
+            const half *sh = reinterpret_cast<const half *>(&sv);
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                stage_s[j][0] = __half2float(sh[2 * j]);
+                stage_s[j][1] = __half2float(sh[2 * j + 1]);
+            }
+        }
 #pragma unroll
         for (int kk = 0; kk < T::kKTiles; ++kk) {
             uint32_t (&f)[2][4] = frag[kk & 1];
             const uint2 q = words[((kk * T::kChunks + chunk) * 32 + lane) * 2 + wg];
             half2 s[2][2];   // [wgmma][column c / c + 8]
-            if constexpr (GROUPED) {
+            if constexpr (GROUPED && !F32S) {
                 const int k = kt * T::TK + 16 * kk;
                 const int g_row = (k >> p.group_shift) - ((kt * T::TK) >> p.group_shift);
                 // Permuted scales: within 64 columns, 8c..8c+7 hold columns c, c+8, .., c+56;
@@ -140,7 +188,7 @@ __global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(con
                 uint32_t lo[2], hi[2];     // weight column c and c + 8 (c = lane / 4)
                 dequant_u4b8(word, lo);
                 dequant_u4b8(word >> 8, hi);
-                if constexpr (GROUPED) {
+                if constexpr (GROUPED && !F32S) {
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {
                         lo[h] = as_u32(__hmul2(as_half2(lo[h]), s[j][0]));
@@ -155,14 +203,26 @@ __global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(con
                 f[j][2] = lo[1];
                 f[j][3] = hi[1];
             }
+            const uint64_t desc = wgmma_desc_sw128(a_addr + (kk / 4) * (T::kRows * 128) + 32 * (kk % 4));
+            if constexpr (F32S) {
+                if (kk == 0) {   // the previous stage's run: wait for its last wgmma, fold it
+                    wgmma_wait<0>();
+                    fold();
+#pragma unroll
+                    for (int j = 0; j < 2; ++j) {
+                        run_s[j][0] = stage_s[j][0];
+                        run_s[j][1] = stage_s[j][1];
+                    }
+                }
+            }
 #pragma unroll
             for (int j = 0; j < 2; ++j)
 #pragma unroll
-                for (int i = 0; i < T::kAcc; ++i) fence_operand(acc[j][i]);
+                for (int i = 0; i < T::kAcc; ++i) fence_operand(d[j][i]);
             wgmma_fence();
-            const uint64_t desc = wgmma_desc_sw128(a_addr + (kk / 4) * (T::kRows * 128) + 32 * (kk % 4));
-            wgmma_rs<T::kRows>(acc[0], f[0], desc);
-            wgmma_rs<T::kRows>(acc[1], f[1], desc);
+            // F32S: a stage's first wgmma starts its run (D = A B)
+            wgmma_rs<T::kRows>(d[0], f[0], desc, !F32S || kk != 0);
+            wgmma_rs<T::kRows>(d[1], f[1], desc, !F32S || kk != 0);
             wgmma_commit();
             // Step kk-1 is done: its fragment buffer is free for step kk+1, and by the end of
             // the stage only this stage's last step is still reading shared memory.
@@ -170,7 +230,7 @@ __global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(con
 #pragma unroll
             for (int j = 0; j < 2; ++j)
 #pragma unroll
-                for (int i = 0; i < T::kAcc; ++i) fence_operand(acc[j][i]);
+                for (int i = 0; i < T::kAcc; ++i) fence_operand(d[j][i]);
         }
     };
 
@@ -189,6 +249,7 @@ __global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(con
     for (int j = 0; j < 2; ++j)
 #pragma unroll
         for (int i = 0; i < T::kAcc; ++i) fence_operand(acc[j][i]);
+    fold();   // F32S: the last stage's run (its scales are in run_s)
     cp_async_wait<0>();
     __syncthreads();
 
@@ -209,16 +270,16 @@ __global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(con
 #endif
 }
 
-template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED>
+template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED, bool F32S = false>
 struct WgInstance {
     using T = WgTile<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED>;
     static int launch(const MmParams &p, int grid, cudaStream_t stream, bool pdl) {
-        return launch_mm<T::kThreads, T::kSmemBytes>(marlin_mm_wgmma_kernel<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED>, p, grid,
-                                                     stream, pdl);
+        return launch_mm<T::kThreads, T::kSmemBytes>(marlin_mm_wgmma_kernel<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED, F32S>,
+                                                     p, grid, stream, pdl);
     }
     static KernelEntry entry() {
-        return {reinterpret_cast<const void *>(&marlin_mm_wgmma_kernel<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED>), T::kSmemBytes,
-                &launch};
+        return {reinterpret_cast<const void *>(&marlin_mm_wgmma_kernel<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED, F32S>),
+                T::kSmemBytes, &launch};
     }
 };
 
@@ -237,8 +298,11 @@ static KernelEntry entry_of(bool grouped) {
 }
 
 // tile 4: k=64, one block per SM; tile 5: k=128, one block per SM; tile 6: k=128, two
-// 64-row blocks per SM.
-KernelEntry wgmma_entry(int tile, int m_blocks, bool grouped) {
+// 64-row blocks per SM. f32_scales: 16-row blocks of tiles 5 and 6 with 128-row groups apply
+// the scales in FP32 per stage (F32S above).
+KernelEntry wgmma_entry(int tile, int m_blocks, bool grouped, bool f32_scales) {
+    if (f32_scales && grouped && m_blocks == 1 && (tile == 5 || tile == 6))
+        return tile == 6 ? WgInstance<1, 2, 2, true, true>::entry() : WgInstance<1, 2, 1, true, true>::entry();
     if (tile == 6) {
         switch (m_blocks) {
             case 1: return entry_of<1, 2, 2>(grouped);

@@ -333,12 +333,14 @@ for g in (-1, 128):
     w = ferrum.MarlinWeight.from_gptq(problem.qweights[0], problem.scales[0], group_size=g, backend="cuda")
     for m in (1, 16, 20, 40, 70, 200):
         plan = ferrum._cuda.mm_plan(m, 1024, 320)
-        if cap < 101376 + 1:      # sm_86 / sm_89: tile 2 holds one 16-row slice, tile 3 more
-            assert plan["tile"] == (2 if m <= 16 else 3), (m, plan)
-        elif m <= 16:             # sm_80: tiles 1, 2, 7 up to 16 rows
+        if cap < 101376 + 1:      # sm_86 / sm_89: tile 2 holds one 16-row slice, tile 3 more;
+                                  # on an H100 posing as one, 9-16 rows in tile 6's 16-row blocks
+            assert plan["tile"] in ((2,) if m <= 8 else (2, 6) if m <= 16 else (3,)), (m, plan)
+        elif m <= 8:              # sm_80: tiles 1, 2, 7 up to 8 rows (the swapped kernel)
             assert plan["tile"] in (1, 2, 7), (m, plan)
         else:                     # then up to 32 rows still tiles 1, 2, 7, then tile 3; on an
-                                  # H100 posing as one, tile 6, the one wgmma tile that fits
+                                  # H100 posing as one, from 9 rows tile 6, the one wgmma tile
+                                  # that fits
             assert plan["tile"] in ((1, 2, 7, 6) if m <= 32 else (3, 6)), (m, plan)
         a = rng.standard_normal((m, 1024)).astype(np.float16)
         got = ferrum.mm(a, w).astype(np.float64)
@@ -394,7 +396,7 @@ def test_mm_wgmma_tile(m, tile, m_blocks, splits, g, rng):
 @pytest.mark.parametrize("m", [1, 7, 16, 17, 31, 32, 33, 50])
 @pytest.mark.parametrize("tile,m_blocks,splits", [(5, 1, 1), (5, 1, 3), (5, 2, 1), (5, 2, 4),
                                                   (6, 1, 1), (6, 1, 5), (6, 2, 2)])
-@pytest.mark.parametrize("g", [-1, 32, 128])
+@pytest.mark.parametrize("g", [-1, 32, 64, 128])
 def test_mm_wgmma_few_rows(m, tile, m_blocks, splits, g, rng):
     """The wgmma kernel with 16- and 32-row blocks (wgmma n16, n32): rows within, at and past
     one block (more slices), split-K, both scale kinds, a partial last column tile; the
@@ -411,16 +413,37 @@ def test_mm_wgmma_few_rows(m, tile, m_blocks, splits, g, rng):
     assert (plan["tile"], plan["m_blocks"]) == (tile, m_blocks)
 
 
-@pytest.mark.parametrize("tile,m_blocks", [(5, 1), (6, 2)])
-def test_mm_wgmma_few_rows_act_order_and_stacked(tile, m_blocks, rng):
+@pytest.mark.parametrize("k,n", [(4096, 6144), (14336, 4096), (8192, 10240), (28672, 8192)])
+def test_planner_kernel_by_rows(k, n):
+    """Where the wgmma kernel runs: up to 8 rows the swapped mma.sync kernel, 9..16 rows 16-row
+    wgmma blocks with workspace split-K (no clusters), 17..32 rows 32-row blocks."""
     if not _wgmma_planned():
         pytest.skip("no wgmma kernel on this GPU/build (needs compute capability 9.0 and sm_90a)")
-    problem = random_problem(rng, 2048, 256, 64, act_order=True)
-    a = _activations(rng, 20, 2048)
+    for m in (1, 8):
+        assert ferrum._cuda.mm_plan(m, k, n)["tile"] in (1, 2, 3, 7), m
+    for m in (9, 16):
+        plan = ferrum._cuda.mm_plan(m, k, n)
+        assert (plan["tile"] in (5, 6), plan["m_blocks"], plan["cluster"]) == (True, 1, False), (m, plan)
+        asked = ferrum._cuda.mm_plan(m, k, n, tile=5, m_blocks=1, splits=4)
+        assert (asked["splits"], asked["cluster"]) == (4, False), asked
+    for m in (17, 32):
+        plan = ferrum._cuda.mm_plan(m, k, n)
+        assert (plan["tile"] in (5, 6), plan["m_blocks"]) == (True, 2), (m, plan)
+
+
+@pytest.mark.parametrize("tile,m_blocks", [(5, 1), (6, 1), (6, 2)])
+@pytest.mark.parametrize("g", [64, 128])
+def test_mm_wgmma_few_rows_act_order_and_stacked(tile, m_blocks, g, rng):
+    """16- and 32-row wgmma blocks on act-order and stacked weights; with 128-row groups the
+    16-row blocks apply the scales in FP32 per stage (mm_wgmma.cu, F32S)."""
+    if not _wgmma_planned():
+        pytest.skip("no wgmma kernel on this GPU/build (needs compute capability 9.0 and sm_90a)")
+    problem = random_problem(rng, 2048, 256, g, act_order=True)
+    a = _activations(rng, 20 if m_blocks == 2 else 13, 2048)
     got = ferrum.cuda.BACKEND.mm(a, _weight(problem), 0, None, tile=tile, m_blocks=m_blocks,
                                  splits=3)
     assert _rel_err(got, a.astype(np.float64) @ problem.dense[0]) <= TOL
-    stacked = random_problem(rng, 512, 192, 128, experts=3)
+    stacked = random_problem(rng, 512, 192, g, experts=3)
     sw = _weight(stacked, stacked=True)
     a = _activations(rng, 12, 512)
     out = np.full((12, 3 * 192), np.nan, dtype=np.float16)
