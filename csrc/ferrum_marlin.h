@@ -82,7 +82,7 @@ int ferrum_copy_strided(const void *src, void *dst, int64_t d0, int64_t d1, int6
                         int64_t s0, int64_t s1, int64_t s2, int elem_bytes, void *stream);
 
 /* Resolve the config and workspace sizes for ferrum_mm on the current device, for grouped
- * scales of 128 rows (ferrum_mm's own plan can differ for other group sizes at 9-16 rows). */
+ * scales of 128 rows (ferrum_mm's own plan differs for groups of 32 rows at 9-16 rows). */
 int ferrum_mm_plan(int size_m, int size_k, int size_n, int num_experts, int act_order,
                    const ferrum_mm_config *requested, ferrum_mm_plan_info *plan);
 

@@ -491,17 +491,18 @@ static KernelEntry entry_for_mb(int mb, int swap8, bool sk) {
 
 // swap8: the swapped kernel (mma.sync tiles, m_blocks 1) for blocks of up to 8 rows; sk: the
 // stream-K instance (mma.sync tiles, m_blocks 1).
-// f32s: the wgmma kernel's FP32-scales instance (16-row blocks, 128-row groups).
+// f32s_fold: the wgmma kernel's FP32-scales instances (16- and 32-row blocks; 8: groups of 128
+// rows, 4: of 64).
 static KernelEntry select_kernel(int tile, int mb, bool grouped, int swap8 = 0, bool sk = false,
-                                 bool f32s = false) {
-    if (is_wgmma_tile(tile)) return wgmma_entry(tile, mb, grouped, f32s);
+                                 int f32s_fold = 0) {
+    if (is_wgmma_tile(tile)) return wgmma_entry(tile, mb, grouped, f32s_fold);
     if (tile == 7) return grouped ? entry_for_mb<16, 4, true>(mb, swap8, sk) : entry_for_mb<16, 4, false>(mb, swap8, sk);
     if (tile == 1) return grouped ? entry_for_mb<8, 8, true>(mb, swap8, sk) : entry_for_mb<8, 8, false>(mb, swap8, sk);
     if (tile == 2) return grouped ? entry_for_mb<8, 16, true>(mb, swap8, sk) : entry_for_mb<8, 16, false>(mb, swap8, sk);
     return grouped ? entry_for_mb<4, 16, true>(mb, swap8, sk) : entry_for_mb<4, 16, false>(mb, swap8, sk);
 }
 
-// FERRUM_NO_F32S=1 keeps 16-row wgmma blocks on fp16 scales (for comparisons).
+// FERRUM_NO_F32S=1 keeps 16- and 32-row wgmma blocks on fp16 scales (for comparisons).
 static const bool g_f32s_enabled = [] {
     const char *v = getenv("FERRUM_NO_F32S");
     return !(v && v[0] && v[0] != '0');
@@ -530,10 +531,12 @@ static int swap_min_group(int tile) {
     }
 }
 
-// Whether a wgmma launch takes the FP32-scales instance: 16-row blocks of the k=128 tiles, with
-// groups of 128 rows (one group per stage).
-static bool wgmma_f32_scales(int tile, int mb, bool grouped, int group_size) {
-    return g_f32s_enabled && (tile == 5 || tile == 6) && mb == 1 && grouped && group_size == 128;
+// Whether a wgmma launch takes an FP32-scales instance, and which: 16- and 32-row blocks of
+// the k=128 tiles, with groups of 128 or 64 rows (a fold every 8 or 4 k16 steps; 0: none).
+// (Groups of 32 would fold every other step: four FFMA a word, as many as the fp16 multiplies.)
+static int wgmma_f32s_fold(int tile, int mb, bool grouped, int group_size) {
+    if (!g_f32s_enabled || !(tile == 5 || tile == 6) || mb > 2 || !grouped) return 0;
+    return group_size == 128 ? 8 : group_size == 64 ? 4 : 0;
 }
 
 static int swap8_for(int tile, int mb, int rows, bool grouped, int group_size) {
@@ -565,10 +568,12 @@ static int prepare_kernel(const DeviceProps &dev, int tile, int mb, bool grouped
                    k.smem_bytes, dev.max_smem_optin);
     FERRUM_CUDA_CHECK(cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            k.smem_bytes));
-    if (is_wgmma_tile(tile) && grouped && mb == 1 && tile != 4) {   // the FP32-scales instance too
-        const KernelEntry kv = select_kernel(tile, mb, grouped, 0, false, true);
-        FERRUM_CUDA_CHECK(cudaFuncSetAttribute(kv.fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               kv.smem_bytes));
+    if (is_wgmma_tile(tile) && grouped && mb <= 2 && tile != 4) {   // the FP32-scales instances too
+        for (const int fold : {4, 8}) {
+            const KernelEntry kv = select_kernel(tile, mb, grouped, 0, false, fold);
+            FERRUM_CUDA_CHECK(cudaFuncSetAttribute(kv.fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                   kv.smem_bytes));
+        }
     }
     if (!is_wgmma_tile(tile) && mb == 1) {   // the swapped and stream-K kernels launch in its place
         for (int variant = 1; variant < 4; ++variant) {
@@ -663,10 +668,10 @@ static bool wgmma_available(const DeviceProps &dev) {
 // 15 of 16 layer cells, by up to 24% (70B gate_up M=32 105 against 137 µs, 70B down M=24 55
 // against 69; 4096x4096 M=24 12.3 against 11.9 the exception). At M = 16 the best 16-row plan
 // won on 4 of 8 by 2-9% and lost on 4 by 2-13% (session 14); with the scales applied in FP32
-// per stage (mm_wgmma.cu, F32S: 128-row groups) it beat the planner's mma.sync plan on all 8,
-// by 2-26% (session 16: 70B down 39.2 against 49.2 µs, 8B gate_up 22.8 against 30.2, 8B o 9.3
-// against 9.6), so the wgmma kernel takes 9..16 rows as well, in 16-row blocks. Up to 8 rows
-// the swapped mma.sync kernel stays (it won 4 of 8 layers at M = 8).
+// per group (mm_wgmma.cu, F32S: groups of 64 and 128 rows) it beat the planner's mma.sync plan
+// on all 8 at G = 128, by 2-26% (session 16: 70B down 39.2 against 49.2 µs, 8B gate_up 22.8
+// against 30.2, 8B o 9.3 against 9.6), so the wgmma kernel takes 9..16 rows as well, in 16-row
+// blocks. Up to 8 rows the swapped mma.sync kernel stays (it won 4 of 8 layers at M = 8).
 constexpr int kWgmmaMinRows = 9;
 // Up to this many rows the wgmma candidates are 16-row blocks (m_blocks 1; wgmma n16), then
 // 32-row blocks (m_blocks 2; wgmma n32) up to kWgmmaFewRows.
@@ -851,11 +856,12 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
     ferrum_mm_config cfg = req ? *req : ferrum_mm_config{0, 0, 0, 0, 0};
     FERRUM_REQUIRE(cfg.tile >= 0 && cfg.tile <= kTiles, "ferrum_mm: tile=%d (use 0..%d)", cfg.tile, kTiles);
     const bool grouped = group_size > 0;
-    // The wgmma kernel from kWgmmaMinRows rows, from kWgmma16Rows + 1 with groups of 32 or 64
-    // rows (fp16 scales in 16-row blocks: at M = 16, 4096x4096 13.6% and 14336x4096 6.7%
-    // slower than the mma.sync plan, the others within -6..+3%; session 16), where its block
-    // height for these rows fits the GPU's shared memory in tile 6 (the smaller tile).
-    const int wgmma_min_rows = grouped && group_size != 128 ? kWgmma16Rows + 1 : kWgmmaMinRows;
+    // The wgmma kernel from kWgmmaMinRows rows, from kWgmma16Rows + 1 with groups of 32 rows
+    // (fp16 scales in 16-row blocks; with G = 64 at M = 16, before F32S took 64-row groups,
+    // 4096x4096 was 13.6% and 14336x4096 6.7% slower than the mma.sync plan, the others within
+    // -6..+3%; session 16), where its block height for these rows fits the GPU's shared memory
+    // in tile 6 (the smaller tile).
+    const int wgmma_min_rows = grouped && group_size < 64 ? kWgmma16Rows + 1 : kWgmmaMinRows;
     const int wgmma_mb = size_m <= kWgmma16Rows ? 1 : size_m <= kWgmmaFewRows ? 2 : 4;
     const bool wgmma = is_wgmma_tile(cfg.tile) ||
                        (cfg.tile == 0 && wgmma_available(dev) && size_m >= wgmma_min_rows &&
@@ -1192,7 +1198,7 @@ extern "C" int ferrum_mm(const void *a, const void *b, const void *scales, void 
         p.b_expert_int4 = (long long)(size_k / 16) * 2 * size_n / 4;
         p.s_expert_halves = (long long)(grouped ? num_groups : 1) * size_n;
         const KernelEntry k = select_kernel(tile, mb, grouped, swap8_for(tile, mb, rows, grouped, group_size),
-                                             plan.sk_iters > 0, wgmma_f32_scales(tile, mb, grouped, group_size));
+                                             plan.sk_iters > 0, wgmma_f32s_fold(tile, mb, grouped, group_size));
         if ((status = k.launch(p, plan.grid, stream, dev.major >= 9 && g_pdl_enabled))) return status;
     }
     return FERRUM_OK;

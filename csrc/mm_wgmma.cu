@@ -80,20 +80,21 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
     else wgmma_m64n128k16_rs(d, a, desc, scale_d);
 }
 
-// F32S (group scales of 128 rows, one group per k=128 stage): the fragments are the exact
-// q - 8, unscaled; each stage's wgmmas sum into a run accumulator of their own (the stage's
-// first wgmma overwrites it), and the run is multiplied by its group's scales in FP32 and
-// added to the total in the next stage's first step, after that step's dequantization and
-// before its wgmmas (the wait there is for the previous stage's last wgmma, which the step
-// would wait for anyway). Per weight that drops the four fp16 scale multiplies of a word (and
-// the per-step scale loads) for one FFMA per accumulator per stage; the scales are applied in
-// FP32, not fp16.
-template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED, bool F32S>
+// F32S: the scales in FP32, per group (FOLD k16 steps: 8 for groups of 128 rows, 4 for 64; 0
+// off). The fragments are the exact q - 8, unscaled; each group's wgmmas sum into a run
+// accumulator of their own (the group's first wgmma overwrites it), and the run is multiplied
+// by its group's scales in FP32 and added to the total in the next group's first step, after
+// that step's dequantization and before its wgmmas (the wait there is for the previous group's
+// last wgmma, which the step would wait for anyway). Per weight that drops the four fp16 scale
+// multiplies of a word (and the per-step scale loads) for one FFMA per accumulator per group;
+// the scales are applied in FP32, not fp16.
+template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED, int FOLD>
 __global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(const MmParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using T = WgTile<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED>;
     constexpr int kStages = T::kStages;
-    static_assert(!F32S || (GROUPED && T::TK == 128), "FP32 scales: one group of 128 rows per stage");
+    constexpr bool F32S = FOLD > 0;
+    static_assert(!F32S || (GROUPED && T::kKTiles % FOLD == 0), "FP32 scales: whole groups per stage");
     extern __shared__ int4 smem_raw[];
     int4 *const smem = reinterpret_cast<int4 *>(
         reinterpret_cast<char *>(smem_raw) + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023));
@@ -154,16 +155,6 @@ __global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(con
         const uint2 *scales = reinterpret_cast<const uint2 *>(s_sh + stage * T::kSStageVecs);
         const uint32_t a_addr = smem_u32(a_sh + stage * T::kAStageVecs);
         uint32_t frag[2][2][4];   // [buffer][wgmma][register]
-        float stage_s[2][2];            // F32S: this stage's scales
-        if constexpr (F32S) {
-            const uint2 sv = scales[(chunk * 8 + lane / 4) * 2 + wg];
-            const half *sh = reinterpret_cast<const half *>(&sv);
-#pragma unroll
-            for (int j = 0; j < 2; ++j) {
-                stage_s[j][0] = __half2float(sh[2 * j]);
-                stage_s[j][1] = __half2float(sh[2 * j + 1]);
-            }
-        }
 #pragma unroll
         for (int kk = 0; kk < T::kKTiles; ++kk) {
             uint32_t (&f)[2][4] = frag[kk & 1];
@@ -205,13 +196,15 @@ __global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(con
             }
             const uint64_t desc = wgmma_desc_sw128(a_addr + (kk / 4) * (T::kRows * 128) + 32 * (kk % 4));
             if constexpr (F32S) {
-                if (kk == 0) {   // the previous stage's run: wait for its last wgmma, fold it
-                    wgmma_wait<0>();
-                    fold();
+                if (kk % FOLD == 0) {   // the previous group's run: wait for its last wgmma, fold
+                    wgmma_wait<0>();    // it, and take this group's scales (row kk / FOLD of the
+                    fold();             // stage's; permuted as above)
+                    const uint2 sv = scales[((kk / FOLD) * (T::TN / 8) + chunk * 8 + lane / 4) * 2 + wg];
+                    const half *sh = reinterpret_cast<const half *>(&sv);
 #pragma unroll
                     for (int j = 0; j < 2; ++j) {
-                        run_s[j][0] = stage_s[j][0];
-                        run_s[j][1] = stage_s[j][1];
+                        run_s[j][0] = __half2float(sh[2 * j]);
+                        run_s[j][1] = __half2float(sh[2 * j + 1]);
                     }
                 }
             }
@@ -220,9 +213,9 @@ __global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(con
 #pragma unroll
                 for (int i = 0; i < T::kAcc; ++i) fence_operand(d[j][i]);
             wgmma_fence();
-            // F32S: a stage's first wgmma starts its run (D = A B)
-            wgmma_rs<T::kRows>(d[0], f[0], desc, !F32S || kk != 0);
-            wgmma_rs<T::kRows>(d[1], f[1], desc, !F32S || kk != 0);
+            // F32S: a group's first wgmma starts its run (D = A B)
+            wgmma_rs<T::kRows>(d[0], f[0], desc, !F32S || kk % FOLD != 0);
+            wgmma_rs<T::kRows>(d[1], f[1], desc, !F32S || kk % FOLD != 0);
             wgmma_commit();
             // Step kk-1 is done: its fragment buffer is free for step kk+1, and by the end of
             // the stage only this stage's last step is still reading shared memory.
@@ -270,7 +263,7 @@ __global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(con
 #endif
 }
 
-template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED, bool F32S = false>
+template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED, int F32S = 0>
 struct WgInstance {
     using T = WgTile<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED>;
     static int launch(const MmParams &p, int grid, cudaStream_t stream, bool pdl) {
@@ -297,12 +290,20 @@ static KernelEntry entry_of(bool grouped) {
                    : WgInstance<MB, K_ATOMS, BLOCKS_PER_SM, false>::entry();
 }
 
+template <int MB, int BLOCKS_PER_SM>
+static KernelEntry f32s_entry(int fold) {
+    return fold == 4 ? WgInstance<MB, 2, BLOCKS_PER_SM, true, 4>::entry()
+                     : WgInstance<MB, 2, BLOCKS_PER_SM, true, 8>::entry();
+}
+
 // tile 4: k=64, one block per SM; tile 5: k=128, one block per SM; tile 6: k=128, two
-// 64-row blocks per SM. f32_scales: 16-row blocks of tiles 5 and 6 with 128-row groups apply
-// the scales in FP32 per stage (F32S above).
-KernelEntry wgmma_entry(int tile, int m_blocks, bool grouped, bool f32_scales) {
-    if (f32_scales && grouped && m_blocks == 1 && (tile == 5 || tile == 6))
-        return tile == 6 ? WgInstance<1, 2, 2, true, true>::entry() : WgInstance<1, 2, 1, true, true>::entry();
+// 64-row blocks per SM. f32s_fold (8: groups of 128 rows, 4: of 64; 0: off): 16- and 32-row
+// blocks of tiles 5 and 6 apply the scales in FP32 per group (F32S above).
+KernelEntry wgmma_entry(int tile, int m_blocks, bool grouped, int f32s_fold) {
+    if ((f32s_fold == 4 || f32s_fold == 8) && grouped && m_blocks <= 2 && (tile == 5 || tile == 6)) {
+        if (tile == 6) return m_blocks == 1 ? f32s_entry<1, 2>(f32s_fold) : f32s_entry<2, 2>(f32s_fold);
+        return m_blocks == 1 ? f32s_entry<1, 1>(f32s_fold) : f32s_entry<2, 1>(f32s_fold);
+    }
     if (tile == 6) {
         switch (m_blocks) {
             case 1: return entry_of<1, 2, 2>(grouped);

@@ -383,7 +383,7 @@ def permute_cols(size_t a, size_t perm, size_t out, int size_m, int size_k, size
 def mm_plan(int size_m, int size_k, int size_n, int num_experts=1, bint act_order=False,
             int tile=0, int m_blocks=0, int splits=0, int stream_k=0):
     """The config and workspace the heuristic picks (or completes from the given fields), for
-    128-row groups; with other group sizes mm may plan 9-16 rows differently."""
+    128-row groups; with groups of 32 rows mm plans 9-16 rows differently."""
     cdef ferrum_mm_config cfg
     cdef ferrum_mm_plan_info plan
     cfg.tile, cfg.m_blocks, cfg.splits, cfg.stream_k = tile, m_blocks, splits, stream_k

@@ -72,8 +72,8 @@ def problems(rng: np.random.Generator, quick: bool = False) -> list[Problem]:
 
 
 # Rows that reach every cuda kernel the planner picks: the swapped kernel (<= 8); at 9-16 the
-# wgmma kernel's 16-row blocks on sm_90a (FP32 scales with 128-row groups), mma.sync's fp16
-# path for groups of 32 or 64 rows and on other GPUs; the wgmma kernel's 32-row blocks (17-32)
+# wgmma kernel's 16-row blocks on sm_90a (FP32 scales with groups of 64 or 128 rows), mma.sync's
+# fp16 path for groups of 32 rows and on other GPUs; the wgmma kernel's 32-row blocks (17-32)
 # and 64/128-row blocks (33+); on metal gemv and the tiled kernel.
 M_VALUES = (1, 5, 16, 24, 64, 300)
 
