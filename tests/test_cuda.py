@@ -209,6 +209,40 @@ def test_mm_fp16_scale_path():
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
 
 
+_NO_F32S_SCRIPT = """
+import numpy as np, ferrum
+from ferrum.check import random_problem
+rng = np.random.default_rng(12)
+for g in (64, 128):
+    problem = random_problem(rng, 1024, 320, g)
+    w = ferrum.MarlinWeight.from_gptq(problem.qweights[0], problem.scales[0], group_size=g,
+                                      backend="cuda")
+    for m in (9, 16, 24, 32):
+        for opts in ({}, {"tile": 5, "splits": 3}, {"tile": 6, "splits": 2}):
+            a = rng.standard_normal((m, 1024)).astype(np.float16)
+            got = ferrum.cuda.BACKEND.mm(a, w, 0, None, **opts).astype(np.float64)
+            ref = a.astype(np.float64) @ problem.dense[0]
+            assert np.isfinite(got).all()
+            err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+            assert err <= 1e-3, (g, m, opts, err)
+print("ok")
+"""
+
+
+def test_mm_wgmma_fp16_scales_switch():
+    """FERRUM_NO_F32S=1 keeps the wgmma kernel's 16- and 32-row blocks on fp16 scales (the
+    instances groups of 32 rows use): still right with groups of 64 and 128 rows (a fresh
+    process: the switch is read once)."""
+    import os
+    import subprocess
+    import sys
+    if not _wgmma_planned():
+        pytest.skip("no wgmma kernel on this GPU/build (needs compute capability 9.0 and sm_90a)")
+    run = subprocess.run([sys.executable, "-c", _NO_F32S_SCRIPT], capture_output=True, text=True,
+                         env={**os.environ, "FERRUM_NO_F32S": "1"}, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
+
+
 def _non_finite_case(rng, m, g=128, **options):
     """a with +inf, -inf and NaN in rows 0-2, an inf and a -inf in row 3 and a -inf in row 12
     (those rows there are); the product through BACKEND.mm(**options) and float64's."""
