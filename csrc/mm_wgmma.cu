@@ -94,7 +94,8 @@ __global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(con
     using T = WgTile<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED>;
     constexpr int kStages = T::kStages;
     constexpr bool F32S = FOLD > 0;
-    static_assert(!F32S || (GROUPED && T::kKTiles % FOLD == 0), "FP32 scales: whole groups per stage");
+    constexpr int kFold = F32S ? FOLD : 1;   // k16 steps a group (a divisor where F32S is off)
+    static_assert(!F32S || (GROUPED && T::kKTiles % kFold == 0), "FP32 scales: whole groups per stage");
     extern __shared__ int4 smem_raw[];
     int4 *const smem = reinterpret_cast<int4 *>(
         reinterpret_cast<char *>(smem_raw) + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023));
@@ -196,10 +197,10 @@ __global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(con
             }
             const uint64_t desc = wgmma_desc_sw128(a_addr + (kk / 4) * (T::kRows * 128) + 32 * (kk % 4));
             if constexpr (F32S) {
-                if (kk % FOLD == 0) {   // the previous group's run: wait for its last wgmma, fold
-                    wgmma_wait<0>();    // it, and take this group's scales (row kk / FOLD of the
-                    fold();             // stage's; permuted as above)
-                    const uint2 sv = scales[((kk / FOLD) * (T::TN / 8) + chunk * 8 + lane / 4) * 2 + wg];
+                if (kk % kFold == 0) {   // the previous group's run: wait for its last wgmma, fold
+                    wgmma_wait<0>();     // it, and take this group's scales (row kk / kFold of the
+                    fold();              // stage's; permuted as above)
+                    const uint2 sv = scales[((kk / kFold) * (T::TN / 8) + chunk * 8 + lane / 4) * 2 + wg];
                     const half *sh = reinterpret_cast<const half *>(&sv);
 #pragma unroll
                     for (int j = 0; j < 2; ++j) {
@@ -214,8 +215,8 @@ __global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(con
                 for (int i = 0; i < T::kAcc; ++i) fence_operand(d[j][i]);
             wgmma_fence();
             // F32S: a group's first wgmma starts its run (D = A B)
-            wgmma_rs<T::kRows>(d[0], f[0], desc, !F32S || kk % FOLD != 0);
-            wgmma_rs<T::kRows>(d[1], f[1], desc, !F32S || kk % FOLD != 0);
+            wgmma_rs<T::kRows>(d[0], f[0], desc, !F32S || kk % kFold != 0);
+            wgmma_rs<T::kRows>(d[1], f[1], desc, !F32S || kk % kFold != 0);
             wgmma_commit();
             // Step kk-1 is done: its fragment buffer is free for step kk+1, and by the end of
             // the stage only this stage's last step is still reading shared memory.
@@ -263,15 +264,15 @@ __global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(con
 #endif
 }
 
-template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED, int F32S = 0>
+template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED, int FOLD = 0>
 struct WgInstance {
     using T = WgTile<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED>;
     static int launch(const MmParams &p, int grid, cudaStream_t stream, bool pdl) {
-        return launch_mm<T::kThreads, T::kSmemBytes>(marlin_mm_wgmma_kernel<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED, F32S>,
+        return launch_mm<T::kThreads, T::kSmemBytes>(marlin_mm_wgmma_kernel<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED, FOLD>,
                                                      p, grid, stream, pdl);
     }
     static KernelEntry entry() {
-        return {reinterpret_cast<const void *>(&marlin_mm_wgmma_kernel<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED, F32S>),
+        return {reinterpret_cast<const void *>(&marlin_mm_wgmma_kernel<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED, FOLD>),
                 T::kSmemBytes, &launch};
     }
 };
