@@ -673,6 +673,18 @@ static bool wgmma_available(const DeviceProps &dev) {
 // against 30.2, 8B o 9.3 against 9.6), so the wgmma kernel takes 9..16 rows as well, in 16-row
 // blocks. Up to 8 rows the swapped mma.sync kernel stays (it won 4 of 8 layers at M = 8).
 constexpr int kWgmmaMinRows = 9;
+// FERRUM_WGMMA_MIN_ROWS=n (1..17) moves that threshold, for groups of 64 or 128 rows and
+// channelwise scales (for tuning). Session 16, H200, the planner's plans with n = 1 or 2 against
+// the default: with 128-row groups the 16-row blocks were faster at M = 2-8 on 7 or 8 of the
+// eight layers (8192x10240 M=8 21.2 -> 17.4 µs, 28672x8192 M=2 42.6 -> 36.6; 8192x8192 M=2-3
+// 6-8% and 4096x4096 M=8 9% slower) and at M = 1 on 5 (28672x8192 42.4 -> 35.8; 8192x8192 7.6%
+// slower); channelwise and with 64-row groups they were mixed (csrc/NOTES.md). Not yet the
+// default: that build was not run on the GPU with the threshold in place.
+static const int g_wgmma_min_rows = [] {
+    const char *v = getenv("FERRUM_WGMMA_MIN_ROWS");
+    const int n = v && v[0] ? atoi(v) : 0;
+    return n >= 1 && n <= 17 ? n : kWgmmaMinRows;
+}();
 // Up to this many rows the wgmma candidates are 16-row blocks (m_blocks 1; wgmma n16), then
 // 32-row blocks (m_blocks 2; wgmma n32) up to kWgmmaFewRows.
 constexpr int kWgmma16Rows = 16;
@@ -861,7 +873,7 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
     // 4096x4096 was 13.6% and 14336x4096 6.7% slower than the mma.sync plan, the others within
     // -6..+3%; session 16), where its block height for these rows fits the GPU's shared memory
     // in tile 6 (the smaller tile).
-    const int wgmma_min_rows = grouped && group_size < 64 ? kWgmma16Rows + 1 : kWgmmaMinRows;
+    const int wgmma_min_rows = grouped && group_size < 64 ? kWgmma16Rows + 1 : g_wgmma_min_rows;
     const int wgmma_mb = size_m <= kWgmma16Rows ? 1 : size_m <= kWgmmaFewRows ? 2 : 4;
     const bool wgmma = is_wgmma_tile(cfg.tile) ||
                        (cfg.tile == 0 && wgmma_available(dev) && size_m >= wgmma_min_rows &&
