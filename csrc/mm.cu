@@ -671,7 +671,8 @@ static bool wgmma_available(const DeviceProps &dev) {
 // per group (mm_wgmma.cu, F32S: groups of 64 and 128 rows) it beat the planner's mma.sync plan
 // on all 8 at G = 128, by 2-26% (session 16: 70B down 39.2 against 49.2 µs, 8B gate_up 22.8
 // against 30.2, 8B o 9.3 against 9.6), so the wgmma kernel takes 9..16 rows as well, in 16-row
-// blocks. Up to 8 rows the swapped mma.sync kernel stays (it won 4 of 8 layers at M = 8).
+// blocks. Up to 8 rows the swapped mma.sync kernel stays for now: a first sweep (with clusters)
+// had it win 4 of 8 layers at M = 8; the later A/B below found the 16-row blocks faster there.
 constexpr int kWgmmaMinRows = 9;
 // FERRUM_WGMMA_MIN_ROWS=n (1..17) moves that threshold, for groups of 64 or 128 rows and
 // channelwise scales (for tuning). Session 16, H200, the planner's plans with n = 1 or 2 against
