@@ -82,9 +82,15 @@ int ferrum_copy_strided(const void *src, void *dst, int64_t d0, int64_t d1, int6
                         int64_t s0, int64_t s1, int64_t s2, int elem_bytes, void *stream);
 
 /* Resolve the config and workspace sizes for ferrum_mm on the current device, for grouped
- * scales of 128 rows (ferrum_mm's own plan differs for groups of 32 rows at 9-16 rows). */
+ * scales of 128 rows (on sm_90a ferrum_mm plans 2-16 rows differently for other scales). */
 int ferrum_mm_plan(int size_m, int size_k, int size_n, int num_experts, int act_order,
                    const ferrum_mm_config *requested, ferrum_mm_plan_info *plan);
+
+/* The same for the scales ferrum_mm is given: num_groups and group_size as ferrum_mm takes
+ * them (num_groups 1: channelwise). */
+int ferrum_mm_plan_groups(int size_m, int size_k, int size_n, int num_experts, int act_order,
+                          int num_groups, int group_size, const ferrum_mm_config *requested,
+                          ferrum_mm_plan_info *plan);
 
 /* C[:, e*n:(e+1)*n] = A @ W_e for e in [expert0, expert0 + num_experts), fp16 in and out.
  *   a        fp16 [M, K] row-major (columns are permuted by perm first when perm != NULL)

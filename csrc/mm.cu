@@ -661,30 +661,31 @@ static bool wgmma_available(const DeviceProps &dev) {
     return wgmma_built() && dev.major == 9 && dev.minor == 0;
 }
 
-// Rows from which the wgmma kernel (where available) beats the mma.sync one; below it the
-// mma.sync kernel's smaller tiles and the swapped kernel's fewer instructions a weight win or
-// tie. H200, tools/tune.py over tiles 5/6 with 16-, 32- and 64-row blocks and 1-12 splits
-// (session 14): at M = 24 and 32 the best 32-row wgmma plan beat the planner's mma.sync plan on
-// 15 of 16 layer cells, by up to 24% (70B gate_up M=32 105 against 137 µs, 70B down M=24 55
-// against 69; 4096x4096 M=24 12.3 against 11.9 the exception). At M = 16 the best 16-row plan
-// won on 4 of 8 by 2-9% and lost on 4 by 2-13% (session 14); with the scales applied in FP32
-// per group (mm_wgmma.cu, F32S: groups of 64 and 128 rows) it beat the planner's mma.sync plan
-// on all 8 at G = 128, by 2-26% (session 16: 70B down 39.2 against 49.2 µs, 8B gate_up 22.8
-// against 30.2, 8B o 9.3 against 9.6), so the wgmma kernel takes 9..16 rows as well, in 16-row
-// blocks. Up to 8 rows the swapped mma.sync kernel stays for now: a first sweep (with clusters)
-// had it win 4 of 8 layers at M = 8; the later A/B below found the 16-row blocks faster there.
+// Rows from which the wgmma kernel (where available) runs; below it the mma.sync kernel's
+// smaller tiles and the swapped kernel's fewer instructions a weight win or tie. H200,
+// tools/tune.py over tiles 5/6 with 16-, 32- and 64-row blocks and 1-12 splits (session 14): at
+// M = 24 and 32 the best 32-row wgmma plan beat the planner's mma.sync plan on 15 of 16 layer
+// cells, by up to 24% (70B gate_up M=32 105 against 137 µs, 70B down M=24 55 against 69;
+// 4096x4096 M=24 12.3 against 11.9 the exception). At M = 16 the best 16-row plan won on 4 of 8
+// by 2-9% and lost on 4 by 2-13% (session 14); with the scales applied in FP32 per group
+// (mm_wgmma.cu, F32S: groups of 64 and 128 rows) it beat the planner's mma.sync plan on all 8 at
+// G = 128, by 2-26% (session 16: 70B down 39.2 against 49.2 µs, 8B gate_up 22.8 against 30.2,
+// 8B o 9.3 against 9.6), so the wgmma kernel takes 9..16 rows as well, in 16-row blocks.
+// With 128-row groups it takes 2..8 rows too (16-row F32S blocks, most rows idle): they cost
+// about what they cost at 16 rows, while the swapped kernel's time grows with the rows. Session
+// 16's A/B (the planner's plans, H200): at each M = 2-8 faster on 7 or 8 of the eight layers, by
+// up to 18% (8192x10240 M=8 21.2 -> 17.4 µs, 28672x8192 M=2 42.6 -> 36.6); slower on 8192x8192
+// at M = 2-3 (6-8%) and 4096x4096 at M = 8 (9%). One row stays on the swapped kernel (5 of 8
+// faster, but 8192x8192 7.6% and 14336x4096 5% slower). Channelwise and with 64-row groups the
+// 16-row blocks were mixed at 2-8 rows (13 and 12 of 24 cells faster), so those start at 9.
 constexpr int kWgmmaMinRows = 9;
-// FERRUM_WGMMA_MIN_ROWS=n (1..17) moves that threshold, for groups of 64 or 128 rows and
-// channelwise scales (for tuning). Session 16, H200, the planner's plans with n = 1 or 2 against
-// the default: with 128-row groups the 16-row blocks were faster at M = 2-8 on 7 or 8 of the
-// eight layers (8192x10240 M=8 21.2 -> 17.4 µs, 28672x8192 M=2 42.6 -> 36.6; 8192x8192 M=2-3
-// 6-8% and 4096x4096 M=8 9% slower) and at M = 1 on 5 (28672x8192 42.4 -> 35.8; 8192x8192 7.6%
-// slower); channelwise and with 64-row groups they were mixed (csrc/NOTES.md). Not yet the
-// default: that build was not run on the GPU with the threshold in place.
-static const int g_wgmma_min_rows = [] {
+constexpr int kWgmmaMinRowsG128 = 2;
+// FERRUM_WGMMA_MIN_ROWS=n (1..17) replaces both, for groups of 64 or 128 rows and channelwise
+// scales (for tuning; groups of 32 rows keep kWgmma16Rows + 1).
+static const int g_wgmma_min_rows_env = [] {
     const char *v = getenv("FERRUM_WGMMA_MIN_ROWS");
     const int n = v && v[0] ? atoi(v) : 0;
-    return n >= 1 && n <= 17 ? n : kWgmmaMinRows;
+    return n >= 1 && n <= 17 ? n : 0;
 }();
 // Up to this many rows the wgmma candidates are 16-row blocks (m_blocks 1; wgmma n16), then
 // 32-row blocks (m_blocks 2; wgmma n32) up to kWgmmaFewRows.
@@ -842,10 +843,11 @@ static double mma_choose_splits(const DeviceProps &dev, int occ, int size_m, int
 // The heuristic, readable as a table (measured on an H100, tools/tune.py):
 //   rows M               kernel, block tile (k x n)         rows per block (m_blocks), splits
 //   1..8 (any M without  mma.sync: tile 2 (128 x 256), and  16*ceil(M/16), at most 64; tile and
-//   sm_90a)              for M <= 64 also tiles 1           splits by mma_cost (up to 8 rows
-//                        (128 x 128) and 7 (256 x 64)       the swapped kernel)
+//   sm_90a; 1 with       for M <= 64 also tiles 1           splits by mma_cost (up to 8 rows
+//   128-row groups)      (128 x 128) and 7 (256 x 64)       the swapped kernel)
 //   9..16 on sm_90a      wgmma, 128 x 256                   16 rows (wgmma n16): tile 5 or tile 6
-//                                                           by the split model, no clusters
+//   (2..16 with 128-row                                     by the split model, no clusters
+//   groups)
 //   17..32 on sm_90a     wgmma, 128 x 256                   32 rows (wgmma n32): tile 5 or tile 6
 //                                                           (two blocks per SM), by the split model
 //   >= 33 on sm_90a      wgmma, 128 x 256                   whichever of tile 5 with 64 or 128 rows
@@ -869,12 +871,16 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
     ferrum_mm_config cfg = req ? *req : ferrum_mm_config{0, 0, 0, 0, 0};
     FERRUM_REQUIRE(cfg.tile >= 0 && cfg.tile <= kTiles, "ferrum_mm: tile=%d (use 0..%d)", cfg.tile, kTiles);
     const bool grouped = group_size > 0;
-    // The wgmma kernel from kWgmmaMinRows rows, from kWgmma16Rows + 1 with groups of 32 rows
+    // The wgmma kernel from kWgmmaMinRows rows (kWgmmaMinRowsG128 with groups of 128 rows,
+    // measured with F32S on), from kWgmma16Rows + 1 with groups of 32 rows
     // (fp16 scales in 16-row blocks; with G = 64 at M = 16, before F32S took 64-row groups,
     // 4096x4096 was 13.6% and 14336x4096 6.7% slower than the mma.sync plan, the others within
     // -6..+3%; session 16), where its block height for these rows fits the GPU's shared memory
     // in tile 6 (the smaller tile).
-    const int wgmma_min_rows = grouped && group_size < 64 ? kWgmma16Rows + 1 : g_wgmma_min_rows;
+    const int wgmma_min_rows = grouped && group_size < 64 ? kWgmma16Rows + 1
+                               : g_wgmma_min_rows_env ? g_wgmma_min_rows_env
+                               : group_size == 128 && g_f32s_enabled ? kWgmmaMinRowsG128
+                                                                      : kWgmmaMinRows;
     const int wgmma_mb = size_m <= kWgmma16Rows ? 1 : size_m <= kWgmmaFewRows ? 2 : 4;
     const bool wgmma = is_wgmma_tile(cfg.tile) ||
                        (cfg.tile == 0 && wgmma_available(dev) && size_m >= wgmma_min_rows &&
@@ -1124,6 +1130,20 @@ extern "C" int ferrum_mm_plan(int size_m, int size_k, int size_n, int num_expert
     if ((status = current_device_props(&dev))) return status;
     const int rows = std::max(1, std::min(size_m, kMaxRowsPerLaunch));
     return cached_plan(dev, rows, size_k, size_n, num_experts, act_order, requested, 128, plan);
+}
+
+extern "C" int ferrum_mm_plan_groups(int size_m, int size_k, int size_n, int num_experts,
+                                     int act_order, int num_groups, int group_size,
+                                     const ferrum_mm_config *requested, ferrum_mm_plan_info *plan) {
+    using namespace ferrum;
+    FERRUM_REQUIRE(plan, "ferrum_mm_plan_groups: null plan");
+    int status = check_problem(size_m, size_k, size_n, num_experts, num_groups, group_size);
+    if (status) return status;
+    DeviceProps dev;
+    if ((status = current_device_props(&dev))) return status;
+    const int rows = std::max(1, std::min(size_m, kMaxRowsPerLaunch));
+    return cached_plan(dev, rows, size_k, size_n, num_experts, act_order, requested,
+                       num_groups > 1 ? group_size : 0, plan);
 }
 
 extern "C" int ferrum_mm(const void *a, const void *b, const void *scales, void *c,

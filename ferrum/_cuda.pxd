@@ -89,6 +89,9 @@ cdef extern from "ferrum_marlin.h" nogil:
                             int64_t s0, int64_t s1, int64_t s2, int elem_bytes, void *stream)
     int ferrum_mm_plan(int size_m, int size_k, int size_n, int num_experts, int act_order,
                        const ferrum_mm_config *requested, ferrum_mm_plan_info *plan)
+    int ferrum_mm_plan_groups(int size_m, int size_k, int size_n, int num_experts, int act_order,
+                              int num_groups, int group_size, const ferrum_mm_config *requested,
+                              ferrum_mm_plan_info *plan)
     int ferrum_mm(const void *a, const void *b, const void *scales, void *c, const int32_t *perm,
                   int size_m, int size_k, int size_n, int expert0, int num_experts,
                   int num_groups, int group_size, int ldc,

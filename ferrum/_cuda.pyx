@@ -381,14 +381,23 @@ def permute_cols(size_t a, size_t perm, size_t out, int size_m, int size_k, size
 
 
 def mm_plan(int size_m, int size_k, int size_n, int num_experts=1, bint act_order=False,
-            int tile=0, int m_blocks=0, int splits=0, int stream_k=0):
-    """The config and workspace the heuristic picks (or completes from the given fields), for
-    128-row groups; with groups of 32 rows mm plans 9-16 rows differently."""
+            int tile=0, int m_blocks=0, int splits=0, int stream_k=0, int group_size=128):
+    """The config and workspace the heuristic picks (or completes from the given fields) for
+    scales in groups of group_size rows (32, 64 or 128; -1 or size_k: channelwise), as mm
+    plans for a weight with those scales."""
     cdef ferrum_mm_config cfg
     cdef ferrum_mm_plan_info plan
+    cdef int num_groups
+    if group_size == -1 or group_size == size_k:
+        num_groups, group_size = 1, size_k
+    elif group_size > 0:
+        num_groups = size_k // group_size
+    else:
+        raise ValueError(f"group_size={group_size}: use 32, 64, 128, or -1 for channelwise scales")
     cfg.tile, cfg.m_blocks, cfg.splits, cfg.stream_k = tile, m_blocks, splits, stream_k
     cfg.weights_pending = 0
-    check_ferrum(ferrum_mm_plan(size_m, size_k, size_n, num_experts, act_order, &cfg, &plan))
+    check_ferrum(ferrum_mm_plan_groups(size_m, size_k, size_n, num_experts, act_order,
+                                       num_groups, group_size, &cfg, &plan))
     return {"tile": plan.config.tile, "m_blocks": plan.config.m_blocks,
             "splits": plan.config.splits, "m_slices": plan.m_slices, "grid": plan.grid,
             "stream_k": plan.sk_iters > 0, "sk_iters": plan.sk_iters,

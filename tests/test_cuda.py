@@ -272,8 +272,9 @@ def _assert_non_finite_as_in_float64(got, ref, m):
 def test_mm_non_finite_activations_as_in_float64(m, rng):
     """inf times a zero weight (q == 8) is NaN, times any other weight an inf of the product's
     sign, inf - inf is NaN and a NaN fills its row, as in float64 (and the cpu reference). The
-    fp16 and wgmma kernels subtract the uint4b8 bias per weight; the swapped kernel (M <= 8)
-    takes it out of the sums and, where a bias sum is not finite, recomputes per weight."""
+    fp16 and wgmma kernels subtract the uint4b8 bias per weight (with 128-row groups the wgmma
+    kernel from 2 rows); the swapped kernel (the planner's up to 8 rows otherwise) takes it out
+    of the sums and, where a bias sum is not finite, recomputes per weight."""
     got, ref = _non_finite_case(rng, m)
     _assert_non_finite_as_in_float64(got, ref, m)
 
@@ -449,20 +450,34 @@ def test_mm_wgmma_few_rows(m, tile, m_blocks, splits, g, rng):
 
 @pytest.mark.parametrize("k,n", [(4096, 6144), (14336, 4096), (8192, 10240), (28672, 8192)])
 def test_planner_kernel_by_rows(k, n):
-    """Where the wgmma kernel runs: up to 8 rows the swapped mma.sync kernel, 9..16 rows 16-row
-    wgmma blocks with workspace split-K (no clusters), 17..32 rows 32-row blocks."""
+    """Where the wgmma kernel runs: one row on the swapped mma.sync kernel; with 128-row groups
+    2..16 rows in 16-row wgmma blocks with workspace split-K (no clusters), channelwise and
+    with 64-row groups from 9 rows, with 32-row groups from 17; 17..32 rows 32-row blocks."""
     if not _wgmma_planned():
         pytest.skip("no wgmma kernel on this GPU/build (needs compute capability 9.0 and sm_90a)")
-    for m in (1, 8):
-        assert ferrum._cuda.mm_plan(m, k, n)["tile"] in (1, 2, 3, 7), m
-    for m in (9, 16):
-        plan = ferrum._cuda.mm_plan(m, k, n)
-        assert (plan["tile"] in (5, 6), plan["m_blocks"], plan["cluster"]) == (True, 1, False), (m, plan)
-        asked = ferrum._cuda.mm_plan(m, k, n, tile=5, m_blocks=1, splits=4)
-        assert (asked["splits"], asked["cluster"]) == (4, False), asked
-    for m in (17, 32):
-        plan = ferrum._cuda.mm_plan(m, k, n)
-        assert (plan["tile"] in (5, 6), plan["m_blocks"]) == (True, 2), (m, plan)
+    first = {128: 2, 64: 9, -1: 9, 32: 17}
+    for g, first_row in first.items():
+        for m in (1, 2, 8, 9, 16):
+            plan = ferrum._cuda.mm_plan(m, k, n, group_size=g)
+            if m < first_row:
+                assert plan["tile"] in (1, 2, 3, 7), (g, m, plan)
+            else:
+                assert (plan["tile"] in (5, 6), plan["m_blocks"], plan["cluster"]) == (True, 1, False), (g, m, plan)
+                asked = ferrum._cuda.mm_plan(m, k, n, tile=5, m_blocks=1, splits=4, group_size=g)
+                assert (asked["splits"], asked["cluster"]) == (4, False), asked
+        for m in (17, 32):
+            plan = ferrum._cuda.mm_plan(m, k, n, group_size=g)
+            assert (plan["tile"] in (5, 6), plan["m_blocks"]) == (True, 2), (g, m, plan)
+    assert ferrum._cuda.mm_plan(4, k, n) == ferrum._cuda.mm_plan(4, k, n, group_size=128)
+    assert ferrum._cuda.mm_plan(4, k, n, group_size=k) == ferrum._cuda.mm_plan(4, k, n, group_size=-1)
+
+
+def test_mm_plan_group_size_is_checked():
+    """mm_plan refuses scales mm would refuse, with the value in the message."""
+    with pytest.raises(ValueError, match="group_size=0"):
+        ferrum._cuda.mm_plan(4, 1024, 256, group_size=0)
+    with pytest.raises(ValueError, match="group_size=96"):
+        ferrum._cuda.mm_plan(4, 1152, 256, group_size=96)
 
 
 @pytest.mark.parametrize("tile,m_blocks", [(5, 1), (6, 1), (6, 2)])
