@@ -290,10 +290,14 @@ def test_mm_non_finite_activations_swapped_kernel(m, tile, g, split, rng):
     _assert_non_finite_as_in_float64(got, ref, m)
 
 
-@pytest.mark.parametrize("m", [1, 3, 8, 16])
-@pytest.mark.parametrize("tile", [1, 2, 7])
-@pytest.mark.parametrize("g", [-1, 128])
-@pytest.mark.parametrize("split", [{"splits": 1}, {"splits": 3}, {"splits": 8}, {"stream_k": 3}])
+_LARGE_ON_ZERO_CASES = [(m, tile, g, split) for m in (1, 3, 8, 16) for tile in (1, 2, 7)
+                        for g in (-1, 128)
+                        for split in ({"splits": 1}, {"splits": 3}, {"splits": 8}, {"stream_k": 3})]
+_LARGE_ON_ZERO_CASES += [(m, 0, g, split) for m in (2, 5, 8, 13) for g in (-1, 64, 128)
+                         for split in ({"splits": 0}, {"splits": 3})]
+
+
+@pytest.mark.parametrize("m,tile,g,split", _LARGE_ON_ZERO_CASES)
 @pytest.mark.parametrize("signs", ["rows", "random"])
 def test_mm_large_activations_on_zero_weights(m, tile, g, split, signs):
     """A large finite activation (6e4) whose weights are zero (q == 8) adds nothing to C, so C
@@ -301,7 +305,9 @@ def test_mm_large_activations_on_zero_weights(m, tile, g, split, signs):
     a (64 + q) - 72 a and so rounds at the size of 72 x 6e4; it must notice and recompute
     exactly (relative error 2e-2 before, against float64). signs="random": the large values
     take random signs, at the same place in every 16-row k-tile, so they cancel in the plain
-    sum of A of many runs (1.2e-2 at M = 1 when the check looked at that sum alone)."""
+    sum of A of many runs (1.2e-2 at M = 1 when the check looked at that sum alone).
+    tile 0: the planner's kernel for 2-13 rows (on sm_90a with 128-row groups the wgmma
+    kernel's 16-row blocks, which apply the scales in FP32 to run sums of exact q - 8)."""
     rng = np.random.default_rng(1900 + m + 10 * tile + g + 1000 * len(signs))
     size_k, size_n = 1024, 320
     q = rng.integers(0, 16, (size_k, size_n), dtype=np.uint32)
@@ -319,7 +325,10 @@ def test_mm_large_activations_on_zero_weights(m, tile, g, split, signs):
     else:
         a[:, big] = 6e4 * rng.choice([-1, 1], (m, big.size))
     out = np.full((m, size_n), np.nan, dtype=np.float16)
-    ferrum.cuda.BACKEND.mm(a, w, 0, out, tile=tile, m_blocks=1, **split)
+    if tile == 0:   # the planner's kernel (with 128-row groups on sm_90a: 16-row wgmma blocks)
+        ferrum.cuda.BACKEND.mm(a, w, 0, out, **split)
+    else:
+        ferrum.cuda.BACKEND.mm(a, w, 0, out, tile=tile, m_blocks=1, **split)
     assert _rel_err(out, a.astype(np.float64) @ dense) <= TOL
 
 
