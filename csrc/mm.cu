@@ -472,9 +472,11 @@ struct Instance {
 // tile 2: k=128 x n=256 (more rows: each A fragment feeds more columns, 4 k-tiles per warp
 //         between barriers); tile 3: k=64 x n=256 (half the shared memory of tile 2);
 // tile 7: k=256 x n=64 (one 64-column chunk, the 8 warps split K: four times the column tiles
-//         of tile 2, so fewer splits and smaller partials for the same grid).
-constexpr int kTiles = 7;
-static bool is_wgmma_tile(int tile) { return tile >= 4 && tile <= 6; }
+//         of tile 2, so fewer splits and smaller partials for the same grid);
+// tile 8: the wgmma kernel with k=128 x n=128, its two warpgroups splitting K (tile 7's idea
+//         for wgmma; 16, 32 or 64 rows).
+constexpr int kTiles = 8;
+static bool is_wgmma_tile(int tile) { return (tile >= 4 && tile <= 6) || tile == 8; }
 
 template <int TK_BLOCKS, int TN_BLOCKS, bool GROUPED>
 static KernelEntry entry_for_mb(int mb, int swap8, bool sk) {
@@ -535,7 +537,7 @@ static int swap_min_group(int tile) {
 // the k=128 tiles, with groups of 128 or 64 rows (a fold every 8 or 4 k16 steps; 0: none).
 // (Groups of 32 would fold every other step: four FFMA a word, as many as the fp16 multiplies.)
 static int wgmma_f32s_fold(int tile, int mb, bool grouped, int group_size) {
-    if (!g_f32s_enabled || !(tile == 5 || tile == 6) || mb > 2 || !grouped) return 0;
+    if (!g_f32s_enabled || !is_wgmma_tile(tile) || tile == 4 || mb > 2 || !grouped) return 0;
     return group_size == 128 ? 8 : group_size == 64 ? 4 : 0;
 }
 
@@ -544,8 +546,10 @@ static int swap8_for(int tile, int mb, int rows, bool grouped, int group_size) {
            (!grouped || group_size >= swap_min_group(tile)) ? 1 : 0;
 }
 
-static int tile_k(int tile) { return tile == 3 || tile == 4 ? 64 : tile == 7 ? 256 : 128; }   // 1, 2, 5, 6: 128
-static int tile_n(int tile) { return tile == 1 ? 128 : tile == 7 ? 64 : tile >= 4 ? kWgmmaTileN : 256; }
+static int tile_k(int tile) { return tile == 3 || tile == 4 ? 64 : tile == 7 ? 256 : 128; }   // 1, 2, 5, 6, 8: 128
+static int tile_n(int tile) {
+    return tile == 1 ? 128 : tile == 7 ? 64 : tile == 8 ? kWgmmaSplitTileN : tile >= 4 ? kWgmmaTileN : 256;
+}
 
 // Per device and kernel instance: the dynamic shared memory limit is raised once, and the
 // number of blocks an SM holds is measured once (the heuristic needs it).
@@ -889,10 +893,10 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
         FERRUM_REQUIRE(wgmma_available(dev),
                        "ferrum_mm: tile=%d (wgmma) needs a compute capability 9.0 GPU and a build "
                        "with sm_90a (FERRUM_CUDA_ARCHS including 90)", cfg.tile);
-        FERRUM_REQUIRE(cfg.m_blocks == 0 || cfg.m_blocks == 4 || (cfg.m_blocks == 8 && cfg.tile != 6) ||
+        FERRUM_REQUIRE(cfg.m_blocks == 0 || cfg.m_blocks == 4 || (cfg.m_blocks == 8 && (cfg.tile == 4 || cfg.tile == 5)) ||
                        ((cfg.m_blocks == 1 || cfg.m_blocks == 2) && cfg.tile != 4),
-                       "ferrum_mm: m_blocks=%d (tile 4 takes 0, 4 or 8; tile 5 0, 1, 2, 4 or 8; tile 6 "
-                       "0, 1, 2 or 4)", cfg.m_blocks);
+                       "ferrum_mm: m_blocks=%d (tile 4 takes 0, 4 or 8; tile 5 0, 1, 2, 4 or 8; tiles 6 "
+                       "and 8 0, 1, 2 or 4)", cfg.m_blocks);
     } else {
         if (cfg.m_blocks == 0) cfg.m_blocks = std::min(4, (size_m + 15) / 16);
         FERRUM_REQUIRE(cfg.m_blocks >= 1 && cfg.m_blocks <= 4, "ferrum_mm: m_blocks=%d (use 0..4)",
@@ -905,7 +909,8 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
     // and for few rows (one slice) also tiles 1 and 7 where K fits them; tile 3 where none of
     // those fits the GPU's shared memory.
     struct Candidate { int tile, mb; };
-    Candidate candidates[4];
+    constexpr int kMaxCandidates = 4;
+    Candidate candidates[kMaxCandidates];
     int n_candidates = 0;
     const bool few_rows = size_m <= 64;
     const bool wgmma_16 = size_m <= kWgmma16Rows;
@@ -913,10 +918,11 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
     const int mmb = cfg.m_blocks;
     for (const Candidate c : {Candidate{5, 1}, Candidate{6, 1}, Candidate{5, 2}, Candidate{6, 2},
                               Candidate{5, 4}, Candidate{5, 8},
-                              Candidate{6, 4}, Candidate{4, 4}, Candidate{4, 8}, Candidate{2, mmb},
+                              Candidate{6, 4}, Candidate{4, 4}, Candidate{4, 8},
+                              Candidate{8, 1}, Candidate{8, 2}, Candidate{8, 4}, Candidate{2, mmb},
                               Candidate{1, mmb}, Candidate{7, mmb}, Candidate{3, mmb},
                               Candidate{cfg.tile, cfg.m_blocks}}) {
-        if (n_candidates == 4) break;
+        if (n_candidates == kMaxCandidates) break;
         const bool auto_mma = !wgmma && (c.tile == 2 || c.tile == 3 || (few_rows && c.tile == 1) ||
                                          (few_rows && c.tile == 7 && size_k % tile_k(7) == 0));
         const bool tile_ok = cfg.tile ? c.tile == cfg.tile : (wgmma ? c.tile == 5 || c.tile == 6 : auto_mma);

@@ -19,6 +19,12 @@
 //     tensor cores' work on step k (two fragment buffers, wgmma.wait_group 1);
 //   * the epilogue (C^T fragments -> FP32 C tile in shared memory -> fp16 C, split-K reduction)
 //     is mm_common.cuh's.
+// KSPLIT (tile 8): a block owns 128 weight columns instead, and the two warpgroups split
+// each stage's k16 steps (warpgroup q the steps of A atom q); warp w of either holds chunk w / 2
+// and the n16 tiles 2(w % 2), 2(w % 2) + 1 of it, so per k16 step the warpgroup issues the same
+// two wgmmas over all 128 columns. The two warpgroups' sums are added in the epilogue. Half the
+// columns a block make twice the column tiles: on narrow layers a grid fills the GPU with half
+// the splits, each split's FP32 partial half as wide.
 #include <cuda_fp16.h>
 
 #include "common.cuh"
@@ -28,12 +34,15 @@
 
 namespace ferrum {
 
-template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED>
+template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED, bool KSPLIT = false>
 struct WgTile {
     static constexpr int kThreads = 256;                 // 2 warpgroups
     static constexpr int kRows = 16 * MB;                // BM: 64 or 128 rows of A
     static constexpr int TK = 64 * K_ATOMS;              // 64 or 128: 1 or 2 swizzle atoms of A
-    static constexpr int TN = kWgmmaTileN;               // 256 weight columns
+    static constexpr int TN = KSPLIT ? kWgmmaSplitTileN : kWgmmaTileN;   // weight columns
+    // k16 steps of a stage that one warpgroup computes (KSPLIT: those of one A atom)
+    static constexpr int kSteps = KSPLIT ? 4 : 4 * K_ATOMS;
+    static_assert(!KSPLIT || K_ATOMS == 2, "KSPLIT: one A atom per warpgroup");
     // A stage: K_ATOMS blocks of kRows rows x 128 bytes (the 64 k values of one atom), each
     // a stack of 8-row x 128-byte swizzle atoms, as wgmma's descriptor wants.
     static constexpr bool kAAtomMajor = true;
@@ -88,14 +97,17 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
 // last wgmma, which the step would wait for anyway). Per weight that drops the four fp16 scale
 // multiplies of a word (and the per-step scale loads) for one FFMA per accumulator per group;
 // the scales are applied in FP32, not fp16.
-template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED, int FOLD>
+template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED, int FOLD, bool KSPLIT>
 __global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(const MmParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    using T = WgTile<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED>;
+    using T = WgTile<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED, KSPLIT>;
     constexpr int kStages = T::kStages;
     constexpr bool F32S = FOLD > 0;
     constexpr int kFold = F32S ? FOLD : 1;   // k16 steps a group (a divisor where F32S is off)
     static_assert(!F32S || (GROUPED && T::kKTiles % kFold == 0), "FP32 scales: whole groups per stage");
+    // a warpgroup's steps start its runs: where a group spans both warpgroups' steps, each
+    // folds its own share
+    constexpr int kRunSteps = kFold < T::kSteps ? kFold : T::kSteps;
     extern __shared__ int4 smem_raw[];
     int4 *const smem = reinterpret_cast<int4 *>(
         reinterpret_cast<char *>(smem_raw) + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023));
@@ -106,8 +118,13 @@ __global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(con
     const BlockWork work = block_work(p, T::kRows, T::TN);
     const int kt_begin = work.kt_begin, iters = work.iters;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int chunk = warp % 4;     // this warp's 64 weight columns of the tile
-    const int wg = warp / 4;        // this warpgroup's n16 tiles: 2*wg and 2*wg + 1 of each chunk
+    const int wg = warp / 4;
+    // this warp's 64 weight columns of the tile, and which pair of its n16 tiles: 2*pair and
+    // 2*pair + 1 (KSPLIT: two warps a chunk; else each warpgroup its pair of every chunk)
+    const int chunk = KSPLIT ? (warp % 4) / 2 : warp % 4;
+    const int pair = KSPLIT ? warp % 2 : wg;
+    // the warpgroup's first k16 step of a stage
+    const int kk0 = KSPLIT ? wg * T::kSteps : 0;
 
     const StageCopy<T, GROUPED> copy(p, work, tid);
     auto fetch_acts = [&](int stage, int kt) { copy.acts(a_sh + stage * T::kAStageVecs, kt); };
@@ -149,24 +166,26 @@ __global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(con
         }
     };
 
-    // One pipeline stage: per k16 step, this lane's two words (n16 tiles 2wg, 2wg+1 of its
-    // chunk) -> two A fragments -> two wgmmas over the stage's rows of A.
+    // One pipeline stage: per k16 step, this lane's two words (n16 tiles 2 pair, 2 pair + 1 of
+    // its chunk) -> two A fragments -> two wgmmas over the stage's rows of A.
     auto compute_stage = [&](int stage, int kt) {
-        const uint2 *words = reinterpret_cast<const uint2 *>(b_sh + stage * T::kBStageVecs);
+        const uint2 *words = reinterpret_cast<const uint2 *>(b_sh + stage * T::kBStageVecs) +
+                             ((kk0 * T::kChunks + chunk) * 32 + lane) * 2 + pair;
         const uint2 *scales = reinterpret_cast<const uint2 *>(s_sh + stage * T::kSStageVecs);
-        const uint32_t a_addr = smem_u32(a_sh + stage * T::kAStageVecs);
+        const uint32_t a_addr = smem_u32(a_sh + stage * T::kAStageVecs) + (kk0 / 4) * (T::kRows * 128);
         uint32_t frag[2][2][4];   // [buffer][wgmma][register]
 #pragma unroll
-        for (int kk = 0; kk < T::kKTiles; ++kk) {
-            uint32_t (&f)[2][4] = frag[kk & 1];
-            const uint2 q = words[((kk * T::kChunks + chunk) * 32 + lane) * 2 + wg];
+        for (int i = 0; i < T::kSteps; ++i) {
+            const int kk = kk0 + i;   // the stage's k16 step
+            uint32_t (&f)[2][4] = frag[i & 1];
+            const uint2 q = words[i * T::kChunks * 32 * 2];
             half2 s[2][2];   // [wgmma][column c / c + 8]
             if constexpr (GROUPED && !F32S) {
                 const int k = kt * T::TK + 16 * kk;
                 const int g_row = (k >> p.group_shift) - ((kt * T::TK) >> p.group_shift);
                 // Permuted scales: within 64 columns, 8c..8c+7 hold columns c, c+8, .., c+56;
-                // this warpgroup's four are halves 4wg..4wg+3 of the lane's vector.
-                const uint2 sv = scales[(g_row * (T::TN / 8) + chunk * 8 + lane / 4) * 2 + wg];
+                // this warp's four are halves 4 pair..4 pair + 3 of the lane's vector.
+                const uint2 sv = scales[(g_row * (T::TN / 8) + chunk * 8 + lane / 4) * 2 + pair];
                 const half *sh = reinterpret_cast<const half *>(&sv);
 #pragma unroll
                 for (int j = 0; j < 2; ++j) {
@@ -195,12 +214,12 @@ __global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(con
                 f[j][2] = lo[1];
                 f[j][3] = hi[1];
             }
-            const uint64_t desc = wgmma_desc_sw128(a_addr + (kk / 4) * (T::kRows * 128) + 32 * (kk % 4));
+            const uint64_t desc = wgmma_desc_sw128(a_addr + (i / 4) * (T::kRows * 128) + 32 * (i % 4));
             if constexpr (F32S) {
-                if (kk % kFold == 0) {   // the previous group's run: wait for its last wgmma, fold
-                    wgmma_wait<0>();     // it, and take this group's scales (row kk / kFold of the
-                    fold();              // stage's; permuted as above)
-                    const uint2 sv = scales[((kk / kFold) * (T::TN / 8) + chunk * 8 + lane / 4) * 2 + wg];
+                if (i % kRunSteps == 0) {   // the previous run: wait for its last wgmma, fold it,
+                    wgmma_wait<0>();        // and take this group's scales (row kk / kFold of the
+                    fold();                 // stage's; permuted as above)
+                    const uint2 sv = scales[((kk / kFold) * (T::TN / 8) + chunk * 8 + lane / 4) * 2 + pair];
                     const half *sh = reinterpret_cast<const half *>(&sv);
 #pragma unroll
                     for (int j = 0; j < 2; ++j) {
@@ -214,9 +233,9 @@ __global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(con
 #pragma unroll
                 for (int i = 0; i < T::kAcc; ++i) fence_operand(d[j][i]);
             wgmma_fence();
-            // F32S: a group's first wgmma starts its run (D = A B)
-            wgmma_rs<T::kRows>(d[0], f[0], desc, !F32S || kk % kFold != 0);
-            wgmma_rs<T::kRows>(d[1], f[1], desc, !F32S || kk % kFold != 0);
+            // F32S: a run's first wgmma starts it (D = A B)
+            wgmma_rs<T::kRows>(d[0], f[0], desc, !F32S || i % kRunSteps != 0);
+            wgmma_rs<T::kRows>(d[1], f[1], desc, !F32S || i % kRunSteps != 0);
             wgmma_commit();
             // Step kk-1 is done: its fragment buffer is free for step kk+1, and by the end of
             // the stage only this stage's last step is still reading shared memory.
@@ -248,33 +267,38 @@ __global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(con
     __syncthreads();
 
     // ---- C^T fragments -> FP32 C tile [row of A][weight column] in shared memory ------------
-    // d[4t + 2h + e] of wgmma j: weight column 64*chunk + 16*(2wg + j) + lane/4 + 8h,
-    // row of A 8t + 2*(lane%4) + e.
+    // d[4t + 2h + e] of wgmma j: weight column 64*chunk + 16*(2 pair + j) + lane/4 + 8h,
+    // row of A 8t + 2*(lane%4) + e. KSPLIT: warpgroup 0's sums, then warpgroup 1's added.
     float *const ctile = reinterpret_cast<float *>(smem);
+    auto to_ctile = [&](bool add) {
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
+        for (int j = 0; j < 2; ++j)
 #pragma unroll
-        for (int i = 0; i < T::kAcc; ++i) {
-            const int col = 64 * chunk + 16 * (2 * wg + j) + lane / 4 + 8 * ((i >> 1) & 1);
-            const int row = 8 * (i >> 2) + 2 * (lane % 4) + (i & 1);
-            ctile[row * T::kCStride + col] = acc[j][i];
-        }
+            for (int i = 0; i < T::kAcc; ++i) {
+                const int col = 64 * chunk + 16 * (2 * pair + j) + lane / 4 + 8 * ((i >> 1) & 1);
+                const int row = 8 * (i >> 2) + 2 * (lane % 4) + (i & 1);
+                float &c = ctile[row * T::kCStride + col];
+                c = add ? c + acc[j][i] : acc[j][i];
+            }
+    };
+    if (!KSPLIT || wg == 0) to_ctile(false);
+    if constexpr (KSPLIT) {
+        __syncthreads();
+        if (wg == 1) to_ctile(true);
+    }
     __syncthreads();
     write_c_tile<T::kRows, T::TN, T::kCStride, T::kThreads, GROUPED>(p, work, ctile);
 #endif
 }
 
-template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED, int FOLD = 0>
+template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED, int FOLD = 0, bool KSPLIT = false>
 struct WgInstance {
-    using T = WgTile<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED>;
+    using T = WgTile<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED, KSPLIT>;
+    static constexpr auto kKernel = marlin_mm_wgmma_kernel<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED, FOLD, KSPLIT>;
     static int launch(const MmParams &p, int grid, cudaStream_t stream, bool pdl) {
-        return launch_mm<T::kThreads, T::kSmemBytes>(marlin_mm_wgmma_kernel<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED, FOLD>,
-                                                     p, grid, stream, pdl);
+        return launch_mm<T::kThreads, T::kSmemBytes>(kKernel, p, grid, stream, pdl);
     }
-    static KernelEntry entry() {
-        return {reinterpret_cast<const void *>(&marlin_mm_wgmma_kernel<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED, FOLD>),
-                T::kSmemBytes, &launch};
-    }
+    static KernelEntry entry() { return {reinterpret_cast<const void *>(kKernel), T::kSmemBytes, &launch}; }
 };
 
 bool wgmma_built() {
@@ -285,42 +309,46 @@ bool wgmma_built() {
 #endif
 }
 
-template <int MB, int K_ATOMS, int BLOCKS_PER_SM>
+template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool KSPLIT = false>
 static KernelEntry entry_of(bool grouped) {
-    return grouped ? WgInstance<MB, K_ATOMS, BLOCKS_PER_SM, true>::entry()
-                   : WgInstance<MB, K_ATOMS, BLOCKS_PER_SM, false>::entry();
+    return grouped ? WgInstance<MB, K_ATOMS, BLOCKS_PER_SM, true, 0, KSPLIT>::entry()
+                   : WgInstance<MB, K_ATOMS, BLOCKS_PER_SM, false, 0, KSPLIT>::entry();
 }
 
-template <int MB, int BLOCKS_PER_SM>
+template <int MB, int BLOCKS_PER_SM, bool KSPLIT = false>
 static KernelEntry f32s_entry(int fold) {
-    return fold == 4 ? WgInstance<MB, 2, BLOCKS_PER_SM, true, 4>::entry()
-                     : WgInstance<MB, 2, BLOCKS_PER_SM, true, 8>::entry();
+    return fold == 4 ? WgInstance<MB, 2, BLOCKS_PER_SM, true, 4, KSPLIT>::entry()
+                     : WgInstance<MB, 2, BLOCKS_PER_SM, true, 8, KSPLIT>::entry();
 }
 
-// tile 4: k=64, one block per SM; tile 5: k=128, one block per SM; tile 6: k=128, two
-// 64-row blocks per SM. f32s_fold (8: groups of 128 rows, 4: of 64; 0: off): 16- and 32-row
-// blocks of tiles 5 and 6 apply the scales in FP32 per group (F32S above).
+// The k=128 tiles with `BLOCKS_PER_SM` blocks an SM: 16, 32, 64 rows (and 128 with one block).
+template <int BLOCKS_PER_SM, bool KSPLIT>
+static KernelEntry k128_entry(int m_blocks, bool grouped, int f32s_fold) {
+    if ((f32s_fold == 4 || f32s_fold == 8) && grouped && m_blocks <= 2)
+        return m_blocks == 1 ? f32s_entry<1, BLOCKS_PER_SM, KSPLIT>(f32s_fold)
+                             : f32s_entry<2, BLOCKS_PER_SM, KSPLIT>(f32s_fold);
+    switch (m_blocks) {
+        case 1: return entry_of<1, 2, BLOCKS_PER_SM, KSPLIT>(grouped);
+        case 2: return entry_of<2, 2, BLOCKS_PER_SM, KSPLIT>(grouped);
+        case 8:
+            if constexpr (BLOCKS_PER_SM == 1 && !KSPLIT) return entry_of<8, 2, 1>(grouped);
+            [[fallthrough]];
+        default: return entry_of<4, 2, BLOCKS_PER_SM, KSPLIT>(grouped);
+    }
+}
+
+// tile 4: k=64 x n=256, one block per SM; tile 5: k=128 x n=256, one block per SM; tile 6:
+// k=128 x n=256, two blocks per SM (up to 64 rows); tile 8: k=128 x n=128 with the warpgroups
+// splitting K (KSPLIT), the stage budget of one block per SM (its 16-row blocks are small
+// enough for two). f32s_fold (8: groups of 128 rows, 4: of 64; 0: off): 16- and 32-row blocks
+// of the k=128 tiles apply the scales in FP32 per group (F32S above).
 KernelEntry wgmma_entry(int tile, int m_blocks, bool grouped, int f32s_fold) {
-    if ((f32s_fold == 4 || f32s_fold == 8) && grouped && m_blocks <= 2 && (tile == 5 || tile == 6)) {
-        if (tile == 6) return m_blocks == 1 ? f32s_entry<1, 2>(f32s_fold) : f32s_entry<2, 2>(f32s_fold);
-        return m_blocks == 1 ? f32s_entry<1, 1>(f32s_fold) : f32s_entry<2, 1>(f32s_fold);
+    switch (tile) {
+        case 5: return k128_entry<1, false>(m_blocks, grouped, f32s_fold);
+        case 6: return k128_entry<2, false>(m_blocks, grouped, f32s_fold);
+        case 8: return k128_entry<1, true>(m_blocks, grouped, f32s_fold);
+        default: return m_blocks == 8 ? entry_of<8, 1, 1>(grouped) : entry_of<4, 1, 1>(grouped);
     }
-    if (tile == 6) {
-        switch (m_blocks) {
-            case 1: return entry_of<1, 2, 2>(grouped);
-            case 2: return entry_of<2, 2, 2>(grouped);
-            default: return entry_of<4, 2, 2>(grouped);
-        }
-    }
-    if (tile == 5) {
-        switch (m_blocks) {
-            case 1: return entry_of<1, 2, 1>(grouped);
-            case 2: return entry_of<2, 2, 1>(grouped);
-            case 8: return entry_of<8, 2, 1>(grouped);
-            default: return entry_of<4, 2, 1>(grouped);
-        }
-    }
-    return m_blocks == 8 ? entry_of<8, 1, 1>(grouped) : entry_of<4, 1, 1>(grouped);
 }
 
 }  // namespace ferrum

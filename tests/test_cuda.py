@@ -342,7 +342,7 @@ def test_mm_plan_cache_keys_every_request_field():
                 plan(1, 4096, 4096, act_order=True), plan(100, 4096, 4096), plan(1, 8192, 4096)]
     assert variants[0]["tile"] == 1 and variants[1]["tile"] == 2 and variants[1]["splits"] == 3
     assert variants[2]["tile"] == 7 and variants[2]["stream_k"]
-    assert variants[5]["m_blocks"] > 1 or variants[5]["tile"] in (4, 5, 6)
+    assert variants[5]["m_blocks"] > 1 or variants[5]["tile"] in WGMMA_TILES
     assert variants[4]["data_bytes"] == auto["data_bytes"] + 4096 * 2   # A's permuted copy
     for _ in range(3):   # the cached answers, in any order, are the ones first computed
         assert plan(1, 4096, 4096) == auto
@@ -409,20 +409,24 @@ def test_mm_plans_for_gpus_with_less_shared_memory(cap):
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
 
 
+WGMMA_TILES = (4, 5, 6, 8)
+
+
 def _wgmma_planned():
-    """Whether this GPU and build run the wgmma kernel (tiles 4, 5, 6): compute capability 9.0
-    and a build with sm_90a. The planner picks it for many rows only there."""
-    return ferrum._cuda.mm_plan(256, 1024, 256)["tile"] in (4, 5, 6)
+    """Whether this GPU and build run the wgmma kernel (tiles 4, 5, 6, 8): compute capability
+    9.0 and a build with sm_90a. The planner picks it for many rows only there."""
+    return ferrum._cuda.mm_plan(256, 1024, 256)["tile"] in WGMMA_TILES
 
 
 @pytest.mark.parametrize("m", [33, 64, 65, 127, 128, 129, 300])
 @pytest.mark.parametrize("tile,m_blocks,splits", [(4, 4, 1), (4, 8, 1), (4, 4, 3), (4, 8, 6),
-                                                  (5, 4, 1), (5, 8, 3), (6, 4, 1), (6, 4, 5)])
+                                                  (5, 4, 1), (5, 8, 3), (6, 4, 1), (6, 4, 5),
+                                                  (8, 4, 1), (8, 4, 3)])
 @pytest.mark.parametrize("g", [-1, 32, 128])
 def test_mm_wgmma_tile(m, tile, m_blocks, splits, g, rng):
     """The wgmma kernel on every row count around its 64/128-row blocks, both k tiles and block
-    heights, split-K, channelwise and grouped scales, and a partial last 256-column tile
-    (N=320)."""
+    heights, split-K, channelwise and grouped scales, and a partial last column tile (N=320:
+    of 256 columns, or of 128 with only its first 64 live for tile 8)."""
     if not _wgmma_planned():
         small = random_problem(rng, 512, 64, 128)
         w = ferrum.MarlinWeight.from_gptq(small.qweights[0], small.scales[0], group_size=128,
@@ -439,12 +443,14 @@ def test_mm_wgmma_tile(m, tile, m_blocks, splits, g, rng):
 
 @pytest.mark.parametrize("m", [1, 7, 16, 17, 31, 32, 33, 50])
 @pytest.mark.parametrize("tile,m_blocks,splits", [(5, 1, 1), (5, 1, 3), (5, 2, 1), (5, 2, 4),
-                                                  (6, 1, 1), (6, 1, 5), (6, 2, 2)])
+                                                  (6, 1, 1), (6, 1, 5), (6, 2, 2),
+                                                  (8, 1, 1), (8, 1, 3), (8, 2, 2), (8, 2, 5)])
 @pytest.mark.parametrize("g", [-1, 32, 64, 128])
 def test_mm_wgmma_few_rows(m, tile, m_blocks, splits, g, rng):
     """The wgmma kernel with 16- and 32-row blocks (wgmma n16, n32): rows within, at and past
     one block (more slices), split-K, both scale kinds, a partial last column tile; the
-    output poisoned first."""
+    output poisoned first. Tile 8: the two warpgroups split each stage's K, and with
+    64- and 128-row groups each folds its own FP32-scale runs."""
     if not _wgmma_planned():
         pytest.skip("no wgmma kernel on this GPU/build (needs compute capability 9.0 and sm_90a)")
     problem = random_problem(rng, 1024, 320, g)
@@ -489,7 +495,7 @@ def test_mm_plan_group_size_is_checked():
         ferrum._cuda.mm_plan(4, 1152, 256, group_size=96)
 
 
-@pytest.mark.parametrize("tile,m_blocks", [(5, 1), (6, 1), (6, 2)])
+@pytest.mark.parametrize("tile,m_blocks", [(5, 1), (6, 1), (6, 2), (8, 1), (8, 2)])
 @pytest.mark.parametrize("g", [64, 128])
 def test_mm_wgmma_few_rows_act_order_and_stacked(tile, m_blocks, g, rng):
     """16- and 32-row wgmma blocks on act-order and stacked weights; with 128-row groups the

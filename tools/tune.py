@@ -33,9 +33,10 @@ for spec in [s for s in sys.argv[1:] if not s.startswith("--")]:
     print(f"K{k} N{n} M{m}: auto {auto['tile']}/{auto['m_blocks']}/"
           f"{'K' if auto.get('stream_k') else auto['splits']} -> {t:.1f} us "
           f"(floor {wbytes / 3.0e12 * 1e6:.1f} us at 3.0 TB/s)", flush=True)
+    wgmma_tiles = (4, 5, 6, 8)   # the wgmma kernel, where the GPU and build have it
     mbs = [min(4, (m + 15) // 16)] if m <= 64 else [2, 3, 4]
     splits_list = (1, 2, 4, 8) if m > 64 else (1, 2, 4, 6, 8, 12)
-    tiles = (1, 2, 3, 4, 5, 6, 7)   # 4-6: the wgmma kernel, where the GPU and build have it
+    tiles = (1, 2, 3, 4, 5, 6, 7, 8)
     for opt in sys.argv[1:]:       # --mbs=1,2,4 --splits=1,2 --tiles=2 override the sweep
         name, _, values = opt.partition("=")
         if name in ("--mbs", "--splits", "--tiles"):
@@ -43,15 +44,17 @@ for spec in [s for s in sys.argv[1:] if not s.startswith("--")]:
             mbs, splits_list, tiles = {"--mbs": (parsed, splits_list, tiles),
                                        "--splits": (mbs, parsed, tiles),
                                        "--tiles": (mbs, splits_list, parsed)}[name]
+    # wgmma blocks: 64 or 128 rows (m_blocks 4, 8; tile 4 only these, tiles 6 and 8 not 128),
+    # and 16 or 32 rows (m_blocks 1, 2) where --mbs asks; the mma.sync tiles 16..64 rows (1..4)
+    wgmma_mbs = {4: {4, 8}, 5: {1, 2, 4, 8}, 6: {1, 2, 4}, 8: {1, 2, 4}}
     results = []
     for tile, mb, splits in itertools.product(tiles, sorted(set(mbs) | {4, 8}), splits_list):
-        if not ((4 <= tile <= 6 and (mb in (4, 8) or (tile != 4 and mb in mbs and mb <= 2)))
-                or (tile in (1, 2, 3, 7) and mb in mbs)):
-            continue   # tiles 4-6 take 64 or 128 rows per block (m_blocks 4, 8; 5 and 6 also 16
-            # or 32 rows, m_blocks 1, 2); the others 1..4
+        if not ((tile in wgmma_tiles and mb in wgmma_mbs[tile] and (mb in mbs or (mb >= 4 and m > 32)))
+                or (tile not in wgmma_tiles and mb in mbs)):
+            continue
         try:
             tt = time_variant(weights, a, out, tile=tile, m_blocks=mb, splits=splits)
-        except ValueError:   # tiles 4-6 where the GPU or build has no wgmma kernel (or tile 6, mb 8)
+        except ValueError:   # wgmma tiles where the GPU or build has no wgmma kernel
             continue
         results.append((tt, tile, mb, splits))
     for tile in tiles:   # stream-K, one wave of blocks (mma.sync tiles, one 16-row slice)
