@@ -763,16 +763,26 @@ static double choose_splits(const DeviceProps &dev, int occ, int size_m, int siz
 }
 
 // The wgmma kernel's split model constants, per (tile, m_blocks): a k-tile's cost relative to
-// a 128-row tile-5 block's 0.9 and a block's fixed cost in k-tiles (see plan_one). The 16- and
-// 32-row blocks' were fitted to 16 tools/tune.py cells at M = 24 and 32 (H200, session 14: the
-// eight layers, tiles 5/6, 1-12 splits with and without clusters; the replayed pick is within
-// 6% of the best measured on all 16, mean 0.7%; a flat optimum: tile 5 0.8-0.9 with fixed cost
-// 0-4, tile 6 1.1 with 2-6 fit as well). The 16-row blocks share them: replayed on the eight
-// layers at M = 16 without clusters (session 16, F32S), the pick is within 9% of the best
-// measured, mean 2.8% (refits of both constants reached 2.3% at best).
+// a 128-row tile-5 block's 0.9 and a block's fixed cost in k-tiles (see plan_one). The 32-row
+// blocks' were fitted to 16 tools/tune.py cells at M = 24 and 32 (H200, session 14: the eight
+// layers, tiles 5/6, 1-12 splits with and without clusters; the replayed pick is within 6% of
+// the best measured on all 16, mean 0.7%; a flat optimum: tile 5 0.8-0.9 with fixed cost 0-4,
+// tile 6 1.1 with 2-6 fit as well). Tile 8 (its k-tile is half a tile-5 one) and the 16-row
+// blocks of tile 6 were fitted in session 18 (H200, 128-row groups, tools/tune.py over tiles
+// 5/6/8 and 1-12 splits on the eight layers at M = 4, 8, 16, 32, 64, 128, 256; the planner
+// replayed in Python with the GPU's cluster slots): at M = 4-16 the replayed pick is within 8%
+// of the best measured on all 24 cells, mean 0.5% (tile 6 at 16 rows had 1.1 and 4, which
+// left 8192x8192 at M = 4 and 8 on tile 5, 12-17% slower); at M = 32 and 64 within 6% where
+// measured, mean -1.5% and +1.9% (tile 8 with 0.3-0.5 fits about as well).
 static SplitModel wgmma_split_model(int tile, int mb) {
     double kt_cost, fixed;
-    if (mb <= 2) {
+    if (tile == 8) {
+        kt_cost = mb == 1 ? 0.6 : 0.35;
+        fixed = mb == 1 ? 2.0 : 1.0;
+    } else if (mb == 1 && tile == 6) {
+        kt_cost = 0.9;
+        fixed = 1.0;
+    } else if (mb <= 2) {
         kt_cost = tile == 6 ? 1.1 : 0.8;
         fixed = tile == 6 ? 4.0 : 2.0;
     } else {
@@ -905,11 +915,11 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
 
     // Candidate (tile, m_blocks) pairs: what was asked for, the rest filled in.
     // Left to the planner: wgmma tiles 5 (64 and 128 rows; 16 rows up to kWgmma16Rows rows,
-    // 32 rows up to kWgmmaFewRows) and 6 (64 rows; 16 and 32 rows likewise); mma.sync tile 2,
+    // 32 rows up to kWgmmaFewRows), 6 and 8 (64 rows; 16 and 32 rows likewise); mma.sync tile 2,
     // and for few rows (one slice) also tiles 1 and 7 where K fits them; tile 3 where none of
     // those fits the GPU's shared memory.
     struct Candidate { int tile, mb; };
-    constexpr int kMaxCandidates = 4;
+    constexpr int kMaxCandidates = 4;   // the most any row count takes: tiles 5 (64, 128 rows), 6, 8
     Candidate candidates[kMaxCandidates];
     int n_candidates = 0;
     const bool few_rows = size_m <= 64;
@@ -925,7 +935,8 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
         if (n_candidates == kMaxCandidates) break;
         const bool auto_mma = !wgmma && (c.tile == 2 || c.tile == 3 || (few_rows && c.tile == 1) ||
                                          (few_rows && c.tile == 7 && size_k % tile_k(7) == 0));
-        const bool tile_ok = cfg.tile ? c.tile == cfg.tile : (wgmma ? c.tile == 5 || c.tile == 6 : auto_mma);
+        const bool tile_ok = cfg.tile ? c.tile == cfg.tile
+                                      : (wgmma ? c.tile == 5 || c.tile == 6 || c.tile == 8 : auto_mma);
         const bool mb_ok = cfg.m_blocks ? c.mb == cfg.m_blocks
                                         : !is_wgmma_tile(c.tile) ||
                                           (wgmma_16 ? c.mb == 1 : wgmma_few ? c.mb == 2 : c.mb >= 4);
