@@ -772,12 +772,14 @@ static double choose_splits(const DeviceProps &dev, int occ, int size_m, int siz
 // 5/6/8 and 1-12 splits on the eight layers at M = 4, 8, 16, 32, 64, 128, 256; the planner
 // replayed in Python with the GPU's cluster slots): at M = 4-16 the replayed pick is within 8%
 // of the best measured on all 24 cells, mean 0.5% (tile 6 at 16 rows had 1.1 and 4, which
-// left 8192x8192 at M = 4 and 8 on tile 5, 12-17% slower); at M = 32 and 64 within 6% where
-// measured, mean -1.5% and +1.9% (tile 8 with 0.3-0.5 fits about as well).
+// left 8192x8192 at M = 4 and 8 on tile 5, 12-17% slower); at M = 32 and 64 within 6% and 2%
+// where measured (64-row tile-8 blocks at 0.35 left 28672x8192 at M = 64 on tile 6 with 7
+// splits, 83.5 µs against 78.5 for tile 8 with 2; 32-row ones at 0.33 would take tile 8 there
+// at M = 32, 61.4 against 52.5).
 static SplitModel wgmma_split_model(int tile, int mb) {
     double kt_cost, fixed;
     if (tile == 8) {
-        kt_cost = mb == 1 ? 0.6 : 0.35;
+        kt_cost = mb == 1 ? 0.6 : mb == 2 ? 0.35 : 0.33;
         fixed = mb == 1 ? 2.0 : 1.0;
     } else if (mb == 1 && tile == 6) {
         kt_cost = 0.9;
