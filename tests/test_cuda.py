@@ -218,7 +218,7 @@ for g in (64, 128):
     w = ferrum.MarlinWeight.from_gptq(problem.qweights[0], problem.scales[0], group_size=g,
                                       backend="cuda")
     for m in (9, 16, 24, 32):
-        for opts in ({}, {"tile": 5, "splits": 3}, {"tile": 6, "splits": 2}):
+        for opts in ({}, {"tile": 5, "splits": 3}, {"tile": 6, "splits": 2}, {"tile": 8, "splits": 2}):
             a = rng.standard_normal((m, 1024)).astype(np.float16)
             got = ferrum.cuda.BACKEND.mm(a, w, 0, None, **opts).astype(np.float64)
             ref = a.astype(np.float64) @ problem.dense[0]
@@ -276,6 +276,17 @@ def test_mm_non_finite_activations_as_in_float64(m, rng):
     kernel from 2 rows); the swapped kernel (the planner's up to 8 rows otherwise) takes it out
     of the sums and, where a bias sum is not finite, recomputes per weight."""
     got, ref = _non_finite_case(rng, m)
+    _assert_non_finite_as_in_float64(got, ref, m)
+
+
+@pytest.mark.parametrize("tile,m", [(5, 16), (6, 24), (8, 4), (8, 16), (8, 24), (8, 64)])
+def test_mm_non_finite_activations_wgmma_tiles(tile, m, rng):
+    """inf and NaN in A through each wgmma tile with split-K, FP32-scale runs (16 and 32 rows)
+    and fp16 scales (64 rows); tile 8's two warpgroups each sum half of a stage's K, and their
+    sums meet in the epilogue (inf + -inf there is NaN, as in float64)."""
+    if not _wgmma_planned():
+        pytest.skip("no wgmma kernel on this GPU/build (needs compute capability 9.0 and sm_90a)")
+    got, ref = _non_finite_case(rng, m, tile=tile, splits=2)
     _assert_non_finite_as_in_float64(got, ref, m)
 
 
