@@ -378,6 +378,22 @@ def test_mm_tile7_needs_k_multiple_of_256(rng):
     assert _rel_err(got, a.astype(np.float64) @ problem.dense[0]) <= TOL
 
 
+def test_mm_tile_and_m_blocks_are_checked(rng):
+    """A tile past the table, and a block height a wgmma tile has no kernel for, are refused
+    with the value named before anything runs; the caller's output is left as it was."""
+    weight = _weight(random_problem(rng, 512, 256, 128))
+    a = _activations(rng, 70, 512)
+    out = np.full((70, 256), 7.0, dtype=np.float16)
+    with pytest.raises(ValueError, match=r"tile=9 \(use 0\.\.8\)"):
+        ferrum.cuda.BACKEND.mm(a, weight, 0, out, tile=9)
+    if not _wgmma_planned():
+        pytest.skip("no wgmma kernel on this GPU/build (needs compute capability 9.0 and sm_90a)")
+    for tile, m_blocks in ((6, 8), (8, 8), (8, 3), (4, 1)):
+        with pytest.raises(ValueError, match=f"m_blocks={m_blocks} "):
+            ferrum.cuda.BACKEND.mm(a, weight, 0, out, tile=tile, m_blocks=m_blocks)
+    assert (out == 7.0).all()
+
+
 _SMALL_SMEM_SCRIPT = """
 import numpy as np, ferrum, sys
 from ferrum.check import random_problem
