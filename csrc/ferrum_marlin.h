@@ -47,8 +47,9 @@ typedef struct ferrum_mm_config {
                         written them, so they are read only after it has finished */
     int stream_k;    /* 0 auto; -1 off (split-K as `splits` says); 1 on: the (tile, k-tile)
                         iterations are cut into equal runs, one per block of one wave on the
-                        GPU, a run crossing tile ends where it must (mma.sync tiles only);
-                        n >= 2: on, with n blocks. Resolved: -1 or the blocks (grid) */
+                        GPU, a run crossing tile ends where it must (mma.sync tiles 1, 2, 3, 7
+                        with m_blocks 1; wgmma tiles 5, 6, 8); n >= 2: on, with n blocks.
+                        Resolved: -1 or the blocks (grid) */
 } ferrum_mm_config;
 
 /* What ferrum_mm will do for a problem: the resolved config and the workspace it needs. */

@@ -24,6 +24,9 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <utility>
+#include <vector>
 
 #include "common.cuh"
 #include "mm_common.cuh"
@@ -456,9 +459,9 @@ __global__ void __launch_bounds__(256, (MB <= 2 ? 2 : 1))
 template <int MB, int TK_BLOCKS, int TN_BLOCKS, bool GROUPED, int SWAP8 = 0, bool SK = false>
 struct Instance {
     using T = Tile<MB, TK_BLOCKS, TN_BLOCKS, GROUPED, SWAP8>;
-    static int launch(const MmParams &p, int grid, cudaStream_t stream, bool pdl) {
+    static int launch(const MmParams &p, int grid, cudaStream_t stream, bool pdl, int smem_bytes) {
         return launch_mm<T::kThreads, T::kSmemBytes>(
-            marlin_mm_kernel<MB, TK_BLOCKS, TN_BLOCKS, GROUPED, SWAP8, SK>, p, grid, stream, pdl);
+            marlin_mm_kernel<MB, TK_BLOCKS, TN_BLOCKS, GROUPED, SWAP8, SK>, p, grid, stream, pdl, smem_bytes);
     }
     static KernelEntry entry() {
         return {reinterpret_cast<const void *>(&marlin_mm_kernel<MB, TK_BLOCKS, TN_BLOCKS, GROUPED, SWAP8, SK>),
@@ -497,7 +500,7 @@ static KernelEntry entry_for_mb(int mb, int swap8, bool sk) {
 // rows, 4: of 64).
 static KernelEntry select_kernel(int tile, int mb, bool grouped, int swap8 = 0, bool sk = false,
                                  int f32s_fold = 0) {
-    if (is_wgmma_tile(tile)) return wgmma_entry(tile, mb, grouped, f32s_fold);
+    if (is_wgmma_tile(tile)) return wgmma_entry(tile, mb, grouped, f32s_fold, sk);
     if (tile == 7) return grouped ? entry_for_mb<16, 4, true>(mb, swap8, sk) : entry_for_mb<16, 4, false>(mb, swap8, sk);
     if (tile == 1) return grouped ? entry_for_mb<8, 8, true>(mb, swap8, sk) : entry_for_mb<8, 8, false>(mb, swap8, sk);
     if (tile == 2) return grouped ? entry_for_mb<8, 16, true>(mb, swap8, sk) : entry_for_mb<8, 16, false>(mb, swap8, sk);
@@ -556,6 +559,22 @@ static int tile_n(int tile) {
 constexpr int kMaxDevices = 64;
 static std::atomic<int> g_occupancy[kMaxDevices][kTiles][8][2];   // 0 = not yet known
 
+// A spread launch (ferrum_mm) asks for the most dynamic shared memory a block may have (less
+// the kernels' static 16 bytes and a margin), so that no SM holds two of its blocks. A kernel's
+// limit is raised to that on its first spread launch on a device, not before: the limit stays
+// what the kernel needs wherever it is never spread.
+static int spread_smem(const DeviceProps &dev) { return dev.max_smem_optin - 1024; }
+static std::mutex g_spread_mutex;
+static std::vector<std::pair<int, const void *>> g_spread_ready;   // (device, kernel)
+static int allow_spread(const DeviceProps &dev, const KernelEntry &k) {
+    std::lock_guard<std::mutex> guard(g_spread_mutex);
+    for (const auto &e : g_spread_ready)
+        if (e.first == dev.device && e.second == k.fn) return FERRUM_OK;
+    FERRUM_CUDA_CHECK(cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, spread_smem(dev)));
+    g_spread_ready.emplace_back(dev.device, k.fn);
+    return FERRUM_OK;
+}
+
 static int prepare_kernel(const DeviceProps &dev, int tile, int mb, bool grouped, int *blocks_per_sm) {
     std::atomic<int> *slot = nullptr;
     if (dev.device >= 0 && dev.device < kMaxDevices) {
@@ -572,11 +591,15 @@ static int prepare_kernel(const DeviceProps &dev, int tile, int mb, bool grouped
                    k.smem_bytes, dev.max_smem_optin);
     FERRUM_CUDA_CHECK(cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            k.smem_bytes));
-    if (is_wgmma_tile(tile) && grouped && mb <= 2 && tile != 4) {   // the FP32-scales instances too
-        for (const int fold : {4, 8}) {
-            const KernelEntry kv = select_kernel(tile, mb, grouped, 0, false, fold);
-            FERRUM_CUDA_CHECK(cudaFuncSetAttribute(kv.fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                   kv.smem_bytes));
+    if (is_wgmma_tile(tile) && tile != 4) {   // the stream-K and FP32-scales instances too
+        for (const int fold : {0, 4, 8}) {
+            if (fold && !(grouped && mb <= 2)) continue;
+            for (const bool sk : {false, true}) {
+                if (!fold && !sk) continue;
+                const KernelEntry kv = select_kernel(tile, mb, grouped, 0, sk, fold);
+                FERRUM_CUDA_CHECK(cudaFuncSetAttribute(kv.fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                       kv.smem_bytes));
+            }
         }
     }
     if (!is_wgmma_tile(tile) && mb == 1) {   // the swapped and stream-K kernels launch in its place
@@ -591,6 +614,35 @@ static int prepare_kernel(const DeviceProps &dev, int tile, int mb, bool grouped
     }
     int occ = 0;
     FERRUM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, k.fn, 256, k.smem_bytes));   // both kernels: 256 threads
+    if (occ < 1) occ = 1;
+    if (slot) slot->store(occ, std::memory_order_relaxed);
+    *blocks_per_sm = occ;
+    return FERRUM_OK;
+}
+
+// FERRUM_NO_SPREAD=1: grids of at most one block an SM launch as they are (see ferrum_mm).
+static const bool g_spread_enabled = [] {
+    const char *v = getenv("FERRUM_NO_SPREAD");
+    return !(v && v[0] && v[0] != '0');
+}();
+
+// Blocks an SM of a wgmma tile's stream-K instance (with the F32S fold its launches take):
+// the loop over segments holds more registers than the split-K instance (tile 8's 16-row
+// blocks: 150 against 109, one block an SM instead of two).
+static std::atomic<int> g_occupancy_sk[kMaxDevices][kTiles][8][2][3];   // 0 = not yet known
+static int sk_occupancy(const DeviceProps &dev, int tile, int mb, bool grouped, int fold, int *blocks_per_sm) {
+    std::atomic<int> *slot = nullptr;
+    if (dev.device >= 0 && dev.device < kMaxDevices) {
+        slot = &g_occupancy_sk[dev.device][tile - 1][mb - 1][grouped ? 1 : 0][fold / 4];
+        const int known = slot->load(std::memory_order_relaxed);
+        if (known > 0) {
+            *blocks_per_sm = known;
+            return FERRUM_OK;
+        }
+    }
+    const KernelEntry k = select_kernel(tile, mb, grouped, 0, true, fold);
+    int occ = 0;
+    FERRUM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, k.fn, 256, k.smem_bytes));
     if (occ < 1) occ = 1;
     if (slot) slot->store(occ, std::memory_order_relaxed);
     *blocks_per_sm = occ;
@@ -703,6 +755,12 @@ constexpr int kWgmmaFewRows = 32;
 // workspace path's (a guess to be fitted: SM-to-SM traffic, no L2 round trip).
 constexpr double kClusterPartialShare = 0.25;
 
+// A lone block's share of the cost of a block that shares its SM with another (choose_splits),
+// with all its rows live. Fitted on the H200 (session 19; csrc/NOTES.md): tile 8's 16-row
+// blocks, 4096 x 4096 at M = 16, 4 splits spread over 128 SMs took 8.5 µs against 9.6 for 8
+// splits two an SM; a flat 0.9 (at any live rows) moved 2-4 rows there too, 7% slower.
+constexpr double kLoneBlockShare = 0.9;
+
 struct SplitModel {
     double kt_cost;      // one k-tile of one block, relative
     double fixed;        // prologue + epilogue of a block, in k-tiles
@@ -710,9 +768,9 @@ struct SplitModel {
     double hysteresis;   // a larger split must win by this factor
 };
 
-static double choose_splits(const DeviceProps &dev, int occ, int size_m, int size_k, int size_n,
-                            int num_experts, int tile, int mb, bool grouped, const SplitModel &model,
-                            int *splits, int *cluster) {
+static double choose_splits(const DeviceProps &dev, int occ, int sk_occ, int size_m, int size_k,
+                            int size_n, int num_experts, int tile, int mb, bool grouped,
+                            const SplitModel &model, int *splits, int *cluster, int *stream_k) {
     const int tk = tile_k(tile), tn = tile_n(tile);
     const long long tiles = (long long)((size_m + 16 * mb - 1) / (16 * mb)) * num_experts *
                             ((size_n + tn - 1) / tn);
@@ -723,6 +781,13 @@ static double choose_splits(const DeviceProps &dev, int occ, int size_m, int siz
     double best_cost = 1e300;
     *splits = 1;
     *cluster = 0;
+    *stream_k = 0;
+    // A block alone on its SM (a grid of at most one block an SM, spread over the SMs by
+    // ferrum_mm, of a kernel two of whose blocks fit an SM) runs faster than the two an SM
+    // the constants were fitted on: kLoneBlockShare of their cost with every row of the block
+    // live, less of a gain with fewer.
+    const double lone_share = g_spread_enabled && occ > 1
+                                  ? 1.0 - (1.0 - kLoneBlockShare) * live_rows / (16.0 * mb) : 1.0;
     // Split K only while the grid does not fill the GPU: beyond, a split adds partial traffic
     // and a serial tail for nothing (the wave count alone misjudges this near 1-2 waves).
     const int max_splits = tiles >= slots ? 1 : std::min(k_tiles, 32);
@@ -734,8 +799,9 @@ static double choose_splits(const DeviceProps &dev, int occ, int size_m, int siz
         const double partial_cost = s == 1 ? 0.0
             : 2.0 * live_rows * tn * 4 / (tk * tn / 2 + live_rows * tk * 2);
         const double reduce_tail = s == 1 ? 0.0 : model.tail * s;
+        const double share = tiles * s <= dev.sm_count ? lone_share : 1.0;
         const double cost =
-            waves * ((k_tiles + s - 1) / s * model.kt_cost + model.fixed + partial_cost) + reduce_tail;
+            waves * ((k_tiles + s - 1) / s * model.kt_cost + model.fixed + partial_cost) * share + reduce_tail;
         if (cost < best_cost * model.hysteresis) {
             best_cost = cost;
             *splits = s;
@@ -756,6 +822,32 @@ static double choose_splits(const DeviceProps &dev, int occ, int size_m, int siz
                     *splits = s;
                     *cluster = 1;
                 }
+            }
+        }
+    }
+    // Stream-K (sk_occ > 0: the wgmma tiles 5, 6, 8): one wave of equal runs of the (tile,
+    // k-tile) sequence, so no SM idles for want of a tile or a split; a run crossing a tile's
+    // end pays a block's fixed cost and a partial per segment, and a tile's last contributor
+    // adds all of its partials. H200 (session 19), where it wins: 8192 x 57344 at M = 2-16
+    // (tile 6, 261 blocks) 67-70 µs against 73-74 for one split of 224 tiles; 8192 x 10240 at
+    // M = 256 (tile 5, 128 rows) 94 against 105.
+    if (sk_occ > 0) {
+        const long long sk_slots = (long long)dev.sm_count * sk_occ;
+        const long long total = tiles * k_tiles;
+        const long long iters = (total + sk_slots - 1) / sk_slots;
+        const long long blocks = (total + iters - 1) / iters;
+        const int shared_by = (int)std::min<long long>(std::min<long long>(blocks, k_tiles), (k_tiles - 1) / iters + 2);
+        const long long segments = (iters + k_tiles - 1) / k_tiles + 1;
+        const double partial_cost = 2.0 * live_rows * tn * 4 / (tk * tn / 2 + live_rows * tk * 2);
+        if (shared_by > 1 && tiles * shared_by * tile_bytes <= kMaxPartialBytes) {
+            const double share = blocks <= dev.sm_count ? lone_share : 1.0;
+            const double cost = (iters * model.kt_cost + segments * (model.fixed + partial_cost)) * share +
+                                model.tail * shared_by;
+            if (cost < best_cost * model.hysteresis) {
+                best_cost = cost;
+                *splits = shared_by;
+                *cluster = 0;
+                *stream_k = 1;
             }
         }
     }
@@ -951,7 +1043,7 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
     }
     FERRUM_REQUIRE(n_candidates > 0, "ferrum_mm: no kernel for tile=%d m_blocks=%d", cfg.tile, cfg.m_blocks);
     double best_cost = 1e300;
-    int best_splits = 1, best_cluster = 0;
+    int best_splits = 1, best_cluster = 0, best_stream_k = 0;
     Candidate best = candidates[0];
     bool any_fits = false;
     for (int i = 0; i < n_candidates; ++i) {
@@ -970,12 +1062,18 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
         int occ = 1;
         int status = prepare_kernel(dev, c.tile, c.mb, grouped, &occ);
         if (status != FERRUM_OK) return status;
-        int splits = 1, cluster = 0;
+        int splits = 1, cluster = 0, stream_k = 0;
         double cost;
         if (is_wgmma_tile(c.tile)) {
             const SplitModel model = wgmma_split_model(c.tile, c.mb);
-            cost = choose_splits(dev, occ, size_m, size_k, size_n, num_experts, c.tile, c.mb, grouped,
-                                 model, &splits, &cluster);
+            // stream-K where the caller leaves it to the planner (and not tile 4, tuning only)
+            int sk_occ = 0;
+            if (cfg.stream_k == 0 && cfg.splits == 0 && c.tile != 4) {
+                status = sk_occupancy(dev, c.tile, c.mb, grouped, wgmma_f32s_fold(c.tile, c.mb, grouped, group_size), &sk_occ);
+                if (status != FERRUM_OK) return status;
+            }
+            cost = choose_splits(dev, occ, sk_occ, size_m, size_k, size_n, num_experts, c.tile, c.mb, grouped,
+                                 model, &splits, &cluster, &stream_k);
         } else {
             cost = mma_choose_splits(dev, occ, size_m, size_k, size_n, num_experts, c.tile, c.mb, &splits);
         }
@@ -984,6 +1082,7 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
             best = c;
             best_splits = splits;
             best_cluster = cluster;
+            best_stream_k = stream_k;
         }
     }
     if (!any_fits) {   // nothing the planner may choose fits: report the sizes of the first
@@ -1012,20 +1111,28 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
     cfg.splits = std::max(1, std::min(cfg.splits, k_tiles));
     FERRUM_REQUIRE(tiles * cfg.splits < INT_MAX, "ferrum_mm: grid too large");
 
-    // Stream-K (mma.sync tiles, one slice): asked for, or (splits left to the planner) where one
+    // Stream-K on the wgmma tiles (5, 6, 8): asked for, or the split model's pick
+    // (choose_splits), with the stream-K instance's occupancy. On the mma.sync tiles (one
+    // slice): asked for, or (splits left to the planner) where one
     // split's tiles leave more than a tenth of the block slots idle and every tile is a long run
     // (>= 32 k-tiles): there one wave of blocks with equal runs beat every split-K plan. H200,
     // tools/tune.py: 70B gate_up (224 tiles of 64 k-tiles, 264 slots) M=1 76.7 against 81.1 µs
     // for the best split-K plan, M=16 93.8 against 97.9. Elsewhere the best split-K plan was as
     // fast or faster (8B gate_up M=1 25.3 against 24.9 µs, 70B qkv 20.4 against 19.0): a stream-K
     // block crosses tile ends (a prologue and a partial each) and takes ~15 more registers.
-    FERRUM_REQUIRE(cfg.stream_k <= 0 || (!is_wgmma_tile(cfg.tile) && cfg.m_blocks == 1),
-                   "ferrum_mm: stream_k=%d applies to the mma.sync tiles (1, 2, 3, 7) with m_blocks=1, "
-                   "not tile %d with m_blocks=%d", cfg.stream_k, cfg.tile, cfg.m_blocks);
+    const bool sk_wgmma = is_wgmma_tile(cfg.tile) && cfg.tile != 4;
+    FERRUM_REQUIRE(cfg.stream_k <= 0 || sk_wgmma || (!is_wgmma_tile(cfg.tile) && cfg.m_blocks == 1),
+                   "ferrum_mm: stream_k=%d applies to the mma.sync tiles (1, 2, 3, 7) with m_blocks=1 "
+                   "and the wgmma tiles 5, 6 and 8, not tile %d with m_blocks=%d", cfg.stream_k, cfg.tile,
+                   cfg.m_blocks);
     long long sk_iters = 0, sk_blocks = 0;
-    if (cfg.stream_k >= 0 && !is_wgmma_tile(cfg.tile) && cfg.m_blocks == 1) {
+    if ((cfg.stream_k >= 0 && !is_wgmma_tile(cfg.tile) && cfg.m_blocks == 1) ||
+        (sk_wgmma && (cfg.stream_k >= 1 || (cfg.stream_k == 0 && splits_auto && best_stream_k)))) {
         int occ = 1;
-        const int status = prepare_kernel(dev, cfg.tile, cfg.m_blocks, grouped, &occ);
+        int status = prepare_kernel(dev, cfg.tile, cfg.m_blocks, grouped, &occ);
+        if (status == FERRUM_OK && sk_wgmma)
+            status = sk_occupancy(dev, cfg.tile, cfg.m_blocks, grouped,
+                                  wgmma_f32s_fold(cfg.tile, cfg.m_blocks, grouped, group_size), &occ);
         if (status != FERRUM_OK) return status;
         const long long total = tiles * k_tiles;
         const long long slots = (long long)dev.sm_count * occ;
@@ -1034,7 +1141,7 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
         const long long blocks = (total + iters - 1) / iters;
         // the most blocks one tile's k-tiles can meet (at least one k-tile each)
         const int shared_by = (int)std::min<long long>(std::min<long long>(blocks, k_tiles), (k_tiles - 1) / iters + 2);
-        const bool use = cfg.stream_k >= 1 ||
+        const bool use = cfg.stream_k >= 1 || (sk_wgmma && best_stream_k) ||
                          (splits_auto && cfg.splits == 1 && tiles < 0.9 * slots && k_tiles >= 32 &&
                           tiles * shared_by * tile_bytes <= kMaxPartialBytes);
         if (use) {
@@ -1251,7 +1358,19 @@ extern "C" int ferrum_mm(const void *a, const void *b, const void *scales, void 
         p.s_expert_halves = (long long)(grouped ? num_groups : 1) * size_n;
         const KernelEntry k = select_kernel(tile, mb, grouped, swap8_for(tile, mb, rows, grouped, group_size),
                                              plan.sk_iters > 0, wgmma_f32s_fold(tile, mb, grouped, group_size));
-        if ((status = k.launch(p, plan.grid, stream, dev.major >= 9 && g_pdl_enabled))) return status;
+        // A grid of at most one block an SM, of a kernel two of whose blocks fit an SM: each
+        // block asks for the most shared memory a block may have, so no SM gets two of them
+        // while another stays idle (the block scheduler fills SMs up to their occupancy).
+        int smem_bytes = 0;
+        if (g_spread_enabled && plan.grid <= dev.sm_count && !plan.cluster_reduce) {
+            int occ = 1;
+            if ((status = prepare_kernel(dev, tile, mb, grouped, &occ))) return status;
+            if (occ > 1 && spread_smem(dev) > k.smem_bytes) {
+                if ((status = allow_spread(dev, k))) return status;
+                smem_bytes = spread_smem(dev);
+            }
+        }
+        if ((status = k.launch(p, plan.grid, stream, dev.major >= 9 && g_pdl_enabled, smem_bytes))) return status;
     }
     return FERRUM_OK;
 }

@@ -374,18 +374,19 @@ __device__ __forceinline__ void write_c_tile(const MmParams &p, const BlockWork 
 struct KernelEntry {
     const void *fn;
     int smem_bytes;
-    int (*launch)(const MmParams &, int grid, cudaStream_t stream, bool pdl);
+    int (*launch)(const MmParams &, int grid, cudaStream_t stream, bool pdl, int smem_bytes);
 };
 
 // Launch `kernel` with programmatic dependent launch when asked (sm_90+), and the splits of
-// each tile as one cluster when p.cluster_reduce.
+// each tile as one cluster when p.cluster_reduce; with smem_bytes dynamic shared memory where
+// that is more than the kernel needs (a spread launch, ferrum_mm).
 template <int THREADS, int SMEM_BYTES>
 inline int launch_mm(void (*kernel)(const MmParams), const MmParams &p, int grid,
-                     cudaStream_t stream, bool pdl) {
+                     cudaStream_t stream, bool pdl, int smem_bytes) {
     cudaLaunchConfig_t config = {};
     config.gridDim = dim3(grid);
     config.blockDim = dim3(THREADS);
-    config.dynamicSmemBytes = SMEM_BYTES;
+    config.dynamicSmemBytes = smem_bytes > SMEM_BYTES ? smem_bytes : SMEM_BYTES;
     config.stream = stream;
     cudaLaunchAttribute attribute[2];
     int n = 0;
@@ -407,9 +408,10 @@ inline int launch_mm(void (*kernel)(const MmParams), const MmParams &p, int grid
 
 // The wgmma kernel's entries (mm_wgmma.cu): tiles 4 (k=64), 5 (k=128) with 16 * m_blocks
 // rows per block (m_blocks 1, 2, 4 or 8), 6 (k=128, up to 64 rows, two blocks per SM), 8
-// (k=128 x n=128, the warpgroups splitting K; up to 64 rows).
+// (k=128 x n=128, the warpgroups splitting K; up to 64 rows); stream_k: the instance that runs
+// stream-K segments (tiles 5, 6 and 8).
 bool wgmma_built();
-KernelEntry wgmma_entry(int tile, int m_blocks, bool grouped, int f32s_fold = 0);
+KernelEntry wgmma_entry(int tile, int m_blocks, bool grouped, int f32s_fold = 0, bool stream_k = false);
 constexpr int kWgmmaTileN = 256;
 constexpr int kWgmmaSplitTileN = 128;
 

@@ -97,9 +97,10 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
 // last wgmma, which the step would wait for anyway). Per weight that drops the four fp16 scale
 // multiplies of a word (and the per-step scale loads) for one FFMA per accumulator per group;
 // the scales are applied in FP32, not fp16.
+// One C tile's K range (a split, or a stream-K segment) of one block: the pipeline, then the
+// epilogue. `smem` is the block's dynamic shared memory, 1024-byte aligned.
 template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED, int FOLD, bool KSPLIT>
-__global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(const MmParams p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void wgmma_tile(const MmParams &p, const BlockWork &work, int4 *const smem) {
     using T = WgTile<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED, KSPLIT>;
     constexpr int kStages = T::kStages;
     constexpr bool F32S = FOLD > 0;
@@ -108,14 +109,10 @@ __global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(con
     // a warpgroup's steps start its runs: where a group spans both warpgroups' steps, each
     // folds its own share
     constexpr int kRunSteps = kFold < T::kSteps ? kFold : T::kSteps;
-    extern __shared__ int4 smem_raw[];
-    int4 *const smem = reinterpret_cast<int4 *>(
-        reinterpret_cast<char *>(smem_raw) + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023));
     int4 *const a_sh = smem;
     int4 *const b_sh = a_sh + kStages * T::kAStageVecs;
     int4 *const s_sh = b_sh + kStages * T::kBStageVecs;
 
-    const BlockWork work = block_work(p, T::kRows, T::TN);
     const int kt_begin = work.kt_begin, iters = work.iters;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int wg = warp / 4;
@@ -288,15 +285,39 @@ __global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(con
     }
     __syncthreads();
     write_c_tile<T::kRows, T::TN, T::kCStride, T::kThreads, GROUPED>(p, work, ctile);
+}
+
+// The kernel: one tile's K range per block (split-K), or with stream-K (SK, p.sk_iters) a run
+// of iterations that may cover the end of one tile and the start of the next, one wgmma_tile
+// each (as the mma.sync kernel's, mm.cu).
+template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED, int FOLD, bool KSPLIT, bool SK>
+__global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(const MmParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    using T = WgTile<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED, KSPLIT>;
+    extern __shared__ int4 smem_raw[];
+    int4 *const smem = reinterpret_cast<int4 *>(
+        reinterpret_cast<char *>(smem_raw) + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023));
+    if constexpr (!SK) {
+        wgmma_tile<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED, FOLD, KSPLIT>(p, block_work(p, T::kRows, T::TN), smem);
+    } else {
+        long long it = (long long)blockIdx.x * p.sk_iters;
+        const long long end = min(it + p.sk_iters, (long long)p.m_slices * p.n_tiles_total * p.k_tiles);
+        while (it < end) {
+            const BlockWork work = stream_k_work(p, T::kRows, T::TN, it, end);
+            wgmma_tile<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED, FOLD, KSPLIT>(p, work, smem);
+            it += work.iters;
+            if (it < end) __syncthreads();   // the next segment's copies overwrite the C tile
+        }
+    }
 #endif
 }
 
-template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED, int FOLD = 0, bool KSPLIT = false>
+template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED, int FOLD = 0, bool KSPLIT = false, bool SK = false>
 struct WgInstance {
     using T = WgTile<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED, KSPLIT>;
-    static constexpr auto kKernel = marlin_mm_wgmma_kernel<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED, FOLD, KSPLIT>;
-    static int launch(const MmParams &p, int grid, cudaStream_t stream, bool pdl) {
-        return launch_mm<T::kThreads, T::kSmemBytes>(kKernel, p, grid, stream, pdl);
+    static constexpr auto kKernel = marlin_mm_wgmma_kernel<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED, FOLD, KSPLIT, SK>;
+    static int launch(const MmParams &p, int grid, cudaStream_t stream, bool pdl, int smem_bytes) {
+        return launch_mm<T::kThreads, T::kSmemBytes>(kKernel, p, grid, stream, pdl, smem_bytes);
     }
     static KernelEntry entry() { return {reinterpret_cast<const void *>(kKernel), T::kSmemBytes, &launch}; }
 };
@@ -309,31 +330,31 @@ bool wgmma_built() {
 #endif
 }
 
-template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool KSPLIT = false>
+template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool KSPLIT = false, bool SK = false>
 static KernelEntry entry_of(bool grouped) {
-    return grouped ? WgInstance<MB, K_ATOMS, BLOCKS_PER_SM, true, 0, KSPLIT>::entry()
-                   : WgInstance<MB, K_ATOMS, BLOCKS_PER_SM, false, 0, KSPLIT>::entry();
+    return grouped ? WgInstance<MB, K_ATOMS, BLOCKS_PER_SM, true, 0, KSPLIT, SK>::entry()
+                   : WgInstance<MB, K_ATOMS, BLOCKS_PER_SM, false, 0, KSPLIT, SK>::entry();
 }
 
-template <int MB, int BLOCKS_PER_SM, bool KSPLIT = false>
+template <int MB, int BLOCKS_PER_SM, bool KSPLIT, bool SK>
 static KernelEntry f32s_entry(int fold) {
-    return fold == 4 ? WgInstance<MB, 2, BLOCKS_PER_SM, true, 4, KSPLIT>::entry()
-                     : WgInstance<MB, 2, BLOCKS_PER_SM, true, 8, KSPLIT>::entry();
+    return fold == 4 ? WgInstance<MB, 2, BLOCKS_PER_SM, true, 4, KSPLIT, SK>::entry()
+                     : WgInstance<MB, 2, BLOCKS_PER_SM, true, 8, KSPLIT, SK>::entry();
 }
 
 // The k=128 tiles with `BLOCKS_PER_SM` blocks an SM: 16, 32, 64 rows (and 128 with one block).
-template <int BLOCKS_PER_SM, bool KSPLIT>
+template <int BLOCKS_PER_SM, bool KSPLIT, bool SK>
 static KernelEntry k128_entry(int m_blocks, bool grouped, int f32s_fold) {
     if ((f32s_fold == 4 || f32s_fold == 8) && grouped && m_blocks <= 2)
-        return m_blocks == 1 ? f32s_entry<1, BLOCKS_PER_SM, KSPLIT>(f32s_fold)
-                             : f32s_entry<2, BLOCKS_PER_SM, KSPLIT>(f32s_fold);
+        return m_blocks == 1 ? f32s_entry<1, BLOCKS_PER_SM, KSPLIT, SK>(f32s_fold)
+                             : f32s_entry<2, BLOCKS_PER_SM, KSPLIT, SK>(f32s_fold);
     switch (m_blocks) {
-        case 1: return entry_of<1, 2, BLOCKS_PER_SM, KSPLIT>(grouped);
-        case 2: return entry_of<2, 2, BLOCKS_PER_SM, KSPLIT>(grouped);
+        case 1: return entry_of<1, 2, BLOCKS_PER_SM, KSPLIT, SK>(grouped);
+        case 2: return entry_of<2, 2, BLOCKS_PER_SM, KSPLIT, SK>(grouped);
         case 8:
-            if constexpr (BLOCKS_PER_SM == 1 && !KSPLIT) return entry_of<8, 2, 1>(grouped);
+            if constexpr (BLOCKS_PER_SM == 1 && !KSPLIT) return entry_of<8, 2, 1, false, SK>(grouped);
             [[fallthrough]];
-        default: return entry_of<4, 2, BLOCKS_PER_SM, KSPLIT>(grouped);
+        default: return entry_of<4, 2, BLOCKS_PER_SM, KSPLIT, SK>(grouped);
     }
 }
 
@@ -341,12 +362,16 @@ static KernelEntry k128_entry(int m_blocks, bool grouped, int f32s_fold) {
 // k=128 x n=256, two blocks per SM (up to 64 rows); tile 8: k=128 x n=128 with the warpgroups
 // splitting K (KSPLIT), the stage budget of one block per SM (its 16-row blocks are small
 // enough for two). f32s_fold (8: groups of 128 rows, 4: of 64; 0: off): 16- and 32-row blocks
-// of the k=128 tiles apply the scales in FP32 per group (F32S above).
-KernelEntry wgmma_entry(int tile, int m_blocks, bool grouped, int f32s_fold) {
+// of the k=128 tiles apply the scales in FP32 per group (F32S above). stream_k: the stream-K
+// instance (tiles 5, 6 and 8; the planner asks for none of tile 4).
+KernelEntry wgmma_entry(int tile, int m_blocks, bool grouped, int f32s_fold, bool stream_k) {
     switch (tile) {
-        case 5: return k128_entry<1, false>(m_blocks, grouped, f32s_fold);
-        case 6: return k128_entry<2, false>(m_blocks, grouped, f32s_fold);
-        case 8: return k128_entry<1, true>(m_blocks, grouped, f32s_fold);
+        case 5: return stream_k ? k128_entry<1, false, true>(m_blocks, grouped, f32s_fold)
+                                : k128_entry<1, false, false>(m_blocks, grouped, f32s_fold);
+        case 6: return stream_k ? k128_entry<2, false, true>(m_blocks, grouped, f32s_fold)
+                                : k128_entry<2, false, false>(m_blocks, grouped, f32s_fold);
+        case 8: return stream_k ? k128_entry<1, true, true>(m_blocks, grouped, f32s_fold)
+                                : k128_entry<1, true, false>(m_blocks, grouped, f32s_fold);
         default: return m_blocks == 8 ? entry_of<8, 1, 1>(grouped) : entry_of<4, 1, 1>(grouped);
     }
 }

@@ -478,7 +478,8 @@ class CudaBackend(Backend):
         8: wgmma k128 x n128 with the warpgroups splitting K; compute capability 9.0 only),
         m_blocks (rows of 16 per block: 1..4 on mma.sync; tile 4 takes 4 or 8, tile 5 1, 2, 4 or 8,
         tiles 6 and 8 1, 2 or 4), splits (split-K)
-        and stream_k (-1 off, 1 on with one wave of blocks, n >= 2 on with n blocks; mma.sync tiles)
+        and stream_k (-1 off, 1 on with one wave of blocks, n >= 2 on with n blocks; mma.sync tiles
+        with m_blocks 1, wgmma tiles 5, 6 and 8)
         override the heuristic.
 
         Runs on the weight's GPU (made current for the call if another is). The hot path

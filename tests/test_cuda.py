@@ -209,6 +209,48 @@ def test_mm_fp16_scale_path():
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
 
 
+_SPREAD_SCRIPT = """
+import hashlib, numpy as np, ferrum, ferrum.cuda
+from ferrum.check import random_problem
+rng = np.random.default_rng(13)
+digest = hashlib.sha256()
+wgmma = ferrum._cuda.mm_plan(256, 1024, 256)["tile"] in (4, 5, 6, 8)
+for g in (-1, 128):
+    problem = random_problem(rng, 2048, 1024, g)
+    w = ferrum.MarlinWeight.from_gptq(problem.qweights[0], problem.scales[0], group_size=g,
+                                      backend="cuda")
+    variants = [(1, {"tile": 2, "splits": 4}), (1, {"tile": 7, "splits": 2}), (4, {"tile": 1, "splits": 3})]
+    if wgmma:
+        variants += [(16, {"tile": 8, "m_blocks": 1, "splits": 3}), (24, {"tile": 6, "m_blocks": 2, "splits": 4}),
+                     (16, {"tile": 8, "m_blocks": 1, "stream_k": 1}), (40, {"tile": 6, "m_blocks": 4, "splits": 5})]
+    for m, opts in variants:
+        a = rng.standard_normal((m, 2048)).astype(np.float16)
+        got = ferrum.cuda.BACKEND.mm(a, w, 0, None, **opts)
+        ref = a.astype(np.float64) @ problem.dense[0]
+        err = np.linalg.norm(got.astype(np.float64) - ref) / np.linalg.norm(ref)
+        assert np.isfinite(got).all() and err <= 1e-3, (g, m, opts, err)
+        digest.update(got.tobytes())
+print("ok", digest.hexdigest())
+"""
+
+
+def test_mm_spread_launch_changes_no_bits():
+    """A grid of at most one block an SM, of a kernel two of whose blocks fit an SM, asks for the
+    most shared memory so its blocks spread over the SMs (ferrum_mm); FERRUM_NO_SPREAD=1 launches
+    as compiled. The same plans (tile and splits given: the planner's costs see the switch) give
+    the same bits either way (fresh processes: the switch is read once)."""
+    import os
+    import subprocess
+    import sys
+    outs = []
+    for spread in ("0", "1"):
+        run = subprocess.run([sys.executable, "-c", _SPREAD_SCRIPT], capture_output=True, text=True,
+                             env={**os.environ, "FERRUM_NO_SPREAD": spread}, timeout=120)
+        assert run.returncode == 0 and run.stdout.startswith("ok "), run.stdout + run.stderr
+        outs.append(run.stdout.split()[1])
+    assert outs[0] == outs[1]
+
+
 _NO_F32S_SCRIPT = """
 import numpy as np, ferrum
 from ferrum.check import random_problem
@@ -488,6 +530,55 @@ def test_mm_wgmma_few_rows(m, tile, m_blocks, splits, g, rng):
     assert _rel_err(out, a.astype(np.float64) @ problem.dense[0]) <= TOL
     plan = ferrum._cuda.mm_plan(m, 1024, 320, tile=tile, m_blocks=m_blocks, splits=splits)
     assert (plan["tile"], plan["m_blocks"]) == (tile, m_blocks)
+
+
+@pytest.mark.parametrize("tile,m_blocks,m", [(5, 1, 5), (5, 2, 24), (5, 4, 64), (5, 8, 100),
+                                            (6, 1, 16), (6, 2, 32), (6, 4, 40),
+                                            (8, 1, 9), (8, 2, 17), (8, 4, 64), (8, 4, 130)])
+@pytest.mark.parametrize("g", [-1, 64, 128])
+@pytest.mark.parametrize("blocks", [1, 3, 7, 1000])
+def test_mm_stream_k_wgmma(tile, m_blocks, m, g, blocks, rng):
+    """Stream-K on the wgmma tiles: runs that end inside a tile and cross into the next (3 and
+    7 blocks), one k-tile a run (1000), one wave (1); block heights 16-128 rows, row slices (40,
+    100, 130 rows), FP32-scale runs (16 and 32 rows with 64- and 128-row groups), a partial last
+    column tile (N = 320). The output is poisoned first; the sum, in block order, repeats bit for
+    bit."""
+    if not _wgmma_planned():
+        pytest.skip("no wgmma kernel on this GPU/build (needs compute capability 9.0 and sm_90a)")
+    problem = random_problem(rng, 1024, 320, g)
+    weight = _weight(problem)
+    a = _activations(rng, m, 1024)
+    opts = dict(tile=tile, m_blocks=m_blocks, stream_k=blocks)
+    plan = ferrum._cuda.mm_plan(m, 1024, 320, group_size=g, **opts)
+    assert plan["stream_k"] and (plan["tile"], plan["m_blocks"]) == (tile, m_blocks)
+    assert blocks == 1 or plan["grid"] <= blocks
+    out = np.full((m, 320), np.nan, dtype=np.float16)
+    ferrum.cuda.BACKEND.mm(a, weight, 0, out, **opts)
+    assert _rel_err(out, a.astype(np.float64) @ problem.dense[0]) <= TOL
+    again = ferrum.cuda.BACKEND.mm(a, weight, 0, None, **opts)
+    np.testing.assert_array_equal(again, out)
+
+
+def test_mm_stream_k_wgmma_experts_and_act_order(rng):
+    """Stream-K on wgmma tiles over all experts of a stack (runs crossing from one expert's tiles
+    into the next), one expert, and act-order weights; tile 4 takes no stream-K."""
+    if not _wgmma_planned():
+        pytest.skip("no wgmma kernel on this GPU/build (needs compute capability 9.0 and sm_90a)")
+    stacked = random_problem(rng, 512, 192, 128, experts=3)
+    sw = _weight(stacked, stacked=True)
+    a = _activations(rng, 40, 512)
+    out = np.full((40, 3 * 192), np.nan, dtype=np.float16)
+    ferrum.cuda.BACKEND.mm(a, sw, None, out, tile=8, m_blocks=4, stream_k=5)
+    ref = np.concatenate([a.astype(np.float64) @ d for d in stacked.dense], 1)
+    assert _rel_err(out, ref) <= TOL
+    got = ferrum.cuda.BACKEND.mm(a, sw, 1, None, tile=5, m_blocks=4, stream_k=3)
+    assert _rel_err(got, a.astype(np.float64) @ stacked.dense[1]) <= TOL
+    act = random_problem(rng, 2048, 256, 64, act_order=True)
+    a = _activations(rng, 70, 2048)
+    got = ferrum.cuda.BACKEND.mm(a, _weight(act), 0, None, tile=6, m_blocks=4, stream_k=7)
+    assert _rel_err(got, a.astype(np.float64) @ act.dense[0]) <= TOL
+    with pytest.raises(ValueError, match="stream_k=2 applies to the mma.sync tiles"):
+        ferrum.cuda.BACKEND.mm(a, _weight(act), 0, None, tile=4, m_blocks=4, stream_k=2)
 
 
 @pytest.mark.parametrize("k,n", [(4096, 6144), (14336, 4096), (8192, 10240), (28672, 8192)])

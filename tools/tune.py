@@ -1,6 +1,7 @@
 """Time mm variants (tile, m_blocks, splits) on chosen shapes: graph-replayed bursts over
 weight copies that together exceed 4x L2. usage: python tune.py "K,N,M" ... [--tiles=..] [--mbs=..] [--splits=..] [--raw]
-Splits "sK": stream-K with one wave of blocks (tried for every mma.sync tile at M <= 16)."""
+Splits "sK": stream-K with one wave of blocks (tried for every mma.sync tile at M <= 16, and for
+the wgmma tiles 5, 6 and 8 at the block heights swept)."""
 import itertools
 import math
 import sys
@@ -60,6 +61,13 @@ for spec in [s for s in sys.argv[1:] if not s.startswith("--")]:
     for tile in tiles:   # stream-K, one wave of blocks (mma.sync tiles, one 16-row slice)
         if tile in (1, 2, 3, 7) and 1 in mbs and m <= 16 and k % (256 if tile == 7 else 128) == 0:
             results.append((time_variant(weights, a, out, tile=tile, m_blocks=1, stream_k=1), tile, 1, "K"))
+    # stream-K on the wgmma tiles 5, 6, 8 (one wave of blocks), at the block heights swept above
+    for tile, mb in itertools.product([t for t in tiles if t in (5, 6, 8)], sorted(set(mbs) | {4, 8})):
+        if mb in wgmma_mbs[tile] and (mb in mbs or (mb >= 4 and m > 32)):
+            try:
+                results.append((time_variant(weights, a, out, tile=tile, m_blocks=mb, stream_k=1), tile, mb, "K"))
+            except ValueError:
+                pass
     results.sort(key=lambda r: r[0])
     if "--raw" in sys.argv:   # every variant, one line each: K N M tile m_blocks splits us
         for tt, ti, mb, sp in results:
