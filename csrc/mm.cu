@@ -1246,30 +1246,32 @@ static int group_shift_of(int group_size) {
 
 }  // namespace ferrum
 
-extern "C" int ferrum_mm_plan(int size_m, int size_k, int size_n, int num_experts, int act_order,
-                              const ferrum_mm_config *requested, ferrum_mm_plan_info *plan) {
+// Both plan entry points: the problem checked as ferrum_mm checks it, then the cached plan for a
+// full launch of its rows (plan_group: rows per scale group as the planner takes it, 0 channelwise).
+static int checked_plan(const char *fn, int size_m, int size_k, int size_n, int num_experts,
+                        int act_order, int num_groups, int group_size, int plan_group,
+                        const ferrum_mm_config *requested, ferrum_mm_plan_info *plan) {
     using namespace ferrum;
-    FERRUM_REQUIRE(plan, "ferrum_mm_plan: null plan");
-    int status = check_problem(size_m, size_k, size_n, num_experts, 1, size_k);
-    if (status) return status;
-    DeviceProps dev;
-    if ((status = current_device_props(&dev))) return status;
-    const int rows = std::max(1, std::min(size_m, kMaxRowsPerLaunch));
-    return cached_plan(dev, rows, size_k, size_n, num_experts, act_order, requested, 128, plan);
-}
-
-extern "C" int ferrum_mm_plan_groups(int size_m, int size_k, int size_n, int num_experts,
-                                     int act_order, int num_groups, int group_size,
-                                     const ferrum_mm_config *requested, ferrum_mm_plan_info *plan) {
-    using namespace ferrum;
-    FERRUM_REQUIRE(plan, "ferrum_mm_plan_groups: null plan");
+    FERRUM_REQUIRE(plan, "%s: null plan", fn);
     int status = check_problem(size_m, size_k, size_n, num_experts, num_groups, group_size);
     if (status) return status;
     DeviceProps dev;
     if ((status = current_device_props(&dev))) return status;
     const int rows = std::max(1, std::min(size_m, kMaxRowsPerLaunch));
-    return cached_plan(dev, rows, size_k, size_n, num_experts, act_order, requested,
-                       num_groups > 1 ? group_size : 0, plan);
+    return cached_plan(dev, rows, size_k, size_n, num_experts, act_order, requested, plan_group, plan);
+}
+
+extern "C" int ferrum_mm_plan(int size_m, int size_k, int size_n, int num_experts, int act_order,
+                              const ferrum_mm_config *requested, ferrum_mm_plan_info *plan) {
+    return checked_plan("ferrum_mm_plan", size_m, size_k, size_n, num_experts, act_order, 1, size_k,
+                        128, requested, plan);
+}
+
+extern "C" int ferrum_mm_plan_groups(int size_m, int size_k, int size_n, int num_experts,
+                                     int act_order, int num_groups, int group_size,
+                                     const ferrum_mm_config *requested, ferrum_mm_plan_info *plan) {
+    return checked_plan("ferrum_mm_plan_groups", size_m, size_k, size_n, num_experts, act_order,
+                        num_groups, group_size, num_groups > 1 ? group_size : 0, requested, plan);
 }
 
 extern "C" int ferrum_mm(const void *a, const void *b, const void *scales, void *c,
