@@ -4,7 +4,7 @@ numpy only (no torch import under the sanitizer): repack with and without perm, 
 group-size kind, act-order, stacked experts, split-K forced on, partial column tiles, several M.
 An inf and a NaN in A (the swapped kernel's exact path). Exits non-zero if any result is off. --quick: three of the problems and M 1, 12 and 70 only (every
 kernel kind still runs: the swapped kernel (M <= 8), tiles 1, 2, 7, the wgmma tiles (4-6, 8), split-K,
-stream-K, act-order, stacked).
+stream-K on tile 1 and on the wgmma tiles 5, 6 and 8, act-order, stacked).
 """
 import sys
 
@@ -59,6 +59,10 @@ for k, n, g, act in cases:
                     ((5, 1, 2), (5, 2, 3), (6, 1, 1), (6, 2, 2), (8, 1, 3), (8, 2, 1)):
                 check(f"K{k} N{n} G{g} act={act} M{m} tile{tile}/mb{mb}/s{s}",
                       ferrum.cuda.BACKEND.mm(a, w, 0, None, tile=tile, m_blocks=mb, splits=s), ref)
+            # stream-K on the wgmma tiles: 3 blocks, so runs end inside tiles and cross into the next
+            for tile, mb in ((5, 4), (6, 4), (8, 4)) if m == 70 else ((5, 1), (6, 2), (8, 1), (8, 2)):
+                check(f"K{k} N{n} G{g} act={act} M{m} tile{tile}/mb{mb}/stream-K",
+                      ferrum.cuda.BACKEND.mm(a, w, 0, None, tile=tile, m_blocks=mb, stream_k=3), ref)
 
 pr = random_problem(rng, 256, 128, 128, experts=3)
 w = ferrum.load_stacked(pr.qweights, pr.scales, group_size=128, backend="cuda")
