@@ -83,6 +83,11 @@ int ferrum_permute_cols(const void *a, const int32_t *perm, void *out,
 int ferrum_copy_strided(const void *src, void *dst, int64_t d0, int64_t d1, int64_t d2,
                         int64_t s0, int64_t s1, int64_t s2, int elem_bytes, void *stream);
 
+/* The bench's bandwidth probes on the current device, queued on `stream`: with dst, copy
+ * nbytes from src to dst; with dst NULL, read src only. 16-byte vectors, sm_blocks (1..8)
+ * blocks of 256 threads an SM; nbytes a multiple of 16, both pointers 16-byte aligned. */
+int ferrum_stream_probe(const void *src, void *dst, int64_t nbytes, int sm_blocks, void *stream);
+
 /* Resolve the config and workspace sizes for ferrum_mm on the current device, for grouped
  * scales of 128 rows (on sm_90a ferrum_mm plans 2-16 rows differently for other scales). */
 int ferrum_mm_plan(int size_m, int size_k, int size_n, int num_experts, int act_order,

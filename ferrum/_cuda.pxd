@@ -87,6 +87,7 @@ cdef extern from "ferrum_marlin.h" nogil:
                             int size_m, int size_k, void *stream)
     int ferrum_copy_strided(const void *src, void *dst, int64_t d0, int64_t d1, int64_t d2,
                             int64_t s0, int64_t s1, int64_t s2, int elem_bytes, void *stream)
+    int ferrum_stream_probe(const void *src, void *dst, int64_t nbytes, int sm_blocks, void *stream)
     int ferrum_mm_plan(int size_m, int size_k, int size_n, int num_experts, int act_order,
                        const ferrum_mm_config *requested, ferrum_mm_plan_info *plan)
     int ferrum_mm_plan_groups(int size_m, int size_k, int size_n, int num_experts, int act_order,

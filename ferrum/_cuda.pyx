@@ -257,6 +257,12 @@ def copy_strided(size_t src, size_t dst, shape, strides, int itemsize, size_t st
                                      st[2], itemsize, <void *>stream))
 
 
+def stream_probe(size_t src, size_t dst, long long nbytes, int sm_blocks=4, size_t stream=0):
+    """The bench's bandwidth probe, queued on `stream`: copy nbytes from src to dst (16-byte
+    vectors), or with dst 0 read src only. Both 16-byte aligned, nbytes a multiple of 16."""
+    check_ferrum(ferrum_stream_probe(<const void *>src, <void *>dst, nbytes, sm_blocks, <void *>stream))
+
+
 def copy_device(size_t dst, size_t src, size_t nbytes, size_t stream=0):
     if nbytes:
         check(cudaMemcpyAsync(<void *>dst, <const void *>src, nbytes, cudaMemcpyDeviceToDevice,

@@ -5,7 +5,11 @@ weight from HBM) are created on the GPU; a burst of calls rotating through them 
 a CUDA graph and replayed; CUDA events time each replay; the median over several bursts divided
 by the burst length is the time per call. cuBLAS (torch.matmul on float16 [K, N] copies) is
 timed the same way in the same run; the HBM floor is the bytes one call must move over the
-device-to-device copy bandwidth measured here. Needs PyTorch for graphs, events and cuBLAS.
+fastest of three streaming rates measured here on 1 GiB buffers: PyTorch's device-to-device
+copy (read + write bytes), and ferrum's own probes (``_cuda.stream_probe``: a copy with 16-byte
+vectors, read + write bytes, and a read-only stream). On an H200 the first moved 2.77 TB/s,
+below what the mm kernels themselves stream (the 70B gate_up cells at M <= 16 ran at 120% of
+a floor drawn from it), so the floor takes the fastest. Needs PyTorch for graphs, events and cuBLAS.
 
 Each cell (ferrum, then cuBLAS) starts after the GPU has idled SETTLE_S seconds: the
 large-M cells draw the GPU to its power cap, and the clock stays lowered for a while after
@@ -61,12 +65,19 @@ def _time_graph(torch, fn, burst: int, bursts: int) -> float:
     return statistics.median(times)
 
 
-def copy_bandwidth(torch) -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+def stream_rates(torch, ferrum) -> dict:
+    """Bytes/s each way of streaming 1 GiB: "copy" (PyTorch's device-to-device copy) and
+    "probe copy" (ferrum's), counting bytes read plus bytes written, and "probe read" (read
+    only)."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    src.random_(0, 256)
     dst = torch.empty_like(src)
-    us = _time_graph(torch, lambda i: dst.copy_(src), 4, 5)
-    return 2 * src.numel() / (us * 1e-6)
+    stream = lambda: torch.cuda.current_stream().cuda_stream
+    probe = ferrum._cuda.stream_probe
+    runs = {"copy": (lambda i: dst.copy_(src), 2),
+            "probe copy": (lambda i: probe(src.data_ptr(), dst.data_ptr(), src.numel(), 4, stream()), 2),
+            "probe read": (lambda i: probe(src.data_ptr(), 0, src.numel(), 4, stream()), 1)}
+    return {name: ways * src.numel() / (_time_graph(torch, fn, 4, 5) * 1e-6) for name, (fn, ways) in runs.items()}
 
 
 def host_overhead(torch, ferrum) -> dict:
@@ -128,8 +139,11 @@ def run(options: dict) -> None:
     shapes = SHAPES[:3] if quick else SHAPES
     m_values = (1, 16, 256) if quick else M_VALUES
     bursts = 5 if quick else 9
-    bw = copy_bandwidth(torch)
-    print(f"device-to-device copy: {bw / 1e12:.2f} TB/s (read + write); G={GROUP}; "
+    rates = stream_rates(torch, ferrum)
+    bw = max(rates.values())
+    print(f"streaming 1 GiB: device-to-device copy {rates['copy'] / 1e12:.2f} TB/s, ferrum's probe copy "
+          f"{rates['probe copy'] / 1e12:.2f} TB/s (both read + write), probe read {rates['probe read'] / 1e12:.2f} "
+          f"TB/s; floor = bytes / {bw / 1e12:.2f} TB/s (the fastest); G={GROUP}; "
           f"µs per call, median of {bursts} graph-replayed bursts")
     ho = host_overhead(torch, ferrum)
     print(f"host overhead, 4096x4096 M=1, torch arrays, out= given, best of 5 x 200 calls: issue {ho['issue_us']:.1f} µs/call "

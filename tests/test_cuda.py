@@ -789,6 +789,19 @@ def test_numpy_out_written_in_place(rng):
     assert _rel_err(out, a.astype(np.float64) @ problem.dense[0]) <= TOL
 
 
+@pytest.mark.parametrize("nbytes", [16, 4096 + 48, 3 << 20])
+def test_stream_probe_copies_every_byte_and_reads_without_writing(nbytes, rng):
+    # the bench's bandwidth probe: a tail shorter than one unrolled step, a partial stride
+    from ferrum import _cuda
+    src_host = rng.integers(0, 256, nbytes, dtype=np.uint8)
+    src = _cuda.from_host(src_host)
+    dst = _cuda.from_host(np.full(nbytes, 0xA5, dtype=np.uint8))   # poisoned
+    _cuda.stream_probe(src.ptr, dst.ptr, nbytes)
+    assert np.array_equal(_cuda.to_host(dst.ptr, (nbytes,), np.uint8), src_host)
+    _cuda.stream_probe(src.ptr, 0, nbytes, 1)
+    assert np.array_equal(_cuda.to_host(src.ptr, (nbytes,), np.uint8), src_host)
+
+
 def test_cuda_failure_raises_cuda_error(rng):
     from ferrum import _cuda
     with pytest.raises(ferrum.CudaError, match="cudaErrorMemoryAllocation|out of memory"):

@@ -442,6 +442,16 @@ def test_copy_and_repack_c_api_refuse_bad_arguments():
     cu.copy_strided(0, 0, (0, 5), (10, 2), 2)   # nothing to copy: no launch
     with pytest.raises(ValueError, match="4-byte aligned"):
         cu.repack(0x1002, 0, 0x2000, 128, 64)
+    with pytest.raises(ValueError, match="nbytes=24"):
+        cu.stream_probe(0x1000, 0x2000, 24)
+    with pytest.raises(ValueError, match="nbytes=0"):
+        cu.stream_probe(0x1000, 0, 0)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        cu.stream_probe(0x1008, 0x2000, 64)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        cu.stream_probe(0x1000, 0x2004, 64)
+    with pytest.raises(ValueError, match="sm_blocks=9"):
+        cu.stream_probe(0x1000, 0x2000, 64, 9)
 
 
 @needs_extension
