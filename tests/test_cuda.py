@@ -675,6 +675,25 @@ def test_mm_split_k_paths(rng):
             assert _rel_err(got, ref) <= TOL, (tile, splits)
 
 
+def test_mm_asked_splits_leave_clusters_that_would_take_more_waves(rng):
+    """Splits asked for run as clusters only where the clusters take no more waves than the
+    plain grid: 32 column tiles of tile 8 in 4 splits (128 blocks) fit one wave of a 132-SM
+    GPU's SMs, but not of its size-4 cluster slots (GPCs of 16-18 SMs: 120 on an H100/H200).
+    Both ways the result is right."""
+    if not _wgmma_planned():
+        pytest.skip("the wgmma tiles (clusters) need compute capability 9.0 and an sm_90a build")
+    problem = random_problem(rng, 512, 4096, 128)
+    weight = _weight(problem)
+    a = _activations(rng, 32, 512)
+    plan = ferrum._cuda.mm_plan(32, 512, 4096, tile=8, m_blocks=2, splits=4)
+    assert (plan["splits"], plan["grid"]) == (4, 128), plan
+    if ferrum._cuda.probe()["sms"] == 132:
+        assert not plan["cluster"], plan
+    out = np.full((32, 4096), np.nan, dtype=np.float16)
+    ferrum.cuda.BACKEND.mm(a, weight, 0, out, tile=8, m_blocks=2, splits=4)
+    assert _rel_err(out, a.astype(np.float64) @ problem.dense[0]) <= TOL
+
+
 def test_mm_split_k_is_deterministic(rng):
     problem = random_problem(rng, 4096, 256, 128)
     weight = _weight(problem)
