@@ -754,6 +754,17 @@ constexpr int kWgmmaFewRows = 32;
 // Cost of the partials' exchange through distributed shared memory, as a share of the
 // workspace path's (a guess to be fitted: SM-to-SM traffic, no L2 round trip).
 constexpr double kClusterPartialShare = 0.25;
+// The same exchange through the workspace (write, fence, counter; the last block sums) for
+// 32- and 64-row wgmma blocks, as a share of the traffic estimate. Fitted on the H200 (session
+// 20, csrc/tune_h200.txt: the eight layers at M = 4-256, tiles 5/6/8, split-K 1-8 with and
+// without clusters and stream-K, G = 128; the planner replayed in Python): at the full estimate
+// the planner took 3 clustered splits where 4 unclustered ones were 10-15% faster (14336x4096,
+// M = 32-64: 128 blocks in one wave, which clusters of 4 do not fit) and tile 6 with 5
+// clustered splits on 8192x10240 at M = 48-64 (7% slower than tile 5 with 3); at 0.25 the
+// replayed picks are within 9% of the best measured on all 72 cells and 1.0% above it on
+// average (at the full estimate: 18% and 1.9%). 16- and 128-row blocks keep the estimate
+// their constants were fitted with.
+constexpr double kUnclusteredPartialShare = 0.25;
 
 // A lone block's share of the cost of a block that shares its SM with another (choose_splits),
 // with all its rows live. Fitted on the H200 (session 19; csrc/NOTES.md): tile 8's 16-row
@@ -798,10 +809,11 @@ static double choose_splits(const DeviceProps &dev, int occ, int sk_occ, int siz
         // k-tiles of A and B traffic.
         const double partial_cost = s == 1 ? 0.0
             : 2.0 * live_rows * tn * 4 / (tk * tn / 2 + live_rows * tk * 2);
+        const double workspace_partial = (mb == 2 || mb == 4) ? kUnclusteredPartialShare * partial_cost : partial_cost;
         const double reduce_tail = s == 1 ? 0.0 : model.tail * s;
         const double share = tiles * s <= dev.sm_count ? lone_share : 1.0;
         const double cost =
-            waves * ((k_tiles + s - 1) / s * model.kt_cost + model.fixed + partial_cost) * share + reduce_tail;
+            waves * ((k_tiles + s - 1) / s * model.kt_cost + model.fixed + workspace_partial) * share + reduce_tail;
         if (cost < best_cost * model.hysteresis) {
             best_cost = cost;
             *splits = s;
