@@ -1,4 +1,4 @@
-"""Where gemv's M=1 time goes on a GPU: `python tools/metal_probe.py [math] [fixed] [K,N ...]`.
+"""Where gemv's M=1 time goes on a GPU: `python tools/metal_probe.py [math] [fixed] [span] [passes] [K,N ...]`.
 
   math   kernel µs (MetalBackend.kernel_seconds) of gemv as shipped, without the decode (the
          quad's bits used as the floats 64 + q, same fmas) and without any math (the quad and
@@ -8,6 +8,15 @@
          workgroup), one pass per call as mm records it and many calls' dispatches in one pass,
          and the read-only stream shader's µs per dispatch (all in one pass) at the layers'
          sizes: the part of a small layer's time that no kernel change removes.
+  span   per pass of mm's plan at M = 1 and 16, three ways over one batch of passes (one pass a
+         call, as the bench records them): the wall time (the bench's kernel column), the host's
+         time inside queue.submit, and the GPU's own clock from a timestamp before the first
+         dispatch to one after the last (inside-pass timestamps); also for a pass that streams
+         nothing. Says whether the per-pass cost is the GPU's or the submission's.
+  passes what a pass, a dispatch and wgpu's barrier between dispatches cost by the GPU clock:
+         batches of a shader that does nothing (no bindings) and of one that bumps a word of a
+         read_write buffer (so wgpu puts a barrier before each use), as one pass per dispatch,
+         all dispatches in one pass, and one command buffer per pass; and empty passes.
 
 K,N default to the 70B layers (G=128). Timings as in `ferrum bench --backend metal`'s kernel
 column: batches of passes, submission and wait timed.
@@ -108,6 +117,142 @@ def fixed(rng, shapes):
               f"{size / rate * 1e6:8.1f} us a dispatch", flush=True)
 
 
+def _span(plan, reps: int = 512, rounds: int = 3):
+    """(wall, submit, gpu) µs per pass over `reps` passes of the plan, best of `rounds`."""
+    import time
+    import wgpu
+    query = B.device.create_query_set(type="timestamp", count=2)
+    resolved = B.device.create_buffer(
+        size=16, usage=wgpu.BufferUsage.QUERY_RESOLVE | wgpu.BufferUsage.COPY_SRC)
+    period = B._native.lib.wgpuQueueGetTimestampPeriod(B.device.queue._internal) \
+        if B._native is not None else 1.0
+    best = None
+    try:
+        for _ in range(rounds):
+            def record(enc, count, first=[True]):
+                for i in range(count):
+                    cp = enc.begin_compute_pass()
+                    if first[0]:
+                        cp._write_timestamp(query, 0)
+                        first[0] = False
+                    for d in plan.dispatches:
+                        cp.set_pipeline(d.pipeline)
+                        cp.set_bind_group(0, d.bind_group)
+                        cp.dispatch_workgroups(*d.grid)
+                    if record.left == 1:
+                        cp._write_timestamp(query, 1)
+                    record.left -= 1
+                    cp.end()
+            record.left = reps
+            buffers = B._batch(record, reps)
+            tail = B.device.create_command_encoder()
+            tail.resolve_query_set(query, 0, 2, resolved, 0)
+            start = time.perf_counter()
+            B.device.queue.submit(buffers)
+            submitted = time.perf_counter()
+            B._run_and_wait([tail.finish()])   # waits for the batch too (one queue)
+            done = time.perf_counter()
+            ticks = np.frombuffer(B.device.queue.read_buffer(resolved), np.uint64).astype(np.float64)
+            gpu = (ticks[1] - ticks[0]) * period * 1e-9
+            row = ((done - start) / reps * 1e6, (submitted - start) / reps * 1e6, gpu / reps * 1e6)
+            best = row if best is None or row[0] < best[0] else best
+    finally:
+        query.destroy()
+        resolved.destroy()
+    return best
+
+
+def _gpu_us(encode, units: int, rounds: int = 3) -> float:
+    """GPU µs per unit by the timestamp queries that encode(query, units) writes as index 0
+    (before the first unit) and 1 (after the last) into the command buffers it returns."""
+    import wgpu
+    query = B.device.create_query_set(type="timestamp", count=2)
+    resolved = B.device.create_buffer(
+        size=16, usage=wgpu.BufferUsage.QUERY_RESOLVE | wgpu.BufferUsage.COPY_SRC)
+    period = B._native.lib.wgpuQueueGetTimestampPeriod(B.device.queue._internal) \
+        if B._native is not None else 1.0
+    best = float("inf")
+    try:
+        for _ in range(rounds):
+            buffers = encode(query, units)
+            tail = B.device.create_command_encoder()
+            tail.resolve_query_set(query, 0, 2, resolved, 0)
+            B.device.queue.submit(buffers + [tail.finish()])
+            ticks = np.frombuffer(B.device.queue.read_buffer(resolved), np.uint64).astype(np.float64)
+            best = min(best, (ticks[1] - ticks[0]) * period * 1e-3 / units)
+    finally:
+        query.destroy()
+        resolved.destroy()
+    return best
+
+
+def passes(rng, shapes, units: int = 512):
+    if not B.timestamps:
+        print("passes: no timestamp queries inside passes on this adapter")
+        return
+    nop = B._compile("@compute @workgroup_size(64) fn main() {}")
+    bump = B._compile(
+        "@group(0) @binding(0) var<storage, read_write> d: array<u32>;\n"
+        "@compute @workgroup_size(64) fn main(@builtin(local_invocation_index) i: u32) {\n"
+        "    if (i == 0u) { d[0] = d[0] + 1u; }\n}")
+    word = B._buffer(256)
+    bump_group = B._bind_group(bump, [(word, 0, 256)])
+
+    def encode(pipe, group, per_pass, per_buffer, dispatch=True):
+        def build(query, count):
+            buffers, enc, cp = [], None, None
+            for u in range(count):
+                if enc is None:
+                    enc = B.device.create_command_encoder()
+                if cp is None:
+                    cp = enc.begin_compute_pass()
+                if u == 0:
+                    cp._write_timestamp(query, 0)
+                if dispatch:
+                    cp.set_pipeline(pipe)
+                    if group is not None:
+                        cp.set_bind_group(0, group)
+                    cp.dispatch_workgroups(1)
+                if u == count - 1:
+                    cp._write_timestamp(query, 1)
+                if (u + 1) % per_pass == 0 or u == count - 1:
+                    cp.end()
+                    cp = None
+                if (u + 1) % per_buffer == 0 or u == count - 1:
+                    buffers.append(enc.finish())
+                    enc = None
+            return buffers
+        return build
+
+    rows = [("no bindings: a pass each", encode(nop, None, 1, BATCH)),
+            ("no bindings: one pass", encode(nop, None, units, units)),
+            ("read_write word: a pass each", encode(bump, bump_group, 1, BATCH)),
+            ("read_write word: one pass", encode(bump, bump_group, units, units)),
+            ("read_write word: a command buffer each", encode(bump, bump_group, 1, 1)),
+            ("empty passes (no dispatch)", encode(nop, None, 1, BATCH, dispatch=False))]
+    for name, build in rows:
+        print(f"passes {name:40s} {_gpu_us(build, units):6.2f} us a unit", flush=True)
+    word.destroy()
+
+
+BATCH = mb.BATCH_UNITS
+
+
+def span(rng, shapes):
+    if not B.timestamps:
+        print("span: no timestamp queries inside passes on this adapter")
+        return
+    for k, n in ((128, 64), *shapes):
+        w = weight(rng, k, n)
+        for m in (1, 16):
+            a = rng.standard_normal((m, k)).astype(np.float16)
+            with B._lock:
+                plan = B._timing_plan(a, w, 0)
+                wall, submit, gpu = _span(plan)
+            print(f"span {k}x{n} M={m} [{B.plan_summary(w, m, 0)}]: a pass {wall:.1f} us wall, "
+                  f"{submit:.1f} us in submit, {gpu:.1f} us by the GPU clock", flush=True)
+
+
 if __name__ == "__main__":
     info = ferrum.backends()["metal"]
     if not info.available:
@@ -118,4 +263,4 @@ if __name__ == "__main__":
     steps = [s for s in args if "," not in s] or ["math", "fixed"]
     rng = np.random.default_rng(0)
     for step in steps:
-        {"math": math, "fixed": fixed}[step](rng, shapes)
+        {"math": math, "fixed": fixed, "span": span, "passes": passes}[step](rng, shapes)
