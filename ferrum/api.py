@@ -591,10 +591,12 @@ def _mm_checked(a, weight, expert, out, backend, stream):
         if (isinstance(out, np.ndarray) and isinstance(a_given, np.ndarray)     # as given, not
                 and np.may_share_memory(out, a_given) and np.shares_memory(out, a_given)):  # a copy
             _fail("out", out, "must not overlap a")
-        if isinstance(out, np.ndarray) and any(     # a host-resident weight (cpu): its arrays
+        # A host-resident weight's arrays (cpu), and the act-order perm (a host array on every
+        # backend: written over, its row indices would send the next call out of bounds).
+        if isinstance(out, np.ndarray) and any(
                 isinstance(x, np.ndarray) and np.may_share_memory(out, x) and
-                np.shares_memory(out, x) for x in (weight.qweight, weight.scales)):
-            _fail("out", out, "must not overlap the weight's qweight or scales")
+                np.shares_memory(out, x) for x in (weight.qweight, weight.scales, weight.perm)):
+            _fail("out", out, "must not overlap the weight's qweight, scales or perm")
     options = {}
     if stream is not None:
         if weight.backend != "cuda":

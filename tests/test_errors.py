@@ -299,6 +299,21 @@ def test_out_overlapping_the_weight_is_refused(layer, stack):
         assert np.array_equal(weight.scales, before)
 
 
+
+def test_out_overlapping_the_weights_act_order_perm_is_refused():
+    # perm (int32 [K]) is a host array of the weight on every backend. A product written over it
+    # left row indices out of range, and the next mm read A out of bounds (a segfault on cpu).
+    prob = random_problem(np.random.default_rng(3), K, 64, 64, act_order=True)
+    weight = ferrum.MarlinWeight.from_gptq(prob.qweights[0], prob.scales[0], group_size=64,
+                                           g_idx=prob.g_idx)
+    assert weight.perm is not None
+    before = weight.perm.copy()
+    over = weight.perm.view(np.float16).reshape(-1, 64)     # [8, 64]: the K int32 as float16
+    with raises(ValueError, "out") as err:
+        ferrum.mm(np.ones((over.shape[0], K), np.float16), weight, out=over)
+    assert "overlap" in str(err.value)
+    assert np.array_equal(weight.perm, before)
+
 def test_mm_weight_and_backend_checks(layer):
     _, weight = layer
     a = np.ones((1, K), np.float16)
