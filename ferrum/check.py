@@ -128,6 +128,8 @@ def crosscheck(backends=None, *, seed=None, quick=False, m_values=None, log=None
         for m in m_values:
             if api._int("m_values", m) < 1:
                 raise ValueError(f"m_values={m_values!r}: every M must be >= 1, got {m!r}")
+    if isinstance(seed, (bool, np.bool_)):     # numpy takes True as the seed 1
+        raise TypeError(f"seed={seed!r}: must be None or a non-negative integer, not a bool")
     try:
         rng = np.random.default_rng(seed)
     except (TypeError, ValueError) as exc:

@@ -82,6 +82,7 @@ def test_crosscheck_arguments_are_checked_before_any_work(monkeypatch):
     for kwargs, exc, argument in [
             (dict(backends=5), TypeError, "backends"), (dict(backends=["cpu", "gpu"]), ValueError, "backends"),
             (dict(seed=-1), ValueError, "seed"), (dict(seed="x"), TypeError, "seed"),
+            (dict(seed=True), TypeError, "seed"),   # a bool is not an integer here, as in mm
             (dict(m_values=[0]), ValueError, "m_values"), (dict(m_values=[-3]), ValueError, "m_values"),
             (dict(m_values=[1.5]), TypeError, "m_values"), (dict(m_values=4), TypeError, "m_values"),
             (dict(m_values=[]), ValueError, "m_values"), (dict(log=5), TypeError, "log"),
