@@ -575,16 +575,27 @@ static int allow_spread(const DeviceProps &dev, const KernelEntry &k) {
     return FERRUM_OK;
 }
 
+// The occupancy caches (g_occupancy, g_occupancy_sk): a slot (null for a device past
+// kMaxDevices) holds a kernel's blocks an SM once measured, 0 before.
+static bool occupancy_known(const std::atomic<int> *slot, int *blocks_per_sm) {
+    const int known = slot ? slot->load(std::memory_order_relaxed) : 0;
+    if (known > 0) *blocks_per_sm = known;
+    return known > 0;
+}
+static int measure_occupancy(std::atomic<int> *slot, const KernelEntry &k, int *blocks_per_sm) {
+    int occ = 0;
+    FERRUM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, k.fn, 256, k.smem_bytes));   // both kernels: 256 threads
+    if (occ < 1) occ = 1;
+    if (slot) slot->store(occ, std::memory_order_relaxed);
+    *blocks_per_sm = occ;
+    return FERRUM_OK;
+}
+
 static int prepare_kernel(const DeviceProps &dev, int tile, int mb, bool grouped, int *blocks_per_sm) {
-    std::atomic<int> *slot = nullptr;
-    if (dev.device >= 0 && dev.device < kMaxDevices) {
-        slot = &g_occupancy[dev.device][tile - 1][mb - 1][grouped ? 1 : 0];
-        const int known = slot->load(std::memory_order_relaxed);
-        if (known > 0) {
-            *blocks_per_sm = known;
-            return FERRUM_OK;
-        }
-    }
+    std::atomic<int> *const slot = dev.device >= 0 && dev.device < kMaxDevices
+                                       ? &g_occupancy[dev.device][tile - 1][mb - 1][grouped ? 1 : 0]
+                                       : nullptr;
+    if (occupancy_known(slot, blocks_per_sm)) return FERRUM_OK;
     const KernelEntry k = select_kernel(tile, mb, grouped);
     FERRUM_REQUIRE(k.smem_bytes <= dev.max_smem_optin,
                    "ferrum_mm: the tile needs %d bytes of shared memory, the device allows %d",
@@ -612,12 +623,7 @@ static int prepare_kernel(const DeviceProps &dev, int tile, int mb, bool grouped
                                                    kv.smem_bytes));
         }
     }
-    int occ = 0;
-    FERRUM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, k.fn, 256, k.smem_bytes));   // both kernels: 256 threads
-    if (occ < 1) occ = 1;
-    if (slot) slot->store(occ, std::memory_order_relaxed);
-    *blocks_per_sm = occ;
-    return FERRUM_OK;
+    return measure_occupancy(slot, k, blocks_per_sm);
 }
 
 // FERRUM_NO_SPREAD=1: grids of at most one block an SM launch as they are (see ferrum_mm).
@@ -631,22 +637,11 @@ static const bool g_spread_enabled = [] {
 // blocks: 150 against 109, one block an SM instead of two).
 static std::atomic<int> g_occupancy_sk[kMaxDevices][kTiles][8][2][3];   // 0 = not yet known
 static int sk_occupancy(const DeviceProps &dev, int tile, int mb, bool grouped, int fold, int *blocks_per_sm) {
-    std::atomic<int> *slot = nullptr;
-    if (dev.device >= 0 && dev.device < kMaxDevices) {
-        slot = &g_occupancy_sk[dev.device][tile - 1][mb - 1][grouped ? 1 : 0][fold / 4];
-        const int known = slot->load(std::memory_order_relaxed);
-        if (known > 0) {
-            *blocks_per_sm = known;
-            return FERRUM_OK;
-        }
-    }
-    const KernelEntry k = select_kernel(tile, mb, grouped, 0, true, fold);
-    int occ = 0;
-    FERRUM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, k.fn, 256, k.smem_bytes));
-    if (occ < 1) occ = 1;
-    if (slot) slot->store(occ, std::memory_order_relaxed);
-    *blocks_per_sm = occ;
-    return FERRUM_OK;
+    std::atomic<int> *const slot = dev.device >= 0 && dev.device < kMaxDevices
+                                       ? &g_occupancy_sk[dev.device][tile - 1][mb - 1][grouped ? 1 : 0][fold / 4]
+                                       : nullptr;
+    if (occupancy_known(slot, blocks_per_sm)) return FERRUM_OK;
+    return measure_occupancy(slot, select_kernel(tile, mb, grouped, 0, true, fold), blocks_per_sm);
 }
 
 // FERRUM_NO_CLUSTER=1 keeps split-K on the workspace reduction (for comparisons).
@@ -1104,10 +1099,16 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
     }
     cfg.tile = best.tile;
     cfg.m_blocks = best.mb;
+    const int tk = tile_k(cfg.tile), tn = tile_n(cfg.tile);
+    const int m_slices = (size_m + 16 * cfg.m_blocks - 1) / (16 * cfg.m_blocks);
+    const long long tiles = (long long)m_slices * num_experts * ((size_n + tn - 1) / tn);
+    const int k_tiles = size_k / tk;
+    const size_t tile_bytes = size_t(16) * cfg.m_blocks * tn * sizeof(float);
     const bool splits_auto = cfg.splits == 0;
-    if (cfg.splits == 0) {
-        cfg.splits = best_splits;
-    } else {   // splits asked for: as clusters wherever they may, fit, and take no more waves
+    // at most one split a k-tile (splits asked for are cut to that before they are planned)
+    cfg.splits = std::max(1, std::min(splits_auto ? best_splits : cfg.splits, k_tiles));
+    FERRUM_REQUIRE(tiles * cfg.splits < INT_MAX, "ferrum_mm: grid too large");
+    if (!splits_auto) {   // splits asked for: as clusters wherever they may, fit, and take no more waves
         // than the plain grid (clusters must fit a GPC: 128 blocks in clusters of 4 of a tile-8
         // 32-row kernel make two waves of 120 slots, 35.9 µs on 14336x4096 at M = 32 on an H200,
         // where the same 128 blocks unclustered, as stream-K, took 20.2)
@@ -1121,18 +1122,10 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
             const int status = prepare_kernel(dev, cfg.tile, cfg.m_blocks, grouped, &occ);
             if (status != FERRUM_OK) return status;
         }
-        const long long blocks = (long long)((size_m + 16 * cfg.m_blocks - 1) / (16 * cfg.m_blocks)) * num_experts *
-                                 ((size_n + tile_n(cfg.tile) - 1) / tile_n(cfg.tile)) * cfg.splits;
+        const long long blocks = tiles * cfg.splits;
         const long long slots = (long long)dev.sm_count * occ;
         best_cluster = eligible && cslots > 0 && (blocks + cslots - 1) / cslots <= (blocks + slots - 1) / slots;
     }
-    const int tk = tile_k(cfg.tile), tn = tile_n(cfg.tile);
-    const int m_slices = (size_m + 16 * cfg.m_blocks - 1) / (16 * cfg.m_blocks);
-    const long long tiles = (long long)m_slices * num_experts * ((size_n + tn - 1) / tn);
-    const int k_tiles = size_k / tk;
-    const size_t tile_bytes = size_t(16) * cfg.m_blocks * tn * sizeof(float);
-    cfg.splits = std::max(1, std::min(cfg.splits, k_tiles));
-    FERRUM_REQUIRE(tiles * cfg.splits < INT_MAX, "ferrum_mm: grid too large");
 
     // Stream-K on the wgmma tiles (5, 6, 8): asked for, or the split model's pick
     // (choose_splits), with the stream-K instance's occupancy. On the mma.sync tiles (one

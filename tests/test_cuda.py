@@ -694,6 +694,24 @@ def test_mm_asked_splits_leave_clusters_that_would_take_more_waves(rng):
     assert _rel_err(out, a.astype(np.float64) @ problem.dense[0]) <= TOL
 
 
+def test_mm_asked_splits_beyond_the_k_tiles_plan_as_the_k_tiles(rng):
+    """More splits asked for than K has k-tiles are cut to one a k-tile before anything else is
+    planned: the plan (clusters included) is the plan for that many, and the result is right.
+    16 splits of K = 256 (two 128-row k-tiles) would be too many for a cluster; 2 are not."""
+    if not _wgmma_planned():
+        pytest.skip("the wgmma tiles (clusters) need compute capability 9.0 and an sm_90a build")
+    problem = random_problem(rng, 256, 4096, 128)
+    weight = _weight(problem)
+    a = _activations(rng, 64, 256)
+    for tile, m_blocks in ((5, 4), (8, 2)):
+        over = ferrum._cuda.mm_plan(64, 256, 4096, tile=tile, m_blocks=m_blocks, splits=16)
+        assert over == ferrum._cuda.mm_plan(64, 256, 4096, tile=tile, m_blocks=m_blocks, splits=2)
+        assert over["splits"] == 2, over
+        out = np.full((64, 4096), np.nan, dtype=np.float16)
+        ferrum.cuda.BACKEND.mm(a, weight, 0, out, tile=tile, m_blocks=m_blocks, splits=16)
+        assert _rel_err(out, a.astype(np.float64) @ problem.dense[0]) <= TOL
+
+
 def test_mm_split_k_is_deterministic(rng):
     problem = random_problem(rng, 4096, 256, 128)
     weight = _weight(problem)

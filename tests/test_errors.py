@@ -314,6 +314,7 @@ def test_out_overlapping_the_weights_act_order_perm_is_refused():
     assert "overlap" in str(err.value)
     assert np.array_equal(weight.perm, before)
 
+
 def test_mm_weight_and_backend_checks(layer):
     _, weight = layer
     a = np.ones((1, K), np.float16)
