@@ -348,6 +348,8 @@ class MarlinWeight:
             _fail("perm", perm, "act-order is supported for single layers, not stacked experts")
         if self.perm is not None and np.array_equal(self.perm, np.arange(k)):
             self.perm = None            # the identity order needs no activation permute
+        if self.perm is not None:       # the weight's own copy, checked once: the kernels index
+            self.perm.setflags(write=False)   # A with it, so it stays a permutation
         self.size_k, self.size_n, self.group_size = k, n, g
         self.num_experts, self.stacked = experts, bool(stacked)
         self.backend = name

@@ -303,6 +303,7 @@ def test_out_overlapping_the_weight_is_refused(layer, stack):
 def test_out_overlapping_the_weights_act_order_perm_is_refused():
     # perm (int32 [K]) is a host array of the weight on every backend. A product written over it
     # left row indices out of range, and the next mm read A out of bounds (a segfault on cpu).
+    # perm is read-only now, so such an out is refused as not writable (else as overlapping).
     prob = random_problem(np.random.default_rng(3), K, 64, 64, act_order=True)
     weight = ferrum.MarlinWeight.from_gptq(prob.qweights[0], prob.scales[0], group_size=64,
                                            g_idx=prob.g_idx)
@@ -311,8 +312,26 @@ def test_out_overlapping_the_weights_act_order_perm_is_refused():
     over = weight.perm.view(np.float16).reshape(-1, 64)     # [8, 64]: the K int32 as float16
     with raises(ValueError, "out") as err:
         ferrum.mm(np.ones((over.shape[0], K), np.float16), weight, out=over)
-    assert "overlap" in str(err.value)
+    assert "writable" in str(err.value) or "overlap" in str(err.value)
     assert np.array_equal(weight.perm, before)
+
+
+def test_act_order_perm_is_the_weights_own_and_read_only():
+    # The kernels index A with perm without checking it again, so the weight keeps its own copy
+    # of the checked permutation and nobody writes to it afterwards.
+    g_idx = np.random.default_rng(4).permutation(K) // 64
+    qweight = np.random.default_rng(5).integers(0, 2**31, (K // 8, 64), dtype=np.int32)
+    scales = np.ones((K // 64, 64), np.float16)
+    weight = ferrum.MarlinWeight.from_gptq(qweight, scales, group_size=64, g_idx=g_idx)
+    assert weight.perm is not None and not weight.perm.flags.writeable
+    with pytest.raises(ValueError):
+        weight.perm[0] = K + 5
+    perm = np.random.default_rng(6).permutation(K).astype(np.int32)
+    marlin = ferrum.repack(qweight, K, 64, perm=perm)
+    direct = ferrum.MarlinWeight(marlin, ferrum.permute_scales(scales, K, 64, 64), size_k=K,
+                                 size_n=64, group_size=64, perm=perm)
+    perm[:] = 0                          # the caller's array is not the weight's
+    assert not np.shares_memory(direct.perm, perm) and len(set(direct.perm.tolist())) == K
 
 
 def test_mm_weight_and_backend_checks(layer):
