@@ -728,9 +728,19 @@ static bool wgmma_available(const DeviceProps &dev) {
 // up to 18% (8192x10240 M=8 21.2 -> 17.4 µs, 28672x8192 M=2 42.6 -> 36.6); slower on 8192x8192
 // at M = 2-3 (6-8%) and 4096x4096 at M = 8 (9%). One row stays on the swapped kernel (5 of 8
 // faster, but 8192x8192 7.6% and 14336x4096 5% slower). Channelwise and with 64-row groups the
-// 16-row blocks were mixed at 2-8 rows (13 and 12 of 24 cells faster), so those start at 9.
-constexpr int kWgmmaMinRows = 9;
-constexpr int kWgmmaMinRowsG128 = 2;
+// 16-row blocks were mixed at 2-8 rows (13 and 12 of 24 cells faster), so those started at 9.
+// Session 21, after tile 8, spread launches, stream-K and the split-model refits had made the
+// wgmma plans faster (same-machine A/B of the planner's plans with FERRUM_WGMMA_MIN_ROWS=1, H200,
+// the eight bench layers, best of two rounds): one row on the wgmma kernel took 0.88-0.95 of the
+// swapped kernel's time on 7 of 8 layers with 128-row groups (8192x8192 14.95 -> 13.57 µs,
+// 8192x10240 17.58 -> 16.38, 4096x6144 9.22 -> 8.10), 14336x4096 the exception (14.40 ->
+// 14.93); with 64-row groups at 1, 4 and 8 rows geometric means 0.953, 0.900, 0.900
+// (14336x4096 M=1 +3.3% the one loss); channelwise 0.945, 0.923, 0.914 (4096x4096 M=1 +3.4%
+// and M=4 +0.5% the losses). So the wgmma kernel takes every row count from one, except with
+// groups of 32 rows (fp16 scales; from kWgmma16Rows + 1) and grouped without F32S
+// (FERRUM_NO_F32S=1: fp16 scales, from 9 as before).
+constexpr int kWgmmaMinRows = 1;
+constexpr int kWgmmaMinRowsFp16Scales = 9;
 // FERRUM_WGMMA_MIN_ROWS=n (1..17) replaces both, for groups of 64 or 128 rows and channelwise
 // scales (for tuning; groups of 32 rows keep kWgmma16Rows + 1).
 static const int g_wgmma_min_rows_env = [] {
@@ -986,16 +996,16 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
     ferrum_mm_config cfg = req ? *req : ferrum_mm_config{0, 0, 0, 0, 0};
     FERRUM_REQUIRE(cfg.tile >= 0 && cfg.tile <= kTiles, "ferrum_mm: tile=%d (use 0..%d)", cfg.tile, kTiles);
     const bool grouped = group_size > 0;
-    // The wgmma kernel from kWgmmaMinRows rows (kWgmmaMinRowsG128 with groups of 128 rows,
-    // measured with F32S on), from kWgmma16Rows + 1 with groups of 32 rows
+    // The wgmma kernel from kWgmmaMinRows rows (channelwise, and groups of 64 or 128 rows with
+    // F32S on; kWgmmaMinRowsFp16Scales with it off), from kWgmma16Rows + 1 with groups of 32 rows
     // (fp16 scales in 16-row blocks; with G = 64 at M = 16, before F32S took 64-row groups,
     // 4096x4096 was 13.6% and 14336x4096 6.7% slower than the mma.sync plan, the others within
     // -6..+3%; session 16), where its block height for these rows fits the GPU's shared memory
     // in tile 6 (the smaller tile).
     const int wgmma_min_rows = grouped && group_size < 64 ? kWgmma16Rows + 1
                                : g_wgmma_min_rows_env ? g_wgmma_min_rows_env
-                               : group_size == 128 && g_f32s_enabled ? kWgmmaMinRowsG128
-                                                                      : kWgmmaMinRows;
+                               : !grouped || g_f32s_enabled ? kWgmmaMinRows
+                                                            : kWgmmaMinRowsFp16Scales;
     const int wgmma_mb = size_m <= kWgmma16Rows ? 1 : size_m <= kWgmmaFewRows ? 2 : 4;
     const bool wgmma = is_wgmma_tile(cfg.tile) ||
                        (cfg.tile == 0 && wgmma_available(dev) && size_m >= wgmma_min_rows &&

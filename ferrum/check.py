@@ -71,11 +71,11 @@ def problems(rng: np.random.Generator, quick: bool = False) -> list[Problem]:
     return out
 
 
-# Rows that reach every cuda kernel the planner picks: the swapped kernel (1; up to 8 except
-# with 128-row groups on sm_90a); the wgmma kernel's 16-row blocks on sm_90a (FP32 scales with
-# groups of 64 or 128 rows; from 2 rows with 128-row groups, from 9 otherwise), mma.sync's fp16
-# path at 9-16 for groups of 32 rows and on other GPUs; the wgmma kernel's 32-row blocks
-# (17-32) and 64/128-row blocks (33+); on metal gemv and the tiled kernel.
+# Rows that reach every cuda kernel the planner picks: the swapped kernel (1 and 5: up to 8
+# rows with groups of 32 rows on sm_90a and on other GPUs); the wgmma kernel's 16-row blocks on
+# sm_90a (1-16 rows; FP32 scales with groups of 64 or 128 rows), mma.sync's fp16 path at 9-16
+# for groups of 32 rows and on other GPUs; the wgmma kernel's 32-row blocks (17-32) and
+# 64/128-row blocks (33+); on metal gemv and the tiled kernel.
 M_VALUES = (1, 5, 16, 24, 64, 300)
 
 

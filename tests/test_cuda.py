@@ -314,9 +314,10 @@ def _assert_non_finite_as_in_float64(got, ref, m):
 def test_mm_non_finite_activations_as_in_float64(m, rng):
     """inf times a zero weight (q == 8) is NaN, times any other weight an inf of the product's
     sign, inf - inf is NaN and a NaN fills its row, as in float64 (and the cpu reference). The
-    fp16 and wgmma kernels subtract the uint4b8 bias per weight (with 128-row groups the wgmma
-    kernel from 2 rows); the swapped kernel (the planner's up to 8 rows otherwise) takes it out
-    of the sums and, where a bias sum is not finite, recomputes per weight."""
+    fp16 and wgmma kernels subtract the uint4b8 bias per weight (on sm_90a the wgmma kernel
+    from one row); the swapped kernel (up to 8 rows on other GPUs; test_mm_non_finite_
+    activations_swapped_kernel asks for it) takes it out of the sums and, where a bias sum is
+    not finite, recomputes per weight."""
     got, ref = _non_finite_case(rng, m)
     _assert_non_finite_as_in_float64(got, ref, m)
 
@@ -447,13 +448,11 @@ for g in (-1, 128):
     for m in (1, 16, 20, 40, 70, 200):
         plan = ferrum._cuda.mm_plan(m, 1024, 320)
         if cap < 101376 + 1:      # sm_86 / sm_89: tile 2 holds one 16-row slice, tile 3 more;
-                                  # on an H100 posing as one, 9-16 rows in tile 6's 16-row blocks
-            assert plan["tile"] in ((2,) if m <= 8 else (2, 6) if m <= 16 else (3,)), (m, plan)
-        elif m <= 8:              # sm_80: tiles 1, 2, 7 up to 8 rows (the swapped kernel)
-            assert plan["tile"] in (1, 2, 7), (m, plan)
-        else:                     # then up to 32 rows still tiles 1, 2, 7, then tile 3; on an
-                                  # H100 posing as one, from 9 rows the wgmma tiles that fit:
-                                  # 6, and up to 32 rows 8
+                                  # on an H100 posing as one, up to 16 rows in tile 6's 16-row blocks
+            assert plan["tile"] in ((2, 6) if m <= 16 else (3,)), (m, plan)
+        else:                     # sm_80: tiles 1, 2, 7 up to 32 rows (the swapped kernel up to
+                                  # 8), then tile 3; on an H100 posing as one, the wgmma tiles
+                                  # that fit: 6, and up to 32 rows 8
             assert plan["tile"] in ((1, 2, 7, 6, 8) if m <= 32 else (3, 6)), (m, plan)
         a = rng.standard_normal((m, 1024)).astype(np.float16)
         got = ferrum.mm(a, w).astype(np.float64)
@@ -583,12 +582,12 @@ def test_mm_stream_k_wgmma_experts_and_act_order(rng):
 
 @pytest.mark.parametrize("k,n", [(4096, 6144), (14336, 4096), (8192, 10240), (28672, 8192)])
 def test_planner_kernel_by_rows(k, n):
-    """Where the wgmma kernel runs: one row on the swapped mma.sync kernel; with 128-row groups
-    2..16 rows in 16-row wgmma blocks with workspace split-K (no clusters), channelwise and
-    with 64-row groups from 9 rows, with 32-row groups from 17; 17..32 rows 32-row blocks."""
+    """Where the wgmma kernel runs: channelwise and with 64- or 128-row groups from one row,
+    up to 16 rows in 16-row wgmma blocks with workspace split-K (no clusters); with 32-row
+    groups from 17 (the mma.sync kernels below); 17..32 rows 32-row blocks."""
     if not _wgmma_planned():
         pytest.skip("no wgmma kernel on this GPU/build (needs compute capability 9.0 and sm_90a)")
-    first = {128: 2, 64: 9, -1: 9, 32: 17}
+    first = {128: 1, 64: 1, -1: 1, 32: 17}
     for g, first_row in first.items():
         for m in (1, 2, 8, 9, 16):
             plan = ferrum._cuda.mm_plan(m, k, n, group_size=g)
