@@ -1154,7 +1154,8 @@ fn main(@builtin(local_invocation_index) li: u32) {
         srow_bytes = 2 * n                       # one scale row
         limit = self._usable_limit()
         if row_bytes * 8 > limit or srow_bytes > limit:
-            raise ValueError(f"size_n={n} is too wide for the binding limit ({self.binding_limit})")
+            raise ValueError(f"weight: size_n={n} is too wide for this adapter: one packed k-tile row "
+                             f"({8 * row_bytes} bytes) must fit one storage binding ({limit} bytes)")
 
         # Pieces of the weight: (first expert, experts, kt_begin, kt_count, k-piece index).
         pieces = []
@@ -1168,7 +1169,9 @@ fn main(@builtin(local_invocation_index) li: u32) {
             while kt_block >= 8 and (kt_block // group_tiles + 2) * srow_bytes > limit:
                 kt_block -= 8                    # the piece's scale rows must fit a binding too
             if kt_block < 8:
-                raise ValueError("weight rows do not fit the binding limit")
+                raise ValueError(f"weight: size_n={n} with group_size={weight.group_size} does not fit "
+                                 f"this adapter: 8 packed k-tile rows and their scale rows must fit one "
+                                 f"storage binding ({limit} bytes)")
             k_pieces = math.ceil(kt_rows / kt_block)
             for e in experts:
                 for p in range(k_pieces):
@@ -1185,7 +1188,10 @@ fn main(@builtin(local_invocation_index) li: u32) {
                                 or m_block > MAX_GRID):
             m_block = _round_up(m_block // 2, 2)
         if k_pieces * m_block * n_total * 4 > limit:
-            raise ValueError("output too wide for the binding limit")
+            raise ValueError(f"weight: {n_total} output columns are too wide for this adapter: the "
+                             f"partial sums of {m_block} rows of a over {k_pieces} weight pieces "
+                             f"({k_pieces * m_block * n_total * 4} bytes) must fit one storage binding "
+                             f"({limit} bytes)")
         kernel = self._kernel_for(m_block)
         chunks = n // F.CHUNK_N
         m_tile = self._m_tile(kernel, m_block)

@@ -456,6 +456,31 @@ def test_mm_stacked_larger_than_one_binding():
             check_mm(w, a, p.dense[1], expert=1)
 
 
+def test_mm_refuses_what_no_binding_holds_with_the_sizes():
+    """Where even one k-tile row of the weight, or the partial sums of two rows of the output,
+    exceed a storage binding, mm says which size and which limit, before any GPU work, leaves
+    out as it was, and the next call within the limits runs."""
+    rng = np.random.default_rng(650)
+    p = random_problem(rng, 256, 256, 128)
+    wide = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=128,
+                                         backend="metal")
+    a = rng.standard_normal((2, 256)).astype(np.float16)
+    out = np.full((2, 256), 7, np.float16)
+    with binding_limit(8 * 1024 + BACKEND.offset_alignment):
+        with pytest.raises(ValueError, match=r"size_n=256 .*one storage binding \(\d+ bytes\)"):
+            ferrum.mm(a, wide, out=out)
+    assert (out == 7).all()
+    experts = 80                     # 80 x 64 output columns: 40 KiB of fp32 partials at 2 rows
+    q = random_problem(rng, 128, 64, -1, experts=experts)
+    stack = ferrum.load_stacked(q.qweights, q.scales, group_size=-1, backend="metal")
+    a = rng.standard_normal((4, 128)).astype(np.float16)
+    with binding_limit(32 * 1024):
+        with pytest.raises(ValueError, match=r"5120 output columns .*\(\d+ bytes\) must fit"):
+            ferrum.mm(a, stack)
+        check_mm(stack, a, q.dense[3], expert=3)
+    check_mm(stack, a, np.concatenate(q.dense, axis=1))
+
+
 def test_mm_returns_new_array_without_out_and_weight_moves_from_cpu():
     size_k, size_n = 256, 64
     rng = np.random.default_rng(700)
