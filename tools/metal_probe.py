@@ -24,9 +24,12 @@ column: batches of passes, submission and wait timed.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import time
 
 import numpy as np
+import wgpu
 
 import ferrum
 import ferrum.metal.backend as mb
@@ -117,72 +120,71 @@ def fixed(rng, shapes):
               f"{size / rate * 1e6:8.1f} us a dispatch", flush=True)
 
 
-def _span(plan, reps: int = 512, rounds: int = 3):
-    """(wall, submit, gpu) µs per pass over `reps` passes of the plan, best of `rounds`."""
-    import time
-    import wgpu
+@contextlib.contextmanager
+def _stamps():
+    """Two timestamp queries (0: before the first unit, 1: after the last) and a function that
+    resolves them, once the work that wrote them is submitted, into GPU seconds between them."""
     query = B.device.create_query_set(type="timestamp", count=2)
     resolved = B.device.create_buffer(
         size=16, usage=wgpu.BufferUsage.QUERY_RESOLVE | wgpu.BufferUsage.COPY_SRC)
     period = B._native.lib.wgpuQueueGetTimestampPeriod(B.device.queue._internal) \
         if B._native is not None else 1.0
-    best = None
+
+    def seconds() -> float:
+        enc = B.device.create_command_encoder()
+        enc.resolve_query_set(query, 0, 2, resolved, 0)
+        B.device.queue.submit([enc.finish()])
+        ticks = np.frombuffer(B.device.queue.read_buffer(resolved), np.uint64).astype(np.float64)
+        return (ticks[1] - ticks[0]) * period * 1e-9
     try:
+        yield query, seconds
+    finally:
+        query.destroy()
+        resolved.destroy()
+
+
+def _span(plan, reps: int = 512, rounds: int = 3):
+    """(wall, submit, gpu) µs per pass over `reps` passes of the plan, one pass a unit in
+    command buffers as the bench records them (MetalBackend._batch), best of `rounds`."""
+    best = None
+    with _stamps() as (query, gpu_seconds):
         for _ in range(rounds):
-            def record(enc, count, first=[True]):
-                for i in range(count):
+            done = 0
+
+            def record(enc, count):
+                nonlocal done
+                for _ in range(count):
                     cp = enc.begin_compute_pass()
-                    if first[0]:
+                    if done == 0:
                         cp._write_timestamp(query, 0)
-                        first[0] = False
                     for d in plan.dispatches:
                         cp.set_pipeline(d.pipeline)
                         cp.set_bind_group(0, d.bind_group)
                         cp.dispatch_workgroups(*d.grid)
-                    if record.left == 1:
+                    done += 1
+                    if done == reps:
                         cp._write_timestamp(query, 1)
-                    record.left -= 1
                     cp.end()
-            record.left = reps
             buffers = B._batch(record, reps)
-            tail = B.device.create_command_encoder()
-            tail.resolve_query_set(query, 0, 2, resolved, 0)
             start = time.perf_counter()
             B.device.queue.submit(buffers)
             submitted = time.perf_counter()
-            B._run_and_wait([tail.finish()])   # waits for the batch too (one queue)
-            done = time.perf_counter()
-            ticks = np.frombuffer(B.device.queue.read_buffer(resolved), np.uint64).astype(np.float64)
-            gpu = (ticks[1] - ticks[0]) * period * 1e-9
-            row = ((done - start) / reps * 1e6, (submitted - start) / reps * 1e6, gpu / reps * 1e6)
+            B._run_and_wait([])       # the batch's last buffer ends with the fence copy
+            done_at = time.perf_counter()
+            row = ((done_at - start) / reps * 1e6, (submitted - start) / reps * 1e6,
+                   gpu_seconds() / reps * 1e6)
             best = row if best is None or row[0] < best[0] else best
-    finally:
-        query.destroy()
-        resolved.destroy()
     return best
 
 
 def _gpu_us(encode, units: int, rounds: int = 3) -> float:
     """GPU µs per unit by the timestamp queries that encode(query, units) writes as index 0
     (before the first unit) and 1 (after the last) into the command buffers it returns."""
-    import wgpu
-    query = B.device.create_query_set(type="timestamp", count=2)
-    resolved = B.device.create_buffer(
-        size=16, usage=wgpu.BufferUsage.QUERY_RESOLVE | wgpu.BufferUsage.COPY_SRC)
-    period = B._native.lib.wgpuQueueGetTimestampPeriod(B.device.queue._internal) \
-        if B._native is not None else 1.0
     best = float("inf")
-    try:
+    with _stamps() as (query, gpu_seconds):
         for _ in range(rounds):
-            buffers = encode(query, units)
-            tail = B.device.create_command_encoder()
-            tail.resolve_query_set(query, 0, 2, resolved, 0)
-            B.device.queue.submit(buffers + [tail.finish()])
-            ticks = np.frombuffer(B.device.queue.read_buffer(resolved), np.uint64).astype(np.float64)
-            best = min(best, (ticks[1] - ticks[0]) * period * 1e-3 / units)
-    finally:
-        query.destroy()
-        resolved.destroy()
+            B.device.queue.submit(encode(query, units))
+            best = min(best, gpu_seconds() * 1e6 / units)
     return best
 
 
