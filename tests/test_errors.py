@@ -299,7 +299,6 @@ def test_out_overlapping_the_weight_is_refused(layer, stack):
         assert np.array_equal(weight.scales, before)
 
 
-
 def test_out_overlapping_the_weights_act_order_perm_is_refused():
     # perm (int32 [K]) is a host array of the weight on every backend. A product written over it
     # left row indices out of range, and the next mm read A out of bounds (a segfault on cpu).
