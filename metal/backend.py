@@ -1154,8 +1154,9 @@ fn main(@builtin(local_invocation_index) li: u32) {
         srow_bytes = 2 * n                       # one scale row
         limit = self._usable_limit()
         if row_bytes * 8 > limit or srow_bytes > limit:
-            raise ValueError(f"weight: size_n={n} is too wide for this adapter: one packed k-tile row "
-                             f"({8 * row_bytes} bytes) must fit one storage binding ({limit} bytes)")
+            raise ValueError(f"weight: size_n={n} is too wide for this adapter: 8 packed k-tile rows "
+                             f"({8 * row_bytes} bytes) and a scale row must fit one storage binding "
+                             f"({limit} bytes)")
 
         # Pieces of the weight: (first expert, experts, kt_begin, kt_count, k-piece index).
         pieces = []
