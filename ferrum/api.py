@@ -163,6 +163,20 @@ def _asarray(argument: str, x: Any) -> np.ndarray:
     return arr
 
 
+def _once(argument: str, x: Any) -> Any:
+    """x, or for an array-like that is neither a numpy array nor a GPU array (a list, an object
+    with __array__), that array-like read into numpy once: its checks and its use then see the
+    same array, however often its __array__ would answer, and whatever it would answer next.
+    Errors after that show the array read (its shape and dtype); what reads as objects, which
+    no argument takes, is refused here, shown as given."""
+    if isinstance(x, (np.ndarray, str, bytes, dict)) or x is None or _on_gpu(x):
+        return x
+    arr = _asarray(argument, x)
+    if arr.dtype == object:
+        _fail(argument, x, "must be an array of numbers, got dtype object", TypeError)
+    return arr
+
+
 def _host(argument: str, x: Any) -> np.ndarray:
     if _on_gpu(x):
         _fail(argument, x, f"is a {_resident_kind(x)} array; this operation takes host (numpy) "
@@ -260,6 +274,7 @@ def repack(qweight, size_k, size_n, *, num_bits=4, perm=None, backend=None):
     _check_num_bits("num_bits", num_bits)
     k, n = _check_sizes(size_k, size_n)
     name = _default_backend(backend, qweight)
+    qweight = _once("qweight", qweight)
     _check_array("qweight", qweight, [np.int32, np.uint32], shape=(k // F.PACK, n))
     p = None if perm is None else _check_perm("perm", perm, k)
     be = _registry.get(name)
@@ -278,6 +293,7 @@ def permute_scales(scales, size_k, size_n, group_size):
     k, n = _check_sizes(size_k, size_n)
     g = _check_group_size(group_size, k)
     groups = F.num_groups(k, g)
+    scales = _once("scales", scales)
     _check_array("scales", scales, [np.float16, np.float32], shape=(groups, n))
     s = _host("scales", scales)
     _check_scales("scales", s)
@@ -322,6 +338,7 @@ class MarlinWeight:
         k, n = _check_sizes(size_k, size_n)
         g = _check_group_size(group_size, k)
         name = _default_backend(backend, qweight, scales)
+        qweight = _once("qweight", qweight)
         q_shape, _ = _meta("qweight", qweight)
         if stacked is None:
             stacked = len(q_shape) == 3
@@ -336,10 +353,12 @@ class MarlinWeight:
                 _fail("qweight", qweight, "a stack needs at least one expert")
             _check_array("qweight", qweight, [np.int32, np.uint32],
                          shape=(experts, k // F.TILE, 2 * n))
+            scales = _once("scales", scales)
             _check_array("scales", scales, [np.float16], shape=(experts, groups, n))
         else:
             experts = 1
             _check_array("qweight", qweight, [np.int32, np.uint32], shape=(k // F.TILE, 2 * n))
+            scales = _once("scales", scales)
             _check_array("scales", scales, [np.float16], shape=(groups, n))
         if not _on_gpu(scales):   # host scales of any kind
             _check_finite("scales", _asarray("scales", scales))
@@ -378,10 +397,12 @@ class MarlinWeight:
     def from_gptq(cls, qweight, scales, *, group_size, g_idx=None, backend=None, num_bits=4):
         """From GPTQ on-disk tensors: qweight int32 [K/8, N], scales [groups, N], optional g_idx."""
         _check_num_bits("num_bits", num_bits)
+        qweight = _once("qweight", qweight)
         q_shape, _ = _check_array("qweight", qweight, [np.int32, np.uint32], ndim=2)
         k, n = _check_sizes(q_shape[0] * F.PACK, q_shape[1], "qweight.shape[0]*8", "qweight.shape[1]")
         g = _check_group_size(group_size, k)
         groups = F.num_groups(k, g)
+        scales = _once("scales", scales)
         _check_array("scales", scales, [np.float16, np.float32], shape=(groups, n))
         name = _default_backend(backend, qweight)
         perm = None if g_idx is None else _perm_from_g_idx(g_idx, k, g)
@@ -473,6 +494,8 @@ def load_stacked(qweights, scales, *, group_size, bits=4, backend=None) -> Marli
         _fail("scales", scales, f"must hold one entry per expert: {len(q_list)} qweights, "
               f"{len(s_list)} scales")
     name = _default_backend(backend)
+    q_list = [_once(f"qweights[{e}]", q) for e, q in enumerate(q_list)]
+    s_list = [_once(f"scales[{e}]", s) for e, s in enumerate(s_list)]
     q0_shape, _ = _check_array("qweights[0]", q_list[0], [np.int32, np.uint32], ndim=2)
     k, n = _check_sizes(q0_shape[0] * F.PACK, q0_shape[1], "qweights[0].shape[0]*8",
                         "qweights[0].shape[1]")
@@ -500,6 +523,7 @@ def _expert_list(argument: str, x: Any) -> list:
         if not x:
             _fail(argument, x, "must hold at least one expert")
         return list(x)
+    x = _once(argument, x)
     shape, _ = _meta(argument, x)
     if len(shape) != 3:
         _fail(argument, x, f"must be a list of 2-D arrays or one 3-D [E, ...] array, got shape {shape}")
@@ -551,6 +575,7 @@ def _mm_checked(a, weight, expert, out, backend, stream):
             _fail("backend", backend, f"the weight lives on {weight.backend!r}; move it first "
                   f"with weight.to({name!r}) and call mm with the moved weight")
     be = _registry.get(weight.backend)
+    a = _once("a", a)
     a_shape, _ = _check_array("a", a, [np.float16], ndim=2)
     if a_shape[1] != weight.size_k:
         _fail("a", a, f"must have size_k={weight.size_k} columns, got {a_shape[1]}")
@@ -743,6 +768,7 @@ def quantize(w, *, group_size=128):
     scale = max|w| / 7.5 per group and column (GPTQ's symmetric grid; rounded up to float16),
     q = clip(round(w/s) + 8, 0, 15): every weight within half a step of its value.
     """
+    w = _once("w", w)
     _check_array("w", w, [np.float16, np.float32, np.float64], ndim=2)
     arr = _host("w", w)
     k, n = _check_sizes(arr.shape[0], arr.shape[1], "w.shape[0]", "w.shape[1]")

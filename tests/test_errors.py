@@ -466,6 +466,52 @@ def test_values_numpy_cannot_read_are_named(layer, stack):
         assert "cannot be read as an array" in str(err.value)
 
 
+class _Shifty:
+    """An array-like whose __array__ answers the good array once, then a bad one (a short row
+    of zeros): a call that reads it twice checks one array and runs on the other."""
+
+    def __init__(self, good):
+        self.good, self.reads = good, 0
+
+    def __array__(self, dtype=None, copy=None):
+        self.reads += 1
+        return self.good if self.reads == 1 else np.zeros((1, 8), self.good.dtype)
+
+
+def test_array_likes_are_read_once(layer, stack):
+    # What passed the checks is what the kernels get: every argument that takes an array-like
+    # reads it exactly once, and the call gives what the numpy array would.
+    prob, weight = layer
+    a = np.random.default_rng(5).standard_normal((3, K)).astype(np.float16)
+    w = np.random.default_rng(6).standard_normal((K, N)).astype(np.float32)
+    marlin = ferrum.repack(prob.qweights[0], K, N)
+    permuted = ferrum.permute_scales(prob.scales[0], K, N, 64)
+    calls = [(a, lambda x: ferrum.mm(x, weight)),
+             (a, lambda x: ferrum.mm(x, stack[1], expert=1)),
+             (prob.qweights[0], lambda x: ferrum.repack(x, K, N)),
+             (prob.scales[0], lambda x: ferrum.permute_scales(x, K, N, 64)),
+             (marlin, lambda x: ferrum.dequantize(ferrum.MarlinWeight(x, permuted, size_k=K, size_n=N,
+                                                                      group_size=64))),
+             (permuted, lambda x: ferrum.dequantize(ferrum.MarlinWeight(marlin, x, size_k=K, size_n=N,
+                                                                        group_size=64))),
+             (prob.qweights[0], lambda x: ferrum.dequantize(
+                 ferrum.MarlinWeight.from_gptq(x, prob.scales[0], group_size=64))),
+             (prob.scales[0], lambda x: ferrum.dequantize(
+                 ferrum.MarlinWeight.from_gptq(prob.qweights[0], x, group_size=64))),
+             (prob.qweights[0], lambda x: ferrum.dequantize(
+                 ferrum.load_stacked([x], [prob.scales[0]], group_size=64))),
+             (np.stack([prob.scales[0]]), lambda x: ferrum.dequantize(
+                 ferrum.load_stacked(np.stack([prob.qweights[0]]), x, group_size=64))),
+             (w, lambda x: ferrum.quantize(x, group_size=64))]
+    for good, call in calls:
+        shifty = _Shifty(good)
+        got, want = call(shifty), call(good)
+        assert shifty.reads == 1
+        for g, v in zip(got if isinstance(got, tuple) else (got,),
+                        want if isinstance(want, tuple) else (want,)):
+            assert np.array_equal(g, v)
+
+
 def test_failed_calls_leave_inputs_unmodified(layer):
     prob, weight = layer
     a = np.ones((2, K), np.float16)
