@@ -93,6 +93,19 @@ def test_crosscheck_arguments_are_checked_before_any_work(monkeypatch):
             ferrum.crosscheck(**kwargs)
 
 
+def test_crosscheck_takes_a_seed_as_any_integer_argument(monkeypatch):
+    # As expert= and m_values do: a numpy integer or a 0-d integer array is the integer.
+    seen = []
+    monkeypatch.setattr(ferrum.check, "problems",
+                        lambda rng, quick: seen.append(rng.integers(1 << 30)) or [])
+    for seed in (3, np.int64(3), np.array(3), np.array(3, np.uint8)):
+        ferrum.crosscheck("cpu", seed=seed, quick=True)
+    assert len(seen) == 4 and len(set(seen)) == 1
+    for seed in (np.array(-3), np.array(3.0), np.array([3])):
+        with pytest.raises((TypeError, ValueError), match=r"^seed="):
+            ferrum.crosscheck("cpu", seed=seed)
+
+
 def test_crosscheck_runs_a_backend_named_twice_once():
     results = ferrum.crosscheck(["cpu", "cpu"], quick=True, m_values=(2,))
     assert len(results) == len(ferrum.crosscheck("cpu", quick=True, m_values=(2,)))
