@@ -6,7 +6,6 @@ and with cpu. Outputs are poisoned with NaN before each run so an unwritten elem
 
 from __future__ import annotations
 
-import operator
 import time
 from dataclasses import dataclass, field
 
@@ -129,15 +128,11 @@ def crosscheck(backends=None, *, seed=None, quick=False, m_values=None, log=None
         for m in m_values:
             if api._int("m_values", m) < 1:
                 raise ValueError(f"m_values={m_values!r}: every M must be >= 1, got {m!r}")
-    if seed is not None:    # as every integer argument: an int, a numpy integer or 0-d array
-        if isinstance(seed, (bool, np.bool_)):     # (numpy would take True as the seed 1)
-            raise TypeError(f"seed={seed!r}: must be None or a non-negative integer, not a bool")
-        try:
-            seed = operator.index(seed)
-        except TypeError:
-            raise TypeError(f"seed={seed!r}: must be None or a non-negative integer") from None
-        if seed < 0:
+    if seed is not None:    # as every integer argument (not a bool, which numpy takes as 1)
+        value = api._int("seed", seed)
+        if value < 0:
             raise ValueError(f"seed={seed!r}: must be None or a non-negative integer")
+        seed = value
     rng = np.random.default_rng(seed)
     if backends is None:
         names = [n for n in _registry.BACKEND_MODULES if _registry.info(n).available]
