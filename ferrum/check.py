@@ -128,6 +128,9 @@ def crosscheck(backends=None, *, seed=None, quick=False, m_values=None, log=None
         for m in m_values:
             if api._int("m_values", m) < 1:
                 raise ValueError(f"m_values={m_values!r}: every M must be >= 1, got {m!r}")
+        # The row counts as plain ints (as seed and expert are used): a 0-d integer array would
+        # otherwise reach the dicts keyed by M (unhashable) and the labels of the results.
+        m_values = tuple(api._int("m_values", m) for m in m_values)
     if seed is not None:    # as every integer argument (not a bool, which numpy takes as 1)
         value = api._int("seed", seed)
         if value < 0:

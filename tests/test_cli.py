@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import ferrum
-from ferrum.check import Result, format_table
+from ferrum.check import Result, format_table, random_problem
 
 
 def run(*args):
@@ -104,6 +104,20 @@ def test_crosscheck_takes_a_seed_as_any_integer_argument(monkeypatch):
     for seed in (np.array(-3), np.array(3.0), np.array([3])):
         with pytest.raises((TypeError, ValueError), match=r"^seed="):
             ferrum.crosscheck("cpu", seed=seed)
+
+
+def test_crosscheck_takes_row_counts_as_any_integer_argument(monkeypatch):
+    # As seed and expert= do: a numpy integer, a 0-d integer array or an __index__ object is
+    # the row count it stands for, in the run and in the results' labels.
+    class Three:
+        def __index__(self):
+            return 3
+    monkeypatch.setattr(ferrum.check, "problems",
+                        lambda rng, quick: [random_problem(rng, 128, 64, 128)])
+    for m in (np.int64(3), np.array(3), np.array(3, np.uint8), Three()):
+        results = ferrum.crosscheck("cpu", seed=1, m_values=[m])
+        assert [r.op for r in results] == ["repack", "mm M=3"]
+        assert all(r.passed for r in results)
 
 
 def test_crosscheck_runs_a_backend_named_twice_once():
