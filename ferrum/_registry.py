@@ -104,7 +104,7 @@ def check_name(name: Any, argument: str = "backend") -> str:
     if not isinstance(name, str) or name not in BACKEND_MODULES:
         raise ValueError(f"{argument}={name!r}: unknown backend; choose one of "
                          f"{', '.join(repr(n) for n in BACKEND_MODULES)}")
-    return name
+    return str(name)    # the plain name, also for a str subclass (np.str_ from a numpy array)
 
 
 _ready: dict[str, Backend] = {}     # backends found available once: the hot path's lookup

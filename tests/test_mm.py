@@ -377,6 +377,22 @@ def test_weights_pickle_and_copy(rng, experts):
     assert shallow.qweight is weight.qweight and np.array_equal(ferrum.mm(a, shallow), want)
 
 
+def test_backend_named_by_a_numpy_string_is_kept_as_its_name(rng):
+    # A name read from a numpy array of strings (np.str_) is the plain name: weights keep it as
+    # str, so their repr and the messages that show it read backend='cpu'.
+    prob = random_problem(rng, 128, 64, 128)
+    name = np.array(["cpu"])[0]
+    weights = [ferrum.MarlinWeight.from_gptq(prob.qweights[0], prob.scales[0], group_size=128,
+                                             backend=name),
+               ferrum.load_stacked(prob.qweights, prob.scales, group_size=128, backend=name)]
+    weights.append(ferrum.MarlinWeight(weights[0].qweight, weights[0].scales, size_k=128,
+                                       size_n=64, group_size=128, backend=name))
+    for weight in weights:
+        assert type(weight.backend) is str and "backend='cpu'" in repr(weight)
+    results = ferrum.crosscheck(name, quick=True, m_values=[1], seed=0)
+    assert {type(r.backend) for r in results} == {str}
+
+
 @pytest.mark.parametrize("m", [1, 3])
 def test_serial_twins_equal_the_threaded_kernels(rng, m):
     # Small calls run the kernels' single-threaded twins (no worker wake-up); both must give
