@@ -101,7 +101,10 @@ def info(name: str) -> BackendInfo:
 
 
 def check_name(name: Any, argument: str = "backend") -> str:
-    if not isinstance(name, str) or name not in BACKEND_MODULES:
+    if not isinstance(name, str):   # a wrong kind of value, as elsewhere in the API
+        raise TypeError(f"{argument}={name!r}: must be a backend name (a string), one of "
+                        f"{', '.join(repr(n) for n in BACKEND_MODULES)}")
+    if name not in BACKEND_MODULES:
         raise ValueError(f"{argument}={name!r}: unknown backend; choose one of "
                          f"{', '.join(repr(n) for n in BACKEND_MODULES)}")
     return str(name)    # the plain name, also for a str subclass (np.str_ from a numpy array)

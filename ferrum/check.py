@@ -113,6 +113,8 @@ def crosscheck(backends=None, *, seed=None, quick=False, m_values=None, log=None
     """
     from . import api
     # Every argument before any work, each error naming it (as the rest of the API does).
+    if not isinstance(quick, (bool, np.bool_)):
+        raise TypeError(f"quick={quick!r}: must be True or False")
     if log is not None and not callable(log):
         raise TypeError(f"log={log!r}: must be a callable taking one string, or None")
     if m_values is not None:

@@ -86,6 +86,8 @@ def test_crosscheck_arguments_are_checked_before_any_work(monkeypatch):
             (dict(m_values=[0]), ValueError, "m_values"), (dict(m_values=[-3]), ValueError, "m_values"),
             (dict(m_values=[1.5]), TypeError, "m_values"), (dict(m_values=4), TypeError, "m_values"),
             (dict(m_values=[]), ValueError, "m_values"), (dict(log=5), TypeError, "log"),
+            (dict(quick=np.array([True, False])), TypeError, "quick"),
+            (dict(quick="yes"), TypeError, "quick"), (dict(backends=[5]), TypeError, "backends"),
             # 0-d arrays have __iter__ but cannot be iterated
             (dict(m_values=np.array(4)), TypeError, "m_values"),
             (dict(backends=np.array("cpu")), TypeError, "backends")]:

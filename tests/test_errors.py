@@ -347,6 +347,13 @@ def test_mm_weight_and_backend_checks(layer):
         ferrum.mm(a, weight, stream=0)
     with raises(ValueError, "backend"):
         ferrum.repack(np.zeros((K // 8, N), np.int32), K, N, backend="gpu")
+    for not_a_name in (5, b"cpu", ["cpu"]):   # a wrong kind of value: TypeError
+        with raises(TypeError, "backend"):
+            ferrum.mm(a, weight, backend=not_a_name)
+        with raises(TypeError, "backend"):
+            weight.to(not_a_name)
+    with raises(TypeError, "backend"):
+        weight.to(None)     # (mm's backend=None is the weight's own)
 
 
 def test_unavailable_backend_says_why():
