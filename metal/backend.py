@@ -79,6 +79,10 @@ def _int_at_least(low: int):
     return lambda text: int(text) if int(text) >= low else None
 
 
+def _int_in(low: int, high: int):
+    return lambda text: int(text) if low <= int(text) <= high else None
+
+
 def _flag(text: str):
     return {"0": False, "1": True, "false": False, "true": True, "off": False, "on": True,
             "no": False, "yes": True}.get(text.lower())
@@ -153,6 +157,9 @@ TILED_TARGET_SHARE = 0.5
 WORKGROUP_STORAGE = 16384
 #: Workgroups per grid dimension WebGPU guarantees (maxComputeWorkgroupsPerDimension).
 MAX_GRID = 65535
+#: Largest FERRUM_METAL_TARGET_WORKGROUPS: the workgroups one dispatch can hold. The planner
+#: scales the target by float shares, so an integer past float range failed every mm.
+MAX_TARGET_WORKGROUPS = MAX_GRID ** 3
 #: Seconds mm's wait polls the device without blocking before it blocks in the driver (a GPU
 #: adapter; a CPU adapter blocks at once). FERRUM_METAL_SPIN_US overrides it (0: always block).
 SPIN_SECONDS = 0.005
@@ -757,8 +764,8 @@ class MetalBackend(Backend):
         self.target_workgroups = TARGET_WORKGROUPS_CPU if cpu else TARGET_WORKGROUPS
         # Tuning knobs (for a given GPU, without editing the source); a bad value is an error
         # that names the variable, and leaves the backend unavailable with it as the reason.
-        target = _env("FERRUM_METAL_TARGET_WORKGROUPS", _int_at_least(1),
-                      "must be a positive integer")
+        target = _env("FERRUM_METAL_TARGET_WORKGROUPS", _int_in(1, MAX_TARGET_WORKGROUPS),
+                      f"must be a positive integer up to {MAX_TARGET_WORKGROUPS}")
         if target is not None:
             self.target_workgroups = target
         loads = _env("FERRUM_METAL_GEMV_LOADS", _int_at_least(0),

@@ -130,6 +130,15 @@ def test_a_bad_tuning_variable_is_named_in_the_reason(name, value):
     assert said.startswith("REASON ") and f"{name}={value!r}" in said, said
 
 
+def test_a_workgroup_target_past_float_range_is_refused_not_an_error_in_every_mm():
+    # FERRUM_METAL_TARGET_WORKGROUPS took any positive integer, and the planner scales it by
+    # float shares: a target past float range left metal available and every mm raised
+    # OverflowError ("int too large to convert to float").
+    huge = "1" + "0" * 320
+    said = _metal_info_with({"FERRUM_METAL_TARGET_WORKGROUPS": huge})
+    assert said.startswith("REASON ") and f"FERRUM_METAL_TARGET_WORKGROUPS={huge!r}" in said, said
+
+
 @pytest.mark.parametrize("name", ["FERRUM_METAL_TILED_UNROLL", "FERRUM_METAL_NATIVE"])
 def test_a_bad_switch_value_is_refused_with_every_spelling_it_takes(name):
     # The switches take 0/1, false/true, off/on and no/yes (metal/README.md); the reason said
