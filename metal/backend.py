@@ -104,6 +104,10 @@ VECTOR_M_TILE = 8
 #: (M = 1: 1 or 2 best, 4 a few % slower, 8 up to 40% slower: code size and registers), and
 #: none matters once the rows' arithmetic dominates.
 GEMV_LOADS = {1: 2, 2: 1, 4: 1, 8: 1, 16: 1}
+#: Largest FERRUM_METAL_GEMV_LOADS: gemv.wgsl repeats its per-quad step once per load, so a
+#: large value only grows the shader (8 was already up to 40% slower on the H100; 200 took 94 s
+#: to build on lavapipe, a million never finished).
+MAX_GEMV_LOADS = 16
 #: Share of the workgroup target gemv aims for, by M_TILE: fewer, longer k-splits were faster on
 #: an H100 as M grows (the k-split's partial sums and their reduction cost more rows), e.g.
 #: 8192x8192 M=16 128 µs at ~256 workgroups against 151 at ~1024; M=1 best at ~512.
@@ -768,8 +772,8 @@ class MetalBackend(Backend):
                       f"must be a positive integer up to {MAX_TARGET_WORKGROUPS}")
         if target is not None:
             self.target_workgroups = target
-        loads = _env("FERRUM_METAL_GEMV_LOADS", _int_at_least(0),
-                     "must be an integer >= 0 (0: the table's choice)")
+        loads = _env("FERRUM_METAL_GEMV_LOADS", _int_in(0, MAX_GEMV_LOADS),
+                     f"must be an integer from 0 to {MAX_GEMV_LOADS} (0: the table's choice)")
         if loads is not None:
             self.gemv_loads = loads
         unroll = _env("FERRUM_METAL_TILED_UNROLL", _flag, _FLAG_RULE)

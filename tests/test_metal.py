@@ -139,6 +139,15 @@ def test_a_workgroup_target_past_float_range_is_refused_not_an_error_in_every_mm
     assert said.startswith("REASON ") and f"FERRUM_METAL_TARGET_WORKGROUPS={huge!r}" in said, said
 
 
+def test_quads_in_flight_past_any_use_are_refused_not_compiled():
+    # FERRUM_METAL_GEMV_LOADS took any integer >= 0 and gemv.wgsl repeats its per-quad step
+    # that many times: 200 took 94 s to build on lavapipe and a million never finished, so
+    # the first mm hung where a refusal with the variable's name was due.
+    said = _metal_info_with({"FERRUM_METAL_GEMV_LOADS": "1000000"})
+    assert said.startswith("REASON ") and "FERRUM_METAL_GEMV_LOADS='1000000'" in said, said
+    assert _metal_info_with({"FERRUM_METAL_GEMV_LOADS": "4"}) == "ok"
+
+
 @pytest.mark.parametrize("name", ["FERRUM_METAL_TILED_UNROLL", "FERRUM_METAL_NATIVE"])
 def test_a_bad_switch_value_is_refused_with_every_spelling_it_takes(name):
     # The switches take 0/1, false/true, off/on and no/yes (metal/README.md); the reason said
