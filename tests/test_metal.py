@@ -806,6 +806,31 @@ def test_mm_sparse_rows_with_large_values_on_zero_weights(m):
     assert "sums" in last_plan(w).summary
 
 
+@pytest.mark.parametrize("m", [1, 2])
+def test_mm_rows_mostly_of_large_values_on_zero_weights(m):
+    # gemv's column sums (M <= 2) were taken for rows whose largest |a| is within 64 times the
+    # median |a|. When half the row or more is large, the median is one of the large values: a
+    # row of 6e4 on every zero weight row (q = 8) and N(0, 1) elsewhere passed, and the large
+    # values rounded the ordinary terms away (relative error 5e-2 to 2e-1 against float64; cpu
+    # 2e-4).
+    size_k, size_n = 512, 128
+    rng = np.random.default_rng(2100 + m)
+    for ordinary_every in (2, 3, 4, 8):     # one k row in 2, 3, 4 or 8 is ordinary
+        q = rng.integers(0, 16, (size_k, size_n), dtype=np.uint32)
+        large = np.arange(size_k) % ordinary_every != 0
+        q[large] = 8                        # zero weights under the large values
+        scales = (rng.uniform(0.5, 1.5, (size_k // 128, size_n)) / (4.0 * np.sqrt(size_k))
+                  ).astype(np.float16)
+        dense = F.dequantize_reference(q, scales, size_k, 128, None)
+        w = ferrum.MarlinWeight.from_gptq(F.pack_gptq(q), scales, group_size=128,
+                                          backend="metal")
+        for target in (1, 4096):
+            with planner(target_workgroups=target):
+                a = rng.standard_normal((m, size_k)).astype(np.float16)
+                a[:, large] = 6e4
+                check_mm(w, a, dense)
+
+
 def test_a_weight_larger_than_the_largest_buffer_is_refused_naming_it():
     # from_gptq names the repack's K and N; load_stacked (the stacked Marlin qweight), .to("metal")
     # and MarlinWeight(...) said only "array of 262144 bytes exceeds this adapter's largest
