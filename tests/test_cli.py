@@ -146,3 +146,24 @@ def test_a_checkout_takes_its_own_cpu_and_metal_before_an_installed_copy(tmp_pat
     metal_file, cpu_file = done.stdout.split()
     assert metal_file == os.path.join(root, "metal", "__init__.py")
     assert cpu_file == os.path.join(root, "cpu", "__init__.py")
+
+
+def test_crosscheck_checks_every_experts_repack_against_the_format(monkeypatch):
+    # Repack was compared with cpu's own (so cpu's with itself) and for a stack only expert 0:
+    # a cpu repack wrong on a later expert passed. It is compared with format.repack_reference
+    # for every expert now.
+    from ferrum.cpu import BACKEND as CPU
+    rng = np.random.default_rng(5)
+    prob = random_problem(rng, 256, 128, 128, experts=3)
+    monkeypatch.setattr(ferrum.check, "problems", lambda rng, quick: [prob])
+    right = CPU.repack
+
+    def wrong_on_expert_2(qweight, perm, size_k, size_n):
+        out = np.array(right(qweight, perm, size_k, size_n))
+        if np.array_equal(np.asarray(qweight), prob.qweights[2]):
+            out[0, 0] ^= 1
+        return out
+    monkeypatch.setattr(CPU, "repack", wrong_on_expert_2)
+    results = ferrum.crosscheck("cpu", seed=1, m_values=[1])
+    repack = [r for r in results if r.op == "repack"]
+    assert len(repack) == 1 and not repack[0].passed and repack[0].error == 1
