@@ -662,9 +662,12 @@ def _column_sums_fit(a: np.ndarray) -> bool:
     if (peak >= 0x7C00).any():      # inf or NaN
         return False
     half, sixteenth = magnitudes.shape[1] // 2, magnitudes.shape[1] // 16
-    ranked = np.partition(magnitudes, (sixteenth, half), axis=1)
+    # Two selections, the second among the lower half only: numpy's partition at two ranks at
+    # once took 10-20x as long (8192 uint16 a row: 320 µs against 28, on the host's call path).
+    ranked = np.partition(magnitudes, half, axis=1)
+    lower = np.partition(ranked[:, :half], sixteenth, axis=1)
     low, median, peak = (x.view(np.float16).astype(np.float32)
-                         for x in (ranked[:, sixteenth], ranked[:, half], peak))
+                         for x in (lower[:, sixteenth], ranked[:, half], peak))
     return bool(((peak <= COLUMN_SUM_SPAN * median) & (median <= COLUMN_SUM_SPAN * low)).all())
 
 
