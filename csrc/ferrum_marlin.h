@@ -35,10 +35,11 @@ typedef struct ferrum_mm_config {
     int tile;        /* 0 auto; mma.sync block tiles 1: k=128 x n=128, 2: k=128 x n=256,
                         3: k=64 x n=256, 7: k=256 x n=64 (K % 256 == 0); the wgmma kernel 4: k=64 x n=256, 5: k=128 x n=256,
                         6: k=128 x n=256 with two 64-row blocks per SM, 8: k=128 x n=128 with
-                        the two warpgroups splitting K (compute capability 9.0 with an sm_90a
-                        build only) */
+                        the two warpgroups splitting K, 9: k=128 x n=64 likewise (compute
+                        capability 9.0 with an sm_90a build only) */
     int m_blocks;    /* 0 auto; rows of 16 per block (a "slice" of M): 1..4; 4 or 8 for tile
-                        4; 1, 2, 4 or 8 for tile 5; 1, 2 or 4 for tiles 6 and 8 */
+                        4; 1, 2, 4 or 8 for tile 5; 1, 2 or 4 for tiles 6 and 8; 1 or 2 for
+                        tile 9 */
     int splits;      /* 0 auto; >= 1: split-K factor (partials reduced in FP32, in order);
                         with stream-K, resolved to the most blocks that share one C tile */
     int weights_pending;  /* 0: b and scales were complete before the previous kernel on the
@@ -48,7 +49,7 @@ typedef struct ferrum_mm_config {
     int stream_k;    /* 0 auto; -1 off (split-K as `splits` says); 1 on: the (tile, k-tile)
                         iterations are cut into equal runs, one per block of one wave on the
                         GPU, a run crossing tile ends where it must (mma.sync tiles 1, 2, 3, 7
-                        with m_blocks 1; wgmma tiles 5, 6, 8); n >= 2: on, with n blocks.
+                        with m_blocks 1; wgmma tiles 5, 6, 8, 9); n >= 2: on, with n blocks.
                         Resolved: -1 or the blocks (grid) */
 } ferrum_mm_config;
 

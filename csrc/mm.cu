@@ -477,9 +477,11 @@ struct Instance {
 // tile 7: k=256 x n=64 (one 64-column chunk, the 8 warps split K: four times the column tiles
 //         of tile 2, so fewer splits and smaller partials for the same grid);
 // tile 8: the wgmma kernel with k=128 x n=128, its two warpgroups splitting K (tile 7's idea
-//         for wgmma; 16, 32 or 64 rows).
-constexpr int kTiles = 8;
-static bool is_wgmma_tile(int tile) { return (tile >= 4 && tile <= 6) || tile == 8; }
+//         for wgmma; 16, 32 or 64 rows);
+// tile 9: the same with k=128 x n=64 (one chunk; 16 or 32 rows): at few rows a grid fills the
+//         GPU with half tile 8's splits, each partial half as wide.
+constexpr int kTiles = 9;
+static bool is_wgmma_tile(int tile) { return (tile >= 4 && tile <= 6) || tile == 8 || tile == 9; }
 
 template <int TK_BLOCKS, int TN_BLOCKS, bool GROUPED>
 static KernelEntry entry_for_mb(int mb, int swap8, bool sk) {
@@ -510,6 +512,12 @@ static KernelEntry select_kernel(int tile, int mb, bool grouped, int swap8 = 0, 
 // FERRUM_NO_F32S=1 keeps 16- and 32-row wgmma blocks on fp16 scales (for comparisons).
 static const bool g_f32s_enabled = [] {
     const char *v = getenv("FERRUM_NO_F32S");
+    return !(v && v[0] && v[0] != '0');
+}();
+
+// FERRUM_NO_TILE9=1 leaves tile 9 (k=128 x n=64) out of the planner's choices (for comparisons).
+static const bool g_tile9_enabled = [] {
+    const char *v = getenv("FERRUM_NO_TILE9");
     return !(v && v[0] && v[0] != '0');
 }();
 
@@ -549,9 +557,10 @@ static int swap8_for(int tile, int mb, int rows, bool grouped, int group_size) {
            (!grouped || group_size >= swap_min_group(tile)) ? 1 : 0;
 }
 
-static int tile_k(int tile) { return tile == 3 || tile == 4 ? 64 : tile == 7 ? 256 : 128; }   // 1, 2, 5, 6, 8: 128
+static int tile_k(int tile) { return tile == 3 || tile == 4 ? 64 : tile == 7 ? 256 : 128; }   // 1, 2, 5, 6, 8, 9: 128
 static int tile_n(int tile) {
-    return tile == 1 ? 128 : tile == 7 ? 64 : tile == 8 ? kWgmmaSplitTileN : tile >= 4 ? kWgmmaTileN : 256;
+    return tile == 1 ? 128 : tile == 7 ? 64 : tile == 8 ? kWgmmaSplitTileN : tile == 9 ? kWgmmaNarrowTileN
+                     : tile >= 4 ? kWgmmaTileN : 256;
 }
 
 // Per device and kernel instance: the dynamic shared memory limit is raised once, and the
@@ -887,7 +896,10 @@ static double choose_splits(const DeviceProps &dev, int occ, int sk_occ, int siz
 // at M = 32, 61.4 against 52.5).
 static SplitModel wgmma_split_model(int tile, int mb) {
     double kt_cost, fixed;
-    if (tile == 8) {
+    if (tile == 9) {   // a first guess: tile 8's per byte, a little more
+        kt_cost = mb == 1 ? 0.33 : 0.2;
+        fixed = mb == 1 ? 2.0 : 1.0;
+    } else if (tile == 8) {
         kt_cost = mb == 1 ? 0.6 : mb == 2 ? 0.35 : 0.33;
         fixed = mb == 1 ? 2.0 : 1.0;
     } else if (mb == 1 && tile == 6) {
@@ -1014,10 +1026,12 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
         FERRUM_REQUIRE(wgmma_available(dev),
                        "ferrum_mm: tile=%d (wgmma) needs a compute capability 9.0 GPU and a build "
                        "with sm_90a (FERRUM_CUDA_ARCHS including 90)", cfg.tile);
-        FERRUM_REQUIRE(cfg.m_blocks == 0 || cfg.m_blocks == 4 || (cfg.m_blocks == 8 && (cfg.tile == 4 || cfg.tile == 5)) ||
+        FERRUM_REQUIRE(cfg.m_blocks == 0 || (cfg.m_blocks == 4 && cfg.tile != 9) ||
+                       (cfg.m_blocks == 8 && (cfg.tile == 4 || cfg.tile == 5)) ||
                        ((cfg.m_blocks == 1 || cfg.m_blocks == 2) && cfg.tile != 4),
-                       "ferrum_mm: m_blocks=%d (tile 4 takes 0, 4 or 8; tile 5 0, 1, 2, 4 or 8; tiles 6 "
-                       "and 8 0, 1, 2 or 4)", cfg.m_blocks);
+                       "ferrum_mm: m_blocks=%d with tile=%d (tile 4 takes 0, 4 or 8; tile 5 0, 1, 2, 4 "
+                       "or 8; tiles 6 and 8 0, 1, 2 or 4; tile 9 0, 1 or 2)", cfg.m_blocks, cfg.tile);
+        if (cfg.tile == 9 && cfg.m_blocks == 0) cfg.m_blocks = size_m <= kWgmma16Rows ? 1 : 2;
     } else {
         if (cfg.m_blocks == 0) cfg.m_blocks = std::min(4, (size_m + 15) / 16);
         FERRUM_REQUIRE(cfg.m_blocks >= 1 && cfg.m_blocks <= 4, "ferrum_mm: m_blocks=%d (use 0..4)",
@@ -1026,11 +1040,12 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
 
     // Candidate (tile, m_blocks) pairs: what was asked for, the rest filled in.
     // Left to the planner: wgmma tiles 5 (64 and 128 rows; 16 rows up to kWgmma16Rows rows,
-    // 32 rows up to kWgmmaFewRows), 6 and 8 (64 rows; 16 and 32 rows likewise); mma.sync tile 2,
+    // 32 rows up to kWgmmaFewRows), 6 and 8 (64 rows; 16 and 32 rows likewise), 9 (16 and 32
+    // rows likewise); mma.sync tile 2,
     // and for few rows (one slice) also tiles 1 and 7 where K fits them; tile 3 where none of
     // those fits the GPU's shared memory.
     struct Candidate { int tile, mb; };
-    constexpr int kMaxCandidates = 4;   // the most any row count takes: tiles 5 (64, 128 rows), 6, 8
+    constexpr int kMaxCandidates = 4;   // the most any row count takes: tiles 5 (64, 128 rows), 6, 8; 5, 6, 8, 9
     Candidate candidates[kMaxCandidates];
     int n_candidates = 0;
     const bool few_rows = size_m <= 64;
@@ -1040,14 +1055,17 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
     for (const Candidate c : {Candidate{5, 1}, Candidate{6, 1}, Candidate{5, 2}, Candidate{6, 2},
                               Candidate{5, 4}, Candidate{5, 8},
                               Candidate{6, 4}, Candidate{4, 4}, Candidate{4, 8},
-                              Candidate{8, 1}, Candidate{8, 2}, Candidate{8, 4}, Candidate{2, mmb},
+                              Candidate{8, 1}, Candidate{8, 2}, Candidate{8, 4}, Candidate{9, 1}, Candidate{9, 2},
+                              Candidate{2, mmb},
                               Candidate{1, mmb}, Candidate{7, mmb}, Candidate{3, mmb},
                               Candidate{cfg.tile, cfg.m_blocks}}) {
         if (n_candidates == kMaxCandidates) break;
         const bool auto_mma = !wgmma && (c.tile == 2 || c.tile == 3 || (few_rows && c.tile == 1) ||
                                          (few_rows && c.tile == 7 && size_k % tile_k(7) == 0));
         const bool tile_ok = cfg.tile ? c.tile == cfg.tile
-                                      : (wgmma ? c.tile == 5 || c.tile == 6 || c.tile == 8 : auto_mma);
+                                      : (wgmma ? c.tile == 5 || c.tile == 6 || c.tile == 8 ||
+                                                     (c.tile == 9 && g_tile9_enabled)
+                                               : auto_mma);
         const bool mb_ok = cfg.m_blocks ? c.mb == cfg.m_blocks
                                         : !is_wgmma_tile(c.tile) ||
                                           (wgmma_16 ? c.mb == 1 : wgmma_few ? c.mb == 2 : c.mb >= 4);
@@ -1137,7 +1155,7 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
         best_cluster = eligible && cslots > 0 && (blocks + cslots - 1) / cslots <= (blocks + slots - 1) / slots;
     }
 
-    // Stream-K on the wgmma tiles (5, 6, 8): asked for, or the split model's pick
+    // Stream-K on the wgmma tiles (5, 6, 8, 9): asked for, or the split model's pick
     // (choose_splits), with the stream-K instance's occupancy. On the mma.sync tiles (one
     // slice): asked for, or (splits left to the planner) where one
     // split's tiles leave more than a tenth of the block slots idle and every tile is a long run
@@ -1149,7 +1167,7 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
     const bool sk_wgmma = is_wgmma_tile(cfg.tile) && cfg.tile != 4;
     FERRUM_REQUIRE(cfg.stream_k <= 0 || sk_wgmma || (!is_wgmma_tile(cfg.tile) && cfg.m_blocks == 1),
                    "ferrum_mm: stream_k=%d applies to the mma.sync tiles (1, 2, 3, 7) with m_blocks=1 "
-                   "and the wgmma tiles 5, 6 and 8, not tile %d with m_blocks=%d", cfg.stream_k, cfg.tile,
+                   "and the wgmma tiles 5, 6, 8 and 9, not tile %d with m_blocks=%d", cfg.stream_k, cfg.tile,
                    cfg.m_blocks);
     long long sk_iters = 0, sk_blocks = 0;
     if ((cfg.stream_k >= 0 && !is_wgmma_tile(cfg.tile) && cfg.m_blocks == 1) ||

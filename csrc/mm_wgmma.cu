@@ -25,6 +25,11 @@
 // two wgmmas over all 128 columns. The two warpgroups' sums are added in the epilogue. Half the
 // columns a block make twice the column tiles: on narrow layers a grid fills the GPU with half
 // the splits, each split's FP32 partial half as wide.
+// NARROW (tile 9, always with KSPLIT): a block owns one 64-column chunk; warp w of either
+// warpgroup holds its n16 tile w % 4, one word of the lane's vector, so per k16 step a
+// warpgroup issues one wgmma over the 64 columns. Four times tile 5's column tiles: the
+// same grid with a quarter of the splits, and each block's partial a quarter as wide (at 16
+// rows the split-K exchange, not the stream, is what grows with the rows).
 #include <cuda_fp16.h>
 
 #include "common.cuh"
@@ -34,15 +39,17 @@
 
 namespace ferrum {
 
-template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED, bool KSPLIT = false>
+template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED, bool KSPLIT = false, bool NARROW = false>
 struct WgTile {
     static constexpr int kThreads = 256;                 // 2 warpgroups
     static constexpr int kRows = 16 * MB;                // BM: 64 or 128 rows of A
     static constexpr int TK = 64 * K_ATOMS;              // 64 or 128: 1 or 2 swizzle atoms of A
-    static constexpr int TN = KSPLIT ? kWgmmaSplitTileN : kWgmmaTileN;   // weight columns
+    static constexpr int TN = NARROW ? kWgmmaNarrowTileN : KSPLIT ? kWgmmaSplitTileN : kWgmmaTileN;   // weight columns
+    static constexpr int kWgmmas = NARROW ? 1 : 2;     // wgmmas a warpgroup issues per k16 step
     // k16 steps of a stage that one warpgroup computes (KSPLIT: those of one A atom)
     static constexpr int kSteps = KSPLIT ? 4 : 4 * K_ATOMS;
     static_assert(!KSPLIT || K_ATOMS == 2, "KSPLIT: one A atom per warpgroup");
+    static_assert(!NARROW || KSPLIT, "NARROW: the warpgroups split K");
     // A stage: K_ATOMS blocks of kRows rows x 128 bytes (the 64 k values of one atom), each
     // a stack of 8-row x 128-byte swizzle atoms, as wgmma's descriptor wants.
     static constexpr bool kAAtomMajor = true;
@@ -99,9 +106,10 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
 // the scales are applied in FP32, not fp16.
 // One C tile's K range (a split, or a stream-K segment) of one block: the pipeline, then the
 // epilogue. `smem` is the block's dynamic shared memory, 1024-byte aligned.
-template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED, int FOLD, bool KSPLIT>
+template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED, int FOLD, bool KSPLIT, bool NARROW>
 __device__ __forceinline__ void wgmma_tile(const MmParams &p, const BlockWork &work, int4 *const smem) {
-    using T = WgTile<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED, KSPLIT>;
+    using T = WgTile<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED, KSPLIT, NARROW>;
+    constexpr int kWg = T::kWgmmas;
     constexpr int kStages = T::kStages;
     constexpr bool F32S = FOLD > 0;
     constexpr int kFold = F32S ? FOLD : 1;   // k16 steps a group (a divisor where F32S is off)
@@ -116,10 +124,11 @@ __device__ __forceinline__ void wgmma_tile(const MmParams &p, const BlockWork &w
     const int kt_begin = work.kt_begin, iters = work.iters;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int wg = warp / 4;
-    // this warp's 64 weight columns of the tile, and which pair of its n16 tiles: 2*pair and
-    // 2*pair + 1 (KSPLIT: two warps a chunk; else each warpgroup its pair of every chunk)
-    const int chunk = KSPLIT ? (warp % 4) / 2 : warp % 4;
-    const int pair = KSPLIT ? warp % 2 : wg;
+    // this warp's 64 weight columns of the tile, and which of its n16 tiles: kWg * pair ..
+    // kWg * pair + kWg - 1 (NARROW: one chunk, warp w its tile w % 4; KSPLIT: two warps a chunk,
+    // a pair each; else each warpgroup its pair of every chunk)
+    const int chunk = NARROW ? 0 : KSPLIT ? (warp % 4) / 2 : warp % 4;
+    const int pair = NARROW ? warp % 4 : KSPLIT ? warp % 2 : wg;
     // the warpgroup's first k16 step of a stage
     const int kk0 = KSPLIT ? wg * T::kSteps : 0;
 
@@ -129,23 +138,23 @@ __device__ __forceinline__ void wgmma_tile(const MmParams &p, const BlockWork &w
         copy.weights(b_sh + stage * T::kBStageVecs, s_sh + stage * T::kSStageVecs, kt);
     };
 
-    float acc[2][T::kAcc];
+    float acc[kWg][T::kAcc];
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
+    for (int j = 0; j < kWg; ++j)
 #pragma unroll
         for (int i = 0; i < T::kAcc; ++i) acc[j][i] = 0.f;
     // F32S: the run sums [wgmma][register] and the scales of the run not yet added ([wgmma]
     // [column c / c + 8]); zero before the first stage, whose fold adds 0 x 0.
-    float run[2][T::kAcc];
-    float run_s[2][2];
+    float run[kWg][T::kAcc];
+    float run_s[kWg][2];
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
+    for (int j = 0; j < kWg; ++j) {
 #pragma unroll
         for (int i = 0; i < T::kAcc; ++i) run[j][i] = 0.f;
         run_s[j][0] = run_s[j][1] = 0.f;
     }
     // What the wgmmas accumulate into: the run (F32S) or the total.
-    float (&d)[2][T::kAcc] = *[&] {
+    float (&d)[kWg][T::kAcc] = *[&] {
         if constexpr (F32S) return &run;
         else return &acc;
     }();
@@ -154,7 +163,7 @@ __device__ __forceinline__ void wgmma_tile(const MmParams &p, const BlockWork &w
     auto fold = [&] {
         if constexpr (F32S) {
 #pragma unroll
-            for (int j = 0; j < 2; ++j)
+            for (int j = 0; j < kWg; ++j)
 #pragma unroll
                 for (int i = 0; i < T::kAcc; ++i) {
                     fence_operand(run[j][i]);
@@ -163,36 +172,49 @@ __device__ __forceinline__ void wgmma_tile(const MmParams &p, const BlockWork &w
         }
     };
 
-    // One pipeline stage: per k16 step, this lane's two words (n16 tiles 2 pair, 2 pair + 1 of
-    // its chunk) -> two A fragments -> two wgmmas over the stage's rows of A.
+    // kWg consecutive 32-bit words (kWg * 2 halves of scales) from a stage's words or scales,
+    // in one load
+    auto load_words = [](const uint32_t *src, uint32_t (&dst)[kWg]) {
+        if constexpr (kWg == 2) {
+            const uint2 v = *reinterpret_cast<const uint2 *>(src);
+            dst[0] = v.x;
+            dst[1] = v.y;
+        } else {
+            dst[0] = *src;
+        }
+    };
+    // One pipeline stage: per k16 step, this lane's kWg words (n16 tiles kWg pair .. of its
+    // chunk) -> kWg A fragments -> kWg wgmmas over the stage's rows of A.
     auto compute_stage = [&](int stage, int kt) {
-        const uint2 *words = reinterpret_cast<const uint2 *>(b_sh + stage * T::kBStageVecs) +
-                             ((kk0 * T::kChunks + chunk) * 32 + lane) * 2 + pair;
-        const uint2 *scales = reinterpret_cast<const uint2 *>(s_sh + stage * T::kSStageVecs);
+        const uint32_t *words = reinterpret_cast<const uint32_t *>(b_sh + stage * T::kBStageVecs) +
+                                ((kk0 * T::kChunks + chunk) * 32 + lane) * 4 + kWg * pair;
+        const uint32_t *scales = reinterpret_cast<const uint32_t *>(s_sh + stage * T::kSStageVecs);
         const uint32_t a_addr = smem_u32(a_sh + stage * T::kAStageVecs) + (kk0 / 4) * (T::kRows * 128);
-        uint32_t frag[2][2][4];   // [buffer][wgmma][register]
+        uint32_t frag[2][kWg][4];   // [buffer][wgmma][register]
 #pragma unroll
         for (int i = 0; i < T::kSteps; ++i) {
             const int kk = kk0 + i;   // the stage's k16 step
-            uint32_t (&f)[2][4] = frag[i & 1];
-            const uint2 q = words[i * T::kChunks * 32 * 2];
-            half2 s[2][2];   // [wgmma][column c / c + 8]
+            uint32_t (&f)[kWg][4] = frag[i & 1];
+            uint32_t q[kWg];
+            load_words(words + i * T::kChunks * 32 * 4, q);
+            half2 s[kWg][2];   // [wgmma][column c / c + 8]
             if constexpr (GROUPED && !F32S) {
                 const int k = kt * T::TK + 16 * kk;
                 const int g_row = (k >> p.group_shift) - ((kt * T::TK) >> p.group_shift);
                 // Permuted scales: within 64 columns, 8c..8c+7 hold columns c, c+8, .., c+56;
-                // this warp's four are halves 4 pair..4 pair + 3 of the lane's vector.
-                const uint2 sv = scales[(g_row * (T::TN / 8) + chunk * 8 + lane / 4) * 2 + pair];
-                const half *sh = reinterpret_cast<const half *>(&sv);
+                // this warp's are halves 2 kWg pair .. 2 kWg pair + 2 kWg - 1 of the lane's vector.
+                uint32_t sv[kWg];
+                load_words(scales + (g_row * (T::TN / 8) + chunk * 8 + lane / 4) * 4 + kWg * pair, sv);
+                const half *sh = reinterpret_cast<const half *>(sv);
 #pragma unroll
-                for (int j = 0; j < 2; ++j) {
+                for (int j = 0; j < kWg; ++j) {
                     s[j][0] = __half2half2(sh[2 * j]);
                     s[j][1] = __half2half2(sh[2 * j + 1]);
                 }
             }
 #pragma unroll
-            for (int j = 0; j < 2; ++j) {
-                const uint32_t word = j == 0 ? q.x : q.y;
+            for (int j = 0; j < kWg; ++j) {
+                const uint32_t word = q[j];
                 uint32_t lo[2], hi[2];     // weight column c and c + 8 (c = lane / 4)
                 dequant_u4b8(word, lo);
                 dequant_u4b8(word >> 8, hi);
@@ -216,29 +238,30 @@ __device__ __forceinline__ void wgmma_tile(const MmParams &p, const BlockWork &w
                 if (i % kRunSteps == 0) {   // the previous run: wait for its last wgmma, fold it,
                     wgmma_wait<0>();        // and take this group's scales (row kk / kFold of the
                     fold();                 // stage's; permuted as above)
-                    const uint2 sv = scales[((kk / kFold) * (T::TN / 8) + chunk * 8 + lane / 4) * 2 + pair];
-                    const half *sh = reinterpret_cast<const half *>(&sv);
+                    uint32_t sv[kWg];
+                    load_words(scales + ((kk / kFold) * (T::TN / 8) + chunk * 8 + lane / 4) * 4 + kWg * pair, sv);
+                    const half *sh = reinterpret_cast<const half *>(sv);
 #pragma unroll
-                    for (int j = 0; j < 2; ++j) {
+                    for (int j = 0; j < kWg; ++j) {
                         run_s[j][0] = __half2float(sh[2 * j]);
                         run_s[j][1] = __half2float(sh[2 * j + 1]);
                     }
                 }
             }
 #pragma unroll
-            for (int j = 0; j < 2; ++j)
+            for (int j = 0; j < kWg; ++j)
 #pragma unroll
                 for (int i = 0; i < T::kAcc; ++i) fence_operand(d[j][i]);
             wgmma_fence();
             // F32S: a run's first wgmma starts it (D = A B)
-            wgmma_rs<T::kRows>(d[0], f[0], desc, !F32S || i % kRunSteps != 0);
-            wgmma_rs<T::kRows>(d[1], f[1], desc, !F32S || i % kRunSteps != 0);
+#pragma unroll
+            for (int j = 0; j < kWg; ++j) wgmma_rs<T::kRows>(d[j], f[j], desc, !F32S || i % kRunSteps != 0);
             wgmma_commit();
             // Step kk-1 is done: its fragment buffer is free for step kk+1, and by the end of
             // the stage only this stage's last step is still reading shared memory.
             wgmma_wait<1>();
 #pragma unroll
-            for (int j = 0; j < 2; ++j)
+            for (int j = 0; j < kWg; ++j)
 #pragma unroll
                 for (int i = 0; i < T::kAcc; ++i) fence_operand(d[j][i]);
         }
@@ -256,7 +279,7 @@ __device__ __forceinline__ void wgmma_tile(const MmParams &p, const BlockWork &w
     });
     wgmma_wait<0>();
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
+    for (int j = 0; j < kWg; ++j)
 #pragma unroll
         for (int i = 0; i < T::kAcc; ++i) fence_operand(acc[j][i]);
     fold();   // F32S: the last stage's run (its scales are in run_s)
@@ -264,15 +287,15 @@ __device__ __forceinline__ void wgmma_tile(const MmParams &p, const BlockWork &w
     __syncthreads();
 
     // ---- C^T fragments -> FP32 C tile [row of A][weight column] in shared memory ------------
-    // d[4t + 2h + e] of wgmma j: weight column 64*chunk + 16*(2 pair + j) + lane/4 + 8h,
+    // d[4t + 2h + e] of wgmma j: weight column 64*chunk + 16*(kWg pair + j) + lane/4 + 8h,
     // row of A 8t + 2*(lane%4) + e. KSPLIT: warpgroup 0's sums, then warpgroup 1's added.
     float *const ctile = reinterpret_cast<float *>(smem);
     auto to_ctile = [&](bool add) {
 #pragma unroll
-        for (int j = 0; j < 2; ++j)
+        for (int j = 0; j < kWg; ++j)
 #pragma unroll
             for (int i = 0; i < T::kAcc; ++i) {
-                const int col = 64 * chunk + 16 * (2 * pair + j) + lane / 4 + 8 * ((i >> 1) & 1);
+                const int col = 64 * chunk + 16 * (kWg * pair + j) + lane / 4 + 8 * ((i >> 1) & 1);
                 const int row = 8 * (i >> 2) + 2 * (lane % 4) + (i & 1);
                 float &c = ctile[row * T::kCStride + col];
                 c = add ? c + acc[j][i] : acc[j][i];
@@ -290,21 +313,21 @@ __device__ __forceinline__ void wgmma_tile(const MmParams &p, const BlockWork &w
 // The kernel: one tile's K range per block (split-K), or with stream-K (SK, p.sk_iters) a run
 // of iterations that may cover the end of one tile and the start of the next, one wgmma_tile
 // each (as the mma.sync kernel's, mm.cu).
-template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED, int FOLD, bool KSPLIT, bool SK>
+template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED, int FOLD, bool KSPLIT, bool SK, bool NARROW>
 __global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(const MmParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    using T = WgTile<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED, KSPLIT>;
+    using T = WgTile<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED, KSPLIT, NARROW>;
     extern __shared__ int4 smem_raw[];
     int4 *const smem = reinterpret_cast<int4 *>(
         reinterpret_cast<char *>(smem_raw) + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023));
     if constexpr (!SK) {
-        wgmma_tile<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED, FOLD, KSPLIT>(p, block_work(p, T::kRows, T::TN), smem);
+        wgmma_tile<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED, FOLD, KSPLIT, NARROW>(p, block_work(p, T::kRows, T::TN), smem);
     } else {
         long long it = (long long)blockIdx.x * p.sk_iters;
         const long long end = min(it + p.sk_iters, (long long)p.m_slices * p.n_tiles_total * p.k_tiles);
         while (it < end) {
             const BlockWork work = stream_k_work(p, T::kRows, T::TN, it, end);
-            wgmma_tile<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED, FOLD, KSPLIT>(p, work, smem);
+            wgmma_tile<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED, FOLD, KSPLIT, NARROW>(p, work, smem);
             it += work.iters;
             if (it < end) __syncthreads();   // the next segment's copies overwrite the C tile
         }
@@ -312,10 +335,11 @@ __global__ void __launch_bounds__(256, BLOCKS_PER_SM) marlin_mm_wgmma_kernel(con
 #endif
 }
 
-template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED, int FOLD = 0, bool KSPLIT = false, bool SK = false>
+template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED, int FOLD = 0, bool KSPLIT = false, bool SK = false,
+          bool NARROW = false>
 struct WgInstance {
-    using T = WgTile<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED, KSPLIT>;
-    static constexpr auto kKernel = marlin_mm_wgmma_kernel<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED, FOLD, KSPLIT, SK>;
+    using T = WgTile<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED, KSPLIT, NARROW>;
+    static constexpr auto kKernel = marlin_mm_wgmma_kernel<MB, K_ATOMS, BLOCKS_PER_SM, GROUPED, FOLD, KSPLIT, SK, NARROW>;
     static int launch(const MmParams &p, int grid, cudaStream_t stream, bool pdl, int smem_bytes) {
         return launch_mm<T::kThreads, T::kSmemBytes>(kKernel, p, grid, stream, pdl, smem_bytes);
     }
@@ -330,16 +354,25 @@ bool wgmma_built() {
 #endif
 }
 
-template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool KSPLIT = false, bool SK = false>
+template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool KSPLIT = false, bool SK = false, bool NARROW = false>
 static KernelEntry entry_of(bool grouped) {
-    return grouped ? WgInstance<MB, K_ATOMS, BLOCKS_PER_SM, true, 0, KSPLIT, SK>::entry()
-                   : WgInstance<MB, K_ATOMS, BLOCKS_PER_SM, false, 0, KSPLIT, SK>::entry();
+    return grouped ? WgInstance<MB, K_ATOMS, BLOCKS_PER_SM, true, 0, KSPLIT, SK, NARROW>::entry()
+                   : WgInstance<MB, K_ATOMS, BLOCKS_PER_SM, false, 0, KSPLIT, SK, NARROW>::entry();
 }
 
-template <int MB, int BLOCKS_PER_SM, bool KSPLIT, bool SK>
+template <int MB, int BLOCKS_PER_SM, bool KSPLIT, bool SK, bool NARROW = false>
 static KernelEntry f32s_entry(int fold) {
-    return fold == 4 ? WgInstance<MB, 2, BLOCKS_PER_SM, true, 4, KSPLIT, SK>::entry()
-                     : WgInstance<MB, 2, BLOCKS_PER_SM, true, 8, KSPLIT, SK>::entry();
+    return fold == 4 ? WgInstance<MB, 2, BLOCKS_PER_SM, true, 4, KSPLIT, SK, NARROW>::entry()
+                     : WgInstance<MB, 2, BLOCKS_PER_SM, true, 8, KSPLIT, SK, NARROW>::entry();
+}
+
+// Tile 9 (NARROW): 16- or 32-row blocks (m_blocks 1 or 2; the planner refuses others).
+template <bool SK>
+static KernelEntry narrow_entry(int m_blocks, bool grouped, int f32s_fold) {
+    if ((f32s_fold == 4 || f32s_fold == 8) && grouped)
+        return m_blocks == 1 ? f32s_entry<1, 1, true, SK, true>(f32s_fold)
+                             : f32s_entry<2, 1, true, SK, true>(f32s_fold);
+    return m_blocks == 1 ? entry_of<1, 2, 1, true, SK, true>(grouped) : entry_of<2, 2, 1, true, SK, true>(grouped);
 }
 
 // The k=128 tiles with `BLOCKS_PER_SM` blocks an SM: 16, 32, 64 rows (and 128 with one block).
@@ -361,9 +394,9 @@ static KernelEntry k128_entry(int m_blocks, bool grouped, int f32s_fold) {
 // tile 4: k=64 x n=256, one block per SM; tile 5: k=128 x n=256, one block per SM; tile 6:
 // k=128 x n=256, two blocks per SM (up to 64 rows); tile 8: k=128 x n=128 with the warpgroups
 // splitting K (KSPLIT), the stage budget of one block per SM (its 16-row blocks are small
-// enough for two). f32s_fold (8: groups of 128 rows, 4: of 64; 0: off): 16- and 32-row blocks
+// enough for two); tile 9: k=128 x n=64 likewise (NARROW), 16 or 32 rows. f32s_fold (8: groups of 128 rows, 4: of 64; 0: off): 16- and 32-row blocks
 // of the k=128 tiles apply the scales in FP32 per group (F32S above). stream_k: the stream-K
-// instance (tiles 5, 6 and 8; the planner asks for none of tile 4).
+// instance (tiles 5, 6, 8 and 9; the planner asks for none of tile 4).
 KernelEntry wgmma_entry(int tile, int m_blocks, bool grouped, int f32s_fold, bool stream_k) {
     switch (tile) {
         case 5: return stream_k ? k128_entry<1, false, true>(m_blocks, grouped, f32s_fold)
@@ -372,6 +405,8 @@ KernelEntry wgmma_entry(int tile, int m_blocks, bool grouped, int f32s_fold, boo
                                 : k128_entry<2, false, false>(m_blocks, grouped, f32s_fold);
         case 8: return stream_k ? k128_entry<1, true, true>(m_blocks, grouped, f32s_fold)
                                 : k128_entry<1, true, false>(m_blocks, grouped, f32s_fold);
+        case 9: return stream_k ? narrow_entry<true>(m_blocks, grouped, f32s_fold)
+                                : narrow_entry<false>(m_blocks, grouped, f32s_fold);
         default: return m_blocks == 8 ? entry_of<8, 1, 1>(grouped) : entry_of<4, 1, 1>(grouped);
     }
 }

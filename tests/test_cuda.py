@@ -427,11 +427,11 @@ def test_mm_tile_and_m_blocks_are_checked(rng):
     weight = _weight(random_problem(rng, 512, 256, 128))
     a = _activations(rng, 70, 512)
     out = np.full((70, 256), 7.0, dtype=np.float16)
-    with pytest.raises(ValueError, match=r"tile=9 \(use 0\.\.8\)"):
-        ferrum.cuda.BACKEND.mm(a, weight, 0, out, tile=9)
+    with pytest.raises(ValueError, match=r"tile=10 \(use 0\.\.9\)"):
+        ferrum.cuda.BACKEND.mm(a, weight, 0, out, tile=10)
     if not _wgmma_planned():
         pytest.skip("no wgmma kernel on this GPU/build (needs compute capability 9.0 and sm_90a)")
-    for tile, m_blocks in ((6, 8), (8, 8), (8, 3), (4, 1)):
+    for tile, m_blocks in ((6, 8), (8, 8), (8, 3), (4, 1), (9, 4), (9, 8)):
         with pytest.raises(ValueError, match=f"m_blocks={m_blocks} "):
             ferrum.cuda.BACKEND.mm(a, weight, 0, out, tile=tile, m_blocks=m_blocks)
     assert (out == 7.0).all()
@@ -477,11 +477,11 @@ def test_mm_plans_for_gpus_with_less_shared_memory(cap):
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
 
 
-WGMMA_TILES = (4, 5, 6, 8)
+WGMMA_TILES = (4, 5, 6, 8, 9)
 
 
 def _wgmma_planned():
-    """Whether this GPU and build run the wgmma kernel (tiles 4, 5, 6, 8): compute capability
+    """Whether this GPU and build run the wgmma kernel (tiles 4, 5, 6, 8, 9): compute capability
     9.0 and a build with sm_90a. The planner picks it for many rows only there."""
     return ferrum._cuda.mm_plan(256, 1024, 256)["tile"] in WGMMA_TILES
 
@@ -512,13 +512,15 @@ def test_mm_wgmma_tile(m, tile, m_blocks, splits, g, rng):
 @pytest.mark.parametrize("m", [1, 7, 16, 17, 31, 32, 33, 50])
 @pytest.mark.parametrize("tile,m_blocks,splits", [(5, 1, 1), (5, 1, 3), (5, 2, 1), (5, 2, 4),
                                                   (6, 1, 1), (6, 1, 5), (6, 2, 2),
-                                                  (8, 1, 1), (8, 1, 3), (8, 2, 2), (8, 2, 5)])
+                                                  (8, 1, 1), (8, 1, 3), (8, 2, 2), (8, 2, 5),
+                                                  (9, 1, 1), (9, 1, 3), (9, 2, 2), (9, 2, 5)])
 @pytest.mark.parametrize("g", [-1, 32, 64, 128])
 def test_mm_wgmma_few_rows(m, tile, m_blocks, splits, g, rng):
     """The wgmma kernel with 16- and 32-row blocks (wgmma n16, n32): rows within, at and past
     one block (more slices), split-K, both scale kinds, a partial last column tile; the
-    output poisoned first. Tile 8: the two warpgroups split each stage's K, and with
-    64- and 128-row groups each folds its own FP32-scale runs."""
+    output poisoned first. Tiles 8 and 9: the two warpgroups split each stage's K, and with
+    64- and 128-row groups each folds its own FP32-scale runs (tile 9: one wgmma a step over
+    its 64 columns, N = 320 in five column tiles)."""
     if not _wgmma_planned():
         pytest.skip("no wgmma kernel on this GPU/build (needs compute capability 9.0 and sm_90a)")
     problem = random_problem(rng, 1024, 320, g)
@@ -533,7 +535,8 @@ def test_mm_wgmma_few_rows(m, tile, m_blocks, splits, g, rng):
 
 @pytest.mark.parametrize("tile,m_blocks,m", [(5, 1, 5), (5, 2, 24), (5, 4, 64), (5, 8, 100),
                                             (6, 1, 16), (6, 2, 32), (6, 4, 40),
-                                            (8, 1, 9), (8, 2, 17), (8, 4, 64), (8, 4, 130)])
+                                            (8, 1, 9), (8, 2, 17), (8, 4, 64), (8, 4, 130),
+                                            (9, 1, 3), (9, 2, 30), (9, 2, 70)])
 @pytest.mark.parametrize("g", [-1, 64, 128])
 @pytest.mark.parametrize("blocks", [1, 3, 7, 1000])
 def test_mm_stream_k_wgmma(tile, m_blocks, m, g, blocks, rng):
@@ -594,12 +597,12 @@ def test_planner_kernel_by_rows(k, n):
             if m < first_row:
                 assert plan["tile"] in (1, 2, 3, 7), (g, m, plan)
             else:
-                assert (plan["tile"] in (5, 6, 8), plan["m_blocks"], plan["cluster"]) == (True, 1, False), (g, m, plan)
+                assert (plan["tile"] in (5, 6, 8, 9), plan["m_blocks"], plan["cluster"]) == (True, 1, False), (g, m, plan)
                 asked = ferrum._cuda.mm_plan(m, k, n, tile=5, m_blocks=1, splits=4, group_size=g)
                 assert (asked["splits"], asked["cluster"]) == (4, False), asked
         for m in (17, 32):
             plan = ferrum._cuda.mm_plan(m, k, n, group_size=g)
-            assert (plan["tile"] in (5, 6, 8), plan["m_blocks"]) == (True, 2), (g, m, plan)
+            assert (plan["tile"] in (5, 6, 8, 9), plan["m_blocks"]) == (True, 2), (g, m, plan)
     assert ferrum._cuda.mm_plan(4, k, n) == ferrum._cuda.mm_plan(4, k, n, group_size=128)
     assert ferrum._cuda.mm_plan(4, k, n, group_size=k) == ferrum._cuda.mm_plan(4, k, n, group_size=-1)
 
@@ -612,7 +615,7 @@ def test_mm_plan_group_size_is_checked():
         ferrum._cuda.mm_plan(4, 1152, 256, group_size=96)
 
 
-@pytest.mark.parametrize("tile,m_blocks", [(5, 1), (6, 1), (6, 2), (8, 1), (8, 2)])
+@pytest.mark.parametrize("tile,m_blocks", [(5, 1), (6, 1), (6, 2), (8, 1), (8, 2), (9, 1), (9, 2)])
 @pytest.mark.parametrize("g", [64, 128])
 def test_mm_wgmma_few_rows_act_order_and_stacked(tile, m_blocks, g, rng):
     """16- and 32-row wgmma blocks on act-order and stacked weights; with 128-row groups the

@@ -3,8 +3,8 @@
 numpy only (no torch import under the sanitizer): repack with and without perm, mm for every
 group-size kind, act-order, stacked experts, split-K forced on, partial column tiles, several M.
 An inf and a NaN in A (the swapped kernel's exact path). Exits non-zero if any result is off. --quick: three of the problems and M 1, 12 and 70 only (every
-kernel kind still runs: the swapped kernel (M <= 8), tiles 1, 2, 7, the wgmma tiles (4-6, 8), split-K,
-stream-K on tile 1 and on the wgmma tiles 5, 6 and 8, act-order, stacked).
+kernel kind still runs: the swapped kernel (M <= 8), tiles 1, 2, 7, the wgmma tiles (4-6, 8, 9), split-K,
+stream-K on tile 1 and on the wgmma tiles 5, 6, 8 and 9, act-order, stacked).
 """
 import sys
 
@@ -54,13 +54,13 @@ for k, n, g, act in cases:
             check(f"K{k} N{n} G{g} act={act} M{m} tile7", ferrum.cuda.BACKEND.mm(a, w, 0, None, tile=7, splits=2), ref)
         if m <= 16:   # stream-K: runs that cross tile ends
             check(f"K{k} N{n} G{g} act={act} M{m} stream-K", ferrum.cuda.BACKEND.mm(a, w, 0, None, tile=1, m_blocks=1, stream_k=3), ref)
-        if m in (20, 70) and ferrum._cuda.mm_plan(256, 1024, 256)["tile"] in (4, 5, 6, 8):   # the wgmma kernel's tiles
+        if m in (20, 70) and ferrum._cuda.mm_plan(256, 1024, 256)["tile"] in (4, 5, 6, 8, 9):   # the wgmma kernel's tiles
             for tile, mb, s in ((4, 8, 2), (5, 4, 3), (6, 4, 2), (8, 4, 2)) if m == 70 else \
-                    ((5, 1, 2), (5, 2, 3), (6, 1, 1), (6, 2, 2), (8, 1, 3), (8, 2, 1)):
+                    ((5, 1, 2), (5, 2, 3), (6, 1, 1), (6, 2, 2), (8, 1, 3), (8, 2, 1), (9, 1, 2), (9, 2, 3)):
                 check(f"K{k} N{n} G{g} act={act} M{m} tile{tile}/mb{mb}/s{s}",
                       ferrum.cuda.BACKEND.mm(a, w, 0, None, tile=tile, m_blocks=mb, splits=s), ref)
             # stream-K on the wgmma tiles: 3 blocks, so runs end inside tiles and cross into the next
-            for tile, mb in ((5, 4), (6, 4), (8, 4)) if m == 70 else ((5, 1), (6, 2), (8, 1), (8, 2)):
+            for tile, mb in ((5, 4), (6, 4), (8, 4), (9, 2)) if m == 70 else ((5, 1), (6, 2), (8, 1), (8, 2), (9, 1)):
                 check(f"K{k} N{n} G{g} act={act} M{m} tile{tile}/mb{mb}/stream-K",
                       ferrum.cuda.BACKEND.mm(a, w, 0, None, tile=tile, m_blocks=mb, stream_k=3), ref)
 

@@ -1,7 +1,7 @@
 """Time mm variants (tile, m_blocks, splits) on chosen shapes: graph-replayed bursts over
 weight copies that together exceed 4x L2. usage: python tune.py "K,N,M" ... [--tiles=..] [--mbs=..] [--splits=..] [--raw]
 Splits "sK": stream-K with one wave of blocks (tried for every mma.sync tile at M <= 16, and for
-the wgmma tiles 5, 6 and 8 at the block heights swept)."""
+the wgmma tiles 5, 6, 8 and 9 at the block heights swept)."""
 import itertools
 import math
 import sys
@@ -34,10 +34,10 @@ for spec in [s for s in sys.argv[1:] if not s.startswith("--")]:
     print(f"K{k} N{n} M{m}: auto {auto['tile']}/{auto['m_blocks']}/"
           f"{'K' if auto.get('stream_k') else auto['splits']} -> {t:.1f} us "
           f"(floor {wbytes / 3.0e12 * 1e6:.1f} us at 3.0 TB/s)", flush=True)
-    wgmma_tiles = (4, 5, 6, 8)   # the wgmma kernel, where the GPU and build have it
+    wgmma_tiles = (4, 5, 6, 8, 9)   # the wgmma kernel, where the GPU and build have it
     mbs = [min(4, (m + 15) // 16)] if m <= 64 else [2, 3, 4]
     splits_list = (1, 2, 4, 8) if m > 64 else (1, 2, 4, 6, 8, 12)
-    tiles = (1, 2, 3, 4, 5, 6, 7, 8)
+    tiles = (1, 2, 3, 4, 5, 6, 7, 8, 9)
     for opt in sys.argv[1:]:       # --mbs=1,2,4 --splits=1,2 --tiles=2 override the sweep
         name, _, values = opt.partition("=")
         if name in ("--mbs", "--splits", "--tiles"):
@@ -47,7 +47,7 @@ for spec in [s for s in sys.argv[1:] if not s.startswith("--")]:
                                        "--tiles": (mbs, splits_list, parsed)}[name]
     # wgmma blocks: 64 or 128 rows (m_blocks 4, 8; tile 4 only these, tiles 6 and 8 not 128),
     # and 16 or 32 rows (m_blocks 1, 2) where --mbs asks; the mma.sync tiles 16..64 rows (1..4)
-    wgmma_mbs = {4: {4, 8}, 5: {1, 2, 4, 8}, 6: {1, 2, 4}, 8: {1, 2, 4}}
+    wgmma_mbs = {4: {4, 8}, 5: {1, 2, 4, 8}, 6: {1, 2, 4}, 8: {1, 2, 4}, 9: {1, 2}}
     results = []
     for tile, mb, splits in itertools.product(tiles, sorted(set(mbs) | {4, 8}), splits_list):
         if not ((tile in wgmma_tiles and mb in wgmma_mbs[tile] and (mb in mbs or (mb >= 4 and m > 32)))
@@ -61,8 +61,8 @@ for spec in [s for s in sys.argv[1:] if not s.startswith("--")]:
     for tile in tiles:   # stream-K, one wave of blocks (mma.sync tiles, one 16-row slice)
         if tile in (1, 2, 3, 7) and 1 in mbs and m <= 16 and k % (256 if tile == 7 else 128) == 0:
             results.append((time_variant(weights, a, out, tile=tile, m_blocks=1, stream_k=1), tile, 1, "K"))
-    # stream-K on the wgmma tiles 5, 6, 8 (one wave of blocks), at the block heights swept above
-    for tile, mb in itertools.product([t for t in tiles if t in (5, 6, 8)], sorted(set(mbs) | {4, 8})):
+    # stream-K on the wgmma tiles 5, 6, 8, 9 (one wave of blocks), at the block heights swept above
+    for tile, mb in itertools.product([t for t in tiles if t in (5, 6, 8, 9)], sorted(set(mbs) | {4, 8})):
         if mb in wgmma_mbs[tile] and (mb in mbs or (mb >= 4 and m > 32)):
             try:
                 results.append((time_variant(weights, a, out, tile=tile, m_blocks=mb, stream_k=1), tile, mb, "K"))
