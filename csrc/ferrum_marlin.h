@@ -35,7 +35,7 @@ typedef struct ferrum_mm_config {
     int tile;        /* 0 auto; mma.sync block tiles 1: k=128 x n=128, 2: k=128 x n=256,
                         3: k=64 x n=256, 7: k=256 x n=64 (K % 256 == 0); the wgmma kernel 4: k=64 x n=256, 5: k=128 x n=256,
                         6: k=128 x n=256 with two 64-row blocks per SM, 8: k=128 x n=128 with
-                        the two warpgroups splitting K, 9: k=128 x n=64 likewise (compute
+                        the two warpgroups splitting K, 9: k=256 x n=64 likewise (compute
                         capability 9.0 with an sm_90a build only) */
     int m_blocks;    /* 0 auto; rows of 16 per block (a "slice" of M): 1..4; 4 or 8 for tile
                         4; 1, 2, 4 or 8 for tile 5; 1, 2 or 4 for tiles 6 and 8; 1 or 2 for

@@ -478,8 +478,8 @@ struct Instance {
 //         of tile 2, so fewer splits and smaller partials for the same grid);
 // tile 8: the wgmma kernel with k=128 x n=128, its two warpgroups splitting K (tile 7's idea
 //         for wgmma; 16, 32 or 64 rows);
-// tile 9: the same with k=128 x n=64 (one chunk; 16 or 32 rows): at few rows a grid fills the
-//         GPU with half tile 8's splits, each partial half as wide.
+// tile 9: the same with k=256 x n=64 (one chunk; 16 or 32 rows; K % 256 == 0): at few rows a
+//         grid fills the GPU with half tile 8's splits, each partial half as wide.
 constexpr int kTiles = 9;
 static bool is_wgmma_tile(int tile) { return (tile >= 4 && tile <= 6) || tile == 8 || tile == 9; }
 
@@ -557,7 +557,7 @@ static int swap8_for(int tile, int mb, int rows, bool grouped, int group_size) {
            (!grouped || group_size >= swap_min_group(tile)) ? 1 : 0;
 }
 
-static int tile_k(int tile) { return tile == 3 || tile == 4 ? 64 : tile == 7 ? 256 : 128; }   // 1, 2, 5, 6, 8, 9: 128
+static int tile_k(int tile) { return tile == 3 || tile == 4 ? 64 : tile == 7 || tile == 9 ? 256 : 128; }   // 1, 2, 5, 6, 8: 128
 static int tile_n(int tile) {
     return tile == 1 ? 128 : tile == 7 ? 64 : tile == 8 ? kWgmmaSplitTileN : tile == 9 ? kWgmmaNarrowTileN
                      : tile >= 4 ? kWgmmaTileN : 256;
@@ -896,7 +896,7 @@ static double choose_splits(const DeviceProps &dev, int occ, int sk_occ, int siz
 // at M = 32, 61.4 against 52.5).
 static SplitModel wgmma_split_model(int tile, int mb) {
     double kt_cost, fixed;
-    if (tile == 9) {   // a first guess: tile 8's per byte, a little more
+    if (tile == 9) {   // a first guess (per 128 rows of k): tile 8's per byte, a little more
         kt_cost = mb == 1 ? 0.33 : 0.2;
         fixed = mb == 1 ? 2.0 : 1.0;
     } else if (tile == 8) {
@@ -1064,7 +1064,7 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
                                          (few_rows && c.tile == 7 && size_k % tile_k(7) == 0));
         const bool tile_ok = cfg.tile ? c.tile == cfg.tile
                                       : (wgmma ? c.tile == 5 || c.tile == 6 || c.tile == 8 ||
-                                                     (c.tile == 9 && g_tile9_enabled)
+                                                     (c.tile == 9 && g_tile9_enabled && size_k % tile_k(9) == 0)
                                                : auto_mma);
         const bool mb_ok = cfg.m_blocks ? c.mb == cfg.m_blocks
                                         : !is_wgmma_tile(c.tile) ||

@@ -408,7 +408,7 @@ inline int launch_mm(void (*kernel)(const MmParams), const MmParams &p, int grid
 
 // The wgmma kernel's entries (mm_wgmma.cu): tiles 4 (k=64), 5 (k=128) with 16 * m_blocks
 // rows per block (m_blocks 1, 2, 4 or 8), 6 (k=128, up to 64 rows, two blocks per SM), 8
-// (k=128 x n=128, the warpgroups splitting K; up to 64 rows), 9 (k=128 x n=64 likewise; 16 or
+// (k=128 x n=128, the warpgroups splitting K; up to 64 rows), 9 (k=256 x n=64 likewise; 16 or
 // 32 rows); stream_k: the instance that runs stream-K segments (tiles 5, 6, 8 and 9).
 bool wgmma_built();
 KernelEntry wgmma_entry(int tile, int m_blocks, bool grouped, int f32s_fold = 0, bool stream_k = false);

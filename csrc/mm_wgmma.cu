@@ -25,11 +25,13 @@
 // two wgmmas over all 128 columns. The two warpgroups' sums are added in the epilogue. Half the
 // columns a block make twice the column tiles: on narrow layers a grid fills the GPU with half
 // the splits, each split's FP32 partial half as wide.
-// NARROW (tile 9, always with KSPLIT): a block owns one 64-column chunk; warp w of either
-// warpgroup holds its n16 tile w % 4, one word of the lane's vector, so per k16 step a
-// warpgroup issues one wgmma over the 64 columns. Four times tile 5's column tiles: the
-// same grid with a quarter of the splits, and each block's partial a quarter as wide (at 16
-// rows the split-K exchange, not the stream, is what grows with the rows).
+// NARROW (tile 9, always with KSPLIT): a block owns one 64-column chunk and TK = 256 (four A
+// atoms, two a warpgroup); warp w of either warpgroup holds its n16 tile w % 4, one word of
+// the lane's vector, so per k16 step a warpgroup issues one wgmma over the 64 columns. Four
+// times tile 5's column tiles: the same grid with a quarter of the splits, and each block's
+// partial a quarter as wide (at 16 rows the split-K exchange, not the stream, is what grows
+// with the rows); the k tile of 256 keeps a stage's weight bytes (and so the barriers per
+// byte) those of tile 8.
 #include <cuda_fp16.h>
 
 #include "common.cuh"
@@ -43,12 +45,12 @@ template <int MB, int K_ATOMS, int BLOCKS_PER_SM, bool GROUPED, bool KSPLIT = fa
 struct WgTile {
     static constexpr int kThreads = 256;                 // 2 warpgroups
     static constexpr int kRows = 16 * MB;                // BM: 64 or 128 rows of A
-    static constexpr int TK = 64 * K_ATOMS;              // 64 or 128: 1 or 2 swizzle atoms of A
+    static constexpr int TK = 64 * K_ATOMS;              // 64, 128 or 256: 1, 2 or 4 swizzle atoms of A
     static constexpr int TN = NARROW ? kWgmmaNarrowTileN : KSPLIT ? kWgmmaSplitTileN : kWgmmaTileN;   // weight columns
     static constexpr int kWgmmas = NARROW ? 1 : 2;     // wgmmas a warpgroup issues per k16 step
-    // k16 steps of a stage that one warpgroup computes (KSPLIT: those of one A atom)
-    static constexpr int kSteps = KSPLIT ? 4 : 4 * K_ATOMS;
-    static_assert(!KSPLIT || K_ATOMS == 2, "KSPLIT: one A atom per warpgroup");
+    // k16 steps of a stage that one warpgroup computes (KSPLIT: those of its half of the A atoms)
+    static constexpr int kSteps = KSPLIT ? 2 * K_ATOMS : 4 * K_ATOMS;
+    static_assert(!KSPLIT || K_ATOMS == 2 || (NARROW && K_ATOMS == 4), "KSPLIT: one A atom per warpgroup (NARROW: two)");
     static_assert(!NARROW || KSPLIT, "NARROW: the warpgroups split K");
     // A stage: K_ATOMS blocks of kRows rows x 128 bytes (the 64 k values of one atom), each
     // a stack of 8-row x 128-byte swizzle atoms, as wgmma's descriptor wants.
@@ -360,19 +362,20 @@ static KernelEntry entry_of(bool grouped) {
                    : WgInstance<MB, K_ATOMS, BLOCKS_PER_SM, false, 0, KSPLIT, SK, NARROW>::entry();
 }
 
-template <int MB, int BLOCKS_PER_SM, bool KSPLIT, bool SK, bool NARROW = false>
+template <int MB, int BLOCKS_PER_SM, bool KSPLIT, bool SK, bool NARROW = false, int K_ATOMS = 2>
 static KernelEntry f32s_entry(int fold) {
-    return fold == 4 ? WgInstance<MB, 2, BLOCKS_PER_SM, true, 4, KSPLIT, SK, NARROW>::entry()
-                     : WgInstance<MB, 2, BLOCKS_PER_SM, true, 8, KSPLIT, SK, NARROW>::entry();
+    return fold == 4 ? WgInstance<MB, K_ATOMS, BLOCKS_PER_SM, true, 4, KSPLIT, SK, NARROW>::entry()
+                     : WgInstance<MB, K_ATOMS, BLOCKS_PER_SM, true, 8, KSPLIT, SK, NARROW>::entry();
 }
 
-// Tile 9 (NARROW): 16- or 32-row blocks (m_blocks 1 or 2; the planner refuses others).
+// Tile 9 (NARROW, k=256, two blocks an SM): 16- or 32-row blocks (m_blocks 1 or 2; the
+// planner refuses others).
 template <bool SK>
 static KernelEntry narrow_entry(int m_blocks, bool grouped, int f32s_fold) {
     if ((f32s_fold == 4 || f32s_fold == 8) && grouped)
-        return m_blocks == 1 ? f32s_entry<1, 1, true, SK, true>(f32s_fold)
-                             : f32s_entry<2, 1, true, SK, true>(f32s_fold);
-    return m_blocks == 1 ? entry_of<1, 2, 1, true, SK, true>(grouped) : entry_of<2, 2, 1, true, SK, true>(grouped);
+        return m_blocks == 1 ? f32s_entry<1, 2, true, SK, true, 4>(f32s_fold)
+                             : f32s_entry<2, 2, true, SK, true, 4>(f32s_fold);
+    return m_blocks == 1 ? entry_of<1, 4, 2, true, SK, true>(grouped) : entry_of<2, 4, 2, true, SK, true>(grouped);
 }
 
 // The k=128 tiles with `BLOCKS_PER_SM` blocks an SM: 16, 32, 64 rows (and 128 with one block).
@@ -394,7 +397,7 @@ static KernelEntry k128_entry(int m_blocks, bool grouped, int f32s_fold) {
 // tile 4: k=64 x n=256, one block per SM; tile 5: k=128 x n=256, one block per SM; tile 6:
 // k=128 x n=256, two blocks per SM (up to 64 rows); tile 8: k=128 x n=128 with the warpgroups
 // splitting K (KSPLIT), the stage budget of one block per SM (its 16-row blocks are small
-// enough for two); tile 9: k=128 x n=64 likewise (NARROW), 16 or 32 rows. f32s_fold (8: groups of 128 rows, 4: of 64; 0: off): 16- and 32-row blocks
+// enough for two); tile 9: k=256 x n=64 likewise (NARROW), 16 or 32 rows, two blocks an SM. f32s_fold (8: groups of 128 rows, 4: of 64; 0: off): 16- and 32-row blocks
 // of the k=128 tiles apply the scales in FP32 per group (F32S above). stream_k: the stream-K
 // instance (tiles 5, 6, 8 and 9; the planner asks for none of tile 4).
 KernelEntry wgmma_entry(int tile, int m_blocks, bool grouped, int f32s_fold, bool stream_k) {

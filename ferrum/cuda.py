@@ -475,7 +475,7 @@ class CudaBackend(Backend):
     def mm(self, a, weight, expert, out, stream=None, tile=0, m_blocks=0, splits=0, stream_k=0):
         """C = A @ W. Options: stream; tile (1: k128 x n128, 2: k128 x n256, 3: k64 x n256,
         7: k256 x n64, all mma.sync; 4, 5, 6: wgmma k64 / k128 / k128 with two blocks per SM, x n256,
-        8, 9: wgmma k128 x n128, k128 x n64 with the warpgroups splitting K; compute capability 9.0
+        8, 9: wgmma k128 x n128, k256 x n64 with the warpgroups splitting K; compute capability 9.0
         only), m_blocks (rows of 16 per block: 1..4 on mma.sync; tile 4 takes 4 or 8, tile 5 1, 2, 4
         or 8, tiles 6 and 8 1, 2 or 4, tile 9 1 or 2), splits (split-K)
         and stream_k (-1 off, 1 on with one wave of blocks, n >= 2 on with n blocks; mma.sync tiles
