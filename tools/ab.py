@@ -1,7 +1,8 @@
 """Time the planner's own choice (auto tile, m_blocks, splits) on chosen shapes, the way
 `ferrum bench` does (graph-replayed bursts over weight copies that exceed 4x L2), for A/B
 comparisons between builds (PYTHONPATH) or settings (FERRUM_* variables) on one machine.
-usage: python ab.py LABEL "K,N,M" ...   prints one line per shape: LABEL K N M plan us"""
+usage: python ab.py LABEL "K,N,M" ... [--group=G]   prints one line per shape: LABEL K N M plan us
+(--group: the weights' scale groups, -1 channelwise; the bench's 128 by default)"""
 import math
 import sys
 
@@ -11,22 +12,37 @@ import ferrum
 import ferrum.cuda
 from ferrum import _cuda_bench as B
 
-label, specs = sys.argv[1], sys.argv[2:]
+label = sys.argv[1]
+specs = [a for a in sys.argv[2:] if not a.startswith("--group=")]
+group = next((int(a.split("=")[1]) for a in sys.argv[2:] if a.startswith("--group=")), B.GROUP)
 backend = ferrum.cuda.BACKEND
+
+
+def weights_of(k, n, copies):
+    """`copies` random Marlin weights of K x N with scale groups of `group` rows (-1: one)."""
+    groups = 1 if group == -1 else k // group
+    out = []
+    for _ in range(copies):
+        q = torch.randint(-2 ** 31, 2 ** 31 - 1, (k // 16, 2 * n), dtype=torch.int32, device="cuda")
+        s = (torch.rand(groups, n, device="cuda") * 0.02 + 0.005).to(torch.float16)
+        out.append(ferrum.MarlinWeight(q, s, size_k=k, size_n=n, group_size=group, backend="cuda"))
+    return out
+
+
 by_kn = {}
 for spec in specs:
     k, n, m = (int(v) for v in spec.split(","))
     by_kn.setdefault((k, n), []).append(m)
 for (k, n), ms in by_kn.items():
     copies = max(2, math.ceil(B.L2_FACTOR_BYTES / (k * n // 2)))
-    weights = B._weights(torch, ferrum, k, n, copies)
+    weights = weights_of(k, n, copies)
     for m in ms:
         a = torch.randn(m, k, device="cuda", dtype=torch.float16)
         out = torch.empty(m, n, device="cuda", dtype=torch.float16)
         t = B._time_graph(torch, lambda i: backend.mm(
             a, weights[i % copies], 0, out, stream=torch.cuda.current_stream().cuda_stream),
             max(copies, 16), 7)
-        p = ferrum._cuda.mm_plan(m, k, n)
+        p = ferrum._cuda.mm_plan(m, k, n, group_size=group)
         print(f"{label} {k} {n} {m} t{p['tile']}/mb{p['m_blocks']}/s{p['splits']} {t:.2f}", flush=True)
     del weights
     torch.cuda.empty_cache()
