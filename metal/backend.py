@@ -269,8 +269,22 @@ def _layout_tables() -> dict[str, str]:
 
 
 TABLES = _layout_tables()
-#: repack.wgsl's table: CHUNK_ROW | CHUNK_COL << 8 for word w, nibble s at [8w + s].
-CHUNK_CODES = (F.CHUNK_ROW.astype(np.uint32) | (F.CHUNK_COL.astype(np.uint32) << 8)).reshape(-1)
+
+
+def _repack_tables() -> str:
+    """repack.wgsl's nibble placement: nibble s of word w = 4t + j of a chunk holds k row
+    2 (t % 4) + CHUNK_DR[s] and column 16 j + t / 4 + CHUNK_DC[s] (eight entries each, not a
+    1024-entry table in a storage binding: that alone would exceed a small binding limit)."""
+    dr, dc = F.CHUNK_ROW[0], F.CHUNK_COL[0]
+    t, j = np.divmod(np.arange(F.CHUNK_ROW.shape[0]), 4)
+    assert (F.CHUNK_ROW == 2 * (t % 4)[:, None] + dr[None, :]).all()
+    assert (F.CHUNK_COL == (16 * j + t // 4)[:, None] + dc[None, :]).all()
+    return "\n".join(f"var<private> {name}: array<u32, 8> = array<u32, 8>("
+                     f"{', '.join(f'{int(v)}u' for v in values)});"
+                     for name, values in (("CHUNK_DR", dr), ("CHUNK_DC", dc)))
+
+
+REPACK_TABLES = _repack_tables()
 
 
 def _gemv_blocks(m_tile: int, loads: int, k_slots: int) -> dict[str, str]:
@@ -709,7 +723,6 @@ class MetalBackend(Backend):
         self._planned = weakref.WeakSet()     # weights holding plans (trim drops the plans)
         self.mapped_upload = True   # A through a mapped upload buffer (else queue.write_buffer)
         self._generation = 0
-        self._codes = None
         self._native = None         # _Native once its self-test passed
 
     # --- device -----------------------------------------------------------------------------------
@@ -1001,46 +1014,79 @@ fn main(@builtin(local_invocation_index) li: u32) {
 
     def _repack(self, qweight, perm, size_k, size_n):
         kt_rows = size_k // F.TILE
-        row_bytes = 2 * size_n * 4
+        word_rows = size_k // F.PACK
+        row_bytes = 2 * size_n * 4              # one kt row of Marlin words
         limit = self._usable_limit()
-        # source blocks of nb columns (all K rows, act-order may read any), destination blocks
-        # of kt rows (all columns): both within one binding
-        nb = min(size_n, (limit // (size_k // F.PACK * 4)) // F.CHUNK_N * F.CHUNK_N)
-        kt_block = min(kt_rows, limit // row_bytes)
-        if nb < F.CHUNK_N or kt_block < 1:
-            raise ValueError(f"repack of K={size_k}, N={size_n} cannot fit the binding limit "
-                             f"({self.binding_limit} bytes)")
+        # A destination window of kt rows [kt0, kt0 + c) x nb columns spans (c - 1) full rows and
+        # 8 bytes a column: at least one 64-column chunk of one kt row must fit.
+        dst_cols = (limit // 8) // F.CHUNK_N * F.CHUNK_N
+        if dst_cols < F.CHUNK_N:
+            raise ValueError(f"repack of K={size_k}, N={size_n}: the binding limit "
+                             f"({self.binding_limit} bytes) holds less than one 16 x 64 Marlin "
+                             f"chunk ({8 * F.CHUNK_N} bytes)")
         self._fits_one_buffer(f"repack of K={size_k}, N={size_n}", kt_rows * row_bytes)
+        full_k_cols = (limit // (word_rows * 4)) // F.CHUNK_N * F.CHUNK_N
+        if full_k_cols >= F.CHUNK_N:
+            # Source blocks of nb columns and all K rows, which act-order may read in any order:
+            # the perm is applied by the kernel, from the rows of it the window needs.
+            nb = min(size_n, full_k_cols, dst_cols)
+            kt_block = min(kt_rows, (limit - 8 * nb) // row_bytes + 1)
+            blocks = [(n0, kt0, 0, word_rows) for n0 in range(0, size_n, nb)
+                      for kt0 in range(0, kt_rows, kt_block)]
+        else:
+            # Not even 64 columns of all K rows fit one binding: split along K too, each source
+            # block holding just the word rows its window reads (2 a kt row). Act-order would
+            # read any row, so its perm is applied here on the host first (the same nibbles
+            # moved, so the result is the same bits).
+            if perm is not None:
+                qweight = F.pack_gptq(F.unpack_gptq(qweight, size_k)[perm]).view(np.uint32)
+                perm = None
+            nb = min(size_n, dst_cols)
+            kt_block = max(1, min(kt_rows, limit // (8 * nb), (limit - 8 * nb) // row_bytes + 1))
+            blocks = [(n0, kt0, 2 * kt0, 2 * min(kt_block, kt_rows - kt0))
+                      for kt0 in range(0, kt_rows, kt_block) for n0 in range(0, size_n, nb)]
+        # All source blocks back to back in one buffer, each [rows, width] contiguous.
+        if len(blocks) == 1 or (blocks[0][3] == word_rows and nb == size_n):
+            src_host, offsets = qweight, [0] * len(blocks)
+        else:
+            pieces, offsets, seen, at = [], [], {}, 0
+            for n0, _, r0, rows in blocks:
+                key = (n0, r0, rows)
+                if key not in seen:
+                    seen[key] = at
+                    piece = qweight[r0:r0 + rows, n0:n0 + min(nb, size_n - n0)]
+                    pieces.append(piece.reshape(-1))
+                    at += piece.size
+                offsets.append(seen[key])
+            src_host = np.concatenate(pieces)
+        src = self.from_host(src_host)
         dst = self._buffer(kt_rows * row_bytes)
-        if self._codes is None:
-            self._codes = self.from_host(CHUNK_CODES)
-        perm_host = (np.zeros(1, np.uint32) if perm is None
-                     else np.ascontiguousarray(perm, dtype=np.uint32))
-        perm_buf = self.from_host(perm_host)
-        pipe = self._pipeline("repack.wgsl")
+        perm_buf = self.from_host(np.zeros(1, np.uint32) if perm is None
+                                  else np.ascontiguousarray(perm, dtype=np.uint32))
+        pipe = self._pipeline("repack.wgsl", CHUNK_TABLES=REPACK_TABLES)
         enc = self.device.create_command_encoder()
+        cp = enc.begin_compute_pass()
+        cp.set_pipeline(pipe)
         keep = []
-        for n0 in range(0, size_n, nb):
+        for (n0, kt0, r0, rows), offset in zip(blocks, offsets):
             width = min(nb, size_n - n0)
-            src = np.ascontiguousarray(qweight[:, n0:n0 + width]) if width != size_n else qweight
-            src_buf = self.from_host(src)
-            keep.append(src_buf)
-            for kt0 in range(0, kt_rows, kt_block):
-                count = min(kt_block, kt_rows - kt0)
-                dst_entry, dst_base = self._range(dst, kt0 * row_bytes, count * row_bytes, 4)
-                params = np.array([size_n, width, n0, kt0, perm is not None, dst_base, 0, 0],
-                                  dtype=np.uint32)
-                ubuf = self._uniform(params)
-                keep.append(ubuf)
-                bg = self._bind_group(pipe, [
-                    (ubuf, 0, ubuf.size), (src_buf.buffer, 0, src_buf.buffer.size),
-                    (perm_buf.buffer, 0, perm_buf.buffer.size),
-                    (self._codes.buffer, 0, self._codes.buffer.size), dst_entry])
-                cp = enc.begin_compute_pass()
-                cp.set_pipeline(pipe)
-                cp.set_bind_group(0, bg)
-                cp.dispatch_workgroups(width // F.CHUNK_N, count, 1)
-                cp.end()
+            count = min(kt_block, kt_rows - kt0)
+            src_entry, src_base = self._range(src.buffer, 4 * offset, 4 * rows * width, 4)
+            dst_entry, dst_base = self._range(dst, kt0 * row_bytes + 8 * n0,
+                                              (count - 1) * row_bytes + 8 * width, 4)
+            if perm is None:
+                perm_entry, perm_base = (perm_buf.buffer, 0, perm_buf.buffer.size), 0
+            else:
+                perm_entry, perm_base = self._range(perm_buf.buffer, 4 * F.TILE * kt0,
+                                                    4 * F.TILE * count, 4)
+            params = np.array([size_n, width, F.TILE * kt0 - F.PACK * r0, perm is not None,
+                               dst_base, perm_base, src_base, 0], dtype=np.uint32)
+            ubuf = self._uniform(params)
+            keep.append(ubuf)
+            cp.set_bind_group(0, self._bind_group(pipe, [(ubuf, 0, ubuf.size), src_entry,
+                                                         perm_entry, dst_entry]))
+            cp.dispatch_workgroups(width // F.CHUNK_N, count, 1)
+        cp.end()
         self.device.queue.submit([enc.finish()])
         return MetalArray(dst, (kt_rows, 2 * size_n), np.int32)
 
