@@ -14,9 +14,13 @@ are kept by the backend and only grow.
 
 Storage bindings are limited (``maxStorageBufferBindingSize``, 128 MiB on many adapters): a
 weight whose experts or kt rows do not fit one binding is cut into pieces, each bound as its own
-range of the one weight buffer and dispatched separately into its own scratch slots. The limit
-the planner uses is ``MetalBackend.binding_limit`` (FERRUM_METAL_BINDING_LIMIT overrides it), so
-tests can exercise the split path on small weights.
+range of the one weight buffer and dispatched separately into its own scratch slots. Where whole
+rows (of the weight, A or C) do not fit, ``_window_layout`` cuts the weight into windows of kt
+rows x 64-column multiples, A along k and C into column blocks (the k-pieces adding into the
+same scratch slots where need be); repack splits along K as well as N. So no weight is refused
+for the binding limit, down to its minimum of 1024 bytes. The limit the planner uses is
+``MetalBackend.binding_limit`` (FERRUM_METAL_BINDING_LIMIT overrides it), so tests can exercise
+the split paths on small weights.
 """
 
 from __future__ import annotations
