@@ -14,9 +14,13 @@ are kept by the backend and only grow.
 
 Storage bindings are limited (``maxStorageBufferBindingSize``, 128 MiB on many adapters): a
 weight whose experts or kt rows do not fit one binding is cut into pieces, each bound as its own
-range of the one weight buffer and dispatched separately into its own scratch slots. The limit
-the planner uses is ``MetalBackend.binding_limit`` (FERRUM_METAL_BINDING_LIMIT overrides it), so
-tests can exercise the split path on small weights.
+range of the one weight buffer and dispatched separately into its own scratch slots. Where whole
+rows (of the weight, A or C) do not fit, ``_window_layout`` cuts the weight into windows of kt
+rows x 64-column multiples, A along k and C into column blocks (the k-pieces adding into the
+same scratch slots where need be); repack splits along K as well as N. So no weight is refused
+for the binding limit, down to its minimum of 1024 bytes. The limit the planner uses is
+``MetalBackend.binding_limit`` (FERRUM_METAL_BINDING_LIMIT overrides it), so tests can exercise
+the split paths on small weights.
 """
 
 from __future__ import annotations
@@ -183,9 +187,10 @@ PLANS_PER_EXPERT = 16
 # from this list so host and shaders cannot disagree on the layout.
 PARAM_FIELDS = (
     "M",            # rows of A in this m-block
-    "K",            # size_k
+    "K",            # halves per row of A in the A workspace (size_k, or a k-piece's width)
     "n",            # columns per expert
-    "n_total",      # columns of C (n, or E*n for all experts)
+    "n_total",      # columns per row of C and of a scratch slot (n, E*n for all experts, or
+                    # a column block's width)
     "kt_begin",     # first kt row (within the expert) of this weight piece
     "kt_count",     # kt rows in this piece
     "kt_per_split",
@@ -196,7 +201,8 @@ PARAM_FIELDS = (
     "w_expert",     # u32 words between experts
     "s_base",       # half offset of the piece's first scale row in the scale binding
     "s_expert",     # halves between experts
-    "a_base",       # u32 offset of the m-block in the A binding
+    "a_base",       # u32 offset of the piece's first k of the m-block's first row in the A
+                    # binding (the kernels index A by kt within the piece)
     "col_base",     # column of C where this piece's first expert starts
     "slot_base",    # first scratch slot of this piece
     "slot_stride",  # fp32 values per scratch slot (M * n_total)
@@ -269,14 +275,31 @@ def _layout_tables() -> dict[str, str]:
 
 
 TABLES = _layout_tables()
-#: repack.wgsl's table: CHUNK_ROW | CHUNK_COL << 8 for word w, nibble s at [8w + s].
-CHUNK_CODES = (F.CHUNK_ROW.astype(np.uint32) | (F.CHUNK_COL.astype(np.uint32) << 8)).reshape(-1)
 
 
-def _gemv_blocks(m_tile: int, loads: int, k_slots: int) -> dict[str, str]:
+def _repack_tables() -> str:
+    """repack.wgsl's nibble placement: nibble s of word w = 4t + j of a chunk holds k row
+    2 (t % 4) + CHUNK_DR[s] and column 16 j + t / 4 + CHUNK_DC[s] (eight entries each, not a
+    1024-entry table in a storage binding: that alone would exceed a small binding limit)."""
+    dr, dc = F.CHUNK_ROW[0], F.CHUNK_COL[0]
+    t, j = np.divmod(np.arange(F.CHUNK_ROW.shape[0]), 4)
+    assert (F.CHUNK_ROW == 2 * (t % 4)[:, None] + dr[None, :]).all()
+    assert (F.CHUNK_COL == (16 * j + t // 4)[:, None] + dc[None, :]).all()
+    return "\n".join(f"var<private> {name}: array<u32, 8> = array<u32, 8>("
+                     f"{', '.join(f'{int(v)}u' for v in values)});"
+                     for name, values in (("CHUNK_DR", dr), ("CHUNK_DC", dc)))
+
+
+REPACK_TABLES = _repack_tables()
+
+
+def _gemv_blocks(m_tile: int, loads: int, k_slots: int,
+                 accumulate: bool = False) -> dict[str, str]:
     """The generated, unrolled parts of gemv.wgsl for M_TILE = m_tile rows, LOADS = loads quads
     in flight per lane and K_SLOTS = k_slots: accumulators and A offsets per row, the loads, the
-    per-row statements that accumulate one quad and reduce the tile."""
+    per-row statements that accumulate one quad and reduce the tile. With ``accumulate`` the
+    partial sums are added to what the scratch slot holds (a later weight piece along k, when
+    every piece's own slots would not fit one binding) instead of replacing it."""
     decl, acc, red = [], [], []
     for m in range(m_tile):
         decl.append(f"    var acc{m}a = vec4<f32>(0.0);\n    var acc{m}b = vec4<f32>(0.0);\n"
@@ -343,9 +366,12 @@ def _gemv_blocks(m_tile: int, loads: int, k_slots: int) -> dict[str, str]:
             f"                    vec2<f32>(column_sum(col_a), column_sum(col_a + 1u)) * scale);\n"
             f"            }}\n"
             f"        }} else if (li < 64u && row < P.M) {{\n"
-            f"            OUT[slot_at + row * P.n_total + col_out + li] =\n"
-            f"                bitcast<u32>(column_sum(col_a) * scale.x);\n"
-            f"        }}\n"
+            + (f"            let at = slot_at + row * P.n_total + col_out + li;\n"
+               f"            OUT[at] = bitcast<u32>(bitcast<f32>(OUT[at]) + column_sum(col_a) * scale.x);\n"
+               if accumulate else
+               f"            OUT[slot_at + row * P.n_total + col_out + li] =\n"
+               f"                bitcast<u32>(column_sum(col_a) * scale.x);\n")
+            + f"        }}\n"
             f"    }}")
     xs = range(loads)
     load_decl = ("".join(f"    var xn{u} = vec4<u32>(0u);\n" for u in xs)
@@ -362,10 +388,12 @@ def _gemv_blocks(m_tile: int, loads: int, k_slots: int) -> dict[str, str]:
             "WORKGROUP_SIZE": 32 * k_slots, "RED_VEC4S": 64 * max(8, k_slots // 2)}
 
 
-def _tiled_blocks(tm: int, bk: int, unroll: bool = False) -> dict[str, str]:
+def _tiled_blocks(tm: int, bk: int, unroll: bool = False,
+                  accumulate: bool = False) -> dict[str, str]:
     """The generated, unrolled parts of tiled.wgsl for TM = tm rows per invocation and BK = bk:
     the accumulators (one vec4 of 4 columns per row), the multiply stage (a loop over k whose
-    body is the fmas of one k, or with ``unroll`` every k written out) and the writes."""
+    body is the fmas of one k, or with ``unroll`` every k written out) and the writes (with
+    ``accumulate`` added to what the scratch slot holds, as in _gemv_blocks)."""
     aw = min(tm, 4)
     decl = "\n".join(f"    var acc{r} = vec4<f32>(0.0);" for r in range(tm))
 
@@ -395,10 +423,11 @@ def _tiled_blocks(tm: int, bk: int, unroll: bool = False) -> dict[str, str]:
             f"                OUT[at + 1u] = pack2x16float(acc{r}.zw);\n"
             f"            }} else {{\n"
             f"                let at = slot_at + row * P.n_total + col_out;\n"
-            f"                OUT[at] = bitcast<u32>(acc{r}.x);\n"
-            f"                OUT[at + 1u] = bitcast<u32>(acc{r}.y);\n"
-            f"                OUT[at + 2u] = bitcast<u32>(acc{r}.z);\n"
-            f"                OUT[at + 3u] = bitcast<u32>(acc{r}.w);\n"
+            + "".join(f"                OUT[at{off}] = bitcast<u32>(bitcast<f32>(OUT[at{off}])"
+                      f" + acc{r}.{c});\n" if accumulate else
+                      f"                OUT[at{off}] = bitcast<u32>(acc{r}.{c});\n"
+                      for off, c in (("", "x"), (" + 1u", "y"), (" + 2u", "z"), (" + 3u", "w")))
+            + 
             f"            }}\n"
             f"        }}\n"
             f"    }}")
@@ -472,10 +501,29 @@ class _Plan:
     read: _Staging = None   # read-back buffer for C (a size class of out_bytes)
     raw: list = None        # (pipeline, bind group, grid) as wgpu-native handles (_Native)
     column_sums: bool = False  # some gemv dispatch takes the 72 out of the column sums
+    a_block: tuple = None   # (kw, k-pieces): A goes up as [k-piece][m][kw] (_Layout.blocked_a)
+    col_blocks: list = None     # [(first column, width, offset)]: C comes back in column blocks
 
     def __post_init__(self):
         self.raw = [(d.pipeline._internal, d.bind_group._internal, tuple(int(g) for g in d.grid))
                     for d in self.dispatches]
+
+
+@dataclass
+class _Layout:
+    """How _make_plan cuts a call into dispatches that each bind at most the binding limit."""
+    m_block: int            # rows of A per m-block
+    k_pieces: int           # weight pieces along k (per column block)
+    kt_block: int           # kt rows per k-piece
+    width: int              # columns of C per row of a scratch slot (the widest column block)
+    # column blocks of C: (first column of C, width, offset in the C workspace in halves,
+    # pieces), each piece (first expert, experts, kt_begin, kt_count, k-piece, first column
+    # within the expert, columns, column of the block where the piece starts)
+    blocks: list
+    target_experts: int = 1     # experts the k-split's workgroup target counts
+    blocked_a: bool = False     # A in the workspace as [k-piece][m][kt_block * 16]
+    blocked_c: bool = False     # C in the workspace as [column block][m][width]
+    accumulate: bool = False    # k-pieces add into the same scratch slots
 
 
 class _Staging:
@@ -671,6 +719,37 @@ def _column_sums_fit(a: np.ndarray) -> bool:
     return bool(((peak <= COLUMN_SUM_SPAN * median) & (median <= COLUMN_SUM_SPAN * low)).all())
 
 
+def _a_for(plan: _Plan, a: np.ndarray) -> np.ndarray:
+    """A as the plan's dispatches read it from the A workspace: as it is ([m][K]), or cut along
+    k into the plan's k-pieces, [k-piece][m][kw] (the last piece's columns past K left zero)."""
+    if plan.a_block is None:
+        return a
+    kw, pieces = plan.a_block
+    m = a.shape[0]
+    blocked = np.zeros((pieces, m, kw), np.float16)
+    for p in range(pieces):
+        part = a[:, p * kw:(p + 1) * kw]
+        blocked[p, :, :part.shape[1]] = part
+    return blocked
+
+
+def _read_c(plan: _Plan, raw, m: int, out):
+    """C from the read-back bytes raw (the plan's C workspace): [m][n_total] as it is, or
+    gathered from the plan's column blocks ([block][m][width]); into out, or a new array."""
+    flat = np.frombuffer(raw, np.float16)
+    if plan.col_blocks is None:
+        result = flat.reshape(m, -1)
+        if out is None:
+            return result.copy()
+        out[...] = result
+        return out
+    if out is None:
+        out = np.empty((m, plan.out_bytes // (2 * m)), np.float16)
+    for col0, width, offset in plan.col_blocks:
+        out[:, col0:col0 + width] = flat[offset:offset + m * width].reshape(m, width)
+    return out
+
+
 def _record_plan(encoder, plan) -> None:
     """One compute pass running the plan's dispatches (kernel pieces, then the reduction)."""
     cp = encoder.begin_compute_pass()
@@ -709,7 +788,6 @@ class MetalBackend(Backend):
         self._planned = weakref.WeakSet()     # weights holding plans (trim drops the plans)
         self.mapped_upload = True   # A through a mapped upload buffer (else queue.write_buffer)
         self._generation = 0
-        self._codes = None
         self._native = None         # _Native once its self-test passed
 
     # --- device -----------------------------------------------------------------------------------
@@ -1001,46 +1079,79 @@ fn main(@builtin(local_invocation_index) li: u32) {
 
     def _repack(self, qweight, perm, size_k, size_n):
         kt_rows = size_k // F.TILE
-        row_bytes = 2 * size_n * 4
+        word_rows = size_k // F.PACK
+        row_bytes = 2 * size_n * 4              # one kt row of Marlin words
         limit = self._usable_limit()
-        # source blocks of nb columns (all K rows, act-order may read any), destination blocks
-        # of kt rows (all columns): both within one binding
-        nb = min(size_n, (limit // (size_k // F.PACK * 4)) // F.CHUNK_N * F.CHUNK_N)
-        kt_block = min(kt_rows, limit // row_bytes)
-        if nb < F.CHUNK_N or kt_block < 1:
-            raise ValueError(f"repack of K={size_k}, N={size_n} cannot fit the binding limit "
-                             f"({self.binding_limit} bytes)")
+        # A destination window of kt rows [kt0, kt0 + c) x nb columns spans (c - 1) full rows and
+        # 8 bytes a column: at least one 64-column chunk of one kt row must fit.
+        dst_cols = (limit // 8) // F.CHUNK_N * F.CHUNK_N
+        if dst_cols < F.CHUNK_N:
+            raise ValueError(f"repack of K={size_k}, N={size_n}: the binding limit "
+                             f"({self.binding_limit} bytes) holds less than one 16 x 64 Marlin "
+                             f"chunk ({8 * F.CHUNK_N} bytes)")
         self._fits_one_buffer(f"repack of K={size_k}, N={size_n}", kt_rows * row_bytes)
+        full_k_cols = (limit // (word_rows * 4)) // F.CHUNK_N * F.CHUNK_N
+        if full_k_cols >= F.CHUNK_N:
+            # Source blocks of nb columns and all K rows, which act-order may read in any order:
+            # the perm is applied by the kernel, from the rows of it the window needs.
+            nb = min(size_n, full_k_cols, dst_cols)
+            kt_block = min(kt_rows, (limit - 8 * nb) // row_bytes + 1)
+            blocks = [(n0, kt0, 0, word_rows) for n0 in range(0, size_n, nb)
+                      for kt0 in range(0, kt_rows, kt_block)]
+        else:
+            # Not even 64 columns of all K rows fit one binding: split along K too, each source
+            # block holding just the word rows its window reads (2 a kt row). Act-order would
+            # read any row, so its perm is applied here on the host first (the same nibbles
+            # moved, so the result is the same bits).
+            if perm is not None:
+                qweight = F.pack_gptq(F.unpack_gptq(qweight, size_k)[perm]).view(np.uint32)
+                perm = None
+            nb = min(size_n, dst_cols)
+            kt_block = max(1, min(kt_rows, limit // (8 * nb), (limit - 8 * nb) // row_bytes + 1))
+            blocks = [(n0, kt0, 2 * kt0, 2 * min(kt_block, kt_rows - kt0))
+                      for kt0 in range(0, kt_rows, kt_block) for n0 in range(0, size_n, nb)]
+        # All source blocks back to back in one buffer, each [rows, width] contiguous.
+        if len(blocks) == 1 or (blocks[0][3] == word_rows and nb == size_n):
+            src_host, offsets = qweight, [0] * len(blocks)
+        else:
+            pieces, offsets, seen, at = [], [], {}, 0
+            for n0, _, r0, rows in blocks:
+                key = (n0, r0, rows)
+                if key not in seen:
+                    seen[key] = at
+                    piece = qweight[r0:r0 + rows, n0:n0 + min(nb, size_n - n0)]
+                    pieces.append(piece.reshape(-1))
+                    at += piece.size
+                offsets.append(seen[key])
+            src_host = np.concatenate(pieces)
+        src = self.from_host(src_host)
         dst = self._buffer(kt_rows * row_bytes)
-        if self._codes is None:
-            self._codes = self.from_host(CHUNK_CODES)
-        perm_host = (np.zeros(1, np.uint32) if perm is None
-                     else np.ascontiguousarray(perm, dtype=np.uint32))
-        perm_buf = self.from_host(perm_host)
-        pipe = self._pipeline("repack.wgsl")
+        perm_buf = self.from_host(np.zeros(1, np.uint32) if perm is None
+                                  else np.ascontiguousarray(perm, dtype=np.uint32))
+        pipe = self._pipeline("repack.wgsl", CHUNK_TABLES=REPACK_TABLES)
         enc = self.device.create_command_encoder()
+        cp = enc.begin_compute_pass()
+        cp.set_pipeline(pipe)
         keep = []
-        for n0 in range(0, size_n, nb):
+        for (n0, kt0, r0, rows), offset in zip(blocks, offsets):
             width = min(nb, size_n - n0)
-            src = np.ascontiguousarray(qweight[:, n0:n0 + width]) if width != size_n else qweight
-            src_buf = self.from_host(src)
-            keep.append(src_buf)
-            for kt0 in range(0, kt_rows, kt_block):
-                count = min(kt_block, kt_rows - kt0)
-                dst_entry, dst_base = self._range(dst, kt0 * row_bytes, count * row_bytes, 4)
-                params = np.array([size_n, width, n0, kt0, perm is not None, dst_base, 0, 0],
-                                  dtype=np.uint32)
-                ubuf = self._uniform(params)
-                keep.append(ubuf)
-                bg = self._bind_group(pipe, [
-                    (ubuf, 0, ubuf.size), (src_buf.buffer, 0, src_buf.buffer.size),
-                    (perm_buf.buffer, 0, perm_buf.buffer.size),
-                    (self._codes.buffer, 0, self._codes.buffer.size), dst_entry])
-                cp = enc.begin_compute_pass()
-                cp.set_pipeline(pipe)
-                cp.set_bind_group(0, bg)
-                cp.dispatch_workgroups(width // F.CHUNK_N, count, 1)
-                cp.end()
+            count = min(kt_block, kt_rows - kt0)
+            src_entry, src_base = self._range(src.buffer, 4 * offset, 4 * rows * width, 4)
+            dst_entry, dst_base = self._range(dst, kt0 * row_bytes + 8 * n0,
+                                              (count - 1) * row_bytes + 8 * width, 4)
+            if perm is None:
+                perm_entry, perm_base = (perm_buf.buffer, 0, perm_buf.buffer.size), 0
+            else:
+                perm_entry, perm_base = self._range(perm_buf.buffer, 4 * F.TILE * kt0,
+                                                    4 * F.TILE * count, 4)
+            params = np.array([size_n, width, F.TILE * kt0 - F.PACK * r0, perm is not None,
+                               dst_base, perm_base, src_base, 0], dtype=np.uint32)
+            ubuf = self._uniform(params)
+            keep.append(ubuf)
+            cp.set_bind_group(0, self._bind_group(pipe, [(ubuf, 0, ubuf.size), src_entry,
+                                                         perm_entry, dst_entry]))
+            cp.dispatch_workgroups(width // F.CHUNK_N, count, 1)
+        cp.end()
         self.device.queue.submit([enc.finish()])
         return MetalArray(dst, (kt_rows, 2 * size_n), np.int32)
 
@@ -1056,6 +1167,7 @@ fn main(@builtin(local_invocation_index) li: u32) {
         m = a.shape[0]
         with self._lock:
             plan = self._plan_for(a, weight, expert)
+            a = _a_for(plan, a)
             read = plan.read.buffer
             native = self._native
             if native is not None:
@@ -1066,12 +1178,7 @@ fn main(@builtin(local_invocation_index) li: u32) {
                     raw = native.run(plan.raw, [(self._work["a"], a)],
                                      (self._work["c"], read, plan.out_bytes), plan.out_bytes)
                 try:
-                    result = np.frombuffer(raw, np.float16).reshape(m, -1)
-                    if out is None:
-                        out = result.copy()
-                    else:
-                        out[...] = result
-                    del result
+                    out = _read_c(plan, raw, m, out)
                 finally:
                     native.unmap(read)
                 return out
@@ -1084,12 +1191,8 @@ fn main(@builtin(local_invocation_index) li: u32) {
             read.map_sync(wgpu.MapMode.READ, 0, plan.out_bytes)
             try:
                 raw = read.read_mapped(0, plan.out_bytes, copy=False)
-                result = np.frombuffer(raw, np.float16).reshape(m, -1)
-                if out is None:
-                    out = result.copy()
-                else:
-                    out[...] = result
-                del raw, result
+                out = _read_c(plan, raw, m, out)
+                del raw
             finally:
                 read.unmap()
         return out
@@ -1171,57 +1274,24 @@ fn main(@builtin(local_invocation_index) li: u32) {
         # rows); one group: shift everything away
         group_shift = 31 if groups == 1 else group_tiles.bit_length() - 1
         assert groups == 1 or group_tiles == 1 << group_shift
+        limit = self._usable_limit()
+        lay = (self._whole_rows_layout(weight, m, experts, limit)
+               or self._window_layout(weight, m, experts, limit))
         row_bytes = 2 * n * 4                    # one kt row of one expert's packed weight
         srow_bytes = 2 * n                       # one scale row
-        limit = self._usable_limit()
-        if row_bytes * 8 > limit or srow_bytes > limit:
-            raise ValueError(f"weight: size_n={n} is too wide for this adapter: 8 packed k-tile rows "
-                             f"({8 * row_bytes} bytes) and a scale row must fit one storage binding "
-                             f"({limit} bytes)")
+        m_block, k_pieces, kt_piece = lay.m_block, lay.k_pieces, lay.kt_block
 
-        # Pieces of the weight: (first expert, experts, kt_begin, kt_count, k-piece index).
-        pieces = []
-        if kt_rows * row_bytes <= limit and groups * srow_bytes <= limit:
-            per = max(1, min(limit // (kt_rows * row_bytes), limit // (groups * srow_bytes)))
-            for i in range(0, len(experts), per):
-                pieces.append((experts[i], min(per, len(experts) - i), 0, kt_rows, 0))
-            k_pieces = 1
-        else:
-            kt_block = (limit // row_bytes) // 8 * 8
-            while kt_block >= 8 and (kt_block // group_tiles + 2) * srow_bytes > limit:
-                kt_block -= 8                    # the piece's scale rows must fit a binding too
-            if kt_block < 8:
-                raise ValueError(f"weight: size_n={n} with group_size={weight.group_size} does not fit "
-                                 f"this adapter: 8 packed k-tile rows and their scale rows must fit one "
-                                 f"storage binding ({limit} bytes)")
-            k_pieces = math.ceil(kt_rows / kt_block)
-            for e in experts:
-                for p in range(k_pieces):
-                    kt0 = p * kt_block
-                    pieces.append((e, 1, kt0, min(kt_block, kt_rows - kt0), p))
-            kt_rows_piece = kt_block
-        kt_piece = kt_rows if k_pieces == 1 else kt_rows_piece
-
-        # m-blocks: A, C and the scratch of one block (at least one slot per k-piece) must each
-        # fit a binding; then as many k-splits as the workgroup target asks and the scratch allows.
-        m_block = m
-        while m_block > 2 and (m_block * K * 2 > limit or m_block * n_total * 2 > limit
-                                or k_pieces * m_block * n_total * 4 > limit
-                                or m_block > MAX_GRID):
-            m_block = _round_up(m_block // 2, 2)
-        if k_pieces * m_block * n_total * 4 > limit:
-            raise ValueError(f"weight: {n_total} output columns are too wide for this adapter: the "
-                             f"partial sums of {m_block} rows of a over {k_pieces} weight pieces "
-                             f"({k_pieces * m_block * n_total * 4} bytes) must fit one storage binding "
-                             f"({limit} bytes)")
         kernel = self._kernel_for(m_block)
-        chunks = n // F.CHUNK_N
+        chunks = lay.width // F.CHUNK_N if lay.blocked_c else n // F.CHUNK_N
         m_tile = self._m_tile(kernel, m_block)
-        base_wgs = chunks * len(experts) * math.ceil(m_block / m_tile)
-        scratch_splits = max(1, limit // (k_pieces * m_block * n_total * 4))
+        base_wgs = chunks * lay.target_experts * math.ceil(m_block / m_tile)
+        # slots a (m-block, column block) needs: one per k-split of every k-piece, or (pieces
+        # accumulated into the same slots) one per k-split
+        slot_pieces = 1 if lay.accumulate else k_pieces
+        scratch_splits = limit // (slot_pieces * m_block * lay.width * 4)
         k_slots = self._gemv_k_slots()
         wide = (kernel == "gemv.wgsl" and self.gemv_wide and m_block == 1 and k_pieces == 1
-                and 32 * 32 <= self.max_invocations
+                and not lay.blocked_c and 32 * 32 <= self.max_invocations
                 and GEMV_WIDE_SHARE[0] * self.target_workgroups <= base_wgs
                 <= GEMV_WIDE_SHARE[1] * self.target_workgroups)
         if wide:            # one 32-slot workgroup a chunk over all of k: gemv writes C
@@ -1237,96 +1307,227 @@ fn main(@builtin(local_invocation_index) li: u32) {
                                 kt_piece // 8, scratch_splits))
             kt_per_split = _round_up(math.ceil(kt_piece / splits), 2)
         splits = math.ceil(kt_piece / kt_per_split)
-        slots = k_pieces * splits
+        slots = slot_pieces * splits
         if chunks * math.ceil(m_block / m_tile) > MAX_GRID or \
                 splits * math.ceil(m_block / m_tile) > MAX_GRID:
             raise ValueError(f"size_n={n} or M={m} exceeds the dispatch grid ({MAX_GRID})")
 
-        for what, nbytes in (("A", m * K * 2), ("C", m * n_total * 2),
-                             ("the k-split scratch", slots * m_block * n_total * 4)):
+        # A is laid out [k-piece][m][kw] when its rows are cut along k (else [m][K]); C
+        # [column block][m][width] when its rows are cut into column blocks (else [m][n_total]).
+        kw = lay.kt_block * F.TILE if lay.blocked_a else K
+        a_bytes = (k_pieces if lay.blocked_a else 1) * m * kw * 2
+        scratch_bytes = slots * m_block * lay.width * 4
+        for what, nbytes in (("A", a_bytes), ("C", m * n_total * 2),
+                             ("the k-split scratch", scratch_bytes)):
             self._fits_one_buffer(f"M={m}: {what}", nbytes)
-        a_buf = self._workspace("a", m * K * 2)
+        a_buf = self._workspace("a", a_bytes)
         c_buf = self._workspace("c", m * n_total * 2)
-        s_buf = self._workspace("scratch", slots * m_block * n_total * 4)
+        s_buf = self._workspace("scratch", scratch_bytes)
 
-        scale_rows_per_expert = groups
         table = "channel" if groups == 1 else "grouped"
         reduce_pipe = self._pipeline("reduce.wgsl")
         dispatches = []
         direct_any = False
         any_sums = False
+        # one slot (no k-split, one k-piece): the kernel writes C itself, no reduction pass
+        direct = slots == 1 and k_pieces == 1
         for mb0 in range(0, m, m_block):
             mb = min(m_block, m - mb0)
             block_kernel = self._kernel_for(mb)      # a short last block may be gemv
             m_tile = self._m_tile(block_kernel, mb)
-            # one slot (no k-split, one k-piece): the kernel writes C itself, no reduction pass
-            direct = slots == 1
             direct_any |= direct
-            if block_kernel == "gemv.wgsl":
-                loads = self._gemv_loads(m_tile)
-                sums = column_sums and m_tile <= PRESCALE_FROM_M_TILE
-                any_sums |= sums
-                pipe = self._pipeline(block_kernel, TABLES=TABLES[table], M_TILE=m_tile,
-                                      SUBGROUPS=str(self.subgroups).lower(),
-                                      CHANNELWISE=str(groups == 1).lower(),
-                                      PRESCALE=str(not sums).lower(),
-                                      DIRECT=str(direct).lower(),
-                                      **_gemv_blocks(m_tile, loads, k_slots))
-            else:
-                tm = self._tiled_tm(mb)
-                pipe = self._pipeline(block_kernel, TABLES=TABLES[table],
-                                      DIRECT=str(direct).lower(),
-                                      **_tiled_blocks(tm, self._tiled_bk(tm),
-                                                      self.tiled_unroll))
-            a_entry, a_base = self._range(a_buf, mb0 * K * 2, mb * K * 2, 4)
-            s_entry, out_base = self._range(s_buf, 0, slots * mb * n_total * 4, 4)
-            c_entry, c_base = self._range(c_buf, mb0 * n_total * 2, mb * n_total * 2, 4)
-            for e0, ecount, kt0, ktc, kp in pieces:
-                w_off = (e0 * kt_rows + kt0) * row_bytes
-                w_len = ((ecount - 1) * kt_rows + ktc) * row_bytes
-                w_entry, w_base = self._range(weight.qweight.buffer, w_off, w_len, 4)
-                g0 = (kt0 // group_tiles) if groups > 1 else 0
-                g1 = ((kt0 + ktc - 1) // group_tiles + 1) if groups > 1 else 1
-                sc_off = (e0 * scale_rows_per_expert + g0) * srow_bytes
-                sc_len = ((ecount - 1) * scale_rows_per_expert + (g1 - g0)) * srow_bytes
-                sc_entry, sc_base = self._range(weight.scales.buffer, sc_off, sc_len, 2)
-                col_base = (e0 - experts[0]) * n
-                params = _pack_params(
-                    M=mb, K=K, n=n, n_total=n_total, kt_begin=kt0, kt_count=ktc,
-                    kt_per_split=kt_per_split, splits=splits, group_shift=group_shift,
-                    g_begin=g0, w_base=w_base, w_expert=kt_rows * 2 * n, s_base=sc_base,
-                    s_expert=scale_rows_per_expert * n, a_base=a_base, col_base=col_base,
-                    slot_base=kp * splits, slot_stride=mb * n_total, out_base=out_base,
-                    c_base=c_base)
-                ubuf = self._uniform(params)
-                bg = self._bind_group(pipe, [(ubuf, 0, ubuf.size), w_entry, sc_entry, a_entry,
-                                             c_entry if direct else s_entry])
-                if block_kernel == "gemv.wgsl":     # m-tiles of a chunk side by side in x
-                    grid = (chunks * math.ceil(mb / m_tile), splits, ecount)
+            pipes = {}
+            for accumulate in {False, lay.accumulate}:
+                if block_kernel == "gemv.wgsl":
+                    loads = self._gemv_loads(m_tile)
+                    sums = column_sums and m_tile <= PRESCALE_FROM_M_TILE
+                    any_sums |= sums
+                    pipes[accumulate] = self._pipeline(
+                        block_kernel, TABLES=TABLES[table], M_TILE=m_tile,
+                        SUBGROUPS=str(self.subgroups).lower(),
+                        CHANNELWISE=str(groups == 1).lower(), PRESCALE=str(not sums).lower(),
+                        DIRECT=str(direct).lower(),
+                        **_gemv_blocks(m_tile, loads, k_slots, accumulate))
                 else:
-                    grid = (chunks, splits * math.ceil(mb / m_tile), ecount)
-                dispatches.append(_Dispatch(pipe, bg, grid))
-            if direct:
-                continue
-            params = _pack_params(M=mb, n_total=n_total, splits=slots, slot_stride=mb * n_total,
-                                  out_base=out_base, c_base=c_base)
-            ubuf = self._uniform(params)
-            s_read, _ = self._range(s_buf, 0, slots * mb * n_total * 4, 4)
-            bg = self._bind_group(reduce_pipe, [(ubuf, 0, ubuf.size), s_read, c_entry])
-            dispatches.append(_Dispatch(reduce_pipe, bg,
-                                        (math.ceil(n_total / 2 / 256), mb, 1)))
+                    tm = self._tiled_tm(mb)
+                    # a piece of one kt row cannot take BK = 32's steps of two
+                    bk = 16 if lay.kt_block % 2 else self._tiled_bk(tm)
+                    pipes[accumulate] = self._pipeline(
+                        block_kernel, TABLES=TABLES[table], DIRECT=str(direct).lower(),
+                        **_tiled_blocks(tm, bk, self.tiled_unroll, accumulate))
+            if not lay.blocked_a:
+                a_entry, a_row0 = self._range(a_buf, mb0 * K * 2, mb * K * 2, 4)
+            for col0, width, c_off, pieces in lay.blocks:
+                s_entry, out_base = self._range(s_buf, 0, slots * mb * width * 4, 4)
+                c_entry, c_base = self._range(c_buf, 2 * (c_off + mb0 * width), 2 * mb * width, 4)
+                for e0, ecount, kt0, ktc, kp, n0, cols, col_base in pieces:
+                    w_off = (e0 * kt_rows + kt0) * row_bytes + 8 * n0
+                    w_len = ((ecount - 1) * kt_rows + ktc - 1) * row_bytes + 8 * cols
+                    w_entry, w_base = self._range(weight.qweight.buffer, w_off, w_len, 4)
+                    g0 = (kt0 // group_tiles) if groups > 1 else 0
+                    g1 = ((kt0 + ktc - 1) // group_tiles + 1) if groups > 1 else 1
+                    sc_off = (e0 * groups + g0) * srow_bytes + 2 * n0
+                    sc_len = ((ecount - 1) * groups + g1 - g0 - 1) * srow_bytes + 2 * cols
+                    sc_entry, sc_base = self._range(weight.scales.buffer, sc_off, sc_len, 2)
+                    if lay.blocked_a:
+                        a_entry, a_base = self._range(a_buf, 2 * (kp * m + mb0) * kw,
+                                                      2 * mb * kw, 4)
+                    else:
+                        a_base = a_row0 + kt0 * F.TILE // 2
+                    accumulate = lay.accumulate and kp > 0
+                    params = _pack_params(
+                        M=mb, K=kw, n=n, n_total=width, kt_begin=kt0, kt_count=ktc,
+                        kt_per_split=kt_per_split, splits=splits, group_shift=group_shift,
+                        g_begin=g0, w_base=w_base, w_expert=kt_rows * 2 * n, s_base=sc_base,
+                        s_expert=groups * n, a_base=a_base, col_base=col_base,
+                        slot_base=0 if lay.accumulate else kp * splits,
+                        slot_stride=mb * width, out_base=out_base, c_base=c_base)
+                    ubuf = self._uniform(params)
+                    bg = self._bind_group(pipes[accumulate], [
+                        (ubuf, 0, ubuf.size), w_entry, sc_entry, a_entry,
+                        c_entry if direct else s_entry])
+                    piece_chunks = cols // F.CHUNK_N
+                    if block_kernel == "gemv.wgsl":     # m-tiles of a chunk side by side in x
+                        grid = (piece_chunks * math.ceil(mb / m_tile), splits, ecount)
+                    else:
+                        grid = (piece_chunks, splits * math.ceil(mb / m_tile), ecount)
+                    dispatches.append(_Dispatch(pipes[accumulate], bg, grid))
+                if direct:
+                    continue
+                params = _pack_params(M=mb, n_total=width, splits=slots, slot_stride=mb * width,
+                                      out_base=out_base, c_base=c_base)
+                ubuf = self._uniform(params)
+                s_read, _ = self._range(s_buf, 0, slots * mb * width * 4, 4)
+                bg = self._bind_group(reduce_pipe, [(ubuf, 0, ubuf.size), s_read, c_entry])
+                dispatches.append(_Dispatch(reduce_pipe, bg,
+                                            (math.ceil(width / 2 / 256), mb, 1)))
+        pieces_per_block = len(lay.blocks[0][3])
         summary = (f"{kernel.split('.')[0]} m{self._m_tile(kernel, m_block)} k{slots}"
                    + (f" l{self._gemv_loads(self._m_tile(kernel, m_block))}"
                       + (f" s{k_slots}" if k_slots != 8 else "")
                       if kernel == "gemv.wgsl" else
-                      f" bk{self._tiled_bk(self._tiled_tm(m_block))}")
+                      f" bk{16 if lay.kt_block % 2 else self._tiled_bk(self._tiled_tm(m_block))}")
                    + (" direct" if direct_any else "")
                    + (" sums" if any_sums else "")
-                   + (f" p{len(pieces)}" if len(pieces) > 1 else "")
+                   + (f" p{pieces_per_block}" if pieces_per_block > 1 else "")
+                   + (f" n{len(lay.blocks)}" if len(lay.blocks) > 1 else "")
+                   + (" acc" if lay.accumulate else "")
                    + (f" b{math.ceil(m / m_block)}" if m_block < m else ""))
-        return _Plan(self._generation, dispatches, m * n_total * 2, m * K * 2, summary,
-                     upload=self._staging("upload", m * K * 2),
-                     read=self._staging("read", m * n_total * 2), column_sums=any_sums)
+        col_blocks = ([(col0, width, c_off) for col0, width, c_off, _ in lay.blocks]
+                      if lay.blocked_c else None)
+        return _Plan(self._generation, dispatches, m * n_total * 2, a_bytes, summary,
+                     upload=self._staging("upload", a_bytes),
+                     read=self._staging("read", m * n_total * 2), column_sums=any_sums,
+                     a_block=(kw, k_pieces) if lay.blocked_a else None, col_blocks=col_blocks)
+
+    def _whole_rows_layout(self, weight, m: int, experts: list, limit: int):
+        """The usual layout, None where it does not fit the limit: pieces of whole kt rows
+        (groups of whole experts, or kt-row blocks of one expert, every 8 rows or more), A and C
+        in whole rows ([m][K], [m][n_total]) cut into m-blocks, and one scratch slot per k-split
+        of every piece."""
+        K, n = weight.size_k, weight.size_n
+        n_total = n * len(experts)
+        kt_rows = K // F.TILE
+        groups = weight.num_groups
+        group_tiles = F.effective_group_size(K, weight.group_size) // F.TILE
+        row_bytes = 2 * n * 4
+        srow_bytes = 2 * n
+        if row_bytes * 8 > limit or srow_bytes > limit:
+            return None
+        # Pieces of the weight: (first expert, experts, kt_begin, kt_count, k-piece index,
+        # first column, columns, column of C).
+        pieces = []
+        if kt_rows * row_bytes <= limit and groups * srow_bytes <= limit:
+            per = max(1, min(limit // (kt_rows * row_bytes), limit // (groups * srow_bytes)))
+            for i in range(0, len(experts), per):
+                pieces.append((experts[i], min(per, len(experts) - i), 0, kt_rows, 0, 0, n,
+                               (experts[i] - experts[0]) * n))
+            k_pieces, kt_block = 1, kt_rows
+        else:
+            kt_block = (limit // row_bytes) // 8 * 8
+            while kt_block >= 8 and (kt_block // group_tiles + 2) * srow_bytes > limit:
+                kt_block -= 8                    # the piece's scale rows must fit a binding too
+            if kt_block < 8:
+                return None
+            k_pieces = math.ceil(kt_rows / kt_block)
+            for e in experts:
+                for p in range(k_pieces):
+                    kt0 = p * kt_block
+                    pieces.append((e, 1, kt0, min(kt_block, kt_rows - kt0), p, 0, n,
+                                   (e - experts[0]) * n))
+        # m-blocks: A, C and the scratch of one block (at least one slot per k-piece) must each
+        # fit a binding; then as many k-splits as the workgroup target asks and the scratch allows.
+        m_block = m
+        while m_block > 2 and (m_block * K * 2 > limit or m_block * n_total * 2 > limit
+                                or k_pieces * m_block * n_total * 4 > limit
+                                or m_block > MAX_GRID):
+            m_block = _round_up(m_block // 2, 2)
+        if (m_block * K * 2 > limit or m_block * n_total * 2 > limit
+                or k_pieces * m_block * n_total * 4 > limit):
+            return None
+        return _Layout(m_block, k_pieces, kt_block, n_total, [(0, n_total, 0, pieces)],
+                       target_experts=len(experts))
+
+    def _window_layout(self, weight, m: int, experts: list, limit: int):
+        """Where whole rows do not fit: windows of the weight (kt rows x a column block of one
+        expert, a multiple of 64 columns), A cut along k into k-pieces ([k-piece][m][kw]) and C
+        into column blocks ([column block][m][width]), so each binding holds only what one
+        dispatch reads or writes. The k-pieces of a column block add into the same scratch
+        slots where separate ones would not fit a binding. Of the column widths that fit, the
+        one with the fewest dispatches (rows of A per m-block, then width, breaking ties)."""
+        K, n = weight.size_k, weight.size_n
+        kt_rows = K // F.TILE
+        groups = weight.num_groups
+        group_tiles = F.effective_group_size(K, weight.group_size) // F.TILE
+        row_bytes = 2 * n * 4
+        srow_bytes = 2 * n
+
+        def scale_span(kt_block, width):     # bytes of a piece's scale window, at most
+            if groups == 1:
+                return 2 * width
+            rows = (kt_block + group_tiles - 2) // group_tiles + 1   # groups kt_block rows touch
+            return (rows - 1) * srow_bytes + 2 * width
+
+        best = None
+        widths = sorted({_round_up(math.ceil(n / c), F.CHUNK_N)
+                         for c in range(1, n // F.CHUNK_N + 1)}, reverse=True)
+        for width in widths:
+            if 8 * width > limit:            # one kt row of the column block
+                continue
+            # kt rows a piece: (rows - 1) full rows of the weight and one of the block, its A
+            # (32 bytes a kt row and row of A) and its scale rows within the limit
+            kt_block = min(kt_rows, (limit - 8 * width) // row_bytes + 1, limit // 32)
+            while kt_block > 1 and scale_span(kt_block, width) > limit:
+                kt_block -= 1
+            if kt_block > 1 and kt_block % 2:
+                kt_block -= 1                # tiled's BK = 32 steps two kt rows at a time
+            k_pieces = math.ceil(kt_rows / kt_block)
+            kw = kt_block * F.TILE
+            m_cap = min(m, MAX_GRID, limit // (2 * kw), limit // (2 * width))
+            if k_pieces > 1:                 # a scratch slot of the m-block must fit
+                m_cap = min(m_cap, limit // (4 * width))
+            blocks = math.ceil(m / m_cap)
+            m_block = math.ceil(m / blocks)
+            col_blocks = len(experts) * math.ceil(n / width)
+            cost = col_blocks * blocks * (k_pieces + (k_pieces > 1))
+            # as many dispatches: the taller m-block (the tiled kernel's M), then the wider block
+            if best is None or (cost, -m_block) < best[0]:
+                best = ((cost, -m_block), width, kt_block, k_pieces, m_block)
+        if best is None:
+            raise ValueError(f"weight: the binding limit ({self.binding_limit} bytes) holds less "
+                             f"than one k-tile row of one 64-column chunk ({8 * F.CHUNK_N} bytes)")
+        _, width, kt_block, k_pieces, m_block = best
+        blocks, c_off = [], 0
+        for e in experts:
+            for n0 in range(0, n, width):
+                cols = min(width, n - n0)
+                pieces = [(e, 1, kt0, min(kt_block, kt_rows - kt0), p, n0, cols, 0)
+                          for p, kt0 in enumerate(range(0, kt_rows, kt_block))]
+                blocks.append(((e - experts[0]) * n + n0, cols, c_off, pieces))
+                c_off += m * cols
+        accumulate = k_pieces * m_block * width * 4 > limit
+        return _Layout(m_block, k_pieces, kt_block, width, blocks, target_experts=1,
+                       blocked_a=k_pieces > 1, blocked_c=True, accumulate=accumulate)
 
     # --- measurement (bench) ----------------------------------------------------------------------
     def plan_summary(self, weight, m: int, expert) -> str:
@@ -1342,7 +1543,7 @@ fn main(@builtin(local_invocation_index) li: u32) {
             a = a[:, weight.perm]
         a = np.ascontiguousarray(a, dtype=np.float16)
         plan = self._plan_for(a, weight, expert)
-        self.device.queue.write_buffer(self._work["a"], 0, a)
+        self.device.queue.write_buffer(self._work["a"], 0, _a_for(plan, a))
         return plan
 
     def kernel_seconds(self, a: np.ndarray, weight, expert, min_seconds: float = 0.5) -> float:

@@ -147,7 +147,7 @@ fn fetch_a(pa: ptr<function, array<vec4<u32>, A_ITERS>>, kt: u32, m0: u32, li: u
         let m = m0 + v % BM;
         var av = vec4<u32>(0u);
         if (v < A_VEC4S && m < P.M) {
-            av = A[P.a_base / 4u + m * a_row + (P.kt_begin + kt) * 2u + v / BM];
+            av = A[P.a_base / 4u + m * a_row + kt * 2u + v / BM];
         }
         (*pa)[i] = av;
     }

@@ -474,29 +474,135 @@ def test_mm_stacked_larger_than_one_binding():
             check_mm(w, a, p.dense[1], expert=1)
 
 
-def test_mm_refuses_what_no_binding_holds_with_the_sizes():
-    """Where even one k-tile row of the weight, or the partial sums of two rows of the output,
-    exceed a storage binding, mm says which size and which limit, before any GPU work, leaves
-    out as it was, and the next call within the limits runs."""
+@contextlib.contextmanager
+def bindings_recorded():
+    """Every storage range bound while inside (the uniform parameters left out): a list of
+    byte sizes, so a test can check that no binding exceeds the planner's limit."""
+    sizes = []
+    original = BACKEND._bind_group
+
+    def recording(pipeline, entries):
+        sizes.extend(int(size) for buffer, _, size in entries
+                     if not buffer.usage & ferrum.metal.backend.wgpu.BufferUsage.UNIFORM)
+        return original(pipeline, entries)
+    BACKEND._bind_group = recording
+    try:
+        yield sizes
+    finally:
+        del BACKEND._bind_group
+
+
+def test_mm_serves_what_whole_rows_do_not_fit():
+    """A weight wider than 8 k-tile rows of one binding, and a stack whose partial sums at two
+    rows exceed one, were refused; both run now, in windows of the weight and column blocks of
+    the output, with every binding within the limit."""
     rng = np.random.default_rng(650)
     p = random_problem(rng, 256, 256, 128)
     wide = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=128,
                                          backend="metal")
-    a = rng.standard_normal((2, 256)).astype(np.float16)
-    out = np.full((2, 256), 7, np.float16)
-    with binding_limit(8 * 1024 + BACKEND.offset_alignment):
-        with pytest.raises(ValueError, match=r"size_n=256 .*one storage binding \(\d+ bytes\)"):
-            ferrum.mm(a, wide, out=out)
-    assert (out == 7).all()
+    limit = 8 * 1024 + BACKEND.offset_alignment
+    with binding_limit(limit), bindings_recorded() as sizes:
+        for m in (2, 24):
+            check_mm(wide, rng.standard_normal((m, 256)).astype(np.float16), p.dense[0])
+            assert " p" in last_plan(wide).summary, last_plan(wide).summary   # in pieces
+    assert sizes and max(sizes) <= limit, max(sizes)
     experts = 80                     # 80 x 64 output columns: 40 KiB of fp32 partials at 2 rows
     q = random_problem(rng, 128, 64, -1, experts=experts)
     stack = ferrum.load_stacked(q.qweights, q.scales, group_size=-1, backend="metal")
     a = rng.standard_normal((4, 128)).astype(np.float16)
-    with binding_limit(32 * 1024):
-        with pytest.raises(ValueError, match=r"5120 output columns .*\(\d+ bytes\) must fit"):
-            ferrum.mm(a, stack)
+    with binding_limit(32 * 1024), bindings_recorded() as sizes:
+        check_mm(stack, a, np.concatenate(q.dense, axis=1))
         check_mm(stack, a, q.dense[3], expert=3)
+    assert sizes and max(sizes) <= 32 * 1024, max(sizes)
     check_mm(stack, a, np.concatenate(q.dense, axis=1))
+
+
+#: The documented minimum of FERRUM_METAL_BINDING_LIMIT.
+SMALLEST_LIMIT = 1024
+
+
+@pytest.mark.parametrize("size_k,size_n,act_order", [(128, 64, False), (384, 192, True),
+                                                      (256, 256, False)])
+def test_repack_at_the_smallest_binding_limit(size_k, size_n, act_order):
+    # Not even 64 columns of all K rows fit: the source is cut along K too (act-order's perm
+    # applied on the host), bit for bit the reference.
+    rng = np.random.default_rng(size_k + 3 * size_n)
+    qweight = rng.integers(0, 2**32, (size_k // 8, size_n), dtype=np.uint32).view(np.int32)
+    perm = rng.permutation(size_k).astype(np.int32) if act_order else None
+    before = qweight.copy()
+    with binding_limit(SMALLEST_LIMIT), bindings_recorded() as sizes:
+        got = ferrum.repack(qweight, size_k, size_n, perm=perm, backend="metal")
+    np.testing.assert_array_equal(got, F.repack_reference(qweight, size_k, size_n, perm))
+    np.testing.assert_array_equal(qweight, before)
+    assert sizes and max(sizes) <= SMALLEST_LIMIT, max(sizes)
+
+
+@pytest.mark.parametrize("size_k,group_size,act_order", [(256, -1, False), (256, 32, True),
+                                                         (384, 64, False), (256, 128, True),
+                                                         (384, 384, False)])
+def test_mm_at_the_smallest_binding_limit(size_k, group_size, act_order):
+    # One k-tile row of one 64-column chunk a binding: weight windows, A cut along k, C in
+    # column blocks and the k-pieces added into the same scratch slots.
+    size_n = 192
+    rng = np.random.default_rng(size_k + group_size + act_order)
+    p = random_problem(rng, size_k, size_n, group_size, act_order=act_order)
+    with binding_limit(SMALLEST_LIMIT), bindings_recorded() as sizes:
+        w = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=group_size,
+                                          g_idx=p.g_idx, backend="metal")
+        for m in (1, 5, 21):
+            check_mm(w, rng.standard_normal((m, size_k)).astype(np.float16), p.dense[0])
+            assert " acc" in last_plan(w).summary, last_plan(w).summary
+    assert sizes and max(sizes) <= SMALLEST_LIMIT, max(sizes)
+
+
+@pytest.mark.parametrize("size_k,size_n,group_size,usable,m,kernel", [
+    (128, 1024, 64, 8192, 32, "tiled m32 k1 bk16"),   # one kt row a piece: BK = 16's steps
+    (512, 256, 128, 16000, 30, "tiled m32 k1 bk32"),  # pieces of even kt rows
+])
+def test_mm_windows_under_the_tiled_kernel(size_k, size_n, group_size, usable, m, kernel):
+    rng, p, w = metal_problem(900 + m, size_k, size_n, group_size)
+    limit = usable + BACKEND.offset_alignment + 16     # usable bytes once a range is aligned
+    with binding_limit(limit), bindings_recorded() as sizes:
+        check_mm(w, rng.standard_normal((m, size_k)).astype(np.float16), p.dense[0])
+        summary = last_plan(w).summary
+    assert summary.startswith(kernel) and " acc" in summary, summary
+    assert max(sizes) <= limit, max(sizes)
+
+
+def test_stacked_at_the_smallest_binding_limit():
+    size_k, size_n, experts = 256, 128, 3
+    rng = np.random.default_rng(660)
+    p = random_problem(rng, size_k, size_n, 64, experts=experts)
+    w = ferrum.load_stacked(p.qweights, p.scales, group_size=64, backend="metal")
+    with binding_limit(SMALLEST_LIMIT), bindings_recorded() as sizes:
+        for m in (1, 18):
+            a = rng.standard_normal((m, size_k)).astype(np.float16)
+            check_mm(w, a, np.concatenate(p.dense, axis=1))
+            check_mm(w, a, p.dense[2], expert=2)
+    assert sizes and max(sizes) <= SMALLEST_LIMIT, max(sizes)
+
+
+def test_the_smallest_binding_limit_from_the_environment_serves_a_weight():
+    # FERRUM_METAL_BINDING_LIMIT=1024 (its documented minimum) leaves metal available, and
+    # repack and mm serve a weight there; 1023 is refused with the variable named.
+    import os
+    code = ("import numpy as np, ferrum\n"
+            "from ferrum.check import random_problem\n"
+            "rng = np.random.default_rng(1)\n"
+            "p = random_problem(rng, 256, 128, 128, act_order=True)\n"
+            "w = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=128, "
+            "g_idx=p.g_idx, backend='metal')\n"
+            "a = rng.standard_normal((3, 256)).astype(np.float16)\n"
+            "ref = a.astype(np.float64) @ p.dense[0]\n"
+            "err = np.linalg.norm(ferrum.mm(a, w) - ref) / np.linalg.norm(ref)\n"
+            "print('limit', ferrum.metal.BACKEND.binding_limit, 'err', err)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "FERRUM_METAL_BINDING_LIMIT": "1024"}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    words = done.stdout.split()
+    assert words[1] == "1024" and float(words[3]) < TOLERANCE, done.stdout
+    said = _metal_info_with({"FERRUM_METAL_BINDING_LIMIT": "1023"})
+    assert said.startswith("REASON ") and "FERRUM_METAL_BINDING_LIMIT='1023'" in said, said
 
 
 def test_mm_returns_new_array_without_out_and_weight_moves_from_cpu():
