@@ -116,14 +116,15 @@ def host_overhead(torch, ferrum) -> dict:
             "backend_issue_us": backend_issue}
 
 
-def _weights(torch, ferrum, k, n, copies):
-    """`copies` random Marlin weights of K x N (random words are valid uint4b8 weights)."""
-    groups = k // GROUP
+def _weights(torch, ferrum, k, n, copies, group=GROUP):
+    """`copies` random Marlin weights of K x N (random words are valid uint4b8 weights), with
+    scale groups of `group` rows (-1: one group, channelwise)."""
+    groups = 1 if group == -1 else k // group
     out = []
     for _ in range(copies):
         q = torch.randint(-2 ** 31, 2 ** 31 - 1, (k // 16, 2 * n), dtype=torch.int32, device="cuda")
         s = (torch.rand(groups, n, device="cuda") * 0.02 + 0.005).to(torch.float16)
-        out.append(ferrum.MarlinWeight(q, s, size_k=k, size_n=n, group_size=GROUP, backend="cuda"))
+        out.append(ferrum.MarlinWeight(q, s, size_k=k, size_n=n, group_size=group, backend="cuda"))
     return out
 
 

@@ -16,26 +16,13 @@ label = sys.argv[1]
 specs = [a for a in sys.argv[2:] if not a.startswith("--group=")]
 group = next((int(a.split("=")[1]) for a in sys.argv[2:] if a.startswith("--group=")), B.GROUP)
 backend = ferrum.cuda.BACKEND
-
-
-def weights_of(k, n, copies):
-    """`copies` random Marlin weights of K x N with scale groups of `group` rows (-1: one)."""
-    groups = 1 if group == -1 else k // group
-    out = []
-    for _ in range(copies):
-        q = torch.randint(-2 ** 31, 2 ** 31 - 1, (k // 16, 2 * n), dtype=torch.int32, device="cuda")
-        s = (torch.rand(groups, n, device="cuda") * 0.02 + 0.005).to(torch.float16)
-        out.append(ferrum.MarlinWeight(q, s, size_k=k, size_n=n, group_size=group, backend="cuda"))
-    return out
-
-
 by_kn = {}
 for spec in specs:
     k, n, m = (int(v) for v in spec.split(","))
     by_kn.setdefault((k, n), []).append(m)
 for (k, n), ms in by_kn.items():
     copies = max(2, math.ceil(B.L2_FACTOR_BYTES / (k * n // 2)))
-    weights = weights_of(k, n, copies)
+    weights = B._weights(torch, ferrum, k, n, copies, group)
     for m in ms:
         a = torch.randn(m, k, device="cuda", dtype=torch.float16)
         out = torch.empty(m, n, device="cuda", dtype=torch.float16)
