@@ -202,7 +202,8 @@ PARAM_FIELDS = (
     "s_base",       # half offset of the piece's first scale row in the scale binding
     "s_expert",     # halves between experts
     "a_base",       # u32 offset of the piece's first k of the m-block's first row in the A
-                    # binding (the kernels index A by kt within the piece)
+                    # binding (tiled indexes A by kt within the piece); for gemv, which
+                    # indexes it by kt within the expert, that less kt_begin * 8, modulo 2^32
     "col_base",     # column of C where this piece's first expert starts
     "slot_base",    # first scratch slot of this piece
     "slot_stride",  # fp32 values per scratch slot (M * n_total)
@@ -1374,6 +1375,11 @@ fn main(@builtin(local_invocation_index) li: u32) {
                                                       2 * mb * kw, 4)
                     else:
                         a_base = a_row0 + kt0 * F.TILE // 2
+                    if block_kernel == "gemv.wgsl":
+                        # gemv indexes A by the kt row within the expert (ktg, which its hot
+                        # loop has for the scales anyway), so its a_base is taken back by the
+                        # piece's first kt row, modulo 2^32 (WGSL's u32 arithmetic wraps)
+                        a_base = (a_base - kt0 * F.TILE // 2) % 2 ** 32
                     accumulate = lay.accumulate and kp > 0
                     params = _pack_params(
                         M=mb, K=kw, n=n, n_total=width, kt_begin=kt0, kt_count=ktc,

@@ -170,7 +170,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             w.b8 = fma(q.b8, sb, nb);
             w.b9 = fma(q.b9, sb, nb);
         }
-        let a_k = P.a_base + KTQ * 8u + t4;                   // u32 of halves (16kt + r0, +1)
+        let a_k = P.a_base + ktg * 8u + t4;                   // u32 of halves (16kt + r0, +1)
 {{ACCUMULATE}}
         }
         //@step-end
