@@ -515,7 +515,7 @@ static const bool g_f32s_enabled = [] {
     return !(v && v[0] && v[0] != '0');
 }();
 
-// FERRUM_NO_TILE9=1 leaves tile 9 (k=128 x n=64) out of the planner's choices (for comparisons).
+// FERRUM_NO_TILE9=1 leaves tile 9 (k=256 x n=64) out of the planner's choices (for comparisons).
 static const bool g_tile9_enabled = [] {
     const char *v = getenv("FERRUM_NO_TILE9");
     return !(v && v[0] && v[0] != '0');
