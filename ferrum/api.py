@@ -91,9 +91,12 @@ def _is_device_array(x: Any) -> bool:
 
 def _is_metal_array(x: Any) -> bool:
     """x is the metal backend's resident array (a MetalArray: a wgpu buffer with its shape and
-    dtype beside it). Looked up in sys.modules, so that asking never imports wgpu."""
+    dtype beside it). Looked up in sys.modules, so that asking never imports wgpu. The module
+    may be there half-imported (another thread's first use of the metal backend): until it
+    defines MetalArray, no MetalArray exists, and x is not one."""
     metal = sys.modules.get("ferrum.metal.backend")
-    return metal is not None and type(x) is metal.MetalArray
+    cls = getattr(metal, "MetalArray", None)
+    return cls is not None and type(x) is cls
 
 
 def _on_gpu(x: Any) -> bool:

@@ -326,6 +326,26 @@ def test_concurrent_calls_from_threads(layer):
     assert layer == "default" or used == "workqueue"
 
 
+def test_calls_while_another_thread_imports_the_metal_backend(rng, monkeypatch):
+    # A thread's first use of metal imports ferrum.metal.backend; until the import finishes the
+    # module sits in sys.modules without MetalArray. Calls in other threads that ask whether an
+    # argument is a MetalArray meanwhile must go on, not fail with AttributeError.
+    import sys
+    import types
+    prob = random_problem(rng, 256, 128, 64, act_order=True)
+    w = make_weight(prob)
+    a = rng.standard_normal((3, 256)).astype(np.float16)
+    monkeypatch.setitem(sys.modules, "ferrum.metal.backend",
+                        types.ModuleType("ferrum.metal.backend"))
+    assert rel_error(ferrum.mm(a, w), a.astype(np.float64) @ prob.dense[0]) < TOL
+    ferrum.MarlinWeight.from_gptq(prob.qweights[0], prob.scales[0], group_size=64)
+    ferrum.load_stacked(prob.qweights, prob.scales, group_size=64)
+    ferrum.repack(prob.qweights[0], 256, 128)
+    ferrum.quantize(prob.dense[0], group_size=64)
+    with pytest.raises(TypeError, match="^a="):    # None is not taken for a MetalArray either
+        ferrum.mm(None, w)
+
+
 def test_kernels_compile_where_numba_cannot_cache(monkeypatch):
     # A read-only install run by a user without a writable home: numba.njit(cache=True) raises
     # "cannot cache function ...: no locator available"; the kernels must compile uncached.
