@@ -186,62 +186,70 @@ __device__ __forceinline__ void wgmma_tile(const MmParams &p, const BlockWork &w
         }
     };
     // One pipeline stage: per k16 step, this lane's kWg words (n16 tiles kWg pair .. of its
-    // chunk) -> kWg A fragments -> kWg wgmmas over the stage's rows of A.
+    // chunk) -> kWg A fragments -> kWg wgmmas over the stage's rows of A. NARROW (one wgmma a
+    // step) takes its steps in pairs instead, two wgmmas into the one accumulator between a
+    // fence and a commit, so that a lane's words a commit group are tile 5's, 6's and 8's two.
+    constexpr int kPair = NARROW ? 2 : 1;   // k16 steps a commit group
+    static_assert(T::kSteps % kPair == 0 && (!F32S || kRunSteps % kPair == 0), "whole pairs");
     auto compute_stage = [&](int stage, int kt) {
         const uint32_t *words = reinterpret_cast<const uint32_t *>(b_sh + stage * T::kBStageVecs) +
                                 ((kk0 * T::kChunks + chunk) * 32 + lane) * 4 + kWg * pair;
         const uint32_t *scales = reinterpret_cast<const uint32_t *>(s_sh + stage * T::kSStageVecs);
         const uint32_t a_addr = smem_u32(a_sh + stage * T::kAStageVecs) + (kk0 / 4) * (T::kRows * 128);
-        uint32_t frag[2][kWg][4];   // [buffer][wgmma][register]
+        uint32_t frag[2][kPair][kWg][4];   // [buffer][step of the pair][wgmma][register]
 #pragma unroll
-        for (int i = 0; i < T::kSteps; ++i) {
-            const int kk = kk0 + i;   // the stage's k16 step
-            uint32_t (&f)[kWg][4] = frag[i & 1];
-            uint32_t q[kWg];
-            load_words(words + i * T::kChunks * 32 * 4, q);
-            half2 s[kWg][2];   // [wgmma][column c / c + 8]
-            if constexpr (GROUPED && !F32S) {
-                const int k = kt * T::TK + 16 * kk;
-                const int g_row = (k >> p.group_shift) - ((kt * T::TK) >> p.group_shift);
-                // Permuted scales: within 64 columns, 8c..8c+7 hold columns c, c+8, .., c+56;
-                // this warp's are halves 2 kWg pair .. 2 kWg pair + 2 kWg - 1 of the lane's vector.
-                uint32_t sv[kWg];
-                load_words(scales + (g_row * (T::TN / 8) + chunk * 8 + lane / 4) * 4 + kWg * pair, sv);
-                const half *sh = reinterpret_cast<const half *>(sv);
+        for (int i0 = 0; i0 < T::kSteps; i0 += kPair) {
+            uint32_t (&fp)[kPair][kWg][4] = frag[(i0 / kPair) & 1];
 #pragma unroll
-                for (int j = 0; j < kWg; ++j) {
-                    s[j][0] = __half2half2(sh[2 * j]);
-                    s[j][1] = __half2half2(sh[2 * j + 1]);
-                }
-            }
-#pragma unroll
-            for (int j = 0; j < kWg; ++j) {
-                const uint32_t word = q[j];
-                uint32_t lo[2], hi[2];     // weight column c and c + 8 (c = lane / 4)
-                dequant_u4b8(word, lo);
-                dequant_u4b8(word >> 8, hi);
+            for (int u = 0; u < kPair; ++u) {
+                const int i = i0 + u;
+                const int kk = kk0 + i;   // the stage's k16 step
+                uint32_t (&f)[kWg][4] = fp[u];
+                uint32_t q[kWg];
+                load_words(words + i * T::kChunks * 32 * 4, q);
+                half2 s[kWg][2];   // [wgmma][column c / c + 8]
                 if constexpr (GROUPED && !F32S) {
+                    const int k = kt * T::TK + 16 * kk;
+                    const int g_row = (k >> p.group_shift) - ((kt * T::TK) >> p.group_shift);
+                    // Permuted scales: within 64 columns, 8c..8c+7 hold columns c, c+8, .., c+56;
+                    // this warp's are halves 2 kWg pair .. 2 kWg pair + 2 kWg - 1 of the lane's vector.
+                    uint32_t sv[kWg];
+                    load_words(scales + (g_row * (T::TN / 8) + chunk * 8 + lane / 4) * 4 + kWg * pair, sv);
+                    const half *sh = reinterpret_cast<const half *>(sv);
 #pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        lo[h] = as_u32(__hmul2(as_half2(lo[h]), s[j][0]));
-                        hi[h] = as_u32(__hmul2(as_half2(hi[h]), s[j][1]));
+                    for (int j = 0; j < kWg; ++j) {
+                        s[j][0] = __half2half2(sh[2 * j]);
+                        s[j][1] = __half2half2(sh[2 * j + 1]);
                     }
                 }
-                // A fragment rows = weight columns: (c, k 2i..), (c+8, k 2i..), (c, k 2i+8..),
-                // (c+8, k 2i+8..). In a chunk past N (not loaded) these are garbage, which
-                // reaches only the rows of D for those columns, never written out.
-                f[j][0] = lo[0];
-                f[j][1] = hi[0];
-                f[j][2] = lo[1];
-                f[j][3] = hi[1];
+#pragma unroll
+                for (int j = 0; j < kWg; ++j) {
+                    const uint32_t word = q[j];
+                    uint32_t lo[2], hi[2];     // weight column c and c + 8 (c = lane / 4)
+                    dequant_u4b8(word, lo);
+                    dequant_u4b8(word >> 8, hi);
+                    if constexpr (GROUPED && !F32S) {
+#pragma unroll
+                        for (int h = 0; h < 2; ++h) {
+                            lo[h] = as_u32(__hmul2(as_half2(lo[h]), s[j][0]));
+                            hi[h] = as_u32(__hmul2(as_half2(hi[h]), s[j][1]));
+                        }
+                    }
+                    // A fragment rows = weight columns: (c, k 2i..), (c+8, k 2i..), (c, k 2i+8..),
+                    // (c+8, k 2i+8..). In a chunk past N (not loaded) these are garbage, which
+                    // reaches only the rows of D for those columns, never written out.
+                    f[j][0] = lo[0];
+                    f[j][1] = hi[0];
+                    f[j][2] = lo[1];
+                    f[j][3] = hi[1];
+                }
             }
-            const uint64_t desc = wgmma_desc_sw128(a_addr + (i / 4) * (T::kRows * 128) + 32 * (i % 4));
             if constexpr (F32S) {
-                if (i % kRunSteps == 0) {   // the previous run: wait for its last wgmma, fold it,
-                    wgmma_wait<0>();        // and take this group's scales (row kk / kFold of the
-                    fold();                 // stage's; permuted as above)
+                if (i0 % kRunSteps == 0) {   // the previous run: wait for its last wgmma, fold it,
+                    wgmma_wait<0>();         // and take this group's scales (row kk / kFold of the
+                    fold();                  // stage's; permuted as above)
                     uint32_t sv[kWg];
-                    load_words(scales + ((kk / kFold) * (T::TN / 8) + chunk * 8 + lane / 4) * 4 + kWg * pair, sv);
+                    load_words(scales + (((kk0 + i0) / kFold) * (T::TN / 8) + chunk * 8 + lane / 4) * 4 + kWg * pair, sv);
                     const half *sh = reinterpret_cast<const half *>(sv);
 #pragma unroll
                     for (int j = 0; j < kWg; ++j) {
@@ -253,19 +261,24 @@ __device__ __forceinline__ void wgmma_tile(const MmParams &p, const BlockWork &w
 #pragma unroll
             for (int j = 0; j < kWg; ++j)
 #pragma unroll
-                for (int i = 0; i < T::kAcc; ++i) fence_operand(d[j][i]);
+                for (int r = 0; r < T::kAcc; ++r) fence_operand(d[j][r]);
             wgmma_fence();
             // F32S: a run's first wgmma starts it (D = A B)
 #pragma unroll
-            for (int j = 0; j < kWg; ++j) wgmma_rs<T::kRows>(d[j], f[j], desc, !F32S || i % kRunSteps != 0);
+            for (int u = 0; u < kPair; ++u) {
+                const int i = i0 + u;
+                const uint64_t desc = wgmma_desc_sw128(a_addr + (i / 4) * (T::kRows * 128) + 32 * (i % 4));
+#pragma unroll
+                for (int j = 0; j < kWg; ++j) wgmma_rs<T::kRows>(d[j], fp[u][j], desc, !F32S || i % kRunSteps != 0);
+            }
             wgmma_commit();
-            // Step kk-1 is done: its fragment buffer is free for step kk+1, and by the end of
-            // the stage only this stage's last step is still reading shared memory.
+            // The previous group is done: its fragment buffer is free for the next one, and by
+            // the end of the stage only this stage's last group is still reading shared memory.
             wgmma_wait<1>();
 #pragma unroll
             for (int j = 0; j < kWg; ++j)
 #pragma unroll
-                for (int i = 0; i < T::kAcc; ++i) fence_operand(d[j][i]);
+                for (int r = 0; r < T::kAcc; ++r) fence_operand(d[j][r]);
         }
     };
 
