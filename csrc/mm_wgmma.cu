@@ -246,8 +246,8 @@ __device__ __forceinline__ void wgmma_tile(const MmParams &p, const BlockWork &w
             }
             if constexpr (F32S) {
                 if (i0 % kRunSteps == 0) {   // the previous run: wait for its last wgmma, fold it,
-                    wgmma_wait<0>();         // and take this group's scales (row kk / kFold of the
-                    fold();                  // stage's; permuted as above)
+                    wgmma_wait<0>();         // and take this group's scales (row (kk0 + i0) / kFold
+                    fold();                  // of the stage's; permuted as above)
                     uint32_t sv[kWg];
                     load_words(scales + (((kk0 + i0) / kFold) * (T::TN / 8) + chunk * 8 + lane / 4) * 4 + kWg * pair, sv);
                     const half *sh = reinterpret_cast<const half *>(sv);
