@@ -786,6 +786,16 @@ constexpr double kUnclusteredPartialShare = 0.25;
 // splits two an SM; a flat 0.9 (at any live rows) moved 2-4 rows there too, 7% slower.
 constexpr double kLoneBlockShare = 0.9;
 
+// The 16-row blocks' reduction tail (the last block's serial sum of the splits' partials) at one
+// live row, as a share of its cost with all 16 rows live; linear in between. Fitted on the H200
+// (session 26: choose_splits replayed in Python over session 25's tune sweeps, the eight layers
+// at M = 1, 4, 8, 16, 32, tiles 6, 8, 9 with 1-16 splits and stream-K, G = 128): at 0.75 the one
+// pick that changes is 14336x4096 at one row (tile 8 with 8 splits -> tile 6 with 16; 15.6 ->
+// 13.5 µs as swept), the replayed picks 0.9% above the best measured on average (1.4% with a flat
+// tail); at 0.7 4096x4096 at one row also moves, to a plan 4-6% slower (tile 8 with 8 splits
+// instead of tile 9 with 4); at 0.5 (session 22) 4096x6144 took 11 splits at M = 1-2 (+11-13%).
+constexpr double kTailOneRow = 0.75;
+
 struct SplitModel {
     double kt_cost;      // one k-tile of one block, relative
     double fixed;        // prologue + epilogue of a block, in k-tiles
@@ -803,6 +813,8 @@ static double choose_splits(const DeviceProps &dev, int occ, int sk_occ, int siz
     const size_t tile_bytes = size_t(16) * mb * tn * sizeof(float);
     const long long slots = (long long)dev.sm_count * occ;
     const double live_rows = std::min(size_m, 16 * mb);
+    const double tail = mb == 1 ? model.tail * (kTailOneRow + (1.0 - kTailOneRow) * (live_rows - 1) / 15.0)
+                                : model.tail;
     double best_cost = 1e300;
     *splits = 1;
     *cluster = 0;
@@ -824,7 +836,7 @@ static double choose_splits(const DeviceProps &dev, int occ, int sk_occ, int siz
         const double partial_cost = s == 1 ? 0.0
             : 2.0 * live_rows * tn * 4 / (tk * tn / 2 + live_rows * tk * 2);
         const double workspace_partial = (mb == 2 || mb == 4) ? kUnclusteredPartialShare * partial_cost : partial_cost;
-        const double reduce_tail = s == 1 ? 0.0 : model.tail * s;
+        const double reduce_tail = s == 1 ? 0.0 : tail * s;
         const double share = tiles * s <= dev.sm_count ? lone_share : 1.0;
         const double cost =
             waves * ((k_tiles + s - 1) / s * model.kt_cost + model.fixed + workspace_partial) * share + reduce_tail;
@@ -868,7 +880,7 @@ static double choose_splits(const DeviceProps &dev, int occ, int sk_occ, int siz
         if (shared_by > 1 && tiles * shared_by * tile_bytes <= kMaxPartialBytes) {
             const double share = blocks <= dev.sm_count ? lone_share : 1.0;
             const double cost = (iters * model.kt_cost + segments * (model.fixed + partial_cost)) * share +
-                                model.tail * shared_by;
+                                tail * shared_by;
             if (cost < best_cost * model.hysteresis) {
                 best_cost = cost;
                 *splits = shared_by;
