@@ -804,8 +804,8 @@ constexpr double kTailOneRow = 0.75;
 // shapes, 96 cells; with tile 8's fixed cost 2 -> 2.5 and tile 9's 3 -> 2.75 at 16 rows, see
 // wgmma_split_model): the replayed picks 0.9% above the best measured variant on average, 10%
 // at worst, against 3.0% and 52% before (1024x4096 at M = 1-8 took tile 6 with 4 splits, 4.2-4.9
-// µs, where tile 9 with one split ran 3.2; the long-K narrow layers 11008x4096, 14336x4096 and
-// 18944x3584 at M = 1-8 took tile 8 with 8-9 splits, 5-13% slower than tile 6 with 15-17).
+// µs, where tile 9 with one split ran 3.2; the long-K narrow layers took tile 8 with 8-9 splits,
+// 5-13% slower than tile 6 with 15-17: 11008x4096 at M = 1-8, 14336x4096 and 18944x3584 at 4-8).
 // Fitted on the 16 other shapes alone it comes out the same and takes the bench layers' picks
 // from 0.9% to 0.4% above the best.
 constexpr double kExchange16Rows = 1.25;
