@@ -265,6 +265,8 @@ class CpuBackend(Backend):
 BACKEND = CpuBackend()
 
 
-def bench(options):
+def run_bench(options):
+    """`python -m ferrum bench --backend cpu` (cpu/bench.py). Not named bench: importing the
+    submodule bench would replace a package attribute of that name."""
     from .bench import run
     return run(options)

@@ -56,6 +56,12 @@ def _bench(args) -> int:
     if args.backend and len(args.backend) > 1:
         print(f"bench runs one backend at a time; got --backend {' --backend '.join(args.backend)}")
         return 2
+    options = {"quick": args.quick, "seed": args.seed}
+    try:
+        options.update(_bench_problems(args))
+    except ValueError as exc:
+        print(f"python -m ferrum bench: {exc}")
+        return 2
     name = args.backend[0] if args.backend else "cpu"
     info = ferrum.backends()[name]
     if not info.available:
@@ -63,8 +69,51 @@ def _bench(args) -> int:
         return 2
     module = importlib.import_module(_registry.BACKEND_MODULES[name])
     print(f"ferrum bench --backend {name}: {info.device}")
-    module.bench({"quick": args.quick, "seed": args.seed})
+    module.run_bench(options)
     return 0
+
+
+def _bench_problems(args) -> dict:
+    """The problems asked for with --shapes, --m and --group-size, checked as MarlinWeight and
+    mm would check them (ValueError naming the option), before any backend work."""
+    from ferrum import api
+    out = {}
+    if args.shapes is not None:
+        shapes = []
+        for item in args.shapes.split(","):
+            k, sep, n = item.strip().lower().partition("x")
+            try:
+                size_k, size_n = int(k), int(n)
+            except ValueError:
+                raise ValueError(f"--shapes: {item.strip()!r} is not KxN (e.g. 4096x6144)") from None
+            if not sep:
+                raise ValueError(f"--shapes: {item.strip()!r} is not KxN (e.g. 4096x6144)")
+            api._check_sizes(size_k, size_n, "--shapes K", "--shapes N")
+            shapes.append((size_k, size_n))
+        out["shapes"] = shapes
+    if args.m is not None:
+        rows = []
+        for item in args.m.split(","):
+            try:
+                m = int(item)
+            except ValueError:
+                raise ValueError(f"--m: {item.strip()!r} is not a row count") from None
+            if m < 1:
+                raise ValueError(f"--m: {m}: row counts must be at least 1")
+            rows.append(m)
+        out["m_values"] = rows
+    if args.group_size is not None:
+        from ferrum import format as F
+        g = args.group_size
+        if "shapes" not in out and g not in F.GROUP_SIZES:   # the backend's own shapes: any K
+            raise ValueError(f"--group-size {g}: must be one of {', '.join(map(str, F.GROUP_SIZES))}")
+        for size_k, _ in out.get("shapes", ()):
+            try:
+                api._check_group_size(g, size_k)
+            except ValueError as exc:
+                raise ValueError(f"--group-size {g} with K={size_k}: {exc}") from None
+        out["group_size"] = g
+    return out
 
 
 def _seed(text: str) -> int:
@@ -86,7 +135,15 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=_seed, default=None,
                         help="random seed, a non-negative integer (default: fresh)")
     parser.add_argument("-v", "--verbose", action="store_true")
+    bench = parser.add_argument_group("bench problems (default: the backend's own set)")
+    bench.add_argument("--shapes", metavar="KxN[,KxN...]",
+                       help="weight shapes to time, e.g. 4096x6144,8192x8192")
+    bench.add_argument("--m", metavar="M[,M...]", help="rows of A to time, e.g. 1,16,64")
+    bench.add_argument("--group-size", type=int, metavar="G",
+                       help="scale group rows: 32, 64, 128, or -1 for channelwise (default 128)")
     args = parser.parse_args(argv)
+    if args.command != "bench" and (args.shapes, args.m, args.group_size) != (None, None, None):
+        parser.error("--shapes, --m and --group-size apply to bench")
     return {"info": _info, "check": _check, "bench": _bench}[args.command](args)
 
 

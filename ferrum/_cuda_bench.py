@@ -129,6 +129,8 @@ def _weights(torch, ferrum, k, n, copies, group=GROUP):
 
 
 def run(options: dict) -> None:
+    """options: quick, seed; shapes [(K, N)], m_values, group_size (python -m ferrum bench's
+    --shapes, --m, --group-size; each None for the layers, rows and G = 128 above)."""
     try:
         import torch
     except ImportError:
@@ -136,15 +138,18 @@ def run(options: dict) -> None:
         return
     import ferrum
     import ferrum.cuda
+    from . import format as F
     quick = bool(options.get("quick"))
-    shapes = SHAPES[:3] if quick else SHAPES
-    m_values = (1, 16, 256) if quick else M_VALUES
+    shapes = ([(k, n, f"{k}x{n}") for k, n in options["shapes"]] if options.get("shapes")
+              else SHAPES[:3] if quick else SHAPES)
+    m_values = options.get("m_values") or ((1, 16, 256) if quick else M_VALUES)
+    group = options.get("group_size") or GROUP
     bursts = 5 if quick else 9
     rates = stream_rates(torch, ferrum)
     bw = max(rates.values())
     print(f"streaming 1 GiB: device-to-device copy {rates['copy'] / 1e12:.2f} TB/s, ferrum's probe copy "
           f"{rates['probe copy'] / 1e12:.2f} TB/s (both read + write), probe read {rates['probe read'] / 1e12:.2f} "
-          f"TB/s; floor = bytes / {bw / 1e12:.2f} TB/s (the fastest); G={GROUP}; "
+          f"TB/s; floor = bytes / {bw / 1e12:.2f} TB/s (the fastest); G={group}; "
           f"µs per call, median of {bursts} graph-replayed bursts")
     ho = host_overhead(torch, ferrum)
     print(f"host overhead, 4096x4096 M=1, torch arrays, out= given, best of 5 x 200 calls: issue {ho['issue_us']:.1f} µs/call "
@@ -157,9 +162,9 @@ def run(options: dict) -> None:
     print("-" * len(header))
     rows = []
     for k, n, name in shapes:
-        wbytes = k * n // 2 + (k // GROUP) * n * 2
+        wbytes = k * n // 2 + F.num_groups(k, group) * n * 2
         copies = max(2, math.ceil(L2_FACTOR_BYTES / wbytes))
-        weights = _weights(torch, ferrum, k, n, copies)
+        weights = _weights(torch, ferrum, k, n, copies, group)
         dense_copies = max(1, math.ceil(L2_FACTOR_BYTES / (k * n * 2)))
         dense = [torch.randn(k, n, device="cuda", dtype=torch.float16) for _ in range(dense_copies)]
         for m in m_values:
@@ -174,7 +179,7 @@ def run(options: dict) -> None:
             t_c = _time_graph(torch, lambda i: torch.matmul(a, dense[i % dense_copies], out=out_d),
                               max(dense_copies, 4), bursts)
             floor = (wbytes + m * k * 2 + m * n * 2) / bw * 1e6
-            plan = ferrum._cuda.mm_plan(m, k, n)
+            plan = ferrum._cuda.mm_plan(m, k, n, group_size=group)
             cfg = (f"tile{plan['tile']} mb{plan['m_blocks']} "
                    + (f"streamK{plan['sk_iters']}" if plan["stream_k"] else f"splits{plan['splits']}")
                    + f" grid{plan['grid']}")

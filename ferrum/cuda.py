@@ -46,7 +46,7 @@ except ImportError as exc:   # not built (no nvcc at install time) or a broken b
     _cuda = None
     _IMPORT_ERROR = exc
 
-__all__ = ["BACKEND", "CudaBackend", "CudaError", "DeviceArray", "bench"]
+__all__ = ["BACKEND", "CudaBackend", "CudaError", "DeviceArray", "run_bench"]
 
 DeviceArray = _cuda.DeviceArray if _cuda is not None else None
 _F16 = np.dtype(np.float16)
@@ -602,7 +602,7 @@ def _view_kind(t: type) -> str:
 BACKEND = CudaBackend()
 
 
-def bench(options: dict) -> None:
+def run_bench(options: dict) -> None:
     """`python -m ferrum bench --backend cuda`: see ferrum/_cuda_bench.py."""
     from . import _cuda_bench
     _cuda_bench.run(options)

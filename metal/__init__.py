@@ -10,10 +10,11 @@ from .backend import MetalArray, MetalBackend
 BACKEND = MetalBackend()
 
 
-def bench(options: dict) -> None:
-    """`python -m ferrum bench --backend metal`: µs per ferrum.mm call, with the memory floor."""
+def run_bench(options: dict) -> None:
+    """`python -m ferrum bench --backend metal`: µs per ferrum.mm call, with the memory floor
+    (metal/bench.py; not named bench, which the submodule's import would replace)."""
     from .bench import run
     run(options)
 
 
-__all__ = ["BACKEND", "MetalArray", "MetalBackend", "bench"]
+__all__ = ["BACKEND", "MetalArray", "MetalBackend", "run_bench"]

@@ -23,6 +23,7 @@ import numpy as np
 
 import ferrum
 from ferrum import _registry
+from ferrum import format as F
 
 SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (8192, 10240), (8192, 8192),
           (8192, 57344), (28672, 8192)]
@@ -41,16 +42,16 @@ def _timed(fn, min_seconds: float, min_reps: int = 3, max_reps: int = 200) -> fl
     return (time.perf_counter() - start) / reps
 
 
-def _random_weight(rng, size_k, size_n, backend):
+def _random_weight(rng, size_k, size_n, group_size):
     qweight = rng.integers(0, 2**32, (size_k // 8, size_n), dtype=np.uint32).view(np.int32)
-    scales = rng.uniform(0.5, 1.5, (size_k // GROUP_SIZE, size_n)).astype(np.float16)
+    scales = rng.uniform(0.5, 1.5, (F.num_groups(size_k, group_size), size_n)).astype(np.float16)
     scales /= np.float16(8 * np.sqrt(size_k))
     return qweight, scales
 
 
-def _cuda_seconds(qweight, scales, a, min_seconds):
+def _cuda_seconds(qweight, scales, group_size, a, min_seconds):
     be = _registry.get("cuda")
-    weight = ferrum.MarlinWeight.from_gptq(qweight, scales, group_size=GROUP_SIZE, backend="cuda")
+    weight = ferrum.MarlinWeight.from_gptq(qweight, scales, group_size=group_size, backend="cuda")
     a_dev = be.from_host(a)
     out_dev = be.from_host(np.empty((a.shape[0], weight.size_n), np.float16))
     sync = getattr(be, "synchronize", None) or (lambda: be.to_host(out_dev))
@@ -63,11 +64,15 @@ def _cuda_seconds(qweight, scales, a, min_seconds):
 
 
 def run(options: dict) -> None:
+    """options: quick, seed; shapes [(K, N)], m_values, group_size (python -m ferrum bench's
+    --shapes, --m, --group-size; each None for SHAPES, M_VALUES and GROUP_SIZE)."""
     from . import BACKEND
     quick = bool(options.get("quick"))
     seed = options.get("seed")
     rng = np.random.default_rng(seed)
-    shapes = QUICK_SHAPES if quick else SHAPES
+    shapes = options.get("shapes") or (QUICK_SHAPES if quick else SHAPES)
+    m_values = options.get("m_values") or M_VALUES
+    group_size = options.get("group_size") or GROUP_SIZE
     min_seconds = 0.2 if quick else 0.5
     cuda = ferrum.backends()["cuda"].available
 
@@ -80,16 +85,16 @@ def run(options: dict) -> None:
         f"{k} {v / 1e9:.1f} GB/s" for k, v in rates.items())
         + " (copies count read + write bytes)")
     print(f"floor us = bytes moved / {bandwidth / 1e9:.1f} GB/s (the {basis} rate, the fastest "
-          f"measured); group_size={GROUP_SIZE}; {'quick' if quick else 'full'} run")
+          f"measured); group_size={group_size}; {'quick' if quick else 'full'} run")
     head = f"{'K x N':>13s} {'M':>4s} {'call us':>10s} {'kernel us':>10s} {'floor us':>9s} " \
            f"{'% floor':>7s}" + (f" {'cuda us':>9s}" if cuda else "") + "  plan"
     print(head)
     print("-" * len(head))
     for size_k, size_n in shapes:
-        qweight, scales = _random_weight(rng, size_k, size_n, "metal")
-        weight = ferrum.MarlinWeight.from_gptq(qweight, scales, group_size=GROUP_SIZE,
+        qweight, scales = _random_weight(rng, size_k, size_n, group_size)
+        weight = ferrum.MarlinWeight.from_gptq(qweight, scales, group_size=group_size,
                                                backend="metal")
-        for m in M_VALUES:
+        for m in m_values:
             a = rng.standard_normal((m, size_k)).astype(np.float16)
             out = np.empty((m, size_n), np.float16)
             call = _timed(lambda: ferrum.mm(a, weight, out=out), min_seconds)
@@ -101,7 +106,7 @@ def run(options: dict) -> None:
                     f"{floor * 1e6:>9.1f} {100 * floor / kernel:>6.1f}%")
             if cuda:
                 try:
-                    line += f" {_cuda_seconds(qweight, scales, a, min_seconds) * 1e6:>9.1f}"
+                    line += f" {_cuda_seconds(qweight, scales, group_size, a, min_seconds) * 1e6:>9.1f}"
                 except Exception as exc:   # report, keep the metal numbers
                     line += f"  cuda failed: {type(exc).__name__}: {exc}"
             line += "  " + BACKEND.plan_summary(weight, m, None if weight.stacked else 0)

@@ -1,5 +1,6 @@
 """The command line: info lists every backend; check validates and exits non-zero on failure."""
 
+import importlib
 import subprocess
 import sys
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 import ferrum
+from ferrum import _registry
 from ferrum.check import Result, format_table, random_problem
 
 
@@ -167,3 +169,56 @@ def test_crosscheck_checks_every_experts_repack_against_the_format(monkeypatch):
     results = ferrum.crosscheck("cpu", seed=1, m_values=[1])
     repack = [r for r in results if r.op == "repack"]
     assert len(repack) == 1 and not repack[0].passed and repack[0].error == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--shapes", "4096"], "--shapes: '4096' is not KxN"),
+    (["--shapes", "4096x6144,axb"], "--shapes: 'axb' is not KxN"),
+    (["--shapes", "4096x100"], "--shapes N=100: must be a positive multiple of 64"),
+    (["--shapes", "1000x128"], "--shapes K=1000: must be a positive multiple of 128"),
+    (["--m", "1,0"], "--m: 0: row counts must be at least 1"),
+    (["--m", "1,x"], "--m: 'x' is not a row count"),
+    (["--group-size", "7"], "--group-size 7: must be one of -1, 32, 64, 128"),
+    (["--shapes", "256x64", "--group-size", "96"], "--group-size 96 with K=256"),
+    (["--shapes", "256x64,512x64", "--group-size", "256"], "--group-size 256 with K=512"),
+])
+def test_bench_problems_are_checked_before_any_work(monkeypatch, capsys, args, message):
+    import ferrum.__main__ as cli
+    monkeypatch.setattr(cli.importlib, "import_module",
+                        lambda name: pytest.fail(f"{name} imported before the options were checked"))
+    assert cli.main(["bench", *args]) == 2
+    assert message in capsys.readouterr().out
+
+
+def test_bench_problems_apply_to_bench_only():
+    done = run("check", "--backend", "cpu", "--quick", "--m", "1")
+    assert done.returncode == 2 and "apply to bench" in done.stderr
+
+
+def test_bench_problems_reach_the_backend(monkeypatch):
+    import ferrum.__main__ as cli
+    seen = []
+    monkeypatch.setattr(cli.importlib, "import_module",
+                        lambda name: type("Backend", (), {"run_bench": staticmethod(seen.append)}))
+    monkeypatch.setattr(ferrum, "backends", lambda: {"cpu": type("I", (), {"available": True, "device": "x"})})
+    assert cli.main(["bench", "--shapes", "256x64, 4096X6144", "--m", "1,3", "--group-size", "-1"]) == 0
+    assert seen == [{"quick": False, "seed": None, "shapes": [(256, 64), (4096, 6144)], "m_values": [1, 3],
+                     "group_size": -1}]
+    seen.clear()
+    assert cli.main(["bench", "--quick"]) == 0
+    assert seen == [{"quick": True, "seed": None}]   # the backend's own problems
+
+
+def test_cpu_bench_times_the_problems_asked_for(monkeypatch, capsys):
+    if not ferrum.backends()["cpu"].available:
+        pytest.skip(ferrum.backends()["cpu"].reason)
+    import ferrum.__main__ as cli
+    bench = importlib.import_module(_registry.BACKEND_MODULES["cpu"] + ".bench")
+    monkeypatch.setattr(bench, "cold_first_call", lambda: None)   # a fresh process's JIT: slow
+    assert cli.main(["bench", "--shapes", "256x64,512x128", "--m", "1,3,17", "--group-size", "-1",
+                     "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    for shape in ("K=256 N=64 G=-1", "K=512 N=128 G=-1"):
+        rows = out.split(shape)[1].splitlines()[2:5]
+        assert [int(r.split()[0]) for r in rows] == [1, 3, 17], out
+        assert [r.split()[2] for r in rows] == ["fused", "fused", "blas"], out
