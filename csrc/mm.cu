@@ -780,6 +780,19 @@ constexpr double kClusterPartialShare = 0.25;
 // their constants were fitted with.
 constexpr double kUnclusteredPartialShare = 0.25;
 
+// What each block of a split-K cluster adds to every wave of it, in k-tiles (the cluster's
+// barriers and its blocks' reads of each other's partials through distributed shared memory;
+// a cluster also waits for its slowest block), so s clustered splits cost s times this a wave.
+// Fitted on the H200 (session 28: choose_splits replayed in Python over tools/tune.py sweeps of
+// tiles 5, 6 and 8 at 32-, 64- and 128-row blocks with 1-8 splits, clusters as asked and
+// FERRUM_NO_CLUSTER=1, and stream-K, G = 128, on the eight bench layers and 16 more shapes at
+// M = 24-64 (session 27) and 80-512): without it the planner took tile 5 with 5-8 clustered
+// 128-row splits on layers of small K, where tile 8 with one or two 64-row splits ran up to 1.7x
+// faster (2048x3072 at M = 128: 17.1 µs against 10.2), and the replayed picks were 3.8% above the
+// best timed variant on average at M = 80-512 (68% at worst) and 2.2% at M = 24-64 (14%); with
+// it 1.1% (13%) and 1.3% (13%). 0.2-0.35 fit about as well; 0.4 and above lose.
+constexpr double kClusterSplitCost = 0.25;
+
 // A lone block's share of the cost of a block that shares its SM with another (choose_splits),
 // with all its rows live. Fitted on the H200 (session 19; csrc/NOTES.md): tile 8's 16-row
 // blocks, 4096 x 4096 at M = 16, 4 splits spread over 128 SMs took 8.5 µs against 9.6 for 8
@@ -869,7 +882,7 @@ static double choose_splits(const DeviceProps &dev, int occ, int sk_occ, int siz
             if (cslots > 0) {
                 const long long cwaves = (tiles * s + cslots - 1) / cslots;
                 const double ccost = cwaves * ((k_tiles + s - 1) / s * model.kt_cost + model.fixed +
-                                               kClusterPartialShare * partial_cost);
+                                               kClusterPartialShare * partial_cost + kClusterSplitCost * s);
                 if (ccost < best_cost * model.hysteresis) {
                     best_cost = ccost;
                     *splits = s;

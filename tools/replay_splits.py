@@ -1,6 +1,7 @@
-"""Replay the wgmma planner's choice at M <= 64 (choose_splits with wgmma_split_model's
-constants and the candidate tiles of plan_one, csrc/mm.cu) over tools/tune.py --raw logs, and
-score its picks against the best variant the logs timed. No GPU needed.
+"""Replay the wgmma planner's choice of tile, block height and split (choose_splits with
+wgmma_split_model's constants and the candidate tiles of plan_one, csrc/mm.cu) over
+tools/tune.py --raw logs, and score its picks against the best variant the logs timed.
+No GPU needed.
 
 usage: python tools/replay_splits.py LOG ... [--no-cluster LOG ...] [--cells] [--fit] [name=value ...]
   --no-cluster  the logs after it were swept with FERRUM_NO_CLUSTER=1 (32 rows and more: the
@@ -34,21 +35,22 @@ CLUSTERS = {1: {2: 66, 3: 39, 4: 30, 5: 22, 6: 17, 7: 15, 8: 15},
             2: {2: 132, 3: 79, 4: 62, 5: 47, 6: 39, 7: 32, 8: 30}}
 MAX_CLUSTER = 8
 MAX_PARTIAL_BYTES = 256 << 20
-# csrc/mm.cu at session 27: per (tile, m_blocks) a k-tile's cost (per 128 rows of K) and a
+# csrc/mm.cu at session 28: per (tile, m_blocks) a k-tile's cost (per 128 rows of K) and a
 # block's fixed cost; the tail per split; the 16-row tail's share at one live row; the 16-row
 # exchange cost; the partial traffic's share for unclustered 32/64-row and for cluster splits;
-# a lone block's share
+# a lone block's share; a cluster member's cost a wave (kClusterSplitCost)
 CURRENT = {"kt5_1": 0.8, "fixed5_1": 2.0, "kt6_1": 0.9, "fixed6_1": 1.0, "kt8_1": 0.6, "fixed8_1": 2.5,
            "kt9_1": 0.36, "fixed9_1": 2.75,
            "kt5_2": 0.8, "fixed5_2": 2.0, "kt6_2": 1.1, "fixed6_2": 4.0, "kt8_2": 0.35, "fixed8_2": 1.0,
            "kt5_4": 0.65, "fixed5_4": 1.0, "kt5_8": 0.9, "fixed5_8": 1.0, "kt6_4": 1.0, "fixed6_4": 6.0,
            "kt8_4": 0.33, "fixed8_4": 1.0,
            "tail": 0.5, "tail_one_row": 0.75, "exchange16": 1.25, "unclustered_share": 0.25,
-           "cluster_share": 0.25, "lone": 0.9}
+           "cluster_share": 0.25, "lone": 0.9, "cluster_split": 0.25}
 FIT_GRIDS = {"exchange16": [x / 4 for x in range(0, 17)], "fixed6_1": [x / 4 for x in range(0, 17)],
              "fixed8_1": [x / 4 for x in range(0, 17)], "fixed9_1": [x / 4 for x in range(0, 21)],
              "tail": [x / 20 for x in range(2, 21)], "tail_one_row": [x / 20 for x in range(6, 21)],
-             "unclustered_share": [x / 20 for x in range(0, 21)], "cluster_share": [x / 20 for x in range(0, 21)]}
+             "unclustered_share": [x / 20 for x in range(0, 21)], "cluster_share": [x / 20 for x in range(0, 21)],
+             "cluster_split": [x / 20 for x in range(0, 13)]}
 
 
 def candidates(m, k):
@@ -84,7 +86,8 @@ def plan_cost(c, k, n, m, tile, mb):
             best = (cost, (str(s), False))
         if mb > 1 and 1 < s <= MAX_CLUSTER:
             cslots = CLUSTERS[occ][s] * s
-            cost = -(-tiles * s // cslots) * (-(-k_tiles // s) * kt_cost + fixed + c["cluster_share"] * partial)
+            cost = -(-tiles * s // cslots) * (-(-k_tiles // s) * kt_cost + fixed + c["cluster_share"] * partial +
+                                              c["cluster_split"] * s)
             if cost < best[0]:
                 best = (cost, (str(s), True))
     sk_slots = SMS * SK_OCC[(tile, mb)]
@@ -119,17 +122,17 @@ def asked_runs_clustered(tile, mb, splits, k, n, m):
 def load(argv):
     """times[cell][(tile, mb, splits, clustered)] = µs; auto[cell] = {(tile, mb, splits)}"""
     times, auto = collections.defaultdict(dict), {}
-    no_cluster = False
+    asked_no_cluster = False
     for arg in argv:
         if arg == "--no-cluster":
-            no_cluster = True
+            asked_no_cluster = True
             continue
-        in_file = no_cluster
+        in_file = no_cluster = asked_no_cluster
         for line in open(arg):
             if line.startswith("# Round"):   # csrc/tune_h200.txt's sections
                 no_cluster = in_file or "FERRUM_NO_CLUSTER=1" in line
             f = line.split()
-            if f and f[0] == "RAW" and int(f[3]) <= 64:
+            if f and f[0] == "RAW":
                 k, n, m, tile, mb = (int(v) for v in f[1:6])
                 cell = (k, n, m)
                 if (tile, mb) not in candidates(m, k):
@@ -178,7 +181,7 @@ def main(argv):
             c[name] = float(value)
     times, auto = load([a for a in argv if "=" not in a and a not in ("--cells", "--fit")])
     if not times:
-        sys.exit("no RAW lines (tools/tune.py --raw) at M <= 64 of the planner's candidate tiles")
+        sys.exit("no RAW lines (tools/tune.py --raw) of the planner's candidate tiles")
     off = [cell for cell, picks in auto.items() if cell in times and pick(c, *cell)[:3] not in picks]
     print(f"{len(times)} cells; the replay differs from the logged auto pick on {len(off)}")
     geo, worst, scored = score(c, times, "--cells" in argv)
