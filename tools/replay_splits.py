@@ -27,9 +27,9 @@ import sys
 SMS = 132
 TILE_K = {5: 128, 6: 128, 8: 128, 9: 256}
 TILE_N = {5: 256, 6: 256, 8: 128, 9: 64}
-OCC = {(5, 1): 1, (6, 1): 2, (8, 1): 2, (9, 1): 2, (5, 2): 1, (6, 2): 2, (8, 2): 1,
+OCC = {(5, 1): 1, (6, 1): 2, (8, 1): 2, (9, 1): 2, (5, 2): 1, (6, 2): 2, (8, 2): 1, (9, 2): 2,
        (5, 4): 1, (5, 8): 1, (6, 4): 2, (8, 4): 1}
-SK_OCC = {(5, 1): 1, (6, 1): 2, (8, 1): 1, (9, 1): 2, (5, 2): 1, (6, 2): 2, (8, 2): 1,
+SK_OCC = {(5, 1): 1, (6, 1): 2, (8, 1): 1, (9, 1): 2, (5, 2): 1, (6, 2): 2, (8, 2): 1, (9, 2): 2,
           (5, 4): 1, (5, 8): 1, (6, 4): 2, (8, 4): 1}
 CLUSTERS = {1: {2: 66, 3: 39, 4: 30, 5: 22, 6: 17, 7: 15, 8: 15},
             2: {2: 132, 3: 79, 4: 62, 5: 47, 6: 39, 7: 32, 8: 30}}
@@ -38,9 +38,10 @@ MAX_PARTIAL_BYTES = 256 << 20
 # csrc/mm.cu at session 28: per (tile, m_blocks) a k-tile's cost (per 128 rows of K) and a
 # block's fixed cost; the tail per split; the 16-row tail's share at one live row; the 16-row
 # exchange cost; the partial traffic's share for unclustered 32/64-row and for cluster splits;
-# a lone block's share; a cluster member's cost a wave (kClusterSplitCost)
+# a lone block's share; a cluster member's cost a wave (kClusterSplitCost); tile9_32=1 puts tile 9's
+# 32-row blocks among the candidates at 17-32 rows, which the planner leaves out (session 28)
 CURRENT = {"kt5_1": 0.8, "fixed5_1": 2.0, "kt6_1": 0.9, "fixed6_1": 1.0, "kt8_1": 0.6, "fixed8_1": 2.5,
-           "kt9_1": 0.36, "fixed9_1": 2.75,
+           "kt9_1": 0.36, "fixed9_1": 2.75, "kt9_2": 0.2, "fixed9_2": 1.0, "tile9_32": 0,
            "kt5_2": 0.8, "fixed5_2": 2.0, "kt6_2": 1.1, "fixed6_2": 4.0, "kt8_2": 0.35, "fixed8_2": 1.0,
            "kt5_4": 0.65, "fixed5_4": 1.0, "kt5_8": 0.9, "fixed5_8": 1.0, "kt6_4": 1.0, "fixed6_4": 6.0,
            "kt8_4": 0.33, "fixed8_4": 1.0,
@@ -50,13 +51,16 @@ FIT_GRIDS = {"exchange16": [x / 4 for x in range(0, 17)], "fixed6_1": [x / 4 for
              "fixed8_1": [x / 4 for x in range(0, 17)], "fixed9_1": [x / 4 for x in range(0, 21)],
              "tail": [x / 20 for x in range(2, 21)], "tail_one_row": [x / 20 for x in range(6, 21)],
              "unclustered_share": [x / 20 for x in range(0, 21)], "cluster_share": [x / 20 for x in range(0, 21)],
-             "cluster_split": [x / 20 for x in range(0, 13)]}
+             "cluster_split": [x / 20 for x in range(0, 13)],
+             "kt9_2": [x / 20 for x in range(4, 17)], "fixed9_2": [x / 4 for x in range(0, 17)]}
 
 
-def candidates(m, k):
+def candidates(m, k, tile9_32=True):
     if m <= 16:
         return [(5, 1), (6, 1), (8, 1)] + ([(9, 1)] if k % 256 == 0 else [])
-    return [(5, 2), (6, 2), (8, 2)] if m <= 32 else [(5, 4), (5, 8), (6, 4), (8, 4)]
+    if m <= 32:
+        return [(5, 2), (6, 2), (8, 2)] + ([(9, 2)] if tile9_32 and k % 256 == 0 else [])
+    return [(5, 4), (5, 8), (6, 4), (8, 4)]
 
 
 def plan_cost(c, k, n, m, tile, mb):
@@ -105,7 +109,7 @@ def plan_cost(c, k, n, m, tile, mb):
 
 def pick(c, k, n, m):
     (_, (splits, clustered)), (tile, mb) = min((plan_cost(c, k, n, m, t, mb), (t, mb))
-                                               for t, mb in candidates(m, k))
+                                               for t, mb in candidates(m, k, c["tile9_32"] > 0))
     return tile, mb, splits, clustered
 
 
