@@ -15,6 +15,8 @@ usage: python tools/replay_splits.py LOG ... [--no-cluster LOG ...] [--cells] [-
 H200 facts the planner measures at run time, taken as constants here (session 27): the split-K
 instances' blocks an SM at G = 128 (OCC), the stream-K instances' (SK_OCC), and how many
 clusters of each size fit at one and two blocks an SM (CLUSTERS, cudaOccupancyMaxActiveClusters).
+Tile 9's 32-row blocks (9, 2), which the planner has never measured, take the two blocks an SM
+their kernel is built for.
 A cell (K, N, M) takes its fastest time over every log that timed a variant. A pick the logs did
 not time (e.g. 17 splits) is scored by the nearest timed split count of that tile and height,
 and a clustered pick by the clustered runs only (and the reverse). The planner's own pick in a
