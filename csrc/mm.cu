@@ -829,6 +829,8 @@ struct SplitModel {
     double tail;         // the last block's serial sum, per split
     double hysteresis;   // a larger split must win by this factor
     double exchange;     // a split-K exchange at all (kExchange16Rows for 16-row blocks, else 0)
+    int min_kt;          // the k-tiles a split-K block costs at least (its pipeline's depth), or 0
+    double fill;         // how much cheaper a k-tile is on an emptier GPU (0: not at all)
 };
 
 static double choose_splits(const DeviceProps &dev, int occ, int sk_occ, int size_m, int size_k,
@@ -866,8 +868,11 @@ static double choose_splits(const DeviceProps &dev, int occ, int sk_occ, int siz
         const double workspace_partial = (mb == 2 || mb == 4) ? kUnclusteredPartialShare * partial_cost : partial_cost;
         const double reduce_tail = s == 1 ? 0.0 : tail * s + model.exchange;
         const double share = tiles * s <= dev.sm_count ? lone_share : 1.0;
-        const double cost =
-            waves * ((k_tiles + s - 1) / s * model.kt_cost + model.fixed + workspace_partial) * share + reduce_tail;
+        // A block's k-tiles: at least its pipeline's depth (a shorter run is all fill and
+        // drain), each cheaper by `fill` times the share of the block slots left idle.
+        const double block_kt = std::max((k_tiles + s - 1) / s, std::min(k_tiles, model.min_kt)) *
+                                (1.0 - model.fill * (1.0 - std::min(1.0, (double)(tiles * s) / slots)));
+        const double cost = waves * (block_kt * model.kt_cost + model.fixed + workspace_partial) * share + reduce_tail;
         if (cost < best_cost * model.hysteresis) {
             best_cost = cost;
             *splits = s;
@@ -881,7 +886,7 @@ static double choose_splits(const DeviceProps &dev, int occ, int sk_occ, int siz
             if (cluster_slots(dev, tile, mb, grouped, s, &cslots) != FERRUM_OK) cslots = 0;
             if (cslots > 0) {
                 const long long cwaves = (tiles * s + cslots - 1) / cslots;
-                const double ccost = cwaves * ((k_tiles + s - 1) / s * model.kt_cost + model.fixed +
+                const double ccost = cwaves * (block_kt * model.kt_cost + model.fixed +
                                                kClusterPartialShare * partial_cost + kClusterSplitCost * s);
                 if (ccost < best_cost * model.hysteresis) {
                     best_cost = ccost;
@@ -941,13 +946,22 @@ static SplitModel wgmma_split_model(int tile, int mb) {
     // eight layers at M = 1, 4, 8, 16; choose_splits replayed in Python): with 0.36 and 3 the
     // replayed picks are 1.2% above the best measured variant on average (2.3% without tile 9),
     // 14% at worst (14336x4096 at M = 1, item 10's, as before); 0.33-0.40 with 2-4 fit about as
-    // well. Its 32-row blocks, which the planner leaves out (at M = 32 they won on four layers
-    // by 2-7% and lost on the other four by 12-34% under a first guess), split by an unfitted guess.
-    // Session 27 refitted the 16-row blocks' fixed costs of tiles 8 (2 -> 2.5) and 9 (3 -> 2.75)
-    // together with kExchange16Rows (see there).
+    // well. Session 27 refitted the 16-row blocks' fixed costs of tiles 8 (2 -> 2.5) and 9
+    // (3 -> 2.75) together with kExchange16Rows (see there).
+    // Its 32-row blocks (session 29; H200, G = 128, tools/tune.py over tiles 5, 6, 8 and 9 with
+    // 1-8 splits, with and without clusters, and stream-K, on 24 shapes at M = 17, 24, 28, 32):
+    // a k-tile costs 0.375, a block 0.25, and a split block at least the 4 k-tiles of its
+    // pipeline's 4 stages; a k-tile costs up to 40% less the fewer of the GPU's block slots the
+    // grid fills. The two terms are what let one k-tile cost pick tile 9 where it wins (up to
+    // 12288 columns: 1024x4096 at M = 17 3.5 µs against 5.1 for the best other tile) and tile 6
+    // where tile 9 streams ~30% slower (4096x28672, 8192x57344, 28672x8192): without them the
+    // replay's optimum was one point (0.35) and either side of it lost 26-30% on one of the two
+    // kinds of shape; with them the replayed picks are 2.2% above the best timed variant on
+    // average over the 96 cells (13.4% for the planner without these blocks), 16% at worst, and
+    // k-tile costs 0.35-0.4 with block costs 0-0.5 come within 3.3%.
     if (tile == 9) {
-        kt_cost = mb == 1 ? 0.36 : 0.2;
-        fixed = mb == 1 ? 2.75 : 1.0;
+        kt_cost = mb == 1 ? 0.36 : 0.375;
+        fixed = mb == 1 ? 2.75 : 0.25;
     } else if (tile == 8) {
         kt_cost = mb == 1 ? 0.6 : mb == 2 ? 0.35 : 0.33;
         fixed = mb == 1 ? 2.5 : 1.0;
@@ -961,7 +975,9 @@ static SplitModel wgmma_split_model(int tile, int mb) {
         kt_cost = tile == 6 ? 1.0 : mb == 8 ? 0.9 : 0.65;
         fixed = tile == 6 ? 6.0 : 1.0;
     }
-    return SplitModel{kt_cost * tile_k(tile) / 128.0, fixed, 0.5, 1.0, mb == 1 ? kExchange16Rows : 0.0};
+    const bool tile9_32 = tile == 9 && mb == 2;
+    return SplitModel{kt_cost * tile_k(tile) / 128.0, fixed, 0.5, 1.0, mb == 1 ? kExchange16Rows : 0.0,
+                      tile9_32 ? 4 : 0, tile9_32 ? 0.4 : 0.0};
 }
 
 // The mma.sync kernel's cost model: estimated µs of one launch of (tile, m_blocks, splits),
@@ -1031,14 +1047,14 @@ static double mma_choose_splits(const DeviceProps &dev, int occ, int size_m, int
 //   1..8 (any M without  mma.sync: tile 2 (128 x 256), and  16*ceil(M/16), at most 64; tile and
 //   sm_90a; 1 with       for M <= 64 also tiles 1           splits by mma_cost (up to 8 rows
 //   128-row groups)      (128 x 128) and 7 (256 x 64)       the swapped kernel)
-//   9..16 on sm_90a      wgmma, 128 x 256                   16 rows (wgmma n16): tile 5 or tile 6
-//   (2..16 with 128-row                                     by the split model, no clusters
+//   9..16 on sm_90a      wgmma, 128 x 256 (tiles 5, 6),     16 rows (wgmma n16): tile 5, 6, 8 or 9
+//   (2..16 with 128-row  128 x 128 (8), 256 x 64 (9)        by the split model, no clusters
 //   groups)
-//   17..32 on sm_90a     wgmma, 128 x 256                   32 rows (wgmma n32): tile 5 or tile 6
-//                                                           (two blocks per SM), by the split model
-//   >= 33 on sm_90a      wgmma, 128 x 256                   whichever of tile 5 with 64 or 128 rows
-//                                                           and tile 6 (64 rows, two blocks per SM)
-//                                                           the split model costs least
+//   17..32 on sm_90a     the same four tiles                32 rows (wgmma n32): tile 5, 6, 8 or 9
+//                                                           by the split model
+//   >= 33 on sm_90a      wgmma, 128 x 256 or 128 x 128      whichever of tile 5 with 64 or 128 rows
+//                                                           and tiles 6 and 8 (64 rows) the split
+//                                                           model costs least
 // with the wgmma split model's constants, per k-tile: 0.65 for a 64-row tile-5 block, 1.0 for a
 // tile-6 one (it shares its SM), fitted to 90 tune and bench timings on an H100 (the fit picks
 // the measured best, within 3%, on 20 of 24 shapes); 0.9 for a 128-row tile-5 block (1.0
@@ -1090,7 +1106,7 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
     // Candidate (tile, m_blocks) pairs: what was asked for, the rest filled in.
     // Left to the planner: wgmma tiles 5 (64 and 128 rows; 16 rows up to kWgmma16Rows rows,
     // 32 rows up to kWgmmaFewRows), 6 and 8 (64 rows; 16 and 32 rows likewise), 9 (16 rows,
-    // where K % 256 == 0; its 32-row blocks only when asked for); mma.sync tile 2,
+    // and 32 rows likewise, where K % 256 == 0); mma.sync tile 2,
     // and for few rows (one slice) also tiles 1 and 7 where K fits them; tile 3 where none of
     // those fits the GPU's shared memory.
     struct Candidate { int tile, mb; };
@@ -1105,7 +1121,7 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
                               Candidate{5, 4}, Candidate{5, 8},
                               Candidate{6, 4}, Candidate{4, 4}, Candidate{4, 8},
                               Candidate{8, 1}, Candidate{8, 2}, Candidate{8, 4}, Candidate{9, 1},
-                              Candidate{2, mmb},
+                              Candidate{9, 2}, Candidate{2, mmb},
                               Candidate{1, mmb}, Candidate{7, mmb}, Candidate{3, mmb},
                               Candidate{cfg.tile, cfg.m_blocks}}) {
         if (n_candidates == kMaxCandidates) break;

@@ -533,6 +533,27 @@ def test_mm_wgmma_few_rows(m, tile, m_blocks, splits, g, rng):
     assert (plan["tile"], plan["m_blocks"]) == (tile, m_blocks)
 
 
+@pytest.mark.parametrize("k,n", [(1024, 4096), (2048, 2048), (4096, 1024)])
+@pytest.mark.parametrize("m", [17, 24, 32])
+@pytest.mark.parametrize("g,act_order", [(-1, False), (64, False), (128, False), (128, True)])
+def test_mm_planner_32_row_blocks(k, n, m, g, act_order, rng):
+    """The planner's own plans at 17-32 rows, where it takes tile 9's 32-row blocks on layers
+    of up to a few thousand columns (one split; two or four as clusters on these shapes on a
+    132-SM GPU): 32-row wgmma blocks, the output poisoned first, right against float64."""
+    if not _wgmma_planned():
+        pytest.skip("no wgmma kernel on this GPU/build (needs compute capability 9.0 and sm_90a)")
+    plan = ferrum._cuda.mm_plan(m, k, n, group_size=g)
+    assert plan["tile"] in (5, 6, 8, 9) and plan["m_blocks"] == 2, plan
+    if ferrum._cuda.probe()["sms"] == 132 and g == 128:   # the H100/H200 the planner was fitted on
+        assert plan["tile"] == 9, plan
+    problem = random_problem(rng, k, n, g, act_order=act_order)
+    weight = _weight(problem)
+    a = _activations(rng, m, k)
+    out = np.full((m, n), np.nan, dtype=np.float16)
+    ferrum.cuda.BACKEND.mm(a, weight, 0, out)
+    assert _rel_err(out, a.astype(np.float64) @ problem.dense[0]) <= TOL, plan
+
+
 @pytest.mark.parametrize("tile,m_blocks,m", [(5, 1, 5), (5, 2, 24), (5, 4, 64), (5, 8, 100),
                                             (6, 1, 16), (6, 2, 32), (6, 4, 40),
                                             (8, 1, 9), (8, 2, 17), (8, 4, 64), (8, 4, 130),

@@ -15,8 +15,7 @@ usage: python tools/replay_splits.py LOG ... [--no-cluster LOG ...] [--cells] [-
 H200 facts the planner measures at run time, taken as constants here (session 27): the split-K
 instances' blocks an SM at G = 128 (OCC), the stream-K instances' (SK_OCC), and how many
 clusters of each size fit at one and two blocks an SM (CLUSTERS, cudaOccupancyMaxActiveClusters).
-Tile 9's 32-row blocks (9, 2), which the planner has never measured, take the two blocks an SM
-their kernel is built for.
+Tile 9's 32-row blocks (9, 2) take the two blocks an SM their kernel is built for.
 A cell (K, N, M) takes its fastest time over every log that timed a variant. A pick the logs did
 not time (e.g. 17 splits) is scored by the nearest timed split count of that tile and height,
 and a clustered pick by the clustered runs only (and the reverse). The planner's own pick in a
@@ -37,24 +36,26 @@ CLUSTERS = {1: {2: 66, 3: 39, 4: 30, 5: 22, 6: 17, 7: 15, 8: 15},
             2: {2: 132, 3: 79, 4: 62, 5: 47, 6: 39, 7: 32, 8: 30}}
 MAX_CLUSTER = 8
 MAX_PARTIAL_BYTES = 256 << 20
-# csrc/mm.cu at session 28: per (tile, m_blocks) a k-tile's cost (per 128 rows of K) and a
+# csrc/mm.cu at session 29: per (tile, m_blocks) a k-tile's cost (per 128 rows of K) and a
 # block's fixed cost; the tail per split; the 16-row tail's share at one live row; the 16-row
 # exchange cost; the partial traffic's share for unclustered 32/64-row and for cluster splits;
-# a lone block's share; a cluster member's cost a wave (kClusterSplitCost); tile9_32=1 puts tile 9's
-# 32-row blocks among the candidates at 17-32 rows, which the planner leaves out (session 28)
+# a lone block's share; a cluster member's cost a wave (kClusterSplitCost); tile 9's 32-row blocks'
+# least k-tiles a split block costs and how much cheaper a k-tile is on an emptier GPU (session 29);
+# tile9_32=0 leaves those blocks out of the candidates at 17-32 rows, as the planner did to session 28
 CURRENT = {"kt5_1": 0.8, "fixed5_1": 2.0, "kt6_1": 0.9, "fixed6_1": 1.0, "kt8_1": 0.6, "fixed8_1": 2.5,
-           "kt9_1": 0.36, "fixed9_1": 2.75, "kt9_2": 0.2, "fixed9_2": 1.0, "tile9_32": 0,
+           "kt9_1": 0.36, "fixed9_1": 2.75, "kt9_2": 0.375, "fixed9_2": 0.25, "tile9_32": 1,
            "kt5_2": 0.8, "fixed5_2": 2.0, "kt6_2": 1.1, "fixed6_2": 4.0, "kt8_2": 0.35, "fixed8_2": 1.0,
            "kt5_4": 0.65, "fixed5_4": 1.0, "kt5_8": 0.9, "fixed5_8": 1.0, "kt6_4": 1.0, "fixed6_4": 6.0,
            "kt8_4": 0.33, "fixed8_4": 1.0,
            "tail": 0.5, "tail_one_row": 0.75, "exchange16": 1.25, "unclustered_share": 0.25,
-           "cluster_share": 0.25, "lone": 0.9, "cluster_split": 0.25}
+           "cluster_share": 0.25, "lone": 0.9, "cluster_split": 0.25, "min_kt9_2": 4, "fill9_2": 0.4}
 FIT_GRIDS = {"exchange16": [x / 4 for x in range(0, 17)], "fixed6_1": [x / 4 for x in range(0, 17)],
              "fixed8_1": [x / 4 for x in range(0, 17)], "fixed9_1": [x / 4 for x in range(0, 21)],
              "tail": [x / 20 for x in range(2, 21)], "tail_one_row": [x / 20 for x in range(6, 21)],
              "unclustered_share": [x / 20 for x in range(0, 21)], "cluster_share": [x / 20 for x in range(0, 21)],
              "cluster_split": [x / 20 for x in range(0, 13)],
-             "kt9_2": [x / 20 for x in range(4, 17)], "fixed9_2": [x / 4 for x in range(0, 17)]}
+             "kt9_2": [x / 40 for x in range(6, 25)], "fixed9_2": [x / 4 for x in range(0, 17)],
+             "min_kt9_2": [0, 1, 2, 3, 4, 5, 6, 8], "fill9_2": [x / 10 for x in range(0, 10)]}
 
 
 def candidates(m, k, tile9_32=True):
@@ -80,19 +81,24 @@ def plan_cost(c, k, n, m, tile, mb):
     partial = 2.0 * live * tn * 4 / (tk * tn / 2 + live * tk * 2)
     slots = SMS * occ
     best = (math.inf, ("1", False))
+    min_kt, fill_w = (c["min_kt9_2"], c["fill9_2"]) if (tile, mb) == (9, 2) else (0, 0.0)
+
+    def per_block(s):   # a split block's k-tiles: at least min_kt, cheaper on an emptier GPU
+        return max(-(-k_tiles // s), min(k_tiles, min_kt)) * (1 - fill_w * (1 - min(1.0, tiles * s / slots)))
+
     for s in range(1, (1 if tiles >= slots else min(k_tiles, 32)) + 1):
         if s > 1 and tiles * s * tile_bytes > MAX_PARTIAL_BYTES:
             break
         waves = -(-tiles * s // slots)
         share = lone if tiles * s <= SMS else 1.0
         through = c["unclustered_share"] * partial if mb in (2, 4) else partial
-        cost = waves * (-(-k_tiles // s) * kt_cost + fixed + (through if s > 1 else 0)) * share
+        cost = waves * (per_block(s) * kt_cost + fixed + (through if s > 1 else 0)) * share
         cost += tail * s + exchange if s > 1 else 0
         if cost < best[0]:
             best = (cost, (str(s), False))
         if mb > 1 and 1 < s <= MAX_CLUSTER:
             cslots = CLUSTERS[occ][s] * s
-            cost = -(-tiles * s // cslots) * (-(-k_tiles // s) * kt_cost + fixed + c["cluster_share"] * partial +
+            cost = -(-tiles * s // cslots) * (per_block(s) * kt_cost + fixed + c["cluster_share"] * partial +
                                               c["cluster_split"] * s)
             if cost < best[0]:
                 best = (cost, (str(s), True))
