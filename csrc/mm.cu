@@ -761,6 +761,11 @@ static const int g_wgmma_min_rows_env = [] {
 // 32-row blocks (m_blocks 2; wgmma n32) up to kWgmmaFewRows.
 constexpr int kWgmma16Rows = 16;
 constexpr int kWgmmaFewRows = 32;
+// Tile 9's 32-row blocks stay candidates up to this many rows, in two row slices (session 29:
+// on layers of a few thousand columns they beat every 64-row plan, 1024x4096 at M = 64 4.3 µs
+// against 6.9 for the best 64-row one; an A/B of the planner with them up to 128 rows, 3-4
+// slices, lost up to 5% there at G = 128 and 12-27% with 64- and 32-row groups and channelwise).
+constexpr int kTile9SlicedRows = 64;
 
 // Split-K choice for one (tile, m_blocks): the fewest waves x (k-tiles per block x cost of a
 // k-tile + fixed cost + partial-sum traffic) + a reduction tail per split, over the splits that
@@ -831,6 +836,7 @@ struct SplitModel {
     double exchange;     // a split-K exchange at all (kExchange16Rows for 16-row blocks, else 0)
     int min_kt;          // the k-tiles a split-K block costs at least (its pipeline's depth), or 0
     double fill;         // how much cheaper a k-tile is on an emptier GPU (0: not at all)
+    double slice_share;  // a k-tile's cost in the row slices after the first, as a share (0: all)
 };
 
 static double choose_splits(const DeviceProps &dev, int occ, int sk_occ, int size_m, int size_k,
@@ -843,6 +849,11 @@ static double choose_splits(const DeviceProps &dev, int occ, int sk_occ, int siz
     const size_t tile_bytes = size_t(16) * mb * tn * sizeof(float);
     const long long slots = (long long)dev.sm_count * occ;
     const double live_rows = std::min(size_m, 16 * mb);
+    // Row slices after the first read the weights their first slice's blocks, launched next to
+    // them, brought into L2.
+    const int m_slices = (size_m + 16 * mb - 1) / (16 * mb);
+    const double kt_cost = model.slice_share > 0.0
+        ? model.kt_cost * (1.0 + model.slice_share * (m_slices - 1)) / m_slices : model.kt_cost;
     const double tail = mb == 1 ? model.tail * (kTailOneRow + (1.0 - kTailOneRow) * (live_rows - 1) / 15.0)
                                 : model.tail;
     double best_cost = 1e300;
@@ -872,7 +883,7 @@ static double choose_splits(const DeviceProps &dev, int occ, int sk_occ, int siz
         // drain), each cheaper by `fill` times the share of the block slots left idle.
         const double block_kt = std::max((k_tiles + s - 1) / s, std::min(k_tiles, model.min_kt)) *
                                 (1.0 - model.fill * (1.0 - std::min(1.0, (double)(tiles * s) / slots)));
-        const double cost = waves * (block_kt * model.kt_cost + model.fixed + workspace_partial) * share + reduce_tail;
+        const double cost = waves * (block_kt * kt_cost + model.fixed + workspace_partial) * share + reduce_tail;
         if (cost < best_cost * model.hysteresis) {
             best_cost = cost;
             *splits = s;
@@ -886,7 +897,7 @@ static double choose_splits(const DeviceProps &dev, int occ, int sk_occ, int siz
             if (cluster_slots(dev, tile, mb, grouped, s, &cslots) != FERRUM_OK) cslots = 0;
             if (cslots > 0) {
                 const long long cwaves = (tiles * s + cslots - 1) / cslots;
-                const double ccost = cwaves * (block_kt * model.kt_cost + model.fixed +
+                const double ccost = cwaves * (block_kt * kt_cost + model.fixed +
                                                kClusterPartialShare * partial_cost + kClusterSplitCost * s);
                 if (ccost < best_cost * model.hysteresis) {
                     best_cost = ccost;
@@ -912,7 +923,7 @@ static double choose_splits(const DeviceProps &dev, int occ, int sk_occ, int siz
         const double partial_cost = 2.0 * live_rows * tn * 4 / (tk * tn / 2 + live_rows * tk * 2);
         if (shared_by > 1 && tiles * shared_by * tile_bytes <= kMaxPartialBytes) {
             const double share = blocks <= dev.sm_count ? lone_share : 1.0;
-            const double cost = (iters * model.kt_cost + segments * (model.fixed + partial_cost)) * share +
+            const double cost = (iters * kt_cost + segments * (model.fixed + partial_cost)) * share +
                                 tail * shared_by + model.exchange;
             if (cost < best_cost * model.hysteresis) {
                 best_cost = cost;
@@ -977,7 +988,7 @@ static SplitModel wgmma_split_model(int tile, int mb) {
     }
     const bool tile9_32 = tile == 9 && mb == 2;
     return SplitModel{kt_cost * tile_k(tile) / 128.0, fixed, 0.5, 1.0, mb == 1 ? kExchange16Rows : 0.0,
-                      tile9_32 ? 4 : 0, tile9_32 ? 0.4 : 0.0};
+                      tile9_32 ? 4 : 0, tile9_32 ? 0.4 : 0.0, tile9_32 ? 0.6 : 0.0};
 }
 
 // The mma.sync kernel's cost model: estimated µs of one launch of (tile, m_blocks, splits),
@@ -1053,8 +1064,9 @@ static double mma_choose_splits(const DeviceProps &dev, int occ, int size_m, int
 //   17..32 on sm_90a     the same four tiles                32 rows (wgmma n32): tile 5, 6, 8 or 9
 //                                                           by the split model
 //   >= 33 on sm_90a      wgmma, 128 x 256 or 128 x 128      whichever of tile 5 with 64 or 128 rows
-//                                                           and tiles 6 and 8 (64 rows) the split
-//                                                           model costs least
+//                        (and 256 x 64 up to 64 rows)       and tiles 6 and 8 (64 rows), and up to
+//                                                           64 rows tile 9's 32-row blocks in two
+//                                                           row slices, the split model costs least
 // with the wgmma split model's constants, per k-tile: 0.65 for a 64-row tile-5 block, 1.0 for a
 // tile-6 one (it shares its SM), fitted to 90 tune and bench timings on an H100 (the fit picks
 // the measured best, within 3%, on 20 of 24 shapes); 0.9 for a 128-row tile-5 block (1.0
@@ -1106,11 +1118,12 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
     // Candidate (tile, m_blocks) pairs: what was asked for, the rest filled in.
     // Left to the planner: wgmma tiles 5 (64 and 128 rows; 16 rows up to kWgmma16Rows rows,
     // 32 rows up to kWgmmaFewRows), 6 and 8 (64 rows; 16 and 32 rows likewise), 9 (16 rows,
-    // and 32 rows likewise, where K % 256 == 0); mma.sync tile 2,
+    // and 32 rows likewise and in row slices up to kTile9SlicedRows, where K % 256 == 0);
+    // mma.sync tile 2,
     // and for few rows (one slice) also tiles 1 and 7 where K fits them; tile 3 where none of
     // those fits the GPU's shared memory.
     struct Candidate { int tile, mb; };
-    constexpr int kMaxCandidates = 4;   // the most any row count takes: tiles 5 (64, 128 rows), 6, 8; 5, 6, 8, 9
+    constexpr int kMaxCandidates = 5;   // the most any row count takes: tiles 5 (64, 128 rows), 6, 8, 9 (32)
     Candidate candidates[kMaxCandidates];
     int n_candidates = 0;
     const bool few_rows = size_m <= 64;
@@ -1133,7 +1146,8 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
                                                : auto_mma);
         const bool mb_ok = cfg.m_blocks ? c.mb == cfg.m_blocks
                                         : !is_wgmma_tile(c.tile) ||
-                                          (wgmma_16 ? c.mb == 1 : wgmma_few ? c.mb == 2 : c.mb >= 4);
+                                          (wgmma_16 ? c.mb == 1 : wgmma_few ? c.mb == 2
+                                                    : c.mb >= 4 || (c.tile == 9 && c.mb == 2 && size_m <= kTile9SlicedRows));
         if (c.tile > 0 && c.mb > 0 && tile_ok && mb_ok) {
             bool seen = false;
             for (int i = 0; i < n_candidates; ++i)

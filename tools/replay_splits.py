@@ -41,14 +41,16 @@ MAX_PARTIAL_BYTES = 256 << 20
 # exchange cost; the partial traffic's share for unclustered 32/64-row and for cluster splits;
 # a lone block's share; a cluster member's cost a wave (kClusterSplitCost); tile 9's 32-row blocks'
 # least k-tiles a split block costs and how much cheaper a k-tile is on an emptier GPU (session 29);
-# tile9_32=0 leaves those blocks out of the candidates at 17-32 rows, as the planner did to session 28
+# tile9_32=0 leaves those blocks out of the candidates at 17-32 rows, as the planner did to session 28;
+# up to tile9_slices rows they are candidates in row slices too, whose k-tiles after the first slice's
+# cost slice9_2 of it (tile9_slices=0: not beyond 32 rows, as before session 29's second fit)
 CURRENT = {"kt5_1": 0.8, "fixed5_1": 2.0, "kt6_1": 0.9, "fixed6_1": 1.0, "kt8_1": 0.6, "fixed8_1": 2.5,
            "kt9_1": 0.36, "fixed9_1": 2.75, "kt9_2": 0.375, "fixed9_2": 0.25, "tile9_32": 1,
            "kt5_2": 0.8, "fixed5_2": 2.0, "kt6_2": 1.1, "fixed6_2": 4.0, "kt8_2": 0.35, "fixed8_2": 1.0,
            "kt5_4": 0.65, "fixed5_4": 1.0, "kt5_8": 0.9, "fixed5_8": 1.0, "kt6_4": 1.0, "fixed6_4": 6.0,
            "kt8_4": 0.33, "fixed8_4": 1.0,
            "tail": 0.5, "tail_one_row": 0.75, "exchange16": 1.25, "unclustered_share": 0.25,
-           "cluster_share": 0.25, "lone": 0.9, "cluster_split": 0.25, "min_kt9_2": 4, "fill9_2": 0.4}
+           "cluster_share": 0.25, "lone": 0.9, "cluster_split": 0.25, "min_kt9_2": 4, "fill9_2": 0.4, "tile9_slices": 64, "slice9_2": 0.6}
 FIT_GRIDS = {"exchange16": [x / 4 for x in range(0, 17)], "fixed6_1": [x / 4 for x in range(0, 17)],
              "fixed8_1": [x / 4 for x in range(0, 17)], "fixed9_1": [x / 4 for x in range(0, 21)],
              "tail": [x / 20 for x in range(2, 21)], "tail_one_row": [x / 20 for x in range(6, 21)],
@@ -58,19 +60,22 @@ FIT_GRIDS = {"exchange16": [x / 4 for x in range(0, 17)], "fixed6_1": [x / 4 for
              "min_kt9_2": [0, 1, 2, 3, 4, 5, 6, 8], "fill9_2": [x / 10 for x in range(0, 10)]}
 
 
-def candidates(m, k, tile9_32=True):
+def candidates(m, k, tile9_32=True, tile9_slices=0):
     if m <= 16:
         return [(5, 1), (6, 1), (8, 1)] + ([(9, 1)] if k % 256 == 0 else [])
     if m <= 32:
         return [(5, 2), (6, 2), (8, 2)] + ([(9, 2)] if tile9_32 and k % 256 == 0 else [])
-    return [(5, 4), (5, 8), (6, 4), (8, 4)]
+    return [(5, 4), (5, 8), (6, 4), (8, 4)] + ([(9, 2)] if tile9_slices and m <= tile9_slices and k % 256 == 0 else [])
 
 
 def plan_cost(c, k, n, m, tile, mb):
     """(cost, (splits label, clustered)) of the cheapest plan of one (tile, m_blocks)."""
     tk, tn = TILE_K[tile], TILE_N[tile]
     kt_cost, fixed = c[f"kt{tile}_{mb}"] * tk / 128, c[f"fixed{tile}_{mb}"]
-    tiles = (m + 16 * mb - 1) // (16 * mb) * ((n + tn - 1) // tn)
+    slices = (m + 16 * mb - 1) // (16 * mb)
+    if (tile, mb) == (9, 2) and slices > 1:   # the slices after the first find the weights in L2
+        kt_cost *= (1 + c["slice9_2"] * (slices - 1)) / slices
+    tiles = slices * ((n + tn - 1) // tn)
     k_tiles = k // tk
     live = min(m, 16 * mb)
     tile_bytes = 16 * mb * tn * 4
@@ -117,7 +122,7 @@ def plan_cost(c, k, n, m, tile, mb):
 
 def pick(c, k, n, m):
     (_, (splits, clustered)), (tile, mb) = min((plan_cost(c, k, n, m, t, mb), (t, mb))
-                                               for t, mb in candidates(m, k, c["tile9_32"] > 0))
+                                               for t, mb in candidates(m, k, c["tile9_32"] > 0, c["tile9_slices"]))
     return tile, mb, splits, clustered
 
 
@@ -147,7 +152,7 @@ def load(argv):
             if f and f[0] == "RAW":
                 k, n, m, tile, mb = (int(v) for v in f[1:6])
                 cell = (k, n, m)
-                if (tile, mb) not in candidates(m, k):
+                if (tile, mb) not in candidates(m, k, True, 1 << 30):
                     continue
                 clustered = f[6] != "K" and not no_cluster and asked_runs_clustered(tile, mb, f[6], k, n, m)
                 variant = (tile, mb, f[6], clustered)
