@@ -50,14 +50,16 @@ CURRENT = {"kt5_1": 0.8, "fixed5_1": 2.0, "kt6_1": 0.9, "fixed6_1": 1.0, "kt8_1"
            "kt5_4": 0.65, "fixed5_4": 1.0, "kt5_8": 0.9, "fixed5_8": 1.0, "kt6_4": 1.0, "fixed6_4": 6.0,
            "kt8_4": 0.33, "fixed8_4": 1.0,
            "tail": 0.5, "tail_one_row": 0.75, "exchange16": 1.25, "unclustered_share": 0.25,
-           "cluster_share": 0.25, "lone": 0.9, "cluster_split": 0.25, "min_kt9_2": 4, "fill9_2": 0.4, "tile9_slices": 64, "slice9_2": 0.6}
+           "cluster_share": 0.25, "lone": 0.9, "cluster_split": 0.25,
+           "min_kt9_2": 4, "fill9_2": 0.4, "tile9_slices": 64, "slice9_2": 0.6}
 FIT_GRIDS = {"exchange16": [x / 4 for x in range(0, 17)], "fixed6_1": [x / 4 for x in range(0, 17)],
              "fixed8_1": [x / 4 for x in range(0, 17)], "fixed9_1": [x / 4 for x in range(0, 21)],
              "tail": [x / 20 for x in range(2, 21)], "tail_one_row": [x / 20 for x in range(6, 21)],
              "unclustered_share": [x / 20 for x in range(0, 21)], "cluster_share": [x / 20 for x in range(0, 21)],
              "cluster_split": [x / 20 for x in range(0, 13)],
              "kt9_2": [x / 40 for x in range(6, 25)], "fixed9_2": [x / 4 for x in range(0, 17)],
-             "min_kt9_2": [0, 1, 2, 3, 4, 5, 6, 8], "fill9_2": [x / 10 for x in range(0, 10)]}
+             "min_kt9_2": [0, 1, 2, 3, 4, 5, 6, 8], "fill9_2": [x / 10 for x in range(0, 10)],
+             "slice9_2": [x / 10 for x in range(2, 11)]}
 
 
 def candidates(m, k, tile9_32=True, tile9_slices=0):
