@@ -4,6 +4,8 @@ tools/tune.py --raw logs, and score its picks against the best variant the logs 
 No GPU needed.
 
 usage: python tools/replay_splits.py LOG ... [--no-cluster LOG ...] [--cells] [--fit] [name=value ...]
+  (logs of one scale-group size; group=64, group=-1 (channelwise) or group=32 for logs swept with
+  tools/tune.py --group=..., the default 128 otherwise)
   --no-cluster  the logs after it were swept with FERRUM_NO_CLUSTER=1 (32 rows and more: the
                 splits through the workspace); those before, as tune.py asks: splits as clusters
                 where they fit in no more waves than the plain grid. In a log, a line "# Round ..."
@@ -36,14 +38,19 @@ CLUSTERS = {1: {2: 66, 3: 39, 4: 30, 5: 22, 6: 17, 7: 15, 8: 15},
             2: {2: 132, 3: 79, 4: 62, 5: 47, 6: 39, 7: 32, 8: 30}}
 MAX_CLUSTER = 8
 MAX_PARTIAL_BYTES = 256 << 20
-# csrc/mm.cu at session 29: per (tile, m_blocks) a k-tile's cost (per 128 rows of K) and a
+# csrc/mm.cu at session 30: per (tile, m_blocks) a k-tile's cost (per 128 rows of K) and a
 # block's fixed cost; the tail per split; the 16-row tail's share at one live row; the 16-row
 # exchange cost; the partial traffic's share for unclustered 32/64-row and for cluster splits;
 # a lone block's share; a cluster member's cost a wave (kClusterSplitCost); tile 9's 32-row blocks'
 # least k-tiles a split block costs and how much cheaper a k-tile is on an emptier GPU (session 29);
 # tile9_32=0 leaves those blocks out of the candidates at 17-32 rows, as the planner did to session 28;
 # up to tile9_slices rows they are candidates in row slices too, whose k-tiles after the first slice's
-# cost slice9_2 of it (tile9_slices=0: not beyond 32 rows, as before session 29's second fit)
+# cost slice9_2 of it (tile9_slices=0: not beyond 32 rows, as before session 29's second fit; 64 to
+# session 29, 128 since session 30); with 32-row groups the 16- and 32-row blocks' k-tiles cost
+# 1 + fp16_scales_2 as much (fp16 scales per word instead of F32S, kFp16ScalesKtile, session 30).
+# Tried in session 30 and not in the planner (0: off): no_scales_4, how much cheaper channelwise
+# scales make a k-tile of 64- and 128-row blocks; cluster9_2, an extra cost per member of a cluster
+# of tile 9's 32-row blocks; fill_sms=1, fill9_2 by the share of SMs rather than block slots idle.
 CURRENT = {"kt5_1": 0.8, "fixed5_1": 2.0, "kt6_1": 0.9, "fixed6_1": 1.0, "kt8_1": 0.6, "fixed8_1": 2.5,
            "kt9_1": 0.36, "fixed9_1": 2.75, "kt9_2": 0.375, "fixed9_2": 0.25, "tile9_32": 1,
            "kt5_2": 0.8, "fixed5_2": 2.0, "kt6_2": 1.1, "fixed6_2": 4.0, "kt8_2": 0.35, "fixed8_2": 1.0,
@@ -51,7 +58,8 @@ CURRENT = {"kt5_1": 0.8, "fixed5_1": 2.0, "kt6_1": 0.9, "fixed6_1": 1.0, "kt8_1"
            "kt8_4": 0.33, "fixed8_4": 1.0,
            "tail": 0.5, "tail_one_row": 0.75, "exchange16": 1.25, "unclustered_share": 0.25,
            "cluster_share": 0.25, "lone": 0.9, "cluster_split": 0.25,
-           "min_kt9_2": 4, "fill9_2": 0.4, "tile9_slices": 64, "slice9_2": 0.6}
+           "min_kt9_2": 4, "fill9_2": 0.4, "tile9_slices": 128, "slice9_2": 0.6,
+           "group": 128, "fp16_scales_2": 0.2, "no_scales_4": 0.0, "cluster9_2": 0.0, "fill_sms": 0}
 FIT_GRIDS = {"exchange16": [x / 4 for x in range(0, 17)], "fixed6_1": [x / 4 for x in range(0, 17)],
              "fixed8_1": [x / 4 for x in range(0, 17)], "fixed9_1": [x / 4 for x in range(0, 21)],
              "tail": [x / 20 for x in range(2, 21)], "tail_one_row": [x / 20 for x in range(6, 21)],
@@ -59,7 +67,9 @@ FIT_GRIDS = {"exchange16": [x / 4 for x in range(0, 17)], "fixed6_1": [x / 4 for
              "cluster_split": [x / 20 for x in range(0, 13)],
              "kt9_2": [x / 40 for x in range(6, 25)], "fixed9_2": [x / 4 for x in range(0, 17)],
              "min_kt9_2": [0, 1, 2, 3, 4, 5, 6, 8], "fill9_2": [x / 10 for x in range(0, 10)],
-             "slice9_2": [x / 10 for x in range(2, 11)]}
+             "slice9_2": [x / 10 for x in range(2, 11)], "fp16_scales_2": [x / 20 for x in range(0, 9)],
+             "no_scales_4": [x / 20 for x in range(0, 6)], "cluster9_2": [x / 8 for x in range(0, 13)],
+             "fill_sms": [0, 1]}
 
 
 def candidates(m, k, tile9_32=True, tile9_slices=0):
@@ -74,6 +84,10 @@ def plan_cost(c, k, n, m, tile, mb):
     """(cost, (splits label, clustered)) of the cheapest plan of one (tile, m_blocks)."""
     tk, tn = TILE_K[tile], TILE_N[tile]
     kt_cost, fixed = c[f"kt{tile}_{mb}"] * tk / 128, c[f"fixed{tile}_{mb}"]
+    if mb <= 2 and c["group"] == 32:   # fp16 scales per word where 64/128-row groups take F32S
+        kt_cost *= 1 + c["fp16_scales_2"]
+    if mb >= 4 and c["group"] <= 0:    # channelwise: none of the fp16 scales of the fit's G = 128
+        kt_cost /= 1 + c["no_scales_4"]
     slices = (m + 16 * mb - 1) // (16 * mb)
     if (tile, mb) == (9, 2) and slices > 1:   # the slices after the first find the weights in L2
         kt_cost *= (1 + c["slice9_2"] * (slices - 1)) / slices
@@ -91,7 +105,8 @@ def plan_cost(c, k, n, m, tile, mb):
     min_kt, fill_w = (c["min_kt9_2"], c["fill9_2"]) if (tile, mb) == (9, 2) else (0, 0.0)
 
     def per_block(s):   # a split block's k-tiles: at least min_kt, cheaper on an emptier GPU
-        return max(-(-k_tiles // s), min(k_tiles, min_kt)) * (1 - fill_w * (1 - min(1.0, tiles * s / slots)))
+        basis = SMS if c["fill_sms"] else slots
+        return max(-(-k_tiles // s), min(k_tiles, min_kt)) * (1 - fill_w * (1 - min(1.0, tiles * s / basis)))
 
     for s in range(1, (1 if tiles >= slots else min(k_tiles, 32)) + 1):
         if s > 1 and tiles * s * tile_bytes > MAX_PARTIAL_BYTES:
@@ -105,8 +120,9 @@ def plan_cost(c, k, n, m, tile, mb):
             best = (cost, (str(s), False))
         if mb > 1 and 1 < s <= MAX_CLUSTER:
             cslots = CLUSTERS[occ][s] * s
+            member = c["cluster_split"] + (c["cluster9_2"] if (tile, mb) == (9, 2) else 0.0)
             cost = -(-tiles * s // cslots) * (per_block(s) * kt_cost + fixed + c["cluster_share"] * partial +
-                                              c["cluster_split"] * s)
+                                              member * s)
             if cost < best[0]:
                 best = (cost, (str(s), True))
     sk_slots = SMS * SK_OCC[(tile, mb)]
@@ -138,8 +154,10 @@ def asked_runs_clustered(tile, mb, splits, k, n, m):
     return -(-tiles * s // cslots) <= -(-tiles * s // (SMS * OCC[(tile, mb)]))
 
 
-def load(argv):
-    """times[cell][(tile, mb, splits, clustered)] = µs; auto[cell] = {(tile, mb, splits)}"""
+def load(argv, group=128):
+    """times[cell][(tile, mb, splits, clustered)] = µs; auto[cell] = {(tile, mb, splits)}, of the
+    log sections swept with scale groups of `group` rows (a "# Round ... G=n" line names them;
+    128 where none does)"""
     times, auto = collections.defaultdict(dict), {}
     asked_no_cluster = False
     for arg in argv:
@@ -147,9 +165,14 @@ def load(argv):
             asked_no_cluster = True
             continue
         in_file = no_cluster = asked_no_cluster
+        section_group = 128
         for line in open(arg):
-            if line.startswith("# Round"):   # csrc/tune_h200.txt's sections
+            if line.startswith("# Round"):   # csrc/tune_h200*.txt's sections
                 no_cluster = in_file or "FERRUM_NO_CLUSTER=1" in line
+                named = re.search(r"\bG=(-?\d+)", line)
+                section_group = int(named[1]) if named else 128
+            if section_group != group:
+                continue
             f = line.split()
             if f and f[0] == "RAW":
                 k, n, m, tile, mb = (int(v) for v in f[1:6])
@@ -198,7 +221,7 @@ def main(argv):
             if name not in c:
                 sys.exit(f"unknown constant {name!r}; known: {', '.join(c)}")
             c[name] = float(value)
-    times, auto = load([a for a in argv if "=" not in a and a not in ("--cells", "--fit")])
+    times, auto = load([a for a in argv if "=" not in a and a not in ("--cells", "--fit")], int(c["group"]))
     if not times:
         sys.exit("no RAW lines (tools/tune.py --raw) of the planner's candidate tiles")
     off = [cell for cell, picks in auto.items() if cell in times and pick(c, *cell)[:3] not in picks]

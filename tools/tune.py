@@ -1,5 +1,6 @@
 """Time mm variants (tile, m_blocks, splits) on chosen shapes: graph-replayed bursts over
-weight copies that together exceed 4x L2. usage: python tune.py "K,N,M" ... [--tiles=..] [--mbs=..] [--splits=..] [--raw]
+weight copies that together exceed 4x L2. usage: python tune.py "K,N,M" ... [--tiles=..] [--mbs=..] [--splits=..]
+[--group=G] [--raw]   (--group: rows per scale group, 32, 64 or 128 (the default), or -1 for channelwise scales)
 Splits "sK": stream-K with one wave of blocks (tried for every mma.sync tile at M <= 16, and for
 the wgmma tiles 5, 6, 8 and 9 at the block heights swept)."""
 import itertools
@@ -22,14 +23,18 @@ def time_variant(weights, a, out, **opt):
                          max(copies, 8), 5)
 
 
+GROUP = next((int(a.partition("=")[2]) for a in sys.argv[1:] if a.startswith("--group=")), 128)
+if GROUP not in (32, 64, 128, -1):
+    sys.exit(f"--group={GROUP}: use 32, 64, 128 or -1 (channelwise)")
+
 for spec in [s for s in sys.argv[1:] if not s.startswith("--")]:
     k, n, m = (int(v) for v in spec.split(","))
     wbytes = k * n // 2
     copies = max(2, math.ceil(B.L2_FACTOR_BYTES / wbytes))
-    weights = B._weights(torch, ferrum, k, n, copies)
+    weights = B._weights(torch, ferrum, k, n, copies, group=GROUP)
     a = torch.randn(m, k, device="cuda", dtype=torch.float16)
     out = torch.empty(m, n, device="cuda", dtype=torch.float16)
-    auto = ferrum._cuda.mm_plan(m, k, n)
+    auto = ferrum._cuda.mm_plan(m, k, n, group_size=GROUP)
     t = time_variant(weights, a, out)
     print(f"K{k} N{n} M{m}: auto {auto['tile']}/{auto['m_blocks']}/"
           f"{'K' if auto.get('stream_k') else auto['splits']} -> {t:.1f} us "
