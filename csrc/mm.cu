@@ -761,11 +761,16 @@ static const int g_wgmma_min_rows_env = [] {
 // 32-row blocks (m_blocks 2; wgmma n32) up to kWgmmaFewRows.
 constexpr int kWgmma16Rows = 16;
 constexpr int kWgmmaFewRows = 32;
-// Tile 9's 32-row blocks stay candidates up to this many rows, in two row slices (session 29:
-// on layers of a few thousand columns they beat every 64-row plan, 1024x4096 at M = 64 4.3 µs
-// against 6.9 for the best 64-row one; an A/B of the planner with them up to 128 rows, 3-4
-// slices, lost up to 5% there at G = 128 and 12-27% with 64- and 32-row groups and channelwise).
-constexpr int kTile9SlicedRows = 64;
+// Tile 9's 32-row blocks stay candidates up to this many rows, in row slices (session 29: on
+// layers of a few thousand columns they beat every 64-row plan, 1024x4096 at M = 64 4.3 µs
+// against 6.9 for the best 64-row one; up to 64 rows in session 29, where an A/B of 3-4 slices
+// lost 12-27% on 3072x3072 with 32-row groups; session 30, with kFp16ScalesKtile pricing those
+// groups, took it to 128 rows: the planner's plans at 65-128 rows on 24 shapes, same-machine
+// A/B against 64, 0.82 of the time at G = 128 on the 34 cells that changed, 0.86 at G = 64,
+// 0.89 channelwise, 0.88 at G = 32; what still loses is 3072x3072, tile 9 in 3-4 slices against
+// tile 8's 64-row blocks with two clustered splits: +2-4% at G = 128, +7-9% at G = 64, +13-15%
+// channelwise, and 2048x3072 at G = 32, +8-10%; csrc/NOTES.md session 30).
+constexpr int kTile9SlicedRows = 128;
 
 // Split-K choice for one (tile, m_blocks): the fewest waves x (k-tiles per block x cost of a
 // k-tile + fixed cost + partial-sum traffic) + a reduction tail per split, over the splits that
@@ -827,6 +832,17 @@ constexpr double kTailOneRow = 0.75;
 // Fitted on the 16 other shapes alone it comes out the same and takes the bench layers' picks
 // from 0.9% to 0.4% above the best.
 constexpr double kExchange16Rows = 1.25;
+
+// What scales in fp16, multiplied into every dequantized word, add to a k-tile of 16- and 32-row
+// wgmma blocks, whose constants were fitted with 128-row groups and so on F32S (FP32 scales per
+// group): these blocks with groups of 32 rows (or with F32S off). Fitted on the H200 (session 30:
+// the 24 shapes at M = 24, 48, 96, 128 with G = 32, tiles 5, 6, 8, 9 with 1-8 splits, clusters as
+// asked and FERRUM_NO_CLUSTER=1, and stream-K; choose_splits replayed in Python): tile 9's
+// 32-row blocks run 12-19% slower at G = 32 than at G = 128 where the 64-row blocks (fp16 scales
+// at every group size) do not (3072x3072 at M = 96: 15.2 against 12.8 µs, tile 8's 64-row blocks
+// 12.3 at both). With 0.2 the replayed picks at G = 32 come 1.9% above the best timed variant on
+// average, 2.8% without the term.
+constexpr double kFp16ScalesKtile = 0.2;
 
 struct SplitModel {
     double kt_cost;      // one k-tile of one block, relative
@@ -950,7 +966,7 @@ static double choose_splits(const DeviceProps &dev, int occ, int sk_occ, int siz
 // where measured (64-row tile-8 blocks at 0.35 left 28672x8192 at M = 64 on tile 6 with 7
 // splits, 83.5 µs against 78.5 for tile 8 with 2; 32-row ones at 0.33 would take tile 8 there
 // at M = 32, 61.4 against 52.5).
-static SplitModel wgmma_split_model(int tile, int mb) {
+static SplitModel wgmma_split_model(int tile, int mb, bool fp16_scales) {
     double kt_cost, fixed;
     // Tile 9's 16-row blocks (its k-tile of 256 rows costs twice kt_cost): fitted in session 24
     // (H200, G = 128, tools/tune.py over tiles 6, 8 and 9 with 1-16 splits and stream-K on the
@@ -969,7 +985,9 @@ static SplitModel wgmma_split_model(int tile, int mb) {
     // replay's optimum was one point (0.35) and either side of it lost 26-30% on one of the two
     // kinds of shape; with them the replayed picks are 2.2% above the best timed variant on
     // average over the 96 cells (13.4% for the planner without these blocks), 16% at worst, and
-    // k-tile costs 0.35-0.4 with block costs 0-0.5 come within 3.3%.
+    // k-tile costs 0.35-0.4 with block costs 0-0.5 come within 3.3%. (Session 30 refitted
+    // them with row slices up to 128 rows and at other group sizes: better replays, but in the
+    // A/B other cells lost what those won; csrc/NOTES.md session 30.)
     if (tile == 9) {
         kt_cost = mb == 1 ? 0.36 : 0.375;
         fixed = mb == 1 ? 2.75 : 0.25;
@@ -986,6 +1004,7 @@ static SplitModel wgmma_split_model(int tile, int mb) {
         kt_cost = tile == 6 ? 1.0 : mb == 8 ? 0.9 : 0.65;
         fixed = tile == 6 ? 6.0 : 1.0;
     }
+    if (fp16_scales && mb <= 2) kt_cost *= 1.0 + kFp16ScalesKtile;
     const bool tile9_32 = tile == 9 && mb == 2;
     return SplitModel{kt_cost * tile_k(tile) / 128.0, fixed, 0.5, 1.0, mb == 1 ? kExchange16Rows : 0.0,
                       tile9_32 ? 4 : 0, tile9_32 ? 0.4 : 0.0, tile9_32 ? 0.6 : 0.0};
@@ -1179,7 +1198,8 @@ static int plan_one(const DeviceProps &dev, int size_m, int size_k, int size_n, 
         int splits = 1, cluster = 0, stream_k = 0;
         double cost;
         if (is_wgmma_tile(c.tile)) {
-            const SplitModel model = wgmma_split_model(c.tile, c.mb);
+            const SplitModel model = wgmma_split_model(
+                c.tile, c.mb, grouped && wgmma_f32s_fold(c.tile, c.mb, grouped, group_size) == 0);
             // stream-K where the caller leaves it to the planner (and not tile 4, tuning only)
             int sk_occ = 0;
             if (cfg.stream_k == 0 && cfg.splits == 0 && c.tile != 4) {

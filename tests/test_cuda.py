@@ -452,8 +452,8 @@ for g in (-1, 128):
             assert plan["tile"] in ((2, 6) if m <= 16 else (3,)), (m, plan)
         else:                     # sm_80: tiles 1, 2, 7 up to 32 rows (the swapped kernel up to
                                   # 8), then tile 3; on an H100 posing as one, the wgmma tiles
-                                  # that fit: 6, up to 32 rows 8 and 9, up to 64 rows 9
-            assert plan["tile"] in ((1, 2, 7, 6, 8, 9) if m <= 32 else (3, 6, 9) if m <= 64 else (3, 6)), (m, plan)
+                                  # that fit: 6, up to 32 rows 8 and 9, up to 128 rows 9
+            assert plan["tile"] in ((1, 2, 7, 6, 8, 9) if m <= 32 else (3, 6, 9) if m <= 128 else (3, 6)), (m, plan)
         a = rng.standard_normal((m, 1024)).astype(np.float16)
         got = ferrum.mm(a, w).astype(np.float64)
         ref = a.astype(np.float64) @ problem.dense[0]
@@ -534,21 +534,21 @@ def test_mm_wgmma_few_rows(m, tile, m_blocks, splits, g, rng):
 
 
 @pytest.mark.parametrize("k,n", [(1024, 4096), (2048, 2048), (4096, 1024)])
-@pytest.mark.parametrize("m", [17, 24, 32, 48, 64, 100])
-@pytest.mark.parametrize("g,act_order", [(-1, False), (64, False), (128, False), (128, True)])
+@pytest.mark.parametrize("m", [17, 24, 32, 48, 64, 100, 128, 130])
+@pytest.mark.parametrize("g,act_order", [(-1, False), (64, False), (128, False), (128, True), (32, False)])
 def test_mm_planner_32_row_blocks(k, n, m, g, act_order, rng):
-    """The planner's own plans at 17-100 rows, where up to 64 rows it takes tile 9's 32-row
-    blocks on layers of up to a few thousand columns (one split, or two or four as clusters, on
-    these shapes on a 132-SM GPU; beyond 32 rows in two row slices): 32-row wgmma blocks up to
-    32 rows, 64-row or larger ones beyond 64, the output poisoned first, right against float64."""
+    """The planner's own plans at 17-130 rows, where up to 128 rows it takes tile 9's 32-row
+    blocks on layers of up to a few thousand columns (one split, or two to six, on these shapes
+    on a 132-SM GPU; beyond 32 rows in row slices): 32-row wgmma blocks up to 32 rows, 64-row or
+    larger ones beyond 128, the output poisoned first, right against float64."""
     if not _wgmma_planned():
         pytest.skip("no wgmma kernel on this GPU/build (needs compute capability 9.0 and sm_90a)")
     plan = ferrum._cuda.mm_plan(m, k, n, group_size=g)
     if m <= 32:
         assert plan["tile"] in (5, 6, 8, 9) and plan["m_blocks"] == 2, plan
     else:
-        assert plan["m_blocks"] >= 4 or (plan["tile"], plan["m_blocks"], m <= 64) == (9, 2, True), plan
-    if ferrum._cuda.probe()["sms"] == 132 and g == 128 and m <= 64:   # the H100/H200 the planner was fitted on
+        assert plan["m_blocks"] >= 4 or (plan["tile"], plan["m_blocks"], m <= 128) == (9, 2, True), plan
+    if ferrum._cuda.probe()["sms"] == 132 and g == 128 and m <= 128:   # the H100/H200 the planner was fitted on
         assert (plan["tile"], plan["m_blocks"], plan["m_slices"]) == (9, 2, (m + 31) // 32), plan
     problem = random_problem(rng, k, n, g, act_order=act_order)
     weight = _weight(problem)
