@@ -124,6 +124,19 @@ def _meta(argument: str, x: Any) -> tuple[tuple[int, ...], np.dtype]:
         return x.shape, x.dtype
     cai = getattr(x, "__cuda_array_interface__", None) if not isinstance(x, (list, tuple)) else None
     if cai is not None:
+        # A malformed interface (not a dict, no shape or typestr, a shape that is not a tuple
+        # of integers, data that is not a (pointer, read-only) pair) is the argument's fault:
+        # refused by name here, not a KeyError or AttributeError from a later look-up.
+        shape = cai.get("shape") if isinstance(cai, dict) else None
+        data = cai.get("data") if isinstance(cai, dict) else None
+        if (not isinstance(shape, (tuple, list)) or
+                not all(isinstance(s, (int, np.integer)) and not isinstance(s, (bool, np.bool_))
+                        and s >= 0 for s in shape) or
+                not isinstance(cai.get("typestr"), str) or
+                not (isinstance(data, (tuple, list)) and len(data) == 2)):
+            _fail(argument, x, "has a malformed __cuda_array_interface__ (it must be a dict with "
+                  "'shape', a tuple of non-negative integers, 'typestr', a string, and 'data', "
+                  "a (pointer, read-only) pair)", TypeError)
         if cai.get("mask") is not None:
             _fail(argument, x, "has a __cuda_array_interface__ mask; masked arrays are not "
                   "supported")

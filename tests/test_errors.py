@@ -526,3 +526,36 @@ def test_failed_calls_leave_inputs_unmodified(layer):
     with pytest.raises(ValueError):
         ferrum.mm(a, weight, out=out)
     assert (out == 7).all() and (a == 1).all()
+
+
+class _Interface:
+    """An object whose __cuda_array_interface__ is whatever it was given."""
+
+    def __init__(self, cai):
+        self.__cuda_array_interface__ = cai
+
+
+@pytest.mark.parametrize("cai", [
+    5,                                                          # not a dict
+    {"typestr": "<f2", "data": (0, False), "version": 3},       # no shape
+    {"shape": (2, K), "data": (0, False), "version": 3},        # no typestr
+    {"shape": None, "typestr": "<f2", "data": (0, False)},      # shape not a tuple
+    {"shape": (2, "x"), "typestr": "<f2", "data": (0, False)},  # shape not integers
+    {"shape": (2, K), "typestr": 7, "data": (0, False)},        # typestr not a string
+    {"shape": (2, K), "typestr": "<f2"},                        # no data
+])
+def test_a_malformed_cuda_array_interface_is_the_arguments_type_error(layer, cai):
+    # Was a KeyError / AttributeError (or a TypeError from Python naming nothing), on a
+    # machine with or without the cuda backend, for a, out and the weight's arrays.
+    prob, weight = layer
+    a = np.ones((2, K), np.float16)
+    bad = _Interface(cai)
+    with raises(TypeError, "a") as err:
+        ferrum.mm(bad, weight)
+    assert "__cuda_array_interface__" in str(err.value)
+    with raises(TypeError, "out"):
+        ferrum.mm(a, weight, out=bad)
+    with raises(TypeError, "qweight"):
+        ferrum.MarlinWeight.from_gptq(bad, prob.scales[0], group_size=64)
+    with raises(TypeError, "qweight"):
+        ferrum.repack(bad, K, N, backend="cpu")
