@@ -69,8 +69,21 @@ def _bench(args) -> int:
         return 2
     module = importlib.import_module(_registry.BACKEND_MODULES[name])
     print(f"ferrum bench --backend {name}: {info.device}")
-    module.run_bench(options)
+    try:
+        module.run_bench(options)
+    except MemoryError as exc:      # problems asked for that this machine cannot hold
+        print(f"python -m ferrum bench: not enough memory for the problems asked for "
+              f"(MemoryError: {exc})")
+        return 1
+    except ValueError as exc:       # a backend's refusal, with its rule (metal: a problem
+        print(f"python -m ferrum bench: {exc}")     # past the adapter's largest buffer)
+        return 1
     return 0
+
+
+#: Largest K, N or M bench takes: every backend's kernels take sizes as 32-bit integers (and
+#: numpy refuses a dimension past its own index range with a bare "maximum allowed dimension").
+_MAX_SIZE = 2 ** 31 - 1
 
 
 def _bench_problems(args) -> dict:
@@ -87,6 +100,10 @@ def _bench_problems(args) -> dict:
             except ValueError:
                 raise ValueError(f"--shapes: {item.strip()!r} is not KxN (e.g. 4096x6144)") from None
             api._check_sizes(size_k, size_n, "--shapes K", "--shapes N")
+            for name, size in (("K", size_k), ("N", size_n)):
+                if size > _MAX_SIZE:
+                    raise ValueError(f"--shapes {name}={size}: must be at most {_MAX_SIZE} "
+                                     "(the kernels' sizes are 32-bit integers)")
             shapes.append((size_k, size_n))
         out["shapes"] = shapes
     if args.m is not None:
@@ -98,6 +115,9 @@ def _bench_problems(args) -> dict:
                 raise ValueError(f"--m: {item.strip()!r} is not a row count") from None
             if m < 1:
                 raise ValueError(f"--m: {m}: row counts must be at least 1")
+            if m > _MAX_SIZE:
+                raise ValueError(f"--m: {m}: row counts must be at most {_MAX_SIZE} (the "
+                                 "kernels' sizes are 32-bit integers)")
             rows.append(m)
         out["m_values"] = rows
     if args.group_size is not None:

@@ -222,3 +222,37 @@ def test_cpu_bench_times_the_problems_asked_for(monkeypatch, capsys):
         rows = out.split(shape)[1].splitlines()[2:5]
         assert [int(r.split()[0]) for r in rows] == [1, 3, 17], out
         assert [r.split()[2] for r in rows] == ["fused", "fused", "blas"], out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--m", "99999999999999999999"], "--m: 99999999999999999999: row counts must be at most"),
+    (["--m", "1,2147483648"], "--m: 2147483648: row counts must be at most 2147483647"),
+    (["--shapes", "137438953472x64"], "--shapes K=137438953472: must be at most 2147483647"),
+    (["--shapes", "128x137438953472"], "--shapes N=137438953472: must be at most 2147483647"),
+])
+def test_bench_sizes_past_32_bits_are_refused_before_any_work(monkeypatch, capsys, args, message):
+    # Was a traceback from numpy ("Maximum allowed dimension exceeded") after the backend's
+    # bench had started.
+    import ferrum.__main__ as cli
+    monkeypatch.setattr(cli.importlib, "import_module",
+                        lambda name: pytest.fail(f"{name} imported before the options were checked"))
+    assert cli.main(["bench", *args]) == 2
+    assert message in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("error,message", [
+    (MemoryError("Unable to allocate 2.00 TiB"), "not enough memory for the problems asked for"),
+    (ValueError("M=9000000: A needs a buffer of 2304000000 bytes"), "M=9000000: A needs a buffer"),
+])
+def test_bench_a_problem_too_large_to_run_is_a_message_not_a_traceback(monkeypatch, capsys,
+                                                                       error, message):
+    import ferrum.__main__ as cli
+
+    def run_bench(options):
+        raise error
+    monkeypatch.setattr(cli.importlib, "import_module",
+                        lambda name: type("Backend", (), {"run_bench": staticmethod(run_bench)}))
+    monkeypatch.setattr(ferrum, "backends", lambda: {"cpu": type("I", (), {"available": True, "device": "x"})})
+    assert cli.main(["bench", "--shapes", "128x64", "--m", "1"]) == 1
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1].startswith("python -m ferrum bench: ") and message in out
