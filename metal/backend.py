@@ -1091,12 +1091,14 @@ fn main(@builtin(local_invocation_index) li: u32) {
                              f"({self.binding_limit} bytes) holds less than one 16 x 64 Marlin "
                              f"chunk ({8 * F.CHUNK_N} bytes)")
         self._fits_one_buffer(f"repack of K={size_k}, N={size_n}", kt_rows * row_bytes)
+        # A window's workgroups are its chunks x its kt rows: each at most a dispatch's MAX_GRID.
+        dst_cols = min(dst_cols, MAX_GRID * F.CHUNK_N)
         full_k_cols = (limit // (word_rows * 4)) // F.CHUNK_N * F.CHUNK_N
         if full_k_cols >= F.CHUNK_N:
             # Source blocks of nb columns and all K rows, which act-order may read in any order:
             # the perm is applied by the kernel, from the rows of it the window needs.
             nb = min(size_n, full_k_cols, dst_cols)
-            kt_block = min(kt_rows, (limit - 8 * nb) // row_bytes + 1)
+            kt_block = min(kt_rows, (limit - 8 * nb) // row_bytes + 1, MAX_GRID)
             blocks = [(n0, kt0, 0, word_rows) for n0 in range(0, size_n, nb)
                       for kt0 in range(0, kt_rows, kt_block)]
         else:
@@ -1108,7 +1110,8 @@ fn main(@builtin(local_invocation_index) li: u32) {
                 qweight = F.pack_gptq(F.unpack_gptq(qweight, size_k)[perm]).view(np.uint32)
                 perm = None
             nb = min(size_n, dst_cols)
-            kt_block = max(1, min(kt_rows, limit // (8 * nb), (limit - 8 * nb) // row_bytes + 1))
+            kt_block = max(1, min(kt_rows, limit // (8 * nb), (limit - 8 * nb) // row_bytes + 1,
+                                  MAX_GRID))
             blocks = [(n0, kt0, 2 * kt0, 2 * min(kt_block, kt_rows - kt0))
                       for kt0 in range(0, kt_rows, kt_block) for n0 in range(0, size_n, nb)]
         # All source blocks back to back in one buffer, each [rows, width] contiguous.

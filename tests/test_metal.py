@@ -283,6 +283,31 @@ def test_repack_larger_than_one_binding(act_order):
     np.testing.assert_array_equal(got, F.repack_reference(qweight, size_k, size_n, perm))
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_repack_windows_within_the_dispatch_grid(monkeypatch, act_order):
+    # A dispatch holds at most MAX_GRID (65535) workgroups a dimension, so a repack window's
+    # chunks and kt rows are cut to it (a weight of 4.2M columns or 1M k-tile rows would exceed
+    # it). With the grid posed at 2: windows of at most 2 chunks x 2 kt rows, bit for bit the
+    # reference.
+    import wgpu.backends.wgpu_native as native
+    import ferrum.metal.backend as metal_backend
+    size_k, size_n = 512, 320
+    rng = np.random.default_rng(11)
+    qweight = rng.integers(0, 2**32, (size_k // 8, size_n), dtype=np.uint32).view(np.int32)
+    perm = rng.permutation(size_k).astype(np.int32) if act_order else None
+    grids = []
+    dispatch = native.GPUComputePassEncoder.dispatch_workgroups
+
+    def recorded(self, x, y=1, z=1):
+        grids.append((x, y, z))
+        return dispatch(self, x, y, z)
+    monkeypatch.setattr(metal_backend, "MAX_GRID", 2)
+    monkeypatch.setattr(native.GPUComputePassEncoder, "dispatch_workgroups", recorded)
+    got = ferrum.repack(qweight, size_k, size_n, perm=perm, backend="metal")
+    np.testing.assert_array_equal(got, F.repack_reference(qweight, size_k, size_n, perm))
+    assert len(grids) == 3 * 16 and max(max(g) for g in grids) == 2, grids
+
+
 # ------------------------------------------------------------------------------------------------
 # mm
 
