@@ -1466,10 +1466,15 @@ fn main(@builtin(local_invocation_index) li: u32) {
                                    (e - experts[0]) * n))
         # m-blocks: A, C and the scratch of one block (at least one slot per k-piece) must each
         # fit a binding; then as many k-splits as the workgroup target asks and the scratch allows.
+        # A dispatch's workgroups along x, chunks x m-tiles, within the grid too (C of ~1 GB and
+        # more in one m-block, where the adapter's bindings hold it).
+        def m_tiles(rows):
+            return math.ceil(rows / self._m_tile(self._kernel_for(rows), rows))
         m_block = m
         while m_block > 2 and (m_block * K * 2 > limit or m_block * n_total * 2 > limit
                                 or k_pieces * m_block * n_total * 4 > limit
-                                or m_block > MAX_GRID):
+                                or m_block > MAX_GRID
+                                or n_total // F.CHUNK_N * m_tiles(m_block) > MAX_GRID):
             m_block = _round_up(m_block // 2, 2)
         if (m_block * K * 2 > limit or m_block * n_total * 2 > limit
                 or k_pieces * m_block * n_total * 4 > limit):

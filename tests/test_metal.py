@@ -562,6 +562,21 @@ def test_repack_at_the_smallest_binding_limit(size_k, size_n, act_order):
     assert sizes and max(sizes) <= SMALLEST_LIMIT, max(sizes)
 
 
+def test_mm_m_blocks_within_the_dispatch_grid(monkeypatch):
+    # The tiled kernel's workgroups along one dimension are 64-column chunks x m-tiles of 128
+    # rows; where they would pass the grid's 65535 (C of ~1 GB in one m-block), the rows are cut
+    # into m-blocks instead of refusing the call. With the grid posed at 500: 300 chunks x 2
+    # m-tiles at M = 200 -> two m-blocks of 100 rows, every dispatch within it.
+    import ferrum.metal.backend as metal_backend
+    size_k, size_n, m = 128, 300 * 64, 200
+    rng, p, w = metal_problem(17, size_k, size_n, 128)
+    monkeypatch.setattr(metal_backend, "MAX_GRID", 500)
+    check_mm(w, rng.standard_normal((m, size_k)).astype(np.float16), p.dense[0])
+    plan = last_plan(w)
+    assert plan.summary.startswith("tiled") and plan.summary.endswith(" b2"), plan.summary
+    assert max(max(d.grid) for d in plan.dispatches) <= 500, [d.grid for d in plan.dispatches]
+
+
 @pytest.mark.parametrize("size_k,group_size,act_order", [(256, -1, False), (256, 32, True),
                                                          (384, 64, False), (256, 128, True),
                                                          (384, 384, False)])
