@@ -172,6 +172,8 @@ MAX_GRID = 65535
 #: Largest FERRUM_METAL_TARGET_WORKGROUPS: the workgroups one dispatch can hold. The planner
 #: scales the target by float shares, so an integer past float range failed every mm.
 MAX_TARGET_WORKGROUPS = MAX_GRID ** 3
+#: C columns a reduce.wgsl workgroup writes (256 invocations, two columns each).
+REDUCE_COLUMNS = 2 * 256
 #: Seconds mm's wait polls the device without blocking before it blocks in the driver (a GPU
 #: adapter; a CPU adapter blocks at once). FERRUM_METAL_SPIN_US overrides it (0: always block).
 SPIN_SECONDS = 0.005
@@ -1238,6 +1240,20 @@ fn main(@builtin(local_invocation_index) li: u32) {
             return min(self.vector_m_tile, 1 << (m_block - 1).bit_length())
         return 16 * self._tiled_tm(m_block)
 
+    def _grid_fits(self, chunks: int, m: int, m_block: int) -> bool:
+        """Whether the dispatches of `chunks` 64-column chunks over M = m rows in m-blocks of
+        m_block (the last one shorter, perhaps on the other kernel) stay within MAX_GRID
+        workgroups along x and y. gemv puts a chunk's m-tiles side by side along x; the tiled
+        kernel has the chunks along x and its m-tiles times the k-splits along y (the planner
+        caps the splits to fit)."""
+        for rows in {m_block, m % m_block or m_block}:
+            kernel = self._kernel_for(rows)
+            tiles = math.ceil(rows / self._m_tile(kernel, rows))
+            if kernel == "gemv.wgsl" and chunks * tiles > MAX_GRID or \
+                    chunks > MAX_GRID or tiles > MAX_GRID:
+                return False
+        return True
+
     def _tiled_tm(self, m_block: int) -> int:
         """tiled.wgsl's rows per invocation for an m-block of m_block rows."""
         if self.tiled_tm:
@@ -1294,6 +1310,8 @@ fn main(@builtin(local_invocation_index) li: u32) {
         slot_pieces = 1 if lay.accumulate else k_pieces
         scratch_splits = limit // (slot_pieces * m_block * lay.width * 4)
         k_slots = self._gemv_k_slots()
+        # a dispatch's y holds the k-splits (tiled: times the m-tiles), at most MAX_GRID
+        max_splits = MAX_GRID // (1 if kernel == "gemv.wgsl" else math.ceil(m_block / m_tile))
         wide = (kernel == "gemv.wgsl" and self.gemv_wide and m_block == 1 and k_pieces == 1
                 and not lay.blocked_c and 32 * 32 <= self.max_invocations
                 and GEMV_WIDE_SHARE[0] * self.target_workgroups <= base_wgs
@@ -1304,17 +1322,17 @@ fn main(@builtin(local_invocation_index) li: u32) {
             # the target counts 8-slot workgroups; a split keeps >= 2 kt rows per k-slot
             target = self.target_workgroups * GEMV_TARGET_SHARE[m_tile] * 8 / k_slots
             splits = max(1, min(math.ceil(target / base_wgs), kt_piece // (2 * k_slots),
-                                scratch_splits))
+                                scratch_splits, max_splits))
             kt_per_split = math.ceil(kt_piece / splits)
         else:
             splits = max(1, min(math.ceil(self.target_workgroups * TILED_TARGET_SHARE / base_wgs),
-                                kt_piece // 8, scratch_splits))
+                                kt_piece // 8, scratch_splits, max_splits))
             kt_per_split = _round_up(math.ceil(kt_piece / splits), 2)
         splits = math.ceil(kt_piece / kt_per_split)
         slots = slot_pieces * splits
-        if chunks * math.ceil(m_block / m_tile) > MAX_GRID or \
-                splits * math.ceil(m_block / m_tile) > MAX_GRID:
-            raise ValueError(f"size_n={n} or M={m} exceeds the dispatch grid ({MAX_GRID})")
+        # the layouts keep x (chunks x m-tiles) and z (experts) within the grid, max_splits y
+        assert self._grid_fits(chunks, m, m_block) and splits <= max_splits, \
+            (chunks, m_block, splits)
 
         # A is laid out [k-piece][m][kw] when its rows are cut along k (else [m][K]); C
         # [column block][m][width] when its rows are cut into column blocks (else [m][n_total]).
@@ -1409,7 +1427,7 @@ fn main(@builtin(local_invocation_index) li: u32) {
                 s_read, _ = self._range(s_buf, 0, slots * mb * width * 4, 4)
                 bg = self._bind_group(reduce_pipe, [(ubuf, 0, ubuf.size), s_read, c_entry])
                 dispatches.append(_Dispatch(reduce_pipe, bg,
-                                            (math.ceil(width / 2 / 256), mb, 1)))
+                                            (math.ceil(width / REDUCE_COLUMNS), mb, 1)))
         pieces_per_block = len(lay.blocks[0][3])
         summary = (f"{kernel.split('.')[0]} m{self._m_tile(kernel, m_block)} k{slots}"
                    + (f" l{self._gemv_loads(self._m_tile(kernel, m_block))}"
@@ -1441,13 +1459,14 @@ fn main(@builtin(local_invocation_index) li: u32) {
         group_tiles = F.effective_group_size(K, weight.group_size) // F.TILE
         row_bytes = 2 * n * 4
         srow_bytes = 2 * n
-        if row_bytes * 8 > limit or srow_bytes > limit:
-            return None
+        if row_bytes * 8 > limit or srow_bytes > limit or n_total > REDUCE_COLUMNS * MAX_GRID:
+            return None                          # (the reduction's grid: all of C's columns)
         # Pieces of the weight: (first expert, experts, kt_begin, kt_count, k-piece index,
         # first column, columns, column of C).
         pieces = []
         if kt_rows * row_bytes <= limit and groups * srow_bytes <= limit:
-            per = max(1, min(limit // (kt_rows * row_bytes), limit // (groups * srow_bytes)))
+            per = max(1, min(limit // (kt_rows * row_bytes), limit // (groups * srow_bytes),
+                             MAX_GRID))         # a piece's experts go along z
             for i in range(0, len(experts), per):
                 pieces.append((experts[i], min(per, len(experts) - i), 0, kt_rows, 0, 0, n,
                                (experts[i] - experts[0]) * n))
@@ -1466,18 +1485,18 @@ fn main(@builtin(local_invocation_index) li: u32) {
                                    (e - experts[0]) * n))
         # m-blocks: A, C and the scratch of one block (at least one slot per k-piece) must each
         # fit a binding; then as many k-splits as the workgroup target asks and the scratch allows.
-        # A dispatch's workgroups along x, chunks x m-tiles, within the grid too (C of ~1 GB and
-        # more in one m-block, where the adapter's bindings hold it).
-        def m_tiles(rows):
-            return math.ceil(rows / self._m_tile(self._kernel_for(rows), rows))
+        # A dispatch's workgroups along x, an expert's chunks x m-tiles, within the grid too (C
+        # of ~1 GB and more in one m-block, where the adapter's bindings hold it). Where the
+        # chunks alone pass it (about 4.2M columns of one expert), the windows' column blocks do.
         m_block = m
         while m_block > 2 and (m_block * K * 2 > limit or m_block * n_total * 2 > limit
                                 or k_pieces * m_block * n_total * 4 > limit
                                 or m_block > MAX_GRID
-                                or n_total // F.CHUNK_N * m_tiles(m_block) > MAX_GRID):
+                                or not self._grid_fits(n // F.CHUNK_N, m, m_block)):
             m_block = _round_up(m_block // 2, 2)
         if (m_block * K * 2 > limit or m_block * n_total * 2 > limit
-                or k_pieces * m_block * n_total * 4 > limit):
+                or k_pieces * m_block * n_total * 4 > limit
+                or not self._grid_fits(n // F.CHUNK_N, m, m_block)):
             return None
         return _Layout(m_block, k_pieces, kt_block, n_total, [(0, n_total, 0, pieces)],
                        target_experts=len(experts))
@@ -1522,6 +1541,8 @@ fn main(@builtin(local_invocation_index) li: u32) {
                 m_cap = min(m_cap, limit // (4 * width))
             blocks = math.ceil(m / m_cap)
             m_block = math.ceil(m / blocks)
+            if not self._grid_fits(width // F.CHUNK_N, m, m_block):
+                continue                     # narrower blocks follow; one chunk always fits
             col_blocks = len(experts) * math.ceil(n / width)
             cost = col_blocks * blocks * (k_pieces + (k_pieces > 1))
             # as many dispatches: the taller m-block (the tiled kernel's M), then the wider block

@@ -7,6 +7,7 @@ of minutes. Every mm output is poisoned with NaN first, so an element the kernel
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
 import sys
 
@@ -563,18 +564,50 @@ def test_repack_at_the_smallest_binding_limit(size_k, size_n, act_order):
 
 
 def test_mm_m_blocks_within_the_dispatch_grid(monkeypatch):
-    # The tiled kernel's workgroups along one dimension are 64-column chunks x m-tiles of 128
-    # rows; where they would pass the grid's 65535 (C of ~1 GB in one m-block), the rows are cut
-    # into m-blocks instead of refusing the call. With the grid posed at 500: 300 chunks x 2
-    # m-tiles at M = 200 -> two m-blocks of 100 rows, every dispatch within it.
+    # gemv's workgroups along x are 64-column chunks x m-tiles of 8 rows; where they would pass
+    # the grid's 65535 (a layer of 2.1M-4.2M columns at 9-16 rows), the rows are cut into
+    # m-blocks instead of refusing the call. The tiled kernel has its m-tiles along y, with the
+    # k-splits, which the planner caps. With the grid posed at 500 and 300 chunks: M = 16 ->
+    # m-blocks of 8 rows; M = 200 (2 m-tiles of 128 rows) runs in one m-block.
     import ferrum.metal.backend as metal_backend
-    size_k, size_n, m = 128, 300 * 64, 200
+    size_k, size_n = 128, 300 * 64
     rng, p, w = metal_problem(17, size_k, size_n, 128)
     monkeypatch.setattr(metal_backend, "MAX_GRID", 500)
-    check_mm(w, rng.standard_normal((m, size_k)).astype(np.float16), p.dense[0])
-    plan = last_plan(w)
-    assert plan.summary.startswith("tiled") and plan.summary.endswith(" b2"), plan.summary
-    assert max(max(d.grid) for d in plan.dispatches) <= 500, [d.grid for d in plan.dispatches]
+    for m, kernel, blocks in ((16, "gemv", True), (200, "tiled", False)):
+        check_mm(w, rng.standard_normal((m, size_k)).astype(np.float16), p.dense[0])
+        plan = last_plan(w)
+        assert plan.summary.startswith(kernel), plan.summary
+        assert bool(re.search(r" b\d+$", plan.summary)) == blocks, plan.summary
+        assert max(max(d.grid) for d in plan.dispatches) <= 500, [d.grid for d in plan.dispatches]
+
+
+@pytest.mark.parametrize("group_size,act_order", [(-1, False), (64, True)])
+def test_mm_more_chunks_than_the_dispatch_grid(monkeypatch, group_size, act_order):
+    # A layer of more 64-column chunks than a dispatch holds along one dimension (65535: about
+    # 4.2M columns) runs in column blocks; experts past it are dispatched in groups along z;
+    # k-splits are capped by it; and the reduction's grid (512 columns a workgroup) stays
+    # within it. With the grid posed at 4: 10 chunks of one weight, and a stack of 12 experts of
+    # 3 chunks each (2 304 columns, past the reduction's 2 048 at once). Every dispatch of every
+    # plan within the grid, every result against float64.
+    import ferrum.metal.backend as metal_backend
+    grid = 4
+    monkeypatch.setattr(metal_backend, "MAX_GRID", grid)
+    size_k = 512
+    rng, p, w = metal_problem(40 + group_size, size_k, 10 * 64, group_size, act_order=act_order)
+    stack = random_problem(rng, size_k, 3 * 64, group_size, experts=12)
+    ws = ferrum.load_stacked(stack.qweights, stack.scales, group_size=group_size,
+                             backend="metal")
+    for m in (1, 3, 16, 40):
+        a = rng.standard_normal((m, size_k)).astype(np.float16)
+        check_mm(w, a, p.dense[0])
+        plan = last_plan(w)
+        assert " n" in plan.summary, plan.summary          # cut into column blocks
+        assert max(max(d.grid) for d in plan.dispatches) <= grid, [d.grid for d in plan.dispatches]
+        check_mm(ws, a, np.concatenate(stack.dense, axis=1))
+        check_mm(ws, a, stack.dense[11], expert=11)
+        for plan in ws._aux["metal_plans"].values():
+            assert max(max(d.grid) for d in plan.dispatches) <= grid, \
+                (plan.summary, [d.grid for d in plan.dispatches])
 
 
 @pytest.mark.parametrize("size_k,group_size,act_order", [(256, -1, False), (256, 32, True),
