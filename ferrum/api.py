@@ -783,6 +783,13 @@ def quantize(w, *, group_size=128):
 
     scale = max|w| / 7.5 per group and column (GPTQ's symmetric grid; rounded up to float16),
     q = clip(round(w/s) + 8, 0, 15): every weight within half a step of its value.
+
+    Where this differs from GPTQ's Quantizer (sym=True, 4 bits: scale = (xmax - xmin) / 15,
+    zero = 8), so that scales need not match a GPTQ/GPTQModel checkpoint bit for bit:
+    GPTQ rounds the scale to the nearest float16 (here: up); in a group with no negative
+    weight GPTQ keeps xmin = 0, so its scale is max / 15 and weights above 7/15 of the max are
+    clipped (here: max / 7.5, nothing clipped); an all-zero group gets scale 2/15 there and 0
+    here (q = 8, so the weight is 0 either way).
     """
     w = _once("w", w)
     _check_array("w", w, [np.float16, np.float32, np.float64], ndim=2)
