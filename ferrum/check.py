@@ -156,8 +156,9 @@ def crosscheck(backends=None, *, seed=None, quick=False, m_values=None, log=None
             if not info.available:
                 raise ValueError(f"backends={backends!r}: {n!r} is not available here "
                                  f"({info.reason})")
-    if "cpu" not in names:
-        names.insert(0, "cpu")          # the reference every backend is compared with
+    # cpu first, named or not: it is the reference every backend is compared with, so its
+    # results must exist before another backend's are compared ("metal", "cpu" was a KeyError).
+    names = ["cpu"] + [n for n in names if n != "cpu"]
     m_values = M_VALUES if m_values is None else m_values
     results: list[Result] = []
     for prob in problems(rng, quick):

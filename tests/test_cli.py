@@ -256,3 +256,18 @@ def test_bench_a_problem_too_large_to_run_is_a_message_not_a_traceback(monkeypat
     assert cli.main(["bench", "--shapes", "128x64", "--m", "1"]) == 1
     out = capsys.readouterr().out
     assert out.splitlines()[-1].startswith("python -m ferrum bench: ") and message in out
+
+
+@pytest.mark.metal
+def test_crosscheck_runs_cpu_first_wherever_it_is_named():
+    # cpu is the reference: named after another backend (check --backend metal --backend cpu)
+    # its results must still come first, or the other backend's comparison has nothing to read
+    # (it was a KeyError).
+    info = ferrum.backends()["metal"]
+    if not info.available:
+        pytest.skip(f"metal not available: {info.reason}")
+    results = ferrum.crosscheck(["metal", "cpu"], seed=2, quick=True, m_values=(1,))
+    assert results[0].backend == "cpu"
+    assert {r.backend for r in results} == {"cpu", "metal"} and all(r.passed for r in results)
+    done = run("check", "--backend", "metal", "--backend", "cpu", "--quick")
+    assert done.returncode == 0, done.stdout + done.stderr
