@@ -149,10 +149,11 @@ class CpuBackend(Backend):
 
     def dequantize(self, weight, e):
         dense = self.dequantize_marlin_order(weight, e)
-        if weight.perm is None:
+        perm = F.expert_perm(weight.perm, e)
+        if perm is None:
             return dense
         original = np.empty_like(dense)
-        original[weight.perm] = dense
+        original[perm] = dense
         return original
 
     def _activations(self, a, perm):
@@ -170,13 +171,16 @@ class CpuBackend(Backend):
         return a32
 
     def mm(self, a, weight, expert, out, path=None):
-        a32 = self._activations(a, weight.perm)
-        M = a32.shape[0]
+        per_expert = weight.perm is not None and weight.perm.ndim == 2   # a stack's own orders
+        a32 = None if per_expert else self._activations(a, weight.perm)
+        M = a.shape[0]
         n = weight.size_n
         experts = range(weight.num_experts) if expert is None else (expert,)
         out32 = np.empty((M, n * len(experts)), dtype=np.float32)
         path = path or ("fused" if M <= FUSED_MAX_M else "blas")
         for slot, e in enumerate(experts):
+            if per_expert:
+                a32 = self._activations(a, weight.perm[e])
             if path == "fused":
                 marlin, scales = self._expert_arrays(weight, e)
                 marlin = marlin.view(np.int32)      # arithmetic shifts are fine under "& 15"

@@ -264,6 +264,19 @@ def _check_perm(argument: str, perm: Any, size_k: int) -> np.ndarray:
     return p.astype(np.int32)
 
 
+def _check_expert_perms(argument: str, perm: Any, size_k: int, experts: int) -> np.ndarray:
+    """A stack's act-order perms: int [E, K], each expert's row a permutation of 0..K-1."""
+    p = _host(argument, perm)
+    if p.size and p.dtype.kind not in "iu":
+        _fail(argument, perm, f"must be an integer array, got dtype {p.dtype}", TypeError)
+    if p.shape != (experts, size_k):
+        _fail(argument, perm, f"must have shape [{experts}, {size_k}] (num_experts, size_k): one "
+              f"act-order row order per expert, got {p.shape}")
+    for e in range(experts):
+        _check_perm(f"{argument}[{e}]", p[e], size_k)
+    return p.astype(np.int32)
+
+
 def _check_backend_name(backend: Any) -> str:
     return _registry.check_name(backend)
 
@@ -344,7 +357,8 @@ class MarlinWeight:
 
     qweight   int32 [K/16, 2n], or [E, K/16, 2n] when ``stacked``
     scales    float16 [groups, n], or [E, groups, n]; permuted as marlin_permute_scales does
-    perm      int32 [K] act-order row order (Marlin row k = GPTQ row perm[k]), or None
+    perm      int32 [K] act-order row order (Marlin row k = GPTQ row perm[k]), [E, K] one per
+              expert of a stack (load_stacked with g_idx), or None
     size_k, size_n (per expert), group_size, num_bits, num_experts, stacked, backend
     """
 
@@ -378,10 +392,13 @@ class MarlinWeight:
             _check_array("scales", scales, [np.float16], shape=(groups, n))
         if not _on_gpu(scales):   # host scales of any kind
             _check_finite("scales", _asarray("scales", scales))
-        self.perm = None if perm is None else _check_perm("perm", perm, k)
-        if self.perm is not None and stacked:
-            _fail("perm", perm, "act-order is supported for single layers, not stacked experts")
-        if self.perm is not None and np.array_equal(self.perm, np.arange(k)):
+        if perm is None:
+            self.perm = None
+        elif stacked:
+            self.perm = _check_expert_perms("perm", perm, k, experts)
+        else:
+            self.perm = _check_perm("perm", perm, k)
+        if self.perm is not None and (self.perm == np.arange(k, dtype=np.int32)).all():
             self.perm = None            # the identity order needs no activation permute
         if self.perm is not None:       # the weight's own copy, checked once: the kernels index
             self.perm.setflags(write=False)   # A with it, so it stays a permutation
@@ -479,29 +496,33 @@ def _restore_weight(qweight, scales, size_k, size_n, group_size, perm, num_bits,
                         perm=perm, num_bits=num_bits, backend=backend, stacked=stacked)
 
 
-def _perm_from_g_idx(g_idx, size_k: int, group_size: int) -> np.ndarray:
-    g = _host("g_idx", g_idx)
+def _perm_from_g_idx(g_idx, size_k: int, group_size: int, argument: str = "g_idx") -> np.ndarray:
+    g = _host(argument, g_idx)
     if g.size and g.dtype.kind not in "iu":     # [] is a length error, as for perm
-        _fail("g_idx", g_idx, f"must be an integer array, got dtype {g.dtype}", TypeError)
+        _fail(argument, g_idx, f"must be an integer array, got dtype {g.dtype}", TypeError)
     if g.shape != (size_k,):
-        _fail("g_idx", g_idx, f"must have shape [{size_k}] (size_k), got {g.shape}")
+        _fail(argument, g_idx, f"must have shape [{size_k}] (size_k), got {g.shape}")
     groups = F.num_groups(size_k, group_size)
     rows = F.effective_group_size(size_k, group_size)
     if g.min() < 0 or g.max() >= groups:
-        _fail("g_idx", g_idx, f"values must lie in 0..{groups - 1} (the scale groups)")
+        _fail(argument, g_idx, f"values must lie in 0..{groups - 1} (the scale groups)")
     counts = np.bincount(g.astype(np.int64), minlength=groups)
     if (counts != rows).any():
         bad = int(np.flatnonzero(counts != rows)[0])
-        _fail("g_idx", g_idx, f"must assign exactly group_size={rows} rows to every group; "
+        _fail(argument, g_idx, f"must assign exactly group_size={rows} rows to every group; "
               f"group {bad} has {int(counts[bad])}")
     return F.act_order_perm(g)
 
 
-def load_stacked(qweights, scales, *, group_size, bits=4, backend=None) -> MarlinWeight:
+def load_stacked(qweights, scales, *, group_size, g_idx=None, bits=4,
+                 backend=None) -> MarlinWeight:
     """E experts of one shape -> a stacked MarlinWeight (expert-major Marlin tiles and scales).
 
     qweights: a list of E GPTQ int32 [K/8, n] arrays or one [E, K/8, n] array; scales likewise,
-    [E, groups, n] float16 or float32.
+    [E, groups, n] float16 or float32. g_idx (act-order experts, as vLLM's MoE Marlin takes
+    them): a list of E int [K] arrays (None for an expert without act-order) or one [E, K]
+    array; each expert's rows are repacked in its own group order, and mm permutes the
+    activations per expert to match (``weight.perm`` is then [E, K]).
     """
     _check_num_bits("bits", bits)
     q_list = _expert_list("qweights", qweights)
@@ -525,13 +546,39 @@ def load_stacked(qweights, scales, *, group_size, bits=4, backend=None) -> Marli
     s_hosts = [_host(f"scales[{e}]", s) for e, s in enumerate(s_list)]
     for e, s_host in enumerate(s_hosts):
         _check_scales(f"scales[{e}]", s_host)
+    perms = _expert_perms_from_g_idx(g_idx, len(q_list), k, g)
     _registry.get(name)
     cpu = _registry.get("cpu")
-    marlin = np.stack([cpu.repack(np.ascontiguousarray(q).view(np.int32), None, k, n)
-                       for q in q_hosts])
+    marlin = np.stack([cpu.repack(np.ascontiguousarray(q).view(np.int32),
+                                  None if perms is None else perms[e], k, n)
+                       for e, q in enumerate(q_hosts)])
     permuted = np.stack([F.permute_scales_reference(s, k, n, g) for s in s_hosts])
-    return MarlinWeight(marlin, permuted, size_k=k, size_n=n, group_size=g,
+    return MarlinWeight(marlin, permuted, size_k=k, size_n=n, group_size=g, perm=perms,
                         backend=name, stacked=True)
+
+
+def _expert_perms_from_g_idx(g_idx, experts: int, size_k: int, group_size: int):
+    """load_stacked's g_idx -> the experts' act-order perms int32 [E, K] (the identity for an
+    expert given None), or None where no expert has any."""
+    if g_idx is None:
+        return None
+    if isinstance(g_idx, (list, tuple)):
+        entries = list(g_idx)
+    else:
+        g = _host("g_idx", g_idx)
+        if g.ndim != 2:
+            _fail("g_idx", g_idx, f"must be a list of {experts} [K] arrays (None for an expert "
+                  f"without act-order) or one [E, K] = [{experts}, {size_k}] array, got shape "
+                  f"{g.shape}")
+        entries = [g[e] for e in range(g.shape[0])]
+    if len(entries) != experts:
+        _fail("g_idx", g_idx, f"must hold one entry per expert: {experts} qweights, "
+              f"{len(entries)} g_idx")
+    identity = np.arange(size_k, dtype=np.int32)
+    perms = np.stack([identity if x is None else
+                      _perm_from_g_idx(x, size_k, group_size, f"g_idx[{e}]")
+                      for e, x in enumerate(entries)]).astype(np.int32)
+    return None if (perms == identity).all() else perms
 
 
 def _expert_list(argument: str, x: Any) -> list:

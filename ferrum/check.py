@@ -27,8 +27,11 @@ class Problem:
     group_size: int
     qweights: list                       # E GPTQ int32 [K/8, N]
     scales: list                         # E float16 [groups, N]
-    g_idx: np.ndarray | None = None
+    g_idx: np.ndarray | list | None = None    # act-order: int [K]; a stack's, E of them (a list)
     dense: list = field(default_factory=list)   # E float64 [K, N], GPTQ row order
+
+    def expert_g_idx(self, e: int) -> np.ndarray | None:
+        return self.g_idx[e] if isinstance(self.g_idx, list) else self.g_idx
 
     @property
     def num_experts(self) -> int:
@@ -40,17 +43,19 @@ def random_problem(rng: np.random.Generator, size_k: int, size_n: int, group_siz
     groups = F.num_groups(size_k, group_size)
     rows = F.effective_group_size(size_k, group_size)
     g_idx = None
-    if act_order:
-        g_idx = (rng.permutation(size_k) // rows).astype(np.int32)
+    if act_order:      # a stack's experts each in their own order (vLLM's MoE act-order)
+        orders = [(rng.permutation(size_k) // rows).astype(np.int32) for _ in range(experts)]
+        g_idx = orders if experts > 1 else orders[0]
     qweights, scales, dense = [], [], []
-    for _ in range(experts):
+    for e in range(experts):
         q = rng.integers(0, 16, size=(size_k, size_n), dtype=np.uint32)
         # Scales of both signs and a spread of magnitudes, sized so outputs are O(1).
         s = (rng.uniform(0.5, 1.5, (groups, size_n)) * rng.choice([-1, 1], (groups, size_n))
              / (4.0 * np.sqrt(size_k))).astype(np.float16)
         qweights.append(F.pack_gptq(q))
         scales.append(s)
-        dense.append(F.dequantize_reference(q, s, size_k, group_size, g_idx))
+        dense.append(F.dequantize_reference(q, s, size_k, group_size,
+                                            g_idx[e] if experts > 1 and act_order else g_idx))
     label = name or (f"K{size_k} N{size_n} G{group_size}" + (" act" if act_order else "")
                      + (f" E{experts}" if experts > 1 else ""))
     return Problem(label, size_k, size_n, group_size, qweights, scales, g_idx, dense)
@@ -69,6 +74,7 @@ def problems(rng: np.random.Generator, quick: bool = False) -> list[Problem]:
     out.append(random_problem(rng, 384, 192, 32, act_order=True))
     out.append(random_problem(rng, 256, 128, 128, experts=3))
     out.append(random_problem(rng, 512, 64, -1, experts=2))
+    out.append(random_problem(rng, 256, 192, 64, act_order=True, experts=3))
     return out
 
 
@@ -169,18 +175,20 @@ def crosscheck(backends=None, *, seed=None, quick=False, m_values=None, log=None
         cpu_out: dict = {}
         # One expert per M for the single-expert runs, the same on every backend.
         experts = {m: int(rng.integers(prob.num_experts)) for m in m_values}
-        perm = None if prob.g_idx is None else F.act_order_perm(prob.g_idx)
-        expected = [F.repack_reference(q, prob.size_k, prob.size_n, perm) for q in prob.qweights]
+        perms = [None if prob.expert_g_idx(e) is None else F.act_order_perm(prob.expert_g_idx(e))
+                 for e in range(prob.num_experts)]
+        expected = [F.repack_reference(q, prob.size_k, prob.size_n, perm)
+                    for q, perm in zip(prob.qweights, perms)]
         for name in names:
             t0 = time.perf_counter()
             mismatches = sum(int((np.asarray(api.repack(q, prob.size_k, prob.size_n, perm=perm,
                                                         backend=name)) != words).sum())
-                             for q, words in zip(prob.qweights, expected))
+                             for q, perm, words in zip(prob.qweights, perms, expected))
             results.append(Result(name, prob.name, "repack", mismatches, mismatches,
                                   mismatches == 0))
             if prob.num_experts > 1:
                 weight = api.load_stacked(prob.qweights, prob.scales, group_size=prob.group_size,
-                                          backend=name)
+                                          g_idx=prob.g_idx, backend=name)
             else:
                 weight = api.MarlinWeight.from_gptq(prob.qweights[0], prob.scales[0],
                                                     group_size=prob.group_size, g_idx=prob.g_idx,

@@ -316,7 +316,8 @@ class _Resident:
     compiled module's Resident, with the same fields typed, where there is one: see
     _enable_direct.)"""
     __slots__ = ("b", "s", "perm", "perm_array", "keep", "size_k", "size_n", "groups",
-                 "group_size", "num_experts", "pending", "device", "b_end", "s_end", "only_gpu")
+                 "group_size", "num_experts", "pending", "device", "b_end", "s_end", "only_gpu",
+                 "perm_stride")
 
 
 def _enable_direct() -> None:
@@ -442,7 +443,11 @@ class CudaBackend(Backend):
             if s_device is not None and s_device != device:
                 _fail("scales", weight.scales, f"is on cuda:{s_device} but qweight is on "
                       f"cuda:{device}; a weight's arrays must be on one GPU")
-            r = getattr(_cuda, "Resident", _Resident)()
+            # A stack whose experts each have their own act-order order ([E, K] perm) takes the
+            # Python class: its calls go one expert a launch (mm below), which the compiled
+            # mm_direct, given only a Resident, never sees.
+            per_expert = weight.perm is not None and weight.perm.ndim == 2
+            r = _Resident() if per_expert else getattr(_cuda, "Resident", _Resident)()
             with _on_device(device):
                 # A strided or misaligned weight array is copied (on the legacy default
                 # stream); that, and any wait for a CAI producer's stream, completes here,
@@ -458,6 +463,8 @@ class CudaBackend(Backend):
                 if weight.perm is not None:
                     r.perm_array = _cuda.from_host(np.ascontiguousarray(weight.perm, dtype=np.int32))
                     r.perm = r.perm_array.ptr
+            if per_expert:
+                r.perm_stride = weight.size_k * 4       # bytes from one expert's perm to the next
             r.device = device
             # With one GPU visible every device array is on it: mm skips its device checks.
             r.only_gpu = _cuda.probe()["count"] == 1
@@ -530,8 +537,18 @@ class CudaBackend(Backend):
                     (c_ptr < r.b_end and r.b < c_end) or (c_ptr < r.s_end and r.s < c_end):
                 _overlap_error(out, c_ptr, c_end, a_ptr, size_m * r.size_k * 2, r)
         pending = r.pending
-        _cuda.mm(a_ptr, r.b, r.s, c_ptr, r.perm, size_m, r.size_k, r.size_n, expert0, experts,
-                 r.groups, r.group_size, cols, s, tile, m_blocks, splits, pending, stream_k, device)
+        if type(r) is _Resident and getattr(r, "perm_stride", 0):
+            # each expert with its own act-order: a launch per expert, A gathered in its order,
+            # its n columns of C at e*n (row stride ldc = cols)
+            for i in range(experts):
+                e = expert0 + i
+                _cuda.mm(a_ptr, r.b, r.s, c_ptr + i * r.size_n * 2, r.perm + e * r.perm_stride,
+                         size_m, r.size_k, r.size_n, e, 1, r.groups, r.group_size, cols, s, tile,
+                         m_blocks, splits, pending, stream_k, device)
+        else:
+            _cuda.mm(a_ptr, r.b, r.s, c_ptr, r.perm, size_m, r.size_k, r.size_n, expert0, experts,
+                     r.groups, r.group_size, cols, s, tile, m_blocks, splits, pending, stream_k,
+                     device)
         r.pending = 0
         if type(c_target) is DeviceArray:
             c_target.stream = s

@@ -159,6 +159,14 @@ def act_order_perm(g_idx: np.ndarray) -> np.ndarray:
     return np.argsort(g_idx, kind="stable").astype(np.int32)
 
 
+def expert_perm(perm: np.ndarray | None, expert: int) -> np.ndarray | None:
+    """A weight's act-order row order for one expert: its perm ([K]: a single layer's), its row
+    `expert` ([E, K]: a stack whose experts each have their own), or None (no act-order)."""
+    if perm is None or perm.ndim == 1:
+        return perm
+    return perm[expert]
+
+
 def dequantize_reference(q: np.ndarray, scales: np.ndarray, size_k: int, group_size: int,
                          g_idx: np.ndarray | None = None) -> np.ndarray:
     """uint [K, N] values and unpermuted scales [groups, N] -> float64 [K, N] (GPTQ row order).

@@ -1167,8 +1167,18 @@ fn main(@builtin(local_invocation_index) li: u32) {
         if isinstance(a, MetalArray):
             a = self.to_host(a)
         a = np.asarray(a)
-        if weight.perm is not None:
-            a = a[:, weight.perm]           # Marlin rows are in perm order: permute A's columns
+        if weight.perm is not None and weight.perm.ndim == 2 and expert is None:
+            # a stack whose experts each have their own act-order: one expert a call, each
+            # with A in its order, side by side in C
+            n = weight.size_n
+            if out is None:
+                out = np.empty((a.shape[0], n * weight.num_experts), dtype=np.float16)
+            for e in range(weight.num_experts):
+                out[:, e * n:(e + 1) * n] = self.mm(a, weight, e, None)
+            return out
+        perm = F.expert_perm(weight.perm, 0 if expert is None else expert)
+        if perm is not None:
+            a = a[:, perm]                  # Marlin rows are in perm order: permute A's columns
         a = np.ascontiguousarray(a, dtype=np.float16)
         m = a.shape[0]
         with self._lock:
@@ -1574,8 +1584,12 @@ fn main(@builtin(local_invocation_index) li: u32) {
     def _timing_plan(self, a: np.ndarray, weight, expert):
         """For the timing tools (lock held): mm's plan for a, with a (act-order permuted) uploaded
         where mm's dispatches read it."""
-        if weight.perm is not None:
-            a = a[:, weight.perm]
+        if weight.perm is not None and weight.perm.ndim == 2 and expert is None:
+            raise ValueError("expert=None: the timing tools take one expert at a time of a stack "
+                             "whose experts each have their own act-order")
+        perm = F.expert_perm(weight.perm, expert or 0)
+        if perm is not None:
+            a = a[:, perm]
         a = np.ascontiguousarray(a, dtype=np.float16)
         plan = self._plan_for(a, weight, expert)
         self.device.queue.write_buffer(self._work["a"], 0, _a_for(plan, a))

@@ -34,7 +34,8 @@ def _rel_err(got, ref):
 def _weight(problem, stacked=False):
     if stacked:
         return ferrum.load_stacked(problem.qweights, problem.scales,
-                                   group_size=problem.group_size, backend="cuda")
+                                   group_size=problem.group_size, g_idx=problem.g_idx,
+                                   backend="cuda")
     return ferrum.MarlinWeight.from_gptq(problem.qweights[0], problem.scales[0],
                                          group_size=problem.group_size, g_idx=problem.g_idx,
                                          backend="cuda")
@@ -173,6 +174,43 @@ def test_mm_stream_k_experts_act_order_and_limits(rng):
     assert not ferrum._cuda.mm_plan(1, 4096, 28672, stream_k=-1)["stream_k"]
     with pytest.raises(ValueError, match="stream_k=2 applies to the mma.sync tiles"):
         ferrum.cuda.BACKEND.mm(_activations(rng, 40, 1024), w, 0, None, tile=2, m_blocks=3, stream_k=2)
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_mm_stacked_act_order_experts(rng, group_size):
+    """A stack whose experts each have their own act-order (load_stacked's g_idx): one launch
+    an expert, each with A gathered in its order into its columns of C (ldc = E*n); numpy in
+    and out, and torch tensors with out= on a side stream (the compiled direct path declines
+    these weights); rows through every kernel family; outputs poisoned first."""
+    k, n, experts = 512, 192, 3
+    problem = random_problem(rng, k, n, group_size, act_order=True, experts=experts)
+    sw = _weight(problem, stacked=True)
+    assert sw.perm.shape == (experts, k)
+    for m in (1, 5, 16, 24, 40, 300):
+        a = _activations(rng, m, k)
+        ref = np.concatenate([a.astype(np.float64) @ d for d in problem.dense], 1)
+        out = np.full((m, experts * n), np.nan, dtype=np.float16)
+        ferrum.mm(a, sw, out=out)
+        assert _rel_err(out, ref) <= TOL, m
+        e = m % experts
+        one = ferrum.mm(a, sw, expert=e)
+        np.testing.assert_array_equal(one, out[:, e * n:(e + 1) * n])
+    torch = pytest.importorskip("torch")
+    a = torch.from_numpy(_activations(rng, 20, k)).cuda()
+    ref = np.concatenate([a.cpu().numpy().astype(np.float64) @ d for d in problem.dense], 1)
+    side = torch.cuda.Stream()
+    out = torch.full((20, experts * n), float("nan"), dtype=torch.float16, device="cuda")
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            got = ferrum.mm(a, sw, out=out, stream=side.cuda_stream)
+    side.synchronize()
+    assert got is out
+    assert _rel_err(out.cpu().numpy(), ref) <= TOL
+    out1 = torch.full((20, n), float("nan"), dtype=torch.float16, device="cuda")
+    ferrum.mm(a, sw, expert=1, out=out1)
+    torch.cuda.synchronize()
+    np.testing.assert_array_equal(out1.cpu().numpy(), out.cpu().numpy()[:, n:2 * n])
 
 
 _NO_SWAP_SCRIPT = """

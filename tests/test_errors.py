@@ -222,6 +222,42 @@ def test_g_idx_must_be_a_valid_grouping(layer):
                                       g_idx=good.astype(np.float64))
 
 
+def test_stacked_g_idx_checks_name_the_expert(layer):
+    # load_stacked's g_idx: one entry per expert (a list, None for an expert without act-order,
+    # or an [E, K] array); each entry's rules are from_gptq's, named g_idx[e]
+    prob, _ = layer
+    qs, ss = [prob.qweights[0]] * 2, [prob.scales[0]] * 2
+    good = np.random.default_rng(0).permutation(K) // 64
+    uneven = good.copy()
+    uneven[np.flatnonzero(good == 0)[0]] = 1
+    before = good.copy()
+    for bad, exc, named in (([good], ValueError, "g_idx"),              # one entry for two experts
+                            ([good, good, good], ValueError, "g_idx"),
+                            (good, ValueError, "g_idx"),                # [K]: not one per expert
+                            (np.stack([good] * 3), ValueError, "g_idx"),
+                            ([good, uneven], ValueError, r"g_idx\[1\]"),
+                            ([None, good[:-1]], ValueError, r"g_idx\[1\]"),
+                            ([good.astype(np.float32), good], TypeError, r"g_idx\[0\]"),
+                            (np.stack([good, good]).astype(np.float64), TypeError, r"g_idx\[0\]")):
+        with raises(exc, named):
+            ferrum.load_stacked(qs, ss, group_size=64, g_idx=bad)
+    assert np.array_equal(good, before)
+
+
+def test_stacked_perm_is_one_permutation_per_expert(layer):
+    prob, weight = layer
+    qweight = np.stack([np.asarray(weight.qweight)] * 2)
+    scales = np.stack([np.asarray(weight.scales)] * 2)
+    perm = np.stack([np.arange(K), np.random.default_rng(1).permutation(K)]).astype(np.int32)
+    ferrum.MarlinWeight(qweight, scales, size_k=K, size_n=N, group_size=64, perm=perm)
+    with raises(ValueError, "perm"):       # a single layer's [K] perm for a stack
+        ferrum.MarlinWeight(qweight, scales, size_k=K, size_n=N, group_size=64, perm=perm[1])
+    twice = perm.copy()
+    twice[1, 0] = twice[1, 1]
+    with raises(ValueError, r"perm\[1\]"):
+        ferrum.MarlinWeight(qweight, scales, size_k=K, size_n=N, group_size=64, perm=twice)
+
+
 # --- mm -------------------------------------------------------------------------------------------
 
 @settings(max_examples=60, deadline=None)

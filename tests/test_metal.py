@@ -344,6 +344,23 @@ def test_mm_stacked_experts_one_and_all(group_size):
         check_mm(w, a, np.concatenate(p.dense, axis=1))
 
 
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_mm_stacked_act_order_experts(group_size):
+    # each expert with its own act-order (load_stacked's g_idx): A permuted per expert, one
+    # expert a plan; expert by expert and all at once against float64
+    size_k, size_n, experts = 256, 128, 3
+    rng = np.random.default_rng(310 + group_size)
+    p = random_problem(rng, size_k, size_n, group_size, act_order=True, experts=experts)
+    w = ferrum.load_stacked(p.qweights, p.scales, group_size=group_size, g_idx=p.g_idx,
+                            backend="metal")
+    assert w.perm.shape == (experts, size_k)
+    for m in (1, 7, 36):
+        a = rng.standard_normal((m, size_k)).astype(np.float16)
+        for e in range(experts):
+            check_mm(w, a, p.dense[e], expert=e)
+        check_mm(w, a, np.concatenate(p.dense, axis=1))
+
+
 @pytest.mark.parametrize("m", [5, 40])     # the vector kernel, the tiled kernel
 def test_mm_non_finite_activations_propagate_as_in_float64(m):
     # inf times a zero weight (q == 8) is NaN, times any other weight an inf of the product's
@@ -1027,3 +1044,4 @@ def test_a_weight_larger_than_the_largest_buffer_is_refused_naming_it():
         with pytest.raises(ValueError, match=r"^qweight=.*131072 bytes.*largest buffer"):
             ferrum.MarlinWeight(on_cpu.qweight, on_cpu.scales, size_k=1024, size_n=256,
                                 group_size=128, backend="metal")
+

@@ -18,7 +18,7 @@ def poisoned(shape):
 def make_weight(prob, backend="cpu"):
     if prob.num_experts > 1:
         return ferrum.load_stacked(prob.qweights, prob.scales, group_size=prob.group_size,
-                                   backend=backend)
+                                   g_idx=prob.g_idx, backend=backend)
     return ferrum.MarlinWeight.from_gptq(prob.qweights[0], prob.scales[0],
                                          group_size=prob.group_size, g_idx=prob.g_idx,
                                          backend=backend)
@@ -83,6 +83,59 @@ def test_stacked_equals_per_expert(rng):
             assert np.array_equal(ferrum.mm(a, stacked, expert=e), one)
             assert np.array_equal(whole[:, e * 128:(e + 1) * 128], one)
             assert rel_error(one, a.astype(np.float64) @ prob.dense[e]) <= TOL
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_stacked_act_order_experts_each_in_their_own_order(rng, group_size):
+    # vLLM's MoE Marlin takes act-order experts, each with its own g_idx: each expert's rows
+    # repacked in its group order and A permuted per expert. Expert by expert and all at once
+    # equal the single act-order layers, and float64; dequantize undoes each expert's order.
+    k, n, experts = 256, 128, 3
+    prob = random_problem(rng, k, n, group_size, act_order=True, experts=experts)
+    stacked = make_weight(prob)
+    assert stacked.perm.shape == (experts, k)
+    for e in range(experts):
+        assert np.array_equal(stacked.perm[e], F.act_order_perm(prob.g_idx[e]))
+        assert np.array_equal(ferrum.dequantize(stacked, expert=e), prob.dense[e].astype(np.float32))
+    singles = [ferrum.MarlinWeight.from_gptq(prob.qweights[e], prob.scales[e],
+                                             group_size=group_size, g_idx=prob.g_idx[e])
+               for e in range(experts)]
+    for m in (1, 20, 70):           # the fused path and BLAS
+        a = rng.standard_normal((m, k)).astype(np.float16)
+        whole = ferrum.mm(a, stacked, out=poisoned((m, experts * n)))
+        assert np.isfinite(whole).all(), "an output element was not written"
+        for e in range(experts):
+            one = ferrum.mm(a, singles[e])
+            assert np.array_equal(ferrum.mm(a, stacked, expert=e), one)
+            assert np.array_equal(whole[:, e * n:(e + 1) * n], one)
+            assert rel_error(one, a.astype(np.float64) @ prob.dense[e]) <= TOL
+    # the same experts from one [E, K] g_idx array, and after pickling
+    import pickle
+    again = ferrum.load_stacked(np.stack(prob.qweights), np.stack(prob.scales),
+                                group_size=group_size, g_idx=np.stack(prob.g_idx))
+    copied = pickle.loads(pickle.dumps(stacked))
+    a = rng.standard_normal((5, k)).astype(np.float16)
+    assert np.array_equal(ferrum.mm(a, again), ferrum.mm(a, stacked))
+    assert np.array_equal(ferrum.mm(a, copied), ferrum.mm(a, stacked))
+
+
+def test_stacked_act_order_with_plain_experts_among_them(rng):
+    # None for an expert without act-order (its rows in their own order); all None, or all
+    # trivial g_idx, is no act-order at all (weight.perm None)
+    k, n = 256, 64
+    prob = random_problem(rng, k, n, 64, act_order=True, experts=2)
+    plain = random_problem(rng, k, n, 64, experts=1)
+    mixed = ferrum.load_stacked([prob.qweights[0], plain.qweights[0]],
+                                [prob.scales[0], plain.scales[0]], group_size=64,
+                                g_idx=[prob.g_idx[0], None])
+    assert np.array_equal(mixed.perm[1], np.arange(k))
+    a = rng.standard_normal((9, k)).astype(np.float16)
+    ref = a.astype(np.float64) @ np.concatenate([prob.dense[0], plain.dense[0]], axis=1)
+    assert rel_error(ferrum.mm(a, mixed), ref) <= TOL
+    trivial = np.arange(k) // 64
+    for g_idx in ([None, None], [trivial, trivial], np.stack([trivial, trivial])):
+        w = ferrum.load_stacked(plain.qweights * 2, plain.scales * 2, group_size=64, g_idx=g_idx)
+        assert w.perm is None
 
 
 def test_load_stacked_accepts_lists_and_3d_arrays(rng):
@@ -441,3 +494,4 @@ def test_serial_twins_equal_the_threaded_kernels(rng, m):
         assert np.array_equal(halves[0], halves[1])
         results.append(out)
     assert np.isfinite(results[0]).all() and np.array_equal(results[0], results[1])
+
