@@ -9,6 +9,7 @@ to do it.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 # Numba's OpenMP workers spin after each parallel region by default; on the large-M path the
@@ -73,6 +74,11 @@ class CpuBackend(Backend):
         # kernel call is serialized. None until the first kernel call has chosen the layer.
         self._serial: bool | None = None
         self._kernel_lock = threading.Lock()
+        # GNU OpenMP does not survive fork(): a child of a process that ran a parallel region
+        # on it is killed at its first one ("fork() called from a process already using GNU
+        # OpenMP"), and a multiprocessing pool waits for it forever. Such a child runs every
+        # kernel single-threaded (_after_fork_in_child).
+        self._forked_serial = False
 
     def info(self) -> BackendInfo:
         try:
@@ -88,6 +94,7 @@ class CpuBackend(Backend):
     def _run(self, name, *args, serial=False):
         """Call kernel ``name`` (its single-threaded twin when ``serial``); calls are serialized
         where the threading layer cannot take concurrency."""
+        serial = serial or self._forked_serial
         kernel = _kernels().SERIAL[name] if serial else getattr(_kernels(), name)
         if self._serial is False:
             kernel(*args)
@@ -274,3 +281,22 @@ def run_bench(options):
     submodule bench would replace a package attribute of that name."""
     from .bench import run
     return run(options)
+
+
+def _after_fork_in_child() -> None:
+    """In a forked child: single-threaded kernels where the parent ran parallel regions on
+    OpenMP (whose GNU runtime kills the child at its first), the threaded ones otherwise (TBB
+    and the workqueue start afresh in the child)."""
+    numba = sys.modules.get("numba")
+    if numba is None:
+        return
+    try:
+        layer = numba.threading_layer()
+    except ValueError:              # no parallel region ran in the parent
+        return
+    if layer == "omp":
+        BACKEND._forked_serial = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -792,6 +792,21 @@ class MetalBackend(Backend):
         self.mapped_upload = True   # A through a mapped upload buffer (else queue.write_buffer)
         self._generation = 0
         self._native = None         # _Native once its self-test passed
+        if hasattr(os, "register_at_fork"):
+            forget = weakref.WeakMethod(self._after_fork_in_child)
+            os.register_at_fork(after_in_child=lambda: forget() and forget()())
+
+    def _after_fork_in_child(self) -> None:
+        """A forked child cannot use the parent's GPU device (wgpu's and the driver's threads
+        and mappings do not survive fork(): its first call would wait forever), so the backend
+        says so instead, and every call raises with that reason."""
+        state = self._state
+        if state is not None and state.available:
+            self._state = BackendInfo(
+                "metal", False, "this process was forked from one that had opened the GPU "
+                "device, which does not survive fork(); start worker processes with "
+                "multiprocessing's 'spawn' or 'forkserver' method (a MarlinWeight pickles)")
+            self._native = None
 
     # --- device -----------------------------------------------------------------------------------
     def info(self) -> BackendInfo:

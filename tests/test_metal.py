@@ -1045,3 +1045,37 @@ def test_a_weight_larger_than_the_largest_buffer_is_refused_naming_it():
             ferrum.MarlinWeight(on_cpu.qweight, on_cpu.scales, size_k=1024, size_n=256,
                                 group_size=128, backend="metal")
 
+
+_FORKED = {}     # what a forked child finds in its copy of the parent's memory
+
+
+def _metal_mm_in_child(a):
+    try:
+        return ferrum.mm(a, _FORKED["weight"])
+    except RuntimeError as exc:
+        return str(exc)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork() on this platform")
+def test_a_forked_child_is_told_to_spawn_instead_of_waiting_forever():
+    # wgpu's device does not survive fork(): a child's first call on a weight it inherited used
+    # to wait forever (and a pool with it). It now raises, naming the way out, and
+    # backends() says so in the child; the parent goes on working.
+    import multiprocessing
+    rng, p, w = metal_problem(77, 256, 128, 64)
+    a = rng.standard_normal((3, 256)).astype(np.float16)
+    want = ferrum.mm(a, w)
+    _FORKED["weight"] = w
+    try:
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            said = pool.apply_async(_metal_mm_in_child, (a,)).get(timeout=60)
+            reason = pool.apply_async(_metal_reason).get(timeout=60)
+    finally:
+        _FORKED.clear()
+    assert isinstance(said, str) and "fork" in said and "spawn" in said, said
+    assert "fork" in reason, reason
+    assert np.array_equal(ferrum.mm(a, w), want)
+
+
+def _metal_reason():
+    return ferrum.backends()["metal"].reason

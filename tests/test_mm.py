@@ -495,3 +495,22 @@ def test_serial_twins_equal_the_threaded_kernels(rng, m):
         results.append(out)
     assert np.isfinite(results[0]).all() and np.array_equal(results[0], results[1])
 
+
+def _mm_in_child(a, weight):
+    return ferrum.mm(a, weight)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork() on this platform")
+def test_mm_in_a_forked_child_after_parallel_work(rng):
+    # A multiprocessing pool forked after the parent ran parallel kernels: GNU OpenMP (numba's
+    # "omp" layer) would kill each child at its first parallel region and leave the pool
+    # waiting forever; the children run single-threaded instead, with the parent's results.
+    import multiprocessing
+    prob = random_problem(rng, 1024, 1024, 128)
+    weight = make_weight(prob)
+    inputs = [rng.standard_normal((m, 1024)).astype(np.float16) for m in (16, 64)]  # fused, BLAS
+    expected = [ferrum.mm(a, weight) for a in inputs]        # parallel regions in the parent
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        for a, want in zip(inputs, expected):
+            got = pool.apply_async(_mm_in_child, (a, weight)).get(timeout=120)
+            assert np.array_equal(got, want)
