@@ -51,6 +51,10 @@ MAX_PARTIAL_BYTES = 256 << 20
 # Tried in session 30 and not in the planner (0: off): no_scales_4, how much cheaper channelwise
 # scales make a k-tile of 64- and 128-row blocks; cluster9_2, an extra cost per member of a cluster
 # of tile 9's 32-row blocks; fill_sms=1, fill9_2 by the share of SMs rather than block slots idle.
+# Tried in session 31 and not in the planner (csrc/tune_h200_large.txt, M = 512-2048): full_splits,
+# the splits blocks of full_mb or more rows may take on a grid that already fills the GPU (1: none);
+# partial8, the share of the partial traffic unclustered 128-row splits pay; sk_partial8, how much
+# more stream-K's partials of 128-row blocks cost on a full grid.
 CURRENT = {"kt5_1": 0.8, "fixed5_1": 2.0, "kt6_1": 0.9, "fixed6_1": 1.0, "kt8_1": 0.6, "fixed8_1": 2.5,
            "kt9_1": 0.36, "fixed9_1": 2.75, "kt9_2": 0.375, "fixed9_2": 0.25, "tile9_32": 1,
            "kt5_2": 0.8, "fixed5_2": 2.0, "kt6_2": 1.1, "fixed6_2": 4.0, "kt8_2": 0.35, "fixed8_2": 1.0,
@@ -59,7 +63,8 @@ CURRENT = {"kt5_1": 0.8, "fixed5_1": 2.0, "kt6_1": 0.9, "fixed6_1": 1.0, "kt8_1"
            "tail": 0.5, "tail_one_row": 0.75, "exchange16": 1.25, "unclustered_share": 0.25,
            "cluster_share": 0.25, "lone": 0.9, "cluster_split": 0.25,
            "min_kt9_2": 4, "fill9_2": 0.4, "tile9_slices": 128, "slice9_2": 0.6,
-           "group": 128, "fp16_scales_2": 0.2, "no_scales_4": 0.0, "cluster9_2": 0.0, "fill_sms": 0}
+           "group": 128, "fp16_scales_2": 0.2, "no_scales_4": 0.0, "cluster9_2": 0.0, "fill_sms": 0,
+           "full_splits": 1, "full_mb": 8, "partial8": 1.0, "sk_partial8": 1.0}
 FIT_GRIDS = {"exchange16": [x / 4 for x in range(0, 17)], "fixed6_1": [x / 4 for x in range(0, 17)],
              "fixed8_1": [x / 4 for x in range(0, 17)], "fixed9_1": [x / 4 for x in range(0, 21)],
              "tail": [x / 20 for x in range(2, 21)], "tail_one_row": [x / 20 for x in range(6, 21)],
@@ -69,7 +74,8 @@ FIT_GRIDS = {"exchange16": [x / 4 for x in range(0, 17)], "fixed6_1": [x / 4 for
              "min_kt9_2": [0, 1, 2, 3, 4, 5, 6, 8], "fill9_2": [x / 10 for x in range(0, 10)],
              "slice9_2": [x / 10 for x in range(2, 11)], "fp16_scales_2": [x / 20 for x in range(0, 9)],
              "no_scales_4": [x / 20 for x in range(0, 6)], "cluster9_2": [x / 8 for x in range(0, 13)],
-             "fill_sms": [0, 1]}
+             "fill_sms": [0, 1], "full_splits": [1, 2, 3, 4], "full_mb": [4, 8],
+             "partial8": [x / 20 for x in range(0, 21)], "sk_partial8": [x / 4 for x in range(4, 17)]}
 
 
 def candidates(m, k, tile9_32=True, tile9_slices=0):
@@ -108,12 +114,14 @@ def plan_cost(c, k, n, m, tile, mb):
         basis = SMS if c["fill_sms"] else slots
         return max(-(-k_tiles // s), min(k_tiles, min_kt)) * (1 - fill_w * (1 - min(1.0, tiles * s / basis)))
 
-    for s in range(1, (1 if tiles >= slots else min(k_tiles, 32)) + 1):
+    full = int(c["full_splits"]) if mb >= c["full_mb"] else 1   # splits on a grid that fills the GPU
+    for s in range(1, (full if tiles >= slots else min(k_tiles, 32)) + 1):
         if s > 1 and tiles * s * tile_bytes > MAX_PARTIAL_BYTES:
             break
         waves = -(-tiles * s // slots)
         share = lone if tiles * s <= SMS else 1.0
-        through = c["unclustered_share"] * partial if mb in (2, 4) else partial
+        through = (c["unclustered_share"] * partial if mb in (2, 4)
+                   else c["partial8"] * partial if mb == 8 else partial)
         cost = waves * (per_block(s) * kt_cost + fixed + (through if s > 1 else 0)) * share
         cost += tail * s + exchange if s > 1 else 0
         if cost < best[0]:
@@ -132,7 +140,8 @@ def plan_cost(c, k, n, m, tile, mb):
     segments = -(-iters // k_tiles) + 1
     if shared_by > 1 and tiles * shared_by * tile_bytes <= MAX_PARTIAL_BYTES:
         share = lone if blocks <= SMS else 1.0
-        cost = (iters * kt_cost + segments * (fixed + partial)) * share + tail * shared_by + exchange
+        sk_partial = partial * (c["sk_partial8"] if mb == 8 and tiles >= slots else 1.0)
+        cost = (iters * kt_cost + segments * (fixed + sk_partial)) * share + tail * shared_by + exchange
         if cost < best[0]:
             best = (cost, ("K", False))
     return best
