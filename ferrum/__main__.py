@@ -158,7 +158,8 @@ def main(argv=None) -> int:
                        help="weight shapes to time, e.g. 4096x6144,8192x8192")
     bench.add_argument("--m", metavar="M[,M...]", help="rows of A to time, e.g. 1,16,64")
     bench.add_argument("--group-size", type=int, metavar="G",
-                       help="scale group rows: 32, 64, 128, or -1 for channelwise (default 128)")
+                       help="scale group rows: 32, 64, 128, -1 for channelwise, or K (with --shapes "
+                            "whose K all equal it: one group) (default 128)")
     args = parser.parse_args(argv)
     if args.command != "bench" and (args.shapes, args.m, args.group_size) != (None, None, None):
         parser.error("--shapes, --m and --group-size apply to bench")

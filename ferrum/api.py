@@ -666,8 +666,12 @@ def _mm_checked(a, weight, expert, out, backend, stream):
                 _fail("out", out, f"is a GPU array but the weight lives on {weight.backend!r}",
                       TypeError)
         elif _is_metal_array(out):
-            _fail("out", out, "must be a numpy array: the metal backend's mm returns its result "
-                  "to the host (a MetalArray is not written in place)", TypeError)
+            if weight.backend == "metal":
+                _fail("out", out, "must be a numpy array: the metal backend's mm returns its "
+                      "result to the host (a MetalArray is not written in place)", TypeError)
+            _fail("out", out, f"is a metal array but the weight lives on {weight.backend!r}; "
+                  "out must be a numpy array" + (" or a GPU array of the cuda backend"
+                                                 if weight.backend == "cuda" else ""), TypeError)
         elif not isinstance(out, np.ndarray):
             _fail("out", out, "must be a numpy array (or a GPU array of the weight's backend), "
                   "since the result is written into it", TypeError)

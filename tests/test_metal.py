@@ -939,6 +939,9 @@ def test_metal_arrays_are_taken_by_shape_and_dtype_not_as_objects():
         ferrum.mm(a, w, out=BACKEND.from_host(np.zeros((3, 128), np.float16)))
     with pytest.raises(TypeError, match=r"a=<MetalArray .*the weight lives on 'cpu'"):
         ferrum.mm(resident, w.to("cpu"))
+    with pytest.raises(TypeError, match=r"out=<MetalArray .*is a metal array but the weight "
+                                        r"lives on 'cpu'; out must be a numpy array$"):
+        ferrum.mm(a, w.to("cpu"), out=BACKEND.from_host(np.zeros((3, 128), np.float16)))
     # a resident GPTQ qweight repacks on metal (a resident result) and is refused by cpu
     qweight = BACKEND.from_host(p.qweights[0])
     got = ferrum.repack(qweight, 256, 128, backend="metal")
