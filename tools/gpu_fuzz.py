@@ -63,7 +63,7 @@ while time.time() < end:
     size_k, size_n = 128 * int(rng.integers(1, 49)), 64 * int(rng.integers(1, 97))
     group = int(rng.choice([-1, 32, 64, 128, size_k]))
     act = group in (32, 64, 128) and group < size_k and rng.random() < 0.3
-    experts = int(rng.integers(2, 5)) if not act and rng.random() < 0.2 else 1
+    experts = int(rng.integers(2, 5)) if rng.random() < 0.2 else 1     # act-order stacks too
     expert = None if experts == 1 or rng.random() < 0.4 else int(rng.integers(0, experts))
     m = int(rng.choice([rng.integers(1, 9), rng.integers(9, 17), rng.integers(17, 65),
                         rng.integers(65, 701)]))
@@ -76,7 +76,8 @@ while time.time() < end:
             w = ferrum.MarlinWeight.from_gptq(p.qweights[0], p.scales[0], group_size=group,
                                               g_idx=p.g_idx, backend=backend)
         else:
-            w = ferrum.load_stacked(p.qweights, p.scales, group_size=group, backend=backend)
+            w = ferrum.load_stacked(p.qweights, p.scales, group_size=group, g_idx=p.g_idx,
+                                    backend=backend)
         a = rng.standard_normal((m, size_k)).astype(np.float16)
         dense = p.dense[expert] if expert is not None else np.concatenate(p.dense, axis=1)
         ref = a.astype(np.float64) @ dense
