@@ -42,10 +42,10 @@ def random_problem(rng: np.random.Generator, size_k: int, size_n: int, group_siz
                    act_order: bool = False, experts: int = 1, name: str = "") -> Problem:
     groups = F.num_groups(size_k, group_size)
     rows = F.effective_group_size(size_k, group_size)
-    g_idx = None
-    if act_order:      # a stack's experts each in their own order (vLLM's MoE act-order)
-        orders = [(rng.permutation(size_k) // rows).astype(np.int32) for _ in range(experts)]
-        g_idx = orders if experts > 1 else orders[0]
+    # act-order: a g_idx per expert, a stack's each in its own order (vLLM's MoE act-order)
+    orders = ([(rng.permutation(size_k) // rows).astype(np.int32) for _ in range(experts)]
+              if act_order else [None] * experts)
+    g_idx = orders if experts > 1 and act_order else orders[0]
     qweights, scales, dense = [], [], []
     for e in range(experts):
         q = rng.integers(0, 16, size=(size_k, size_n), dtype=np.uint32)
@@ -54,8 +54,7 @@ def random_problem(rng: np.random.Generator, size_k: int, size_n: int, group_siz
              / (4.0 * np.sqrt(size_k))).astype(np.float16)
         qweights.append(F.pack_gptq(q))
         scales.append(s)
-        dense.append(F.dequantize_reference(q, s, size_k, group_size,
-                                            g_idx[e] if experts > 1 and act_order else g_idx))
+        dense.append(F.dequantize_reference(q, s, size_k, group_size, orders[e]))
     label = name or (f"K{size_k} N{size_n} G{group_size}" + (" act" if act_order else "")
                      + (f" E{experts}" if experts > 1 else ""))
     return Problem(label, size_k, size_n, group_size, qweights, scales, g_idx, dense)
